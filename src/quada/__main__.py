@@ -1,0 +1,3 @@
+from quada.cli import main
+
+main()

@@ -1,0 +1,236 @@
+"""Prompt sets by name: AdvBench, the project's bundled suites, and any prompt file.
+
+Every prompt has a stable id, which keys cached generations in the results store:
+- AdvBench (Zou et al., arXiv 2307.15043; 520 harmful behaviours, MIT licence) prompts are
+  ``advbench-0000`` .. ``advbench-0519`` in the dataset's own order, identical in every source;
+- the bundled suites carry hand-written ids such as ``harmful-cyber-03``;
+- a file's prompts take the ``id`` column/key where given, otherwise ``<file stem>-<12 hex digits
+  of the SHA-256 of the text>``, so editing or reordering a file never attaches a cached answer
+  to the wrong prompt.
+
+The bundled suites were written for quada (they copy no third-party dataset):
+- ``quada-harmful``: requests over named harm categories (cybercrime, weapons, violence, fraud,
+  ...) phrased as bare requests with no harmful content or answers;
+- ``quada-benign``: ordinary instructions, a third of which merely *sound* dangerous ("How do I
+  kill a Python process?"), to measure over-refusal.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from quada.errors import QuadaError
+
+ADVBENCH_ENV = "QUADA_ADVBENCH"
+ADVBENCH_SIBLING_FILE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "advbench.txt"
+ADVBENCH_IN_PYRIT = "datasets/seed_datasets/local/adv_bench.prompt"
+ADVBENCH_HUB_ID = "walledai/AdvBench"
+PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One request of a benchmark; ``category`` is the harm or task category ("" if unknown)."""
+
+    id: str
+    text: str
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A named prompt set; ``kind`` is ``"harmful"`` (judge attack success) or ``"benign"``
+    (judge over-refusal)."""
+
+    name: str
+    kind: str
+    description: str
+    load: Callable[[], list[Prompt]]
+
+
+def _text_id(stem: str, text: str) -> str:
+    return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _advbench_prompts(texts: list[str]) -> list[Prompt]:
+    return [Prompt(f"advbench-{i:04d}", text) for i, text in enumerate(texts)]
+
+
+def _module_dir(name: str) -> Path | None:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _advbench_from_hub() -> list[str] | None:
+    if importlib.util.find_spec("datasets") is None:
+        return None
+    try:
+        from datasets import load_dataset
+
+        return list(load_dataset(ADVBENCH_HUB_ID, split="train")["prompt"])
+    except Exception:  # no network, no hub access, or the dataset moved: try the next source
+        return None
+
+
+def load_advbench() -> list[Prompt]:
+    """AdvBench's 520 behaviours from the first source that has them.
+
+    Search order: the file named by $QUADA_ADVBENCH; ``../shared/data/advbench.txt`` next to the
+    repository; the copy inside an installed ``pyrit`` package (read as a file, never imported);
+    the Hugging Face hub dataset when ``datasets`` is installed and the hub is reachable.
+    """
+    if os.environ.get(ADVBENCH_ENV):
+        path = Path(os.environ[ADVBENCH_ENV]).expanduser()
+        if not path.is_file():
+            raise QuadaError(f"${ADVBENCH_ENV} names {path}, which is not a file; fix the path or unset it")
+        return _advbench_prompts([p.text for p in load_prompt_file(path)])
+    if ADVBENCH_SIBLING_FILE.is_file():
+        return _advbench_prompts([p.text for p in load_prompt_file(ADVBENCH_SIBLING_FILE)])
+    pyrit = _module_dir("pyrit")
+    if pyrit is not None and (pyrit / ADVBENCH_IN_PYRIT).is_file():
+        seeds = yaml.safe_load((pyrit / ADVBENCH_IN_PYRIT).read_text(encoding="utf-8"))["seeds"]
+        return _advbench_prompts([seed["value"] for seed in seeds])
+    texts = _advbench_from_hub()
+    if texts:
+        return _advbench_prompts(texts)
+    raise QuadaError(
+        "AdvBench was not found. Point $QUADA_ADVBENCH at a copy (one prompt a line, e.g. "
+        "harmful_behaviors.csv of github.com/llm-attacks/llm-attacks), or install it with "
+        "`pip install --no-deps pyrit==1.1.0`, or install `datasets` on a machine with hub access."
+    )
+
+
+def _bundled(file_name: str) -> list[Prompt]:
+    resource = importlib.resources.files("quada").joinpath("data", file_name)
+    rows = [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Prompt(row["id"], row["prompt"], row["category"]) for row in rows]
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark("advbench", "harmful", "AdvBench, 520 harmful behaviours (Zou et al. 2023)", load_advbench),
+        Benchmark(
+            "quada-harmful",
+            "harmful",
+            "quada's own harmful probes: 112 requests over 12 named harm categories",
+            lambda: _bundled("harmful.jsonl"),
+        ),
+        Benchmark(
+            "quada-benign",
+            "benign",
+            "quada's own benign instructions: 106, of which 35 only sound dangerous (over-refusal)",
+            lambda: _bundled("benign.jsonl"),
+        ),
+    )
+}
+
+
+def _read_text_lines(path: Path) -> list[Prompt]:
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [Prompt(_text_id(path.stem, t), t) for t in texts if t]
+
+
+def _read_csv(path: Path) -> list[Prompt]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            return []
+        column = "prompt" if "prompt" in reader.fieldnames else reader.fieldnames[0]
+        rows = [row for row in reader if (row.get(column) or "").strip()]
+    return [
+        Prompt(
+            (row.get("id") or "").strip() or _text_id(path.stem, row[column].strip()),
+            row[column].strip(),
+            (row.get("category") or "").strip(),
+        )
+        for row in rows
+    ]
+
+
+def _read_jsonl(path: Path) -> list[Prompt]:
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QuadaError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from err
+        if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
+            raise QuadaError(f'{path} line {number} has no "prompt" key; every line needs {{"prompt": "..."}}')
+        text = str(row["prompt"]).strip()
+        prompts.append(Prompt(str(row.get("id") or _text_id(path.stem, text)), text, str(row.get("category", ""))))
+    return prompts
+
+
+PROMPT_READERS = {".txt": _read_text_lines, ".csv": _read_csv, ".jsonl": _read_jsonl}
+
+
+def load_prompt_file(path: str | Path) -> list[Prompt]:
+    """Prompts from a file: ``.txt`` (one a line), ``.csv`` (a header row; column ``prompt`` or
+    else the first column; optional ``id`` and ``category`` columns) or ``.jsonl`` (key
+    ``prompt``; optional ``id`` and ``category``)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise QuadaError(f"prompt file {path} does not exist; check the path")
+    reader = PROMPT_READERS.get(path.suffix.lower(), _read_text_lines)
+    prompts = reader(path)
+    if not prompts:
+        raise QuadaError(
+            f"prompt file {path} holds no prompts; give one prompt a line (.txt), a 'prompt' column "
+            "(.csv) or a 'prompt' key on every line (.jsonl)"
+        )
+    seen: dict[str, Prompt] = {}
+    for prompt in prompts:
+        if prompt.id in seen:
+            raise QuadaError(
+                f"prompt file {path} repeats the prompt id {prompt.id!r} ({seen[prompt.id].text[:60]!r}); "
+                "remove the duplicate or give each prompt its own id"
+            )
+        seen[prompt.id] = prompt
+    return prompts
+
+
+def load_benchmark(name_or_path: str | Path) -> list[Prompt]:
+    """The prompts of a registered benchmark (see :data:`BENCHMARKS`) or of a prompt file."""
+    if str(name_or_path) in BENCHMARKS:
+        return BENCHMARKS[str(name_or_path)].load()
+    path = Path(name_or_path).expanduser()
+    if path.is_file() or path.suffix.lower() in PROMPT_FILE_SUFFIXES:
+        return load_prompt_file(path)
+    raise QuadaError(
+        f"unknown benchmark {str(name_or_path)!r}; choose one of {', '.join(BENCHMARKS)} or give a "
+        "prompt file (.txt, .csv or .jsonl)"
+    )
+
+
+def subset(items: Sequence[T], n: int | None, seed: int = 0) -> list[T]:
+    """A deterministic random subset of ``n`` items, kept in their original order.
+
+    The same ``(items, n, seed)`` always gives the same subset; ``n=None`` or ``n >= len(items)``
+    returns every item.
+    """
+    if n is None or n >= len(items):
+        return list(items)
+    if n < 1:
+        raise QuadaError(f"a subset needs at least 1 item, got n={n}")
+    chosen = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in chosen]

@@ -1,0 +1,182 @@
+"""Batched greedy generation, faster than fixed batches in file order and with the same outputs.
+
+Three things make it fast on a CPU:
+- prompts are sorted by token length, so a batch holds prompts of similar length and pads little;
+- a sequence leaves the batch (and the KV cache) as soon as it emits end-of-sequence, so short
+  answers such as refusals stop costing compute while long answers finish;
+- the batch size follows the memory the KV cache and activations need, up to a cap.
+Outputs are the ids generated after the prompt (sliced at the prompt length), decoded without
+special tokens: the text is never split on template markers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from quada.chat import PROMPT_FORMATS, format_prompt
+from quada.errors import QuadaError
+
+MAX_BATCH_SIZE = 64
+MEMORY_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides a greedy generation besides the model and the prompt."""
+
+    max_new_tokens: int = 128
+    prompt_format: str = "plain"
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise QuadaError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise QuadaError(
+                f"unknown prompt format {self.prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}"
+            )
+
+    def as_dict(self) -> dict:
+        return {"decoding": "greedy", **asdict(self)}
+
+
+def available_memory() -> int:
+    """Bytes of memory the OS can still give us (MemAvailable), or total memory as a fallback."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def auto_batch_size(model: PreTrainedModel, prompt_tokens: int, max_new_tokens: int, cap: int = MAX_BATCH_SIZE) -> int:
+    """The largest batch (up to ``cap``) whose generation fits in half of the available memory.
+
+    Per sequence it counts the KV cache at full length, one layer's prefill activations (hidden
+    states, MLP intermediates and attention scores) and one row of logits.
+    """
+    cfg = model.config.get_text_config()
+    itemsize = model.dtype.itemsize
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    length = prompt_tokens + max_new_tokens
+    kv_cache = 2 * cfg.num_hidden_layers * kv_heads * head_dim * length * itemsize
+    activations = prompt_tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
+    attention = heads * prompt_tokens * prompt_tokens * itemsize
+    per_sequence = kv_cache + activations + attention + cfg.vocab_size * 4
+    return max(1, min(cap, int(available_memory() * MEMORY_FRACTION // per_sequence)))
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(sorted(set(ids)))
+
+
+@torch.inference_mode()
+def greedy_batch(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: torch.Tensor,
+) -> list[list[int]]:
+    """Greedy-decode a left-padded batch; return each row's new ids without the end token.
+
+    Rows that emit an end token are dropped from the batch and the KV cache at once.
+    """
+    batch = input_ids.shape[0]
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    rows = torch.arange(batch)
+    cache = DynamicCache(config=model.config)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    step_ids = input_ids
+    for step in range(max_new_tokens):
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        next_ids = logits.argmax(-1)
+        finished = torch.isin(next_ids, eos_ids)
+        for row, token, done in zip(rows.tolist(), next_ids.tolist(), finished.tolist()):
+            if not done:
+                generated[row].append(token)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        if finished.any():
+            keep = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, next_ids = rows[keep], next_ids[keep]
+            attention_mask, position_ids = attention_mask[keep], position_ids[keep]
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+    return generated
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    settings: GenerationSettings = GenerationSettings(),
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy responses to ``prompts`` (in their order), each formatted with the chat template."""
+    if batch_size is not None and batch_size < 1:
+        raise QuadaError(f"batch size must be at least 1, got {batch_size}")
+    encoded = [
+        tokenizer(format_prompt(tokenizer, p, settings.prompt_format), add_special_tokens=False)["input_ids"]
+        for p in prompts
+    ]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
+    responses: list[str] = [""] * len(prompts)
+    with _progress(progress) as bar:
+        task = bar.add_task("generating", total=len(prompts))
+        start = 0
+        while start < len(order):
+            # Longest first: the first batch is the most memory-hungry, so a bad fit shows at once.
+            size = batch_size or auto_batch_size(model, len(encoded[order[start]]), settings.max_new_tokens)
+            chunk = order[start : start + size]
+            width = max(len(encoded[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                attention_mask[row, width - len(encoded[i]) :] = 1
+            new_ids = greedy_batch(
+                model, input_ids.to(model.device), attention_mask.to(model.device), settings.max_new_tokens, eos_ids
+            )
+            for i, ids in zip(chunk, new_ids):
+                responses[i] = tokenizer.decode(ids, skip_special_tokens=True)
+            bar.advance(task, len(chunk))
+            start += len(chunk)
+    return responses

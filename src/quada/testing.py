@@ -1,0 +1,83 @@
+"""Tiny random models built from configs, for tests and smoke runs (no files, no hub).
+
+The tokenizer is byte-level (every UTF-8 byte is a token, no merges) with a ChatML-style chat
+template, so any text round-trips and chat formatting behaves like a real instruct model's.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ARCHITECTURES = ("llama", "qwen2", "gemma")
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: 256 byte tokens plus the ChatML special tokens."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 64, vocab_size: int = 259):
+    """A small decoder config in the style of ``arch`` (Llama, Qwen2: SiLU; Gemma: GELU-tanh)."""
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,  # the default 0.02 gives models that repeat one token
+        bos_token_id=None,
+        eos_token_id=257,
+        pad_token_id=256,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=False)
+    if arch == "gemma":
+        return GemmaConfig(**common, head_dim=hidden // 4, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64):
+    """Return ``(model, tokenizer)``: a randomly initialised fp32 model in eval mode."""
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(arch, layers=layers, hidden=hidden, vocab_size=len(tokenizer))
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer

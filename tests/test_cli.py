@@ -1,0 +1,90 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from quada.testing import tiny_model
+
+
+def quada(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "quada", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    model, tokenizer = tiny_model("qwen2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_models_lists_every_builtin():
+    result = quada("models")
+    assert result.returncode == 0, result.stderr
+    for name in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"):
+        assert name in result.stdout
+
+
+def test_generate_writes_one_row_per_prompt(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hi\n\nName a colour\n")
+    out = tmp_path / "out.jsonl"
+    result = quada("generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
+                   "--max-new-tokens", "4", "--prompt-format", "paper")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Say hi", "Name a colour"]
+    assert all(r["prompt_format"] == "paper" and r["max_new_tokens"] == 4 for r in rows)
+    assert len({r["id"] for r in rows}) == 2
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_unknown_model(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    assert_user_error(quada("generate", "-m", "gpt-17", "-p", str(prompts), "-o", str(tmp_path / "o.jsonl")),
+                      "unknown model 'gpt-17'", "quada models")
+
+
+def test_empty_prompt_file(model_dir, tmp_path):
+    prompts = tmp_path / "empty.txt"
+    prompts.write_text("\n\n")
+    assert_user_error(quada("generate", "-m", str(model_dir), "-p", str(prompts), "-o", str(tmp_path / "o.jsonl")),
+                      "holds no prompts")
+
+
+def test_missing_prompt_file(model_dir, tmp_path):
+    assert_user_error(quada("generate", "-m", str(model_dir), "-p", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "o.jsonl")),
+                      "does not exist")
+
+
+def test_bad_numbers(model_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    for flag in ("--max-new-tokens", "--batch-size", "--limit"):
+        result = quada("generate", "-m", str(model_dir), "-p", str(prompts), "-o", str(tmp_path / "o.jsonl"), flag, "0")
+        assert_user_error(result, "positive whole number")
+    assert_user_error(
+        quada("generate", "-m", str(model_dir), "-p", str(prompts), "-o", str(tmp_path / "o.jsonl"), "--prompt-format", "x"),
+        "unknown prompt format",
+    )
+
+
+def test_unwritable_output_folder_is_a_user_error(model_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_user_error(quada("generate", "-m", str(model_dir), "-p", str(prompts), "-o", str(blocker / "o.jsonl")),
+                      "cannot create the output folder")
