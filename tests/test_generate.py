@@ -91,3 +91,17 @@ def test_auto_batch_size_shrinks_with_length(monkeypatch):
     long = auto_batch_size(model, prompt_tokens=1024, max_new_tokens=128, cap=10_000)
     assert short > long >= 1
     assert auto_batch_size(model, 16, 16, cap=4) == 4
+
+
+def test_stop_on_refusal_cuts_at_the_phrase_and_keeps_the_keyword_verdict(monkeypatch):
+    model, tokenizer = tiny_model("llama", seed=1)
+    full = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=24), progress=False)
+    # Make a piece of one full answer count as a refusal phrase for this test.
+    phrase = full[1][4:8]
+    monkeypatch.setattr("quada.eval.generate.refusal_phrase", lambda text: phrase if phrase in text else None)
+    early = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=24, stop_on_refusal=True), progress=False)
+    for whole, cut in zip(full, early):
+        assert whole.startswith(cut)
+        assert (phrase in whole) == (phrase in cut)
+        assert cut == whole or cut.endswith(phrase)
+    assert early[1].endswith(phrase) and len(early[1]) < len(full[1])

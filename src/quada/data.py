@@ -187,7 +187,7 @@ PROMPT_READERS = {".txt": _read_text_lines, ".csv": _read_csv, ".jsonl": _read_j
 def load_prompt_file(path: str | Path) -> list[Prompt]:
     """Prompts from a file: ``.txt`` (one a line), ``.csv`` (a header row; column ``prompt`` or
     else the first column; optional ``id`` and ``category`` columns) or ``.jsonl`` (key
-    ``prompt``; optional ``id`` and ``category``)."""
+    ``prompt``; optional ``id`` and ``category``); any other suffix is read as plain text."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise QuadaError(f"prompt file {path} does not exist; check the path")

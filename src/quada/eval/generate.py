@@ -12,7 +12,7 @@ special tokens: the text is never split on template markers.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +21,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.errors import QuadaError
+from quada.eval.judges import refusal_phrase
 
 MAX_BATCH_SIZE = 64
 MEMORY_FRACTION = 0.5
@@ -32,6 +33,10 @@ class GenerationSettings:
 
     max_new_tokens: int = 128
     prompt_format: str = "plain"
+    # End a response as soon as it contains one of the paper's refusal phrases. Lossless for the
+    # keyword judge (one phrase anywhere already makes the response a failed attack), not for
+    # the model judges, which read the whole response.
+    stop_on_refusal: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -91,10 +96,12 @@ def greedy_batch(
     attention_mask: torch.Tensor,
     max_new_tokens: int,
     eos_ids: torch.Tensor,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy-decode a left-padded batch; return each row's new ids without the end token.
 
-    Rows that emit an end token are dropped from the batch and the KV cache at once.
+    Rows that emit an end token, or whose new ids make ``stop`` true, leave the batch and the
+    KV cache at once.
     """
     batch = input_ids.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -113,9 +120,11 @@ def greedy_batch(
         ).logits[:, -1]
         next_ids = logits.argmax(-1)
         finished = torch.isin(next_ids, eos_ids)
-        for row, token, done in zip(rows.tolist(), next_ids.tolist(), finished.tolist()):
+        for i, (row, token, done) in enumerate(zip(rows.tolist(), next_ids.tolist(), finished.tolist())):
             if not done:
                 generated[row].append(token)
+                if stop is not None and stop(generated[row]):
+                    finished[i] = True
         if finished.all() or step == max_new_tokens - 1:
             break
         if finished.any():
@@ -127,6 +136,13 @@ def greedy_batch(
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
     return generated
+
+
+def _stop_on_refusal(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], bool]:
+    def contains_refusal(ids: list[int]) -> bool:
+        return refusal_phrase(tokenizer.decode(ids, skip_special_tokens=True)) is not None
+
+    return contains_refusal
 
 
 def _progress(enabled: bool) -> Progress:
@@ -157,6 +173,7 @@ def generate(
     ]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     eos_ids = _eos_ids(model, tokenizer)
+    stop = _stop_on_refusal(tokenizer) if settings.stop_on_refusal else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
     responses: list[str] = [""] * len(prompts)
     with _progress(progress) as bar:
@@ -173,7 +190,7 @@ def generate(
                 input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 attention_mask[row, width - len(encoded[i]) :] = 1
             new_ids = greedy_batch(
-                model, input_ids.to(model.device), attention_mask.to(model.device), settings.max_new_tokens, eos_ids
+                model, input_ids.to(model.device), attention_mask.to(model.device), settings.max_new_tokens, eos_ids, stop
             )
             for i, ids in zip(chunk, new_ids):
                 responses[i] = tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,161 @@
+"""Rates with uncertainty, paired tests and rater agreement: small pure functions.
+
+Every rate quada reports (attack success, over-refusal, accuracy) carries a 95% confidence
+interval; a clean run and an approximated run on the same prompts are compared with McNemar's
+paired test; judges are compared with Cohen's kappa.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 10_000
+EXACT_MCNEMAR_BELOW = 25
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    confidence: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval for the mean of ``values``.
+
+    Draw ``resamples`` samples of size n with replacement, take each one's mean, and return the
+    (1-confidence)/2 and (1+confidence)/2 quantiles of those means (Efron & Tibshirani, "An
+    Introduction to the Bootstrap", 1993, ch. 13). A rate is the mean of 0/1 outcomes, so the same
+    function gives the interval of an attack success rate and of a mean harmfulness score.
+    Seeded: the same inputs give the same interval.
+    """
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean (a rate, for 0/1 values) over ``n`` items with its bootstrap interval [low, high]."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+
+def estimate(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> Estimate:
+    """The mean of ``values`` with its percentile bootstrap interval (:func:`bootstrap_ci`)."""
+    low, high = bootstrap_ci(values, confidence=confidence, seed=seed)
+    return Estimate(float(np.mean(np.asarray(values, dtype=float))), low, high, len(values))
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson, JASA 22:209, 1927).
+
+    With p = successes/n and z the standard normal quantile of (1+confidence)/2:
+    centre = (p + z^2/2n) / (1 + z^2/n), half-width = z/(1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2).
+    Unlike the bootstrap it stays informative at 0 or n successes (e.g. a clean ASR of 0/64).
+    """
+    if n <= 0:
+        raise ValueError("wilson_interval needs n >= 1")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, {n}], got {successes}")
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half_width = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """McNemar's test on paired binary outcomes.
+
+    ``only_a`` counts pairs where only the first run succeeded, ``only_b`` where only the second
+    did; ``method`` is ``"exact"`` or ``"chi2-cc"`` (see :func:`mcnemar`).
+    """
+
+    only_a: int
+    only_b: int
+    statistic: float
+    p_value: float
+    method: str
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs.
+
+    Under the null hypothesis each of the n = b + c discordant pairs falls either way with
+    probability 1/2, so p = min(1, 2 * sum_{i=0}^{min(b,c)} C(n, i) / 2^n)
+    (McNemar, Psychometrika 12:153, 1947; Fagerland et al., BMC Med Res Methodol 13:91, 2013).
+    """
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def mcnemar_chi2_cc(only_a: int, only_b: int) -> tuple[float, float]:
+    """McNemar's chi-square statistic with Edwards' continuity correction and its p-value.
+
+    X^2 = (|b - c| - 1)^2 / (b + c) with one degree of freedom (Edwards, Psychometrika 13:185,
+    1948); for one degree of freedom the upper tail is P(X^2 > x) = erfc(sqrt(x / 2)).
+    """
+    n = only_a + only_b
+    if n == 0:
+        return 0.0, 1.0
+    statistic = max(0.0, abs(only_a - only_b) - 1.0) ** 2 / n
+    return statistic, math.erfc(math.sqrt(statistic / 2))
+
+
+def mcnemar(
+    outcomes_a: Sequence[bool], outcomes_b: Sequence[bool], exact_below: int = EXACT_MCNEMAR_BELOW
+) -> McNemarResult:
+    """McNemar's test between two runs judged on the same prompts (e.g. clean vs approximated).
+
+    Only discordant pairs carry information. With fewer than ``exact_below`` of them (25 by the
+    usual rule of thumb) the exact binomial test is used and ``statistic`` is the smaller
+    discordant count; otherwise the continuity-corrected chi-square test.
+    """
+    if len(outcomes_a) != len(outcomes_b):
+        raise ValueError(f"paired outcomes differ in length: {len(outcomes_a)} vs {len(outcomes_b)}")
+    only_a = sum(1 for a, b in zip(outcomes_a, outcomes_b) if a and not b)
+    only_b = sum(1 for a, b in zip(outcomes_a, outcomes_b) if b and not a)
+    if only_a + only_b < exact_below:
+        return McNemarResult(only_a, only_b, float(min(only_a, only_b)), mcnemar_exact_p(only_a, only_b), "exact")
+    statistic, p_value = mcnemar_chi2_cc(only_a, only_b)
+    return McNemarResult(only_a, only_b, statistic, p_value, "chi2-cc")
+
+
+def percent_agreement(labels_a: Sequence[bool], labels_b: Sequence[bool]) -> float:
+    """Share of items (0..1) on which two raters give the same label."""
+    if len(labels_a) != len(labels_b) or not labels_a:
+        raise ValueError("agreement needs two non-empty label lists of the same length")
+    return sum(a == b for a, b in zip(labels_a, labels_b)) / len(labels_a)
+
+
+def cohen_kappa(labels_a: Sequence[bool], labels_b: Sequence[bool]) -> float:
+    """Cohen's kappa for two raters: (p_o - p_e) / (1 - p_e) (Cohen, Educ Psychol Meas 20:37, 1960).
+
+    p_o is the observed agreement and p_e = sum over labels of the product of the two raters'
+    marginal frequencies. When both raters give one and the same label to every item, p_e = 1 and
+    kappa is undefined: NaN is returned.
+    """
+    observed = percent_agreement(labels_a, labels_b)
+    n = len(labels_a)
+    categories = set(labels_a) | set(labels_b)
+    expected = sum((list(labels_a).count(c) / n) * (list(labels_b).count(c) / n) for c in categories)
+    if expected == 1.0:
+        return math.nan
+    return (observed - expected) / (1 - expected)

@@ -1,0 +1,102 @@
+"""Score answers by the model's next-token distribution instead of sampling text.
+
+Judges (yes/no, a 1-5 grade) and multiple-choice accuracy (a letter) all ask one question: at the
+position right after the prompt, how likely is each candidate answer token? Reading the
+probabilities is deterministic, needs one forward pass per prompt and never fails to parse.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from quada.errors import QuadaError
+
+
+@torch.inference_mode()
+def next_token_logprobs(
+    model: PreTrainedModel,
+    sequences: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 8,
+) -> list[list[float]]:
+    """Log-probabilities of ``candidates[i]`` tokens as the next token after ``sequences[i]``.
+
+    Sequences are sorted by length and run in left-padded batches with explicit position ids, so
+    each row scores exactly as it would alone.
+    """
+    if batch_size < 1:
+        raise QuadaError(f"batch size must be at least 1, got {batch_size}")
+    results: list[list[float]] = [[] for _ in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(sequences[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            input_ids[row, width - len(sequences[i]) :] = torch.tensor(list(sequences[i]))
+            attention_mask[row, width - len(sequences[i]) :] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            position_ids=position_ids.to(model.device),
+            logits_to_keep=1,
+        ).logits[:, -1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, i in enumerate(chunk):
+            results[i] = logprobs[row, list(candidates[i])].tolist()
+    return results
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used for padding (any id works under the attention mask; pad or eos preferred)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def answer_group_ids(tokenizer: PreTrainedTokenizerBase, groups: Sequence[Sequence[str]]) -> list[list[int]]:
+    """For each group of answer spellings (e.g. "yes", " Yes"), the ids of their first tokens.
+
+    An answer's first token decides it at the answer position; an id that starts answers of two
+    groups (such as a bare space in a byte-level vocabulary) tells them apart by nothing and is
+    dropped from both.
+    """
+    firsts = [
+        list(dict.fromkeys(tokenizer.encode(word, add_special_tokens=False)[0] for word in group)) for group in groups
+    ]
+    shared = {i for a, b in itertools.combinations(firsts, 2) for i in set(a) & set(b)}
+    ids = [[i for i in group if i not in shared] for group in firsts]
+    if not all(ids):
+        raise QuadaError(
+            f"the tokenizer cannot tell the answers {[list(g) for g in groups]} apart by their first "
+            "token, so they cannot be scored by logits; choose another judge model"
+        )
+    return ids
+
+
+def answer_token_split(tokenizer: PreTrainedTokenizerBase, prompt: str, answers: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Split ``prompt + answer`` tokenizations into a shared prefix and one distinct token per answer.
+
+    Tokenizing each full string (as plain text, with a BOS token where the tokenizer adds one)
+    and taking the common prefix handles both vocabularies with ``" A"`` as one token and
+    byte-level ones where the space is a token of its own.
+    """
+    encodings = [tokenizer(prompt + answer)["input_ids"] for answer in answers]
+    prefix_length = 0
+    while all(len(e) > prefix_length for e in encodings) and len({e[prefix_length] for e in encodings}) == 1:
+        prefix_length += 1
+    tails = [e[prefix_length:] for e in encodings]
+    if any(len(tail) != 1 for tail in tails) or len({tail[0] for tail in tails}) != len(tails):
+        raise QuadaError(
+            f"the tokenizer does not encode the answers {list(answers)} as one distinct token each "
+            "after the prompt, so they cannot be scored by logits; use a model with a standard vocabulary"
+        )
+    return encodings[0][:prefix_length], [tail[0] for tail in tails]

@@ -1,0 +1,169 @@
+import csv
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from quada.errors import QuadaError
+from quada.store import (
+    SCHEMA_VERSION,
+    Generation,
+    GenerationKey,
+    Judgement,
+    Store,
+    settings_json,
+)
+
+SETTINGS = settings_json({"max_new_tokens": 8, "decoding": "greedy", "prompt_format": "paper"})
+
+# A complete run: generate for a clean and an approximated model, then judge every response.
+# Each computed chunk prints a line before it is stored, so the test can kill the run mid-way.
+RUN = """
+import sys, time
+from quada.store import Generation, GenerationKey, Judgement, Store
+
+db, delay = sys.argv[1], float(sys.argv[2])
+settings = sys.argv[3]
+keys = [GenerationKey("fp0123", approx, f"p-{i:03d}", settings, 0) for approx in ("none", "noise:0.1") for i in range(30)]
+
+def generate(chunk):
+    time.sleep(delay)
+    print("generated", len(chunk), flush=True)
+    return [Generation(k, f"prompt {k.prompt_id}", f"{k.approx} answer to {k.prompt_id}") for k in chunk]
+
+def judge(chunk):
+    time.sleep(delay)
+    print("judged", len(chunk), flush=True)
+    return [Judgement(k, k.approx == "none", 0.25 if k.approx == "none" else 0.75, "raw") for k in chunk]
+
+with Store(db) as store:
+    generations = store.fill(keys, generate, chunk_size=4)
+    store.fill([g.key.judged_by("keyword") for g in generations], judge, chunk_size=4)
+print("done", flush=True)
+"""
+
+
+def run(db, delay=0.0):
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, str(db), str(delay), SETTINGS], stdout=subprocess.PIPE, text=True
+    )
+
+
+def snapshot(db):
+    with Store(db) as store:
+        return store.rows(Generation), store.rows(Judgement), store.records()
+
+
+def key(prompt_id="p-1", approx="none", seed=0):
+    return GenerationKey("fp", approx, prompt_id, SETTINGS, seed)
+
+
+def test_put_get_missing_and_idempotent_writes(tmp_path):
+    with Store(tmp_path / "runs" / "results.sqlite") as store:
+        rows = [Generation(key("a"), "prompt a", "answer a"), Generation(key("b"), "prompt b", "answer b")]
+        assert store.missing([key("a"), key("b"), key("a")]) == [key("a"), key("b")]
+        assert store.put(rows) == 2
+        assert store.put(rows + [Generation(key("a"), "prompt a", "a different answer")]) == 0
+        assert store.get(key("a")) == rows[0]
+        assert store.get(key("a", seed=1)) is None
+        assert store.missing([key("a"), key("c")]) == [key("c")]
+        judgement = Judgement(key("a").judged_by("keyword"), True, 1.0, "reason")
+        assert store.put([judgement]) == 1
+        assert store.get(key("a").judged_by("keyword")) == judgement
+        assert store.get(key("a").judged_by("llm:abc")) is None
+        assert store.rows(Generation) == rows
+
+
+def test_settings_json_is_canonical():
+    assert settings_json({"b": 1, "a": "x"}) == settings_json({"a": "x", "b": 1}) == '{"a":"x","b":1}'
+
+
+def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path):
+    reference = tmp_path / "reference.sqlite"
+    assert run(reference).wait(timeout=60) == 0
+
+    interrupted = tmp_path / "interrupted.sqlite"
+    worker = run(interrupted, delay=0.05)
+    for _ in range(6):  # let six chunks of generations pass, then kill without warning
+        assert worker.stdout.readline().startswith("generated")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=60)
+    generations, judgements, _ = snapshot(interrupted)
+    assert 0 < len(generations) < 60 and judgements == []
+
+    resumed = run(interrupted)
+    output, _ = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0
+    assert output.count("generated") < 15  # only the missing chunks were computed again
+    assert snapshot(interrupted) == snapshot(reference)
+    generations, judgements, records = snapshot(interrupted)
+    assert len(generations) == 60 and len(judgements) == 60 and len(records) == 60
+    with sqlite3.connect(interrupted) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_run_that_fails_mid_way_resumes_without_duplicates(tmp_path):
+    keys = [key(f"p-{i}") for i in range(10)]
+    calls = []
+
+    def flaky(chunk):
+        calls.append(chunk)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return [Generation(k, "prompt", f"answer {k.prompt_id}") for k in chunk]
+
+    with Store(tmp_path / "r.sqlite") as store:
+        with pytest.raises(RuntimeError, match="injected"):
+            store.fill(keys, flaky, chunk_size=3)
+        assert len(store.rows(Generation)) == 6
+        rows = store.fill(keys, flaky, chunk_size=3)
+        assert [r.key for r in rows] == keys
+        assert calls[3:] == [keys[6:9], keys[9:]]
+        with pytest.raises(ValueError, match="one row per key"):
+            store.fill([key("new")], lambda chunk: [], chunk_size=3)
+    with Store(tmp_path / "r.sqlite") as reopened:
+        assert reopened.rows(Generation) == sorted(rows, key=lambda r: r.key.prompt_id)
+
+
+def test_export_csv_and_json(tmp_path):
+    with Store(tmp_path / "r.sqlite") as store:
+        store.put([Generation(key("a"), "prompt, with comma", "line one\nline two"), Generation(key("b"), "p", "r")])
+        store.put([Judgement(key("a").judged_by("keyword"), False, 0.0, "refusal phrase 'Sorry'")])
+        assert store.export(tmp_path / "out" / "results.csv") == 2
+        assert store.export(tmp_path / "results.json") == 2
+        with pytest.raises(QuadaError, match="unknown export format"):
+            store.export(tmp_path / "results.xlsx")
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["response"] == "line one\nline two" and rows[0]["judge"] == "keyword"
+    assert rows[1]["prompt_id"] == "b" and rows[1]["judge"] == ""
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert records[0]["label"] is False and records[1]["label"] is None
+    assert records[0]["versions"]["quada"]
+
+
+def test_a_database_from_a_newer_schema_is_refused_untouched(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        store.put([Generation(key(), "p", "r")])
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(QuadaError, match="newer"):
+        Store(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 1
+
+
+def test_foreign_files_and_unwritable_locations_are_refused(tmp_path):
+    with sqlite3.connect(tmp_path / "other.sqlite") as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(QuadaError, match="not a quada results store"):
+        Store(tmp_path / "other.sqlite")
+    (tmp_path / "notes.txt").write_text("not a database, just some text that is long enough " * 40)
+    with pytest.raises(QuadaError, match="cannot use"):
+        Store(tmp_path / "notes.txt")
+    with pytest.raises(QuadaError, match="writable"):
+        Store(tmp_path / "notes.txt" / "results.sqlite")
