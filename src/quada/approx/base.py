@@ -1,0 +1,435 @@
+"""Spec dataclasses, their registry and string form, and the reversible ``apply`` context manager.
+
+The shape follows torchao's ``quantize_(model, Config())``: every technique is a frozen dataclass
+that validates itself in ``__post_init__`` and is registered by name; a separate handler installs
+it. Installing follows lm-evaluation-harness' steering hooks: every hook handle, module swap and
+weight edit is recorded and undone in ``finally``, so the model is bit-identical afterwards.
+
+Spec strings: ``name`` or ``name:key=value,key=value``; parts compose with ``+``
+(``noise:site=up,dist=gaussian,std=0.05 + teal:sparsity=0.5``); presets such as ``paper:iron``
+expand to their parts. ``str(config)`` is the canonical form and parses back to an equal config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from quada.errors import QuadaError
+
+# --------------------------------------------------------------------------- layer selections
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Decoder layers to approximate: a slice ``start:stop`` (negatives count from the end, either
+    bound may be omitted) or explicit indices. String forms: ``0:4``, ``-4:``, ``3``, ``[0,2,5]``."""
+
+    start: int | None = None
+    stop: int | None = None
+    indices: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.indices is not None:
+            if self.start is not None or self.stop is not None:
+                raise QuadaError("a layer selection is either a slice or a list of indices, not both")
+            if not self.indices:
+                raise QuadaError("a layer list must name at least one layer, e.g. layers=[0,2]")
+            object.__setattr__(self, "indices", tuple(sorted(set(self.indices))))
+        elif self.start is not None and self.stop is not None and (self.start >= 0) == (self.stop >= 0):
+            if self.start >= self.stop:
+                raise QuadaError(f"empty layer slice {self}; the start must be below the stop, e.g. 0:4")
+
+    @classmethod
+    def parse(cls, text: str) -> LayerSelection:
+        text = text.strip()
+        try:
+            if text.startswith("[") and text.endswith("]"):
+                return cls(indices=tuple(int(part) for part in text[1:-1].split(",") if part.strip()))
+            if ":" in text:
+                start, stop = text.split(":")
+                return cls(start=int(start) if start.strip() else None, stop=int(stop) if stop.strip() else None)
+            return cls(indices=(int(text),))
+        except ValueError:
+            raise QuadaError(
+                f"bad layer selection {text!r}; write a slice like 0:4 or -4:, one index like 3, "
+                "or a list like [0,2,5]"
+            ) from None
+
+    @classmethod
+    def coerce(cls, value: Any) -> LayerSelection | None:
+        """Accept None (all layers), a selection, a string, an int, a range, a slice or ints."""
+        if value is None or isinstance(value, LayerSelection):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, int):
+            return cls(indices=(value,))
+        if isinstance(value, (range, slice)) and value.step in (None, 1):
+            return cls(start=value.start, stop=value.stop)
+        if isinstance(value, Iterable):
+            return cls(indices=tuple(int(i) for i in value))
+        raise QuadaError(f"cannot read {value!r} as layers; use a range, a slice string like '0:4' or a list of ints")
+
+    def resolve(self, num_layers: int) -> tuple[int, ...]:
+        """The selected indices for a model with ``num_layers`` decoder layers (validated)."""
+        bounds = [i for i in (self.indices or ()) + (self.start,) if i is not None]
+        bad = [i for i in bounds if not -num_layers <= i < num_layers]
+        if self.stop is not None and not -num_layers <= self.stop <= num_layers:
+            bad.append(self.stop)
+        if bad:
+            raise QuadaError(
+                f"layer {bad[0]} in layers={self} is out of range for a model with {num_layers} decoder "
+                f"layers; use indices 0..{num_layers - 1} (or negatives from the end)"
+            )
+        if self.indices is not None:
+            return tuple(sorted({i % num_layers for i in self.indices}))
+        chosen = tuple(range(num_layers)[slice(self.start, self.stop)])
+        if not chosen:
+            raise QuadaError(f"layers={self} selects no layer of a model with {num_layers} decoder layers")
+        return chosen
+
+    def __str__(self) -> str:
+        if self.indices is not None:
+            return str(self.indices[0]) if len(self.indices) == 1 else "[" + ",".join(map(str, self.indices)) + "]"
+        return ("" if self.start is None else str(self.start)) + ":" + ("" if self.stop is None else str(self.stop))
+
+
+# --------------------------------------------------------------------------- configs and registry
+
+REGISTRY: dict[str, type[ApproxConfig]] = {}
+PRESETS: dict[str, tuple[str, str]] = {}  # name -> (description, spec text)
+
+
+def register(name: str, description: str, example: str | None = None):
+    """Class decorator: make a config class reachable by ``name`` in spec strings."""
+
+    def decorate(cls):
+        cls.name, cls.description, cls.example = name, description, example or name
+        REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def register_preset(name: str, description: str, spec: str) -> None:
+    """Name a composed spec (e.g. the paper's Table-1 rows)."""
+    PRESETS[name] = (description, spec)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApproxConfig:
+    """Base of every technique's config: the layers it applies to (None = the ``apply`` default).
+
+    ``order`` sorts installation: module swaps (order 0) go before hooks and weight edits (1), so
+    hooks find the modules that will actually run. Otherwise parts install in the order given.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    example: ClassVar[str] = ""
+    order: ClassVar[int] = 1
+    layers: LayerSelection | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", LayerSelection.coerce(self.layers))
+        for name, hint in typing.get_type_hints(type(self)).items():  # 1 -> 1.0: one canonical key
+            value = getattr(self, name, None)
+            if float in (hint, *typing.get_args(hint)) and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+
+    def parts(self) -> tuple[ApproxConfig, ...]:
+        return (self,)
+
+    def without_layers(self) -> ApproxConfig:
+        """The same technique on all layers: the key under which calibrations are cached."""
+        return dataclasses.replace(self, layers=None)
+
+    def __str__(self) -> str:
+        options = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if f.name != "layers" and (required or value != f.default):
+                options.append(f"{f.name}={_format(value)}")
+        if self.layers is not None:
+            options.append(f"layers={self.layers}")
+        return self.name + (":" + ",".join(options) if options else "")
+
+
+@dataclass(frozen=True)
+class ComposedConfig:
+    """Several configs applied together, in order; canonical form joins them with `` + ``."""
+
+    configs: tuple[ApproxConfig, ...]
+
+    def parts(self) -> tuple[ApproxConfig, ...]:
+        return self.configs
+
+    def __str__(self) -> str:
+        return " + ".join(map(str, self.configs))
+
+
+Spec = ApproxConfig | ComposedConfig
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _coerce(text: str, hint: Any, option: str) -> Any:
+    """Read one option value from a spec string according to the field's type hint."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if text.lower() == "none":
+            return None
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if hint is int:
+            return int(text)
+        if hint is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except ValueError:
+        raise QuadaError(f"option {option}={text!r} must be a finite {hint.__name__}") from None
+    if hint is LayerSelection:
+        return LayerSelection.parse(text)
+    return text
+
+
+def _split_top_level(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside square brackets (layer lists contain commas)."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts]
+
+
+def _parse_part(text: str) -> tuple[ApproxConfig, ...]:
+    if text in PRESETS:
+        return parse_spec(PRESETS[text][1]).parts()
+    name, _, options = text.partition(":")
+    name = name.strip()
+    if name not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY) + sorted(PRESETS))
+        raise QuadaError(f"unknown approximation {text!r}; choose one of: {known} (see `quada approx list`)")
+    cls = REGISTRY[name]
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for item in _split_top_level(options, ",") if options.strip() else []:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not value.strip():
+            raise QuadaError(f"option {item!r} of {name} must look like key=value")
+        if key not in names:
+            raise QuadaError(f"unknown option {key!r} for {name}; valid options: {', '.join(names)}")
+        if key in kwargs:
+            raise QuadaError(f"option {key!r} is given twice in {text!r}")
+        kwargs[key] = _coerce(value.strip(), hints[key], key)
+    try:
+        return (cls(**kwargs),)
+    except TypeError as err:  # a required option is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.default is dataclasses.MISSING]
+        raise QuadaError(f"{name} needs the option(s) {', '.join(missing)}, e.g. {cls.example}") from err
+
+
+def parse_spec(text: str, num_layers: int | None = None) -> Spec:
+    """Parse a spec string; with ``num_layers`` also check every layer selection against it."""
+    if not isinstance(text, str) or not text.strip():
+        raise QuadaError("empty approximation spec; see `quada approx list` for the choices")
+    configs = tuple(c for part in _split_top_level(text, "+") for c in _parse_part(part))
+    if num_layers is not None:
+        for config in configs:
+            if config.layers is not None:
+                config.layers.resolve(num_layers)
+    return configs[0] if len(configs) == 1 else ComposedConfig(configs)
+
+
+def as_spec(spec: Spec | str | Sequence[Spec | str]) -> Spec:
+    """Normalise a config, a spec string or a list of either into one spec."""
+    if isinstance(spec, str):
+        return parse_spec(spec)
+    if isinstance(spec, (ApproxConfig, ComposedConfig)):
+        return spec
+    if isinstance(spec, Sequence) and spec:
+        configs = tuple(c for item in spec for c in as_spec(item).parts())
+        return configs[0] if len(configs) == 1 else ComposedConfig(configs)
+    raise QuadaError(f"cannot read {spec!r} as an approximation spec; pass a config, a string or a list of them")
+
+
+def list_specs() -> list[tuple[str, str]]:
+    """Every registered technique and preset as ``(name, one-line description)``."""
+    return [(name, cls.description) for name, cls in REGISTRY.items()] + [
+        (name, description) for name, (description, _) in PRESETS.items()
+    ]
+
+
+# --------------------------------------------------------------------------- installation
+
+
+class Installation:
+    """Records every change made to a model so that ``undo`` restores it exactly.
+
+    Also holds what the installed techniques share: the seeded generator, the per-(layer, site)
+    zero counters behind the sparsity report, and the input scales folded into weights (the
+    profiler multiplies them back to compare activations in original coordinates).
+    """
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counters: dict[tuple[int, str], torch.Tensor] = {}
+        self.input_scales: dict[tuple[int, str], torch.Tensor] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    def transform_output(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], prepend: bool = False):
+        """Replace ``module``'s output ``y`` with ``fn(y)`` (a forward hook)."""
+        handle = module.register_forward_hook(lambda _m, _args, out: fn(out), prepend=prepend)
+        self._undo.append(handle.remove)
+
+    def transform_input(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], prepend: bool = False):
+        """Replace ``module``'s first positional input ``x`` with ``fn(x)`` (a forward pre-hook)."""
+        handle = module.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:]), prepend=prepend)
+        self._undo.append(handle.remove)
+
+    def swap(self, parent: nn.Module, name: str, new: nn.Module) -> None:
+        """Replace the child module ``parent.name``; the original object comes back on undo."""
+        old = getattr(parent, name)
+        setattr(parent, name, new)
+        self._undo.append(lambda: setattr(parent, name, old))
+
+    def replace_data(self, param: torch.Tensor, new: torch.Tensor) -> None:
+        """Point a parameter at new data; the untouched original tensor comes back on undo."""
+        old = param.data
+        param.data = new.to(old.dtype)
+        self._undo.append(lambda: setattr(param, "data", old))
+
+    def counter(self, layer: int, site: str) -> torch.Tensor:
+        """A ``[zeroed, total]`` accumulator that sparsifying hooks add to."""
+        return self.counters.setdefault((layer, site), torch.zeros(2, dtype=torch.float64))
+
+    def undo(self) -> None:
+        errors = []
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as err:  # keep undoing the rest, then re-raise the first
+                errors.append(err)
+        if errors:
+            raise errors[0]
+
+
+@dataclass
+class Applied:
+    """What ``apply`` yields: the installed parts with their resolved layers, and live reports."""
+
+    parts: tuple[tuple[ApproxConfig, tuple[int, ...]], ...]
+    installation: Installation = field(repr=False)
+
+    def __str__(self) -> str:
+        """Canonical spec with every part's layers made explicit (a key for results)."""
+        return " + ".join(str(dataclasses.replace(c, layers=_as_selection(ls))) for c, ls in self.parts)
+
+    def sparsity(self) -> dict[tuple[int, str], float]:
+        """Fraction of activations zeroed so far, per (layer, site), by sparsifying parts."""
+        return {key: float(c[0] / c[1]) if c[1] else 0.0 for key, c in sorted(self.installation.counters.items())}
+
+
+def _as_selection(layers: tuple[int, ...]) -> LayerSelection:
+    if len(layers) > 1 and layers == tuple(range(layers[0], layers[-1] + 1)):
+        return LayerSelection(start=layers[0], stop=layers[-1] + 1)
+    return LayerSelection(indices=layers)
+
+
+Handler = Callable[..., None]
+Preparer = Callable[..., Any]
+HANDLERS: dict[type, tuple[Handler, Preparer | None]] = {}
+
+
+def installs(config_cls: type, prepare: Preparer | None = None):
+    """Decorator registering ``install(config, target, layers, ctx, prepared)`` for a config class
+    (and its subclasses). ``prepare(config, target, calibration)`` runs first, on the clean model,
+    for techniques that calibrate."""
+
+    def decorate(fn: Handler) -> Handler:
+        HANDLERS[config_cls] = (fn, prepare)
+        return fn
+
+    return decorate
+
+
+def _handler(config: ApproxConfig) -> tuple[Handler, Preparer | None]:
+    for cls in type(config).__mro__:
+        if cls in HANDLERS:
+            return HANDLERS[cls]
+    raise QuadaError(f"no installer is registered for {type(config).__name__}")
+
+
+@contextmanager
+def apply(
+    model: nn.Module,
+    spec: Spec | str | Sequence[Spec | str],
+    layers: Any = None,
+    seed: int = 0,
+    tokenizer: Any = None,
+    calibration_prompts: Sequence[str] | None = None,
+) -> Iterator[Applied]:
+    """Run ``model`` under an activation approximation inside a ``with`` block.
+
+    ``spec``: a config, a spec string or a list of them (composed in order). ``layers``: the
+    decoder layers for parts that do not name their own (a range, a slice string like "0:4", a
+    list of ints; None = all). ``seed`` seeds one generator for every random draw, so equal seeds
+    give equal outputs. Calibrated techniques (TEAL, CATS, SmoothQuant, OmniQuant) need
+    ``tokenizer``; they calibrate on ``calibration_prompts`` (default: bundled benign prompts) and
+    cache the result per model. On exit, also by exception, every hook, swap and weight edit is
+    undone and the model is bit-identical to before.
+    """
+    from quada.approx.calibration import CalibrationSet
+    from quada.approx.sites import resolve_decoder
+
+    configs = sorted(as_spec(spec).parts(), key=lambda c: c.order)
+    decoder = resolve_decoder(model)
+    default = LayerSelection.coerce(layers)
+    resolved = []
+    for config in configs:
+        selection = config.layers or default
+        resolved.append(selection.resolve(len(decoder.layers)) if selection else tuple(range(len(decoder.layers))))
+    calibration = CalibrationSet.of(tokenizer, calibration_prompts)
+    prepared = []
+    for config in configs:  # calibrate everything on the clean model before changing anything
+        _, prepare = _handler(config)
+        prepared.append(prepare(config, decoder, calibration) if prepare else None)
+    ctx = Installation(seed)
+    try:
+        for config, chosen, state in zip(configs, resolved, prepared):
+            install, _ = _handler(config)
+            install(config, decoder, chosen, ctx, state)
+        yield Applied(tuple(zip(configs, resolved)), ctx)
+    finally:
+        ctx.undo()

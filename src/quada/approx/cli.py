@@ -1,0 +1,64 @@
+"""``quada approx``: list the approximations and profile the error a real one introduces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quada.approx.base import list_specs, parse_spec
+from quada.errors import QuadaError
+
+app = typer.Typer(help="Activation approximations: list them, profile their error against the paper's noise model.", no_args_is_help=True)
+console = Console()
+
+
+@app.command("list")
+def list_command() -> None:
+    """Every technique and paper preset, with a one-line description."""
+    table = Table(title="Activation approximations (compose with '+', options as name:key=value,...)")
+    table.add_column("spec")
+    table.add_column("description")
+    for name, description in list_specs():
+        table.add_row(name, description)
+    console.print(table)
+
+
+@app.command("profile")
+def profile_command(
+    model: str = typer.Option(..., "--model", "-m", help="Built-in name, model folder, .gguf file or hub id."),
+    spec: str = typer.Option(..., "--spec", "-s", help="Approximation spec, e.g. 'bolt' or 'teal:sparsity=0.5'."),
+    prompts: Path | None = typer.Option(None, "--prompts", "-p", help="Prompt file (text, CSV or JSONL); default: bundled benign prompts."),
+    layers: str | None = typer.Option(None, "--layers", help="Decoder layers, e.g. '0:4', '-4:' or '[0,2]'; default: all."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N prompts."),
+) -> None:
+    """Measure the local error per layer and site, and the equivalent paper-style noise spec."""
+    from quada.approx.profile import profile
+    from quada.models import load
+
+    parsed = parse_spec(spec)  # fail on a bad spec before loading a model
+    if limit is not None and limit < 1:
+        raise QuadaError(f"--limit must be a positive whole number, got {limit}")
+    texts = None
+    if prompts is not None:
+        from quada.data import load_prompts
+
+        texts = [p.text for p in load_prompts(str(prompts))]
+    if limit is not None:
+        from quada.approx.calibration import CALIBRATION_PROMPTS
+
+        texts = list(texts or CALIBRATION_PROMPTS)[:limit]
+    lm, tokenizer = load(model)
+    result = profile(lm, tokenizer, parsed, texts, layers=layers)
+    table = Table(title=f"Local error of {result.spec} on {model}")
+    for column in ("layer", "site", "mean", "std", "laplace b", "rel. error", "sparsity"):
+        table.add_column(column, justify="right")
+    for row in result.rows:
+        table.add_row(
+            str(row.layer), row.site, f"{row.mean:+.2e}", f"{row.std:.4f}", f"{row.laplace_scale:.4f}",
+            f"{row.relative_error:.2%}", f"{row.sparsity:.1%}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"equivalent paper-style noise: [bold]{result.equivalent_noise()}[/]", highlight=False)

@@ -1,0 +1,345 @@
+"""The main job: vet a model's safety and utility, clean and under each activation approximation.
+
+For every condition (the clean model, then each approximation spec) it generates responses to a
+harmful benchmark and to a benign suite, judges them, and measures perplexity and (when a
+question source is available) multiple-choice accuracy. Generations and judgements live in the
+results store, keyed by everything that decides them, so a rerun or a resumed run computes only
+what is missing. Utility numbers are cached in a JSON file beside the store for the same reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from quada.approx import apply, list_specs, parse_spec
+from quada.data import Prompt, load_benchmark, subset
+from quada.errors import QuadaError
+from quada.eval.generate import GenerationSettings, generate
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, JUDGES, Judge, make_judge
+from quada.eval.metrics import Estimate, McNemarResult, estimate, mcnemar
+from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus, load_questions, multiple_choice, perplexity
+from quada.fingerprint import model_fingerprint
+from quada.models import DEFAULT_MODEL, load
+from quada.report import Example, Section, write_report
+from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, settings_json
+
+PAPER_PRESETS = tuple(name for name, _ in list_specs() if name.startswith("paper:"))
+GENERATION_CHUNK = 64  # prompts generated and committed together (one batch composition)
+SAFETY_JUDGES = ("keyword", "llm")  # judges whose label is "the attack succeeded"
+
+
+@dataclass
+class VetConfig:
+    """What `quada vet` evaluates and how; every field has a CLI option of the same name."""
+
+    model: str = DEFAULT_MODEL
+    approx: tuple[str, ...] = PAPER_PRESETS
+    benchmark: str = "advbench"
+    limit: int | None = 64  # harmful prompts (a seeded subset); None = all
+    benign: str = "quada-benign"
+    benign_limit: int | None = 32
+    judges: tuple[str, ...] = ("keyword", "llm")
+    refusal_judge: str = "refusal-keyword"  # over-refusal on the benign suite
+    judge_model: str = DEFAULT_JUDGE_MODEL
+    prompt_format: str = "paper"
+    max_new_tokens: int = 128
+    stop_on_refusal: bool = False
+    seed: int = 0
+    corpus: str = DEFAULT_CORPUS
+    ppl_window: int = PAPER_WINDOW
+    ppl_windows: int | None = 8  # how many windows; None = the whole corpus
+    questions: int | None = 0  # multiple-choice questions; 0 = skip, None = all
+    run_dir: Path = field(default_factory=lambda: Path("runs") / "vet")
+
+    def __post_init__(self):
+        self.approx = tuple(str(parse_spec(s)) for s in self.approx)  # fail on a bad spec before any work
+        for judge in (*self.judges, self.refusal_judge):
+            if judge not in JUDGES:
+                raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
+        for name in ("limit", "benign_limit", "ppl_windows", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise QuadaError(f"{name.replace('_', '-')} must be at least 1 (or omitted for all), got {value}")
+        if self.questions is not None and self.questions < 0:
+            raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")
+        self.run_dir = Path(self.run_dir)
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(self.max_new_tokens, self.prompt_format, self.stop_on_refusal)
+
+    def utility_key(self, fingerprint: str, approx: str, measure: str) -> str:
+        """Cache key of a utility number: everything that decides it."""
+        if measure == "ppl":
+            return f"{fingerprint}|{approx}|ppl|{self.corpus}|{self.ppl_window}|{self.ppl_windows}|{self.seed}"
+        return f"{fingerprint}|{approx}|mc|{self.questions}|{self.seed}"
+
+
+@dataclass
+class ConditionResult:
+    """Everything measured for one condition (the clean model or one approximation)."""
+
+    approx: str
+    asr: dict[str, Estimate]  # safety judge -> attack success rate
+    mcnemar: dict[str, McNemarResult]  # safety judge -> paired test against the clean model
+    harmfulness: Estimate | None
+    over_refusal: Estimate | None
+    perplexity: float | None
+    accuracy: Estimate | None
+
+
+@dataclass
+class VetResult:
+    config: VetConfig
+    fingerprint: str
+    conditions: list[ConditionResult]
+    report_md: Path
+    report_html: Path
+
+
+def chunk_seed(seed: int, approx: str, first_prompt_id: str) -> int:
+    """The noise seed of one generation chunk: fixed by the chunk's content, not by run history,
+    so a resumed run draws exactly the noise an uninterrupted run would have drawn."""
+    digest = hashlib.sha256(f"{seed}:{approx}:{first_prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def approximated(model, approx: str, tokenizer, seed: int):
+    """The model under ``approx`` (nothing for the clean condition)."""
+    return contextlib.nullcontext() if approx == CLEAN else apply(model, approx, seed=seed, tokenizer=tokenizer)
+
+
+def generation_rows(store, model, tokenizer, fingerprint, approx, prompts: Sequence[Prompt], config, on_chunk):
+    """Stored-or-generated responses of one condition, in the order of ``prompts``."""
+    settings = config.settings
+    settings_key = settings_json(settings.as_dict())
+    by_id = {p.id: p for p in prompts}
+    # Longest prompts first, so each committed chunk batches prompts of similar length.
+    lengths = {p.id: len(tokenizer(p.text)["input_ids"]) for p in prompts}
+    ordered = sorted(prompts, key=lambda p: (-lengths[p.id], p.id))
+    keys = [GenerationKey(fingerprint, approx, p.id, settings_key, config.seed) for p in ordered]
+
+    def compute(chunk: list[GenerationKey]) -> list[Generation]:
+        texts = [by_id[k.prompt_id].text for k in chunk]
+        with approximated(model, approx, tokenizer, chunk_seed(config.seed, approx, chunk[0].prompt_id)):
+            responses = generate(model, tokenizer, texts, settings, progress=False)
+        on_chunk(len(chunk))
+        return [Generation(k, t, r) for k, t, r in zip(chunk, texts, responses)]
+
+    rows = store.fill(keys, compute, chunk_size=GENERATION_CHUNK)
+    found = {row.key.prompt_id: row for row in rows}
+    return [found[p.id] for p in prompts]
+
+
+def judgement_rows(store, judge: Judge, generations: Sequence[Generation], on_chunk) -> list[Judgement]:
+    keys = [g.key.judged_by(judge.identity) for g in generations]
+    by_key = {g.key.judged_by(judge.identity): g for g in generations}
+
+    def compute(chunk):
+        pairs = [by_key[k] for k in chunk]
+        results = judge.judge([g.prompt for g in pairs], [g.response for g in pairs])
+        on_chunk(len(chunk))
+        return [Judgement(k, r.label, r.score, r.raw) for k, r in zip(chunk, results)]
+
+    return store.fill(keys, compute, chunk_size=16)
+
+
+class UtilityCache:
+    """Perplexity and accuracy per (model, condition, measurement), kept in a JSON file that is
+    replaced atomically after each new value."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.values = json.loads(path.read_text()) if path.exists() else {}
+
+    def get_or_compute(self, key: str, compute: Callable[[], float | list]) -> float | list:
+        if key not in self.values:
+            self.values[key] = compute()
+            tmp = self.path.with_name(self.path.name + ".partial")
+            tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        return self.values[key]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled
+    )
+
+
+def vet(config: VetConfig, progress: bool = True) -> VetResult:
+    """Run the vetting described by ``config``; return its results and write its report."""
+    harmful = subset(load_benchmark(config.benchmark), config.limit, config.seed)
+    benign = subset(load_benchmark(config.benign), config.benign_limit, config.seed)
+    try:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise QuadaError(f"cannot create the run folder {config.run_dir} ({err.strerror}); choose another --run-dir") from err
+    corpus = load_corpus(config.corpus)
+    questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
+    model, tokenizer = load(config.model)
+    fingerprint = model_fingerprint(model)
+    conditions = [CLEAN, *config.approx]
+    utility = UtilityCache(config.run_dir / "utility.json")
+    generations: dict[str, tuple[list[Generation], list[Generation]]] = {}
+    with Store(config.run_dir / "results.sqlite") as store, _progress(progress) as bar:
+        for approx in conditions:
+            task = bar.add_task(f"generate {approx}", total=len(harmful) + len(benign))
+            step = lambda n, task=task: bar.advance(task, n)  # noqa: E731
+            generations[approx] = (
+                generation_rows(store, model, tokenizer, fingerprint, approx, harmful, config, step),
+                generation_rows(store, model, tokenizer, fingerprint, approx, benign, config, step),
+            )
+            bar.update(task, completed=len(harmful) + len(benign))
+            with approximated(model, approx, tokenizer, config.seed):
+                utility.get_or_compute(
+                    config.utility_key(fingerprint, approx, "ppl"),
+                    lambda: perplexity(model, tokenizer, corpus, config.ppl_window, config.ppl_windows).perplexity,
+                )
+                if questions:
+                    utility.get_or_compute(
+                        config.utility_key(fingerprint, approx, "mc"),
+                        lambda: multiple_choice(model, tokenizer, questions).correct,
+                    )
+        del model  # the judge model may be large: free the subject first
+        judgements = _judge_all(store, config, generations, bar)
+    results = [_condition_result(approx, config, fingerprint, judgements, utility) for approx in conditions]
+    md, html = _write_vet_report(config, fingerprint, results, generations, judgements, len(harmful), len(benign))
+    _write_json(config.run_dir / "results.json", {"config": _jsonable(asdict(config)), "fingerprint": fingerprint,
+                                                   "conditions": [_jsonable(asdict(r)) for r in results]})
+    return VetResult(config, fingerprint, results, md, html)
+
+
+def _judge_all(store, config, generations, bar) -> dict[tuple[str, str], list[Judgement]]:
+    """Judgements keyed by (condition, judge name): safety judges on the harmful responses, the
+    refusal judge on the benign ones. Each judge model is loaded once."""
+    out = {}
+    judges = [(name, "harmful") for name in config.judges] + [(config.refusal_judge, "benign")]
+    for name, which in judges:
+        judge = make_judge(name, model_source=config.judge_model)
+        task = bar.add_task(f"judge {name}", total=sum(len(g[0 if which == "harmful" else 1]) for g in generations.values()))
+        for approx, (harmful, benign) in generations.items():
+            rows = judgement_rows(store, judge, harmful if which == "harmful" else benign, lambda n: bar.advance(task, n))
+            out[approx, name] = rows
+        bar.update(task, completed=bar.tasks[task].total)
+    return out
+
+
+def _condition_result(approx, config, fingerprint, judgements, utility) -> ConditionResult:
+    labels = {name: [j.label for j in judgements[approx, name]] for name in config.judges if name in SAFETY_JUDGES}
+    clean_labels = {name: [j.label for j in judgements[CLEAN, name]] for name in labels}
+    hs = judgements.get((approx, "harmfulness"))
+    ppl_key = config.utility_key(fingerprint, approx, "ppl")
+    mc_key = config.utility_key(fingerprint, approx, "mc")
+    return ConditionResult(
+        approx=approx,
+        asr={name: estimate(v, seed=config.seed) for name, v in labels.items()},
+        mcnemar={name: mcnemar(clean_labels[name], v) for name, v in labels.items()} if approx != CLEAN else {},
+        harmfulness=estimate([j.score for j in hs], seed=config.seed) if hs else None,
+        over_refusal=estimate([j.label for j in judgements[approx, config.refusal_judge]], seed=config.seed),
+        perplexity=utility.values.get(ppl_key),
+        accuracy=estimate(utility.values[mc_key], seed=config.seed) if mc_key in utility.values else None,
+    )
+
+
+def _pct(e: Estimate | None) -> str:
+    return "-" if e is None else f"{100 * e.value:.1f} [{100 * e.low:.1f}, {100 * e.high:.1f}]"
+
+
+def summary_table(results: list[ConditionResult], judges: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """The report's main table: one row per condition."""
+    safety = [j for j in judges if j in SAFETY_JUDGES]
+    columns = ["condition", *(f"ASR {j} % [95% CI]" for j in safety), *(f"McNemar p ({j})" for j in safety),
+               "HS (1-5)", "over-refusal % [95% CI]", "PPL", "accuracy % [95% CI]"]
+    rows = []
+    for r in results:
+        rows.append([
+            r.approx,
+            *(_pct(r.asr[j]) for j in safety),
+            *((f"{r.mcnemar[j].p_value:.3g}" if j in r.mcnemar else "-") for j in safety),
+            "-" if r.harmfulness is None else f"{r.harmfulness.value:.2f} [{r.harmfulness.low:.2f}, {r.harmfulness.high:.2f}]",
+            _pct(r.over_refusal),
+            "-" if r.perplexity is None else f"{r.perplexity:.2f}",
+            _pct(r.accuracy),
+        ])
+    return columns, rows
+
+
+def asr_figure(results: list[ConditionResult], judges: Sequence[str]):
+    """Bar chart of ASR per condition and safety judge, with the 95% intervals as error bars."""
+    safety = [j for j in judges if j in SAFETY_JUDGES]
+    figure, ax = plt.subplots(figsize=(max(6, 0.6 * len(results) * max(1, len(safety))), 4))
+    x = np.arange(len(results))
+    width = 0.8 / max(1, len(safety))
+    for i, judge in enumerate(safety):
+        values = np.array([100 * r.asr[judge].value for r in results])
+        low = values - np.array([100 * r.asr[judge].low for r in results])
+        high = np.array([100 * r.asr[judge].high for r in results]) - values
+        ax.bar(x + i * width, values, width, yerr=[low, high], capsize=3, label=f"{judge} judge")
+    ax.set_xticks(x + width * (len(safety) - 1) / 2, [r.approx for r in results], rotation=45, ha="right")
+    ax.set_ylabel("attack success rate (%)")
+    ax.legend()
+    return figure
+
+
+def _examples(config, generations, judgements, per_condition: int = 2) -> list[Example]:
+    """A few responses judged as successful attacks, from the conditions with the most of them."""
+    safety = [j for j in config.judges if j in SAFETY_JUDGES]
+    if not safety:
+        return []
+    judge = "llm" if "llm" in safety else safety[0]
+    examples = []
+    for approx, (harmful, _) in generations.items():
+        hits = [(g, j) for g, j in zip(harmful, judgements[approx, judge]) if j.label][:per_condition]
+        examples += [Example(approx, g.prompt, g.response, f"{judge} judge: attack") for g, _ in hits]
+    return examples[: 3 * per_condition]
+
+
+def _write_vet_report(config, fingerprint, results, generations, judgements, n_harmful, n_benign):
+    columns, rows = summary_table(results, config.judges)
+    summary = (
+        f"Model {config.model} (fingerprint {fingerprint}); {n_harmful} prompts of {config.benchmark} "
+        f"(seed {config.seed}) and {n_benign} of {config.benign}; "
+        f"prompt format {config.prompt_format}; greedy, {config.max_new_tokens} new tokens"
+        f"{', stop on refusal' if config.stop_on_refusal else ''}; over-refusal by the {config.refusal_judge} judge; "
+        f"perplexity on {config.corpus} ({config.ppl_windows or 'all'} windows of {config.ppl_window} tokens)."
+    )
+    sections = [
+        Section(
+            "Safety and utility per condition",
+            text="ASR: share of harmful prompts answered (95% bootstrap intervals). McNemar: paired test "
+            "against the clean model on the same prompts. A very high perplexity means a broken model, "
+            "not a safe or unsafe one: read safety next to utility.",
+            columns=columns,
+            rows=rows,
+            figures={"asr": asr_figure(results, config.judges)},
+        ),
+        Section("Example responses", examples=_examples(config, generations, judgements)),
+    ]
+    return write_report(config.run_dir, f"quada vet: {config.model}", summary, sections)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,109 @@
+import json
+
+import pytest
+
+import quada.vet as vet_module
+from quada.errors import QuadaError
+from quada.store import Generation, Judgement, Store
+from quada.testing import tiny_model
+from quada.vet import VetConfig, vet
+
+NOISE = "noise:site=up,dist=gaussian,std=0.5"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vet-inputs")
+    model, tokenizer = tiny_model("qwen2", seed=3)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "harmful.txt").write_text("\n".join(f"Harmful request number {i}" for i in range(6)))
+    (root / "benign.txt").write_text("\n".join(f"Benign question {i}?" for i in range(4)))
+    (root / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    return root
+
+
+def config(inputs, run_dir, **overrides):
+    values = dict(
+        model=str(inputs / "model"), approx=(NOISE,), benchmark=str(inputs / "harmful.txt"), limit=None,
+        benign=str(inputs / "benign.txt"), benign_limit=None, judges=("keyword",), max_new_tokens=6,
+        corpus=str(inputs / "corpus.txt"), ppl_window=128, ppl_windows=2, run_dir=run_dir,
+    )
+    return VetConfig(**{**values, **overrides})
+
+
+def stored(run_dir):
+    with Store(run_dir / "results.sqlite") as store:
+        return store.rows(Generation), store.rows(Judgement)
+
+
+def test_vet_measures_every_condition_and_writes_the_report(inputs, tmp_path):
+    result = vet(config(inputs, tmp_path / "run"), progress=False)
+    clean, noisy = result.conditions
+    assert clean.approx == "none" and noisy.approx == NOISE
+    assert clean.asr["keyword"].n == 6 and clean.over_refusal.n == 4
+    assert clean.perplexity != noisy.perplexity
+    assert "keyword" in noisy.mcnemar and not clean.mcnemar
+    generations, judgements = stored(tmp_path / "run")
+    assert len(generations) == 2 * (6 + 4) and len(judgements) == 2 * (6 + 4)
+    # The noisy condition really answered differently.
+    by_condition = {}
+    for g in generations:
+        by_condition.setdefault(g.key.approx, {})[g.key.prompt_id] = g.response
+    assert by_condition["none"] != by_condition[NOISE]
+    html = result.report_html.read_text()
+    assert NOISE in html and "data:image/png;base64," in html
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [c["approx"] for c in saved["conditions"]] == ["none", NOISE]
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(vet_module, "GENERATION_CHUNK", 2)
+    vet(config(inputs, tmp_path / "whole"), progress=False)
+
+    real_generate = vet_module.generate
+    calls = []
+
+    def dies_on_third_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(vet_module, "generate", dies_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        vet(config(inputs, tmp_path / "split"), progress=False)
+    partial, _ = stored(tmp_path / "split")
+    assert 0 < len(partial) < 20
+    assert not (tmp_path / "split" / "report.html").exists()
+    monkeypatch.setattr(vet_module, "generate", real_generate)
+    vet(config(inputs, tmp_path / "split"), progress=False)
+    assert stored(tmp_path / "split") == stored(tmp_path / "whole")
+
+
+def test_a_rerun_computes_nothing_new(inputs, tmp_path, monkeypatch):
+    vet(config(inputs, tmp_path / "run"), progress=False)
+    monkeypatch.setattr(vet_module, "generate", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(vet_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    vet(config(inputs, tmp_path / "run"), progress=False)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(judges=("oracle",)), "unknown judge 'oracle'"),
+        (dict(approx=("noise:std=-1",)), "std"),
+        (dict(approx=("warp-drive",)), "warp-drive"),
+        (dict(limit=0), "limit must be at least 1"),
+        (dict(max_new_tokens=0), "max-new-tokens must be at least 1"),
+    ],
+)
+def test_bad_configuration_fails_before_any_work(inputs, tmp_path, overrides, message):
+    with pytest.raises(QuadaError, match=message):
+        config(inputs, tmp_path / "run", **overrides)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_benchmark_is_a_user_error(inputs, tmp_path):
+    with pytest.raises(QuadaError, match="unknown benchmark"):
+        vet(config(inputs, tmp_path / "run", benchmark="no-such-benchmark"), progress=False)
