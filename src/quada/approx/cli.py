@@ -43,9 +43,9 @@ def profile_command(
         raise QuadaError(f"--limit must be a positive whole number, got {limit}")
     texts = None
     if prompts is not None:
-        from quada.data import load_prompts
+        from quada.data import load_benchmark
 
-        texts = [p.text for p in load_prompts(str(prompts))]
+        texts = [p.text for p in load_benchmark(prompts)]
     if limit is not None:
         from quada.approx.calibration import CALIBRATION_PROMPTS
 
