@@ -62,7 +62,8 @@ class VetConfig:
     run_dir: Path = field(default_factory=lambda: Path("runs") / "vet")
 
     def __post_init__(self):
-        self.approx = tuple(str(parse_spec(s)) for s in self.approx)  # fail on a bad spec before any work
+        # Parse now to fail on a bad spec before any work; the clean model is always evaluated.
+        self.approx = tuple(str(parse_spec(s)) for s in self.approx if s != CLEAN)
         for judge in (*self.judges, self.refusal_judge):
             if judge not in JUDGES:
                 raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
