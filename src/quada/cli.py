@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from quada.analysis.cli import clusters_command, layers_command, sweep_command
 from quada.approx.cli import app as approx_app
+from quada.defense.cli import align_command, pairs_command
 from quada.errors import QuadaError
 
 app = typer.Typer(
@@ -25,6 +27,11 @@ judge_app = typer.Typer(help="Judges: how far they agree with each other and wit
 app.add_typer(approx_app, name="approx")
 app.add_typer(results_app, name="results")
 app.add_typer(judge_app, name="judge")
+app.command("pairs")(pairs_command)
+app.command("align")(align_command)
+app.command("sweep")(sweep_command)
+app.command("layers")(layers_command)
+app.command("clusters")(clusters_command)
 console = Console()
 err_console = Console(stderr=True)
 DEFAULT_DB = Path("runs") / "vet" / "results.sqlite"

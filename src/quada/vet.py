@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from quada.analysis.story import write_story
 from quada.approx import apply, list_specs, parse_spec
+from quada.chat import PROMPT_FORMATS
 from quada.data import Prompt, load_benchmark, subset
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings, generate
@@ -30,12 +32,13 @@ from quada.eval.metrics import Estimate, McNemarResult, estimate, mcnemar
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus, load_questions, multiple_choice, perplexity
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
-from quada.report import Example, Section, write_report
+from quada.report import Example, Section
 from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, settings_json
 
 PAPER_PRESETS = tuple(name for name, _ in list_specs() if name.startswith("paper:"))
 GENERATION_CHUNK = 64  # prompts generated and committed together (one batch composition)
 SAFETY_JUDGES = ("keyword", "llm")  # judges whose label is "the attack succeeded"
+RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -64,13 +67,7 @@ class VetConfig:
     def __post_init__(self):
         # Parse now to fail on a bad spec before any work; the clean model is always evaluated.
         self.approx = tuple(str(parse_spec(s)) for s in self.approx if s != CLEAN)
-        for judge in (*self.judges, self.refusal_judge):
-            if judge not in JUDGES:
-                raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
-        for name in ("limit", "benign_limit", "ppl_windows", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise QuadaError(f"{name.replace('_', '-')} must be at least 1 (or omitted for all), got {value}")
+        check_options(self, judges=(*self.judges, self.refusal_judge), positive=("limit", "benign_limit"))
         if self.questions is not None and self.questions < 0:
             raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")
         self.run_dir = Path(self.run_dir)
@@ -82,8 +79,27 @@ class VetConfig:
     def utility_key(self, fingerprint: str, approx: str, measure: str) -> str:
         """Cache key of a utility number: everything that decides it."""
         if measure == "ppl":
-            return f"{fingerprint}|{approx}|ppl|{self.corpus}|{self.ppl_window}|{self.ppl_windows}|{self.seed}"
+            return perplexity_key(fingerprint, approx, self)
         return f"{fingerprint}|{approx}|mc|{self.questions}|{self.seed}"
+
+
+def check_options(config, judges: Sequence[str], positive: Sequence[str] = ()) -> None:
+    """Validate the options every evaluating run shares (judges, token and window counts, the
+    prompt format) plus the ``positive`` ones, so a bad value fails before any model loads."""
+    for judge in judges:
+        if judge not in JUDGES:
+            raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
+    for name in (*positive, "ppl_windows", "max_new_tokens"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise QuadaError(f"{name.replace('_', '-')} must be at least 1 (or omitted for all), got {value}")
+    if config.prompt_format not in PROMPT_FORMATS:
+        raise QuadaError(f"unknown prompt format {config.prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}")
+
+
+def perplexity_key(fingerprint: str, approx: str, config) -> str:
+    """Cache key of a perplexity: the model, the condition, the corpus and its windows, the seed."""
+    return f"{fingerprint}|{approx}|ppl|{config.corpus}|{config.ppl_window}|{config.ppl_windows}|{config.seed}"
 
 
 @dataclass
@@ -120,41 +136,6 @@ def approximated(model, approx: str, tokenizer, seed: int):
     return contextlib.nullcontext() if approx == CLEAN else apply(model, approx, seed=seed, tokenizer=tokenizer)
 
 
-def generation_rows(store, model, tokenizer, fingerprint, approx, prompts: Sequence[Prompt], config, on_chunk):
-    """Stored-or-generated responses of one condition, in the order of ``prompts``."""
-    settings = config.settings
-    settings_key = settings_json(settings.as_dict())
-    by_id = {p.id: p for p in prompts}
-    # Longest prompts first, so each committed chunk batches prompts of similar length.
-    lengths = {p.id: len(tokenizer(p.text)["input_ids"]) for p in prompts}
-    ordered = sorted(prompts, key=lambda p: (-lengths[p.id], p.id))
-    keys = [GenerationKey(fingerprint, approx, p.id, settings_key, config.seed) for p in ordered]
-
-    def compute(chunk: list[GenerationKey]) -> list[Generation]:
-        texts = [by_id[k.prompt_id].text for k in chunk]
-        with approximated(model, approx, tokenizer, chunk_seed(config.seed, approx, chunk[0].prompt_id)):
-            responses = generate(model, tokenizer, texts, settings, progress=False)
-        on_chunk(len(chunk))
-        return [Generation(k, t, r) for k, t, r in zip(chunk, texts, responses)]
-
-    rows = store.fill(keys, compute, chunk_size=GENERATION_CHUNK)
-    found = {row.key.prompt_id: row for row in rows}
-    return [found[p.id] for p in prompts]
-
-
-def judgement_rows(store, judge: Judge, generations: Sequence[Generation], on_chunk) -> list[Judgement]:
-    keys = [g.key.judged_by(judge.identity) for g in generations]
-    by_key = {g.key.judged_by(judge.identity): g for g in generations}
-
-    def compute(chunk):
-        pairs = [by_key[k] for k in chunk]
-        results = judge.judge([g.prompt for g in pairs], [g.response for g in pairs])
-        on_chunk(len(chunk))
-        return [Judgement(k, r.label, r.score, r.raw) for k, r in zip(chunk, results)]
-
-    return store.fill(keys, compute, chunk_size=16)
-
-
 class UtilityCache:
     """Perplexity and accuracy per (model, condition, measurement), kept in a JSON file that is
     replaced atomically after each new value."""
@@ -172,56 +153,146 @@ class UtilityCache:
         return self.values[key]
 
 
-def _progress(enabled: bool) -> Progress:
+@dataclass
+class Measurement:
+    """One condition measured: responses to the harmful prompts, each judge's verdicts on them
+    (keyed by the requested judge name) and the perplexity."""
+
+    approx: str
+    generations: list[Generation]
+    judgements: dict[str, list[Judgement]]
+    perplexity: float
+
+    def asr(self, judge: str, seed: int) -> Estimate:
+        return estimate([j.label for j in self.judgements[judge]], seed=seed)
+
+
+def _ignore(_count: int) -> None:
+    pass
+
+
+class Evaluator:
+    """Stored, resumable measurements of one subject model under any condition, in one run folder.
+
+    Generations and judgements go through the results store, perplexities through the utility
+    cache, each keyed by everything that decides it; so `quada vet`, the sweeps and the layer
+    analysis share one another's work in a run folder and a killed run resumes where it stopped.
+    ``config`` provides ``settings``, ``seed``, ``corpus``, ``ppl_window``, ``ppl_windows`` and
+    ``run_dir``.
+    """
+
+    def __init__(self, store: Store, model, tokenizer, config, corpus_text: str):
+        self.store, self.model, self.tokenizer, self.config = store, model, tokenizer, config
+        self.corpus_text = corpus_text
+        self.fingerprint = model_fingerprint(model)
+        self.utility = UtilityCache(config.run_dir / "utility.json")
+
+    def responses(self, approx: str, prompts: Sequence[Prompt], on_chunk=_ignore) -> list[Generation]:
+        """Stored-or-generated responses under ``approx``, in the order of ``prompts``."""
+        model, tokenizer, config = self.model, self.tokenizer, self.config
+        settings = config.settings
+        settings_key = settings_json(settings.as_dict())
+        by_id = {p.id: p for p in prompts}
+        # Longest prompts first, so each committed chunk batches prompts of similar length.
+        lengths = {p.id: len(tokenizer(p.text)["input_ids"]) for p in prompts}
+        ordered = sorted(prompts, key=lambda p: (-lengths[p.id], p.id))
+        keys = [GenerationKey(self.fingerprint, approx, p.id, settings_key, config.seed) for p in ordered]
+
+        def compute(chunk: list[GenerationKey]) -> list[Generation]:
+            texts = [by_id[k.prompt_id].text for k in chunk]
+            with approximated(model, approx, tokenizer, chunk_seed(config.seed, approx, chunk[0].prompt_id)):
+                responses = generate(model, tokenizer, texts, settings, progress=False)
+            on_chunk(len(chunk))
+            return [Generation(k, t, r) for k, t, r in zip(chunk, texts, responses)]
+
+        rows = self.store.fill(keys, compute, chunk_size=GENERATION_CHUNK)
+        found = {row.key.prompt_id: row for row in rows}
+        return [found[p.id] for p in prompts]
+
+    def perplexity(self, approx: str) -> float:
+        """Stored-or-measured perplexity of the model under ``approx`` on the run's corpus."""
+        config = self.config
+
+        def measure() -> float:
+            with approximated(self.model, approx, self.tokenizer, config.seed):
+                return perplexity(self.model, self.tokenizer, self.corpus_text, config.ppl_window, config.ppl_windows).perplexity
+
+        return self.utility.get_or_compute(perplexity_key(self.fingerprint, approx, config), measure)
+
+    def judged(self, judge: Judge, generations: Sequence[Generation], on_chunk=_ignore) -> list[Judgement]:
+        """Stored-or-computed verdicts of ``judge`` on ``generations``, in their order."""
+        keys = [g.key.judged_by(judge.identity) for g in generations]
+        by_key = {g.key.judged_by(judge.identity): g for g in generations}
+
+        def compute(chunk):
+            pairs = [by_key[k] for k in chunk]
+            results = judge.judge([g.prompt for g in pairs], [g.response for g in pairs])
+            on_chunk(len(chunk))
+            return [Judgement(k, r.label, r.score, r.raw) for k, r in zip(chunk, results)]
+
+        return self.store.fill(keys, compute, chunk_size=16)
+
+    def measure(self, approx: str, prompts: Sequence[Prompt], judges: Mapping[str, Judge], on_chunk=_ignore) -> Measurement:
+        """Generate (``on_chunk`` counts prompts done), judge and measure perplexity under ``approx``."""
+        generations = self.responses(approx, prompts, on_chunk)
+        ppl = self.perplexity(approx)
+        return Measurement(approx, generations, {name: self.judged(j, generations) for name, j in judges.items()}, ppl)
+
+
+def progress_bar(enabled: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled
     )
+
+
+def open_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise QuadaError(f"cannot create the run folder {run_dir} ({err.strerror}); choose another --run-dir") from err
 
 
 def vet(config: VetConfig, progress: bool = True) -> VetResult:
     """Run the vetting described by ``config``; return its results and write its report."""
     harmful = subset(load_benchmark(config.benchmark), config.limit, config.seed)
     benign = subset(load_benchmark(config.benign), config.benign_limit, config.seed)
-    try:
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise QuadaError(f"cannot create the run folder {config.run_dir} ({err.strerror}); choose another --run-dir") from err
+    open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
     model, tokenizer = load(config.model)
-    fingerprint = model_fingerprint(model)
     conditions = [CLEAN, *config.approx]
-    utility = UtilityCache(config.run_dir / "utility.json")
     generations: dict[str, tuple[list[Generation], list[Generation]]] = {}
-    with Store(config.run_dir / "results.sqlite") as store, _progress(progress) as bar:
+    with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
+        evaluator = Evaluator(store, model, tokenizer, config, corpus)
         for approx in conditions:
             task = bar.add_task(f"generate {approx}", total=len(harmful) + len(benign))
             step = lambda n, task=task: bar.advance(task, n)  # noqa: E731
-            generations[approx] = (
-                generation_rows(store, model, tokenizer, fingerprint, approx, harmful, config, step),
-                generation_rows(store, model, tokenizer, fingerprint, approx, benign, config, step),
-            )
+            generations[approx] = (evaluator.responses(approx, harmful, step), evaluator.responses(approx, benign, step))
             bar.update(task, completed=len(harmful) + len(benign))
-            with approximated(model, approx, tokenizer, config.seed):
-                utility.get_or_compute(
-                    config.utility_key(fingerprint, approx, "ppl"),
-                    lambda: perplexity(model, tokenizer, corpus, config.ppl_window, config.ppl_windows).perplexity,
-                )
-                if questions:
-                    utility.get_or_compute(
-                        config.utility_key(fingerprint, approx, "mc"),
+            evaluator.perplexity(approx)
+            if questions:
+                with approximated(model, approx, tokenizer, config.seed):
+                    evaluator.utility.get_or_compute(
+                        config.utility_key(evaluator.fingerprint, approx, "mc"),
                         lambda: multiple_choice(model, tokenizer, questions).correct,
                     )
-        del model  # the judge model may be large: free the subject first
-        judgements = _judge_all(store, config, generations, bar)
+        # The judge model may be large: free the subject first.
+        del model
+        evaluator.model = None
+        judgements = _judge_all(evaluator, config, generations, bar)
+    fingerprint, utility = evaluator.fingerprint, evaluator.utility
     results = [_condition_result(approx, config, fingerprint, judgements, utility) for approx in conditions]
-    md, html = _write_vet_report(config, fingerprint, results, generations, judgements, len(harmful), len(benign))
-    _write_json(config.run_dir / "results.json", {"config": _jsonable(asdict(config)), "fingerprint": fingerprint,
-                                                   "conditions": [_jsonable(asdict(r)) for r in results]})
+    write_json(config.run_dir / RESULTS_FILE, {
+        "config": jsonable(asdict(config)), "fingerprint": fingerprint,
+        "summary": _summary(config, fingerprint, len(harmful), len(benign)),
+        "conditions": [jsonable(asdict(r)) for r in results],
+        "examples": [asdict(e) for e in _examples(config, generations, judgements)],
+    })
+    md, html = write_story(config.run_dir)
     return VetResult(config, fingerprint, results, md, html)
 
 
-def _judge_all(store, config, generations, bar) -> dict[tuple[str, str], list[Judgement]]:
+def _judge_all(evaluator: Evaluator, config, generations, bar) -> dict[tuple[str, str], list[Judgement]]:
     """Judgements keyed by (condition, judge name): safety judges on the harmful responses, the
     refusal judge on the benign ones. Each judge model is loaded once."""
     out = {}
@@ -230,7 +301,7 @@ def _judge_all(store, config, generations, bar) -> dict[tuple[str, str], list[Ju
         judge = make_judge(name, model_source=config.judge_model)
         task = bar.add_task(f"judge {name}", total=sum(len(g[0 if which == "harmful" else 1]) for g in generations.values()))
         for approx, (harmful, benign) in generations.items():
-            rows = judgement_rows(store, judge, harmful if which == "harmful" else benign, lambda n: bar.advance(task, n))
+            rows = evaluator.judged(judge, harmful if which == "harmful" else benign, lambda n: bar.advance(task, n))
             out[approx, name] = rows
         bar.update(task, completed=bar.tasks[task].total)
     return out
@@ -306,16 +377,39 @@ def _examples(config, generations, judgements, per_condition: int = 2) -> list[E
     return examples[: 3 * per_condition]
 
 
-def _write_vet_report(config, fingerprint, results, generations, judgements, n_harmful, n_benign):
-    columns, rows = summary_table(results, config.judges)
-    summary = (
+def _summary(config, fingerprint, n_harmful, n_benign) -> str:
+    return (
         f"Model {config.model} (fingerprint {fingerprint}); {n_harmful} prompts of {config.benchmark} "
         f"(seed {config.seed}) and {n_benign} of {config.benign}; "
         f"prompt format {config.prompt_format}; greedy, {config.max_new_tokens} new tokens"
         f"{', stop on refusal' if config.stop_on_refusal else ''}; over-refusal by the {config.refusal_judge} judge; "
         f"perplexity on {config.corpus} ({config.ppl_windows or 'all'} windows of {config.ppl_window} tokens)."
     )
-    sections = [
+
+
+def _estimate(saved: dict | None) -> Estimate | None:
+    return None if saved is None else Estimate(**saved)
+
+
+def condition_from_json(saved: dict) -> ConditionResult:
+    """A :class:`ConditionResult` read back from ``results.json``."""
+    return ConditionResult(
+        approx=saved["approx"],
+        asr={name: Estimate(**e) for name, e in saved["asr"].items()},
+        mcnemar={name: McNemarResult(**m) for name, m in saved["mcnemar"].items()},
+        harmfulness=_estimate(saved["harmfulness"]),
+        over_refusal=_estimate(saved["over_refusal"]),
+        perplexity=saved["perplexity"],
+        accuracy=_estimate(saved["accuracy"]),
+    )
+
+
+def report_sections(saved: dict) -> list[Section]:
+    """The report sections of a vetting, rebuilt from its ``results.json``."""
+    judges = saved["config"]["judges"]
+    results = [condition_from_json(c) for c in saved["conditions"]]
+    columns, rows = summary_table(results, judges)
+    return [
         Section(
             "Safety and utility per condition",
             text="ASR: share of harmful prompts answered (95% bootstrap intervals). McNemar: paired test "
@@ -323,24 +417,24 @@ def _write_vet_report(config, fingerprint, results, generations, judgements, n_h
             "not a safe or unsafe one: read safety next to utility.",
             columns=columns,
             rows=rows,
-            figures={"asr": asr_figure(results, config.judges)},
+            figures={"asr": asr_figure(results, judges)},
         ),
-        Section("Example responses", examples=_examples(config, generations, judgements)),
+        Section("Example responses", examples=[Example(**e) for e in saved.get("examples", [])]),
     ]
-    return write_report(config.run_dir, f"quada vet: {config.model}", summary, sections)
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as JSON through a ``.partial`` file and a rename (never half-written)."""
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 
@@ -93,6 +94,8 @@ def test_laplace_noise_has_requested_scale():
     # Heavier tails than a gaussian of the same std: excess kurtosis of a Laplace is 3.
     kurtosis = ((eps - eps.mean()) ** 4).mean() / eps.var() ** 2 - 3
     assert 2.5 < kurtosis.item() < 3.5
+    # And the whole distribution is Laplace(0, b) (Kolmogorov-Smirnov against scipy's CDF).
+    assert scipy.stats.kstest(eps.numpy(), "laplace", args=(0, 0.049)).pvalue > 0.01
 
 
 def test_noise_is_reproducible_per_generator_and_keeps_dtype():

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 import quada.models
-from quada.approx import profile
+from quada.approx import parse_spec, profile
 from quada.approx.cli import app
 from quada.errors import QuadaError
 from quada.testing import tiny_model
@@ -26,7 +26,9 @@ def test_profile_recovers_the_noise_it_injects():
     for row in by_site(result, "down"):
         assert abs(row.laplace_scale / 0.02 - 1) < 0.05
     assert all(row.std == 0 for row in by_site(result, "o"))
-    assert result.equivalent_noise().startswith("noise:site=up,dist=gaussian,std=0.05")
+    up, down = parse_spec(result.equivalent_noise()).parts()
+    assert (up.site, up.dist, down.site, down.dist) == ("up", "gaussian", "down", "laplace")
+    assert abs(up.std / 0.05 - 1) < 0.05 and abs(down.scale / 0.02 - 1) < 0.05
 
 
 def test_profile_localises_real_techniques_to_their_sites():

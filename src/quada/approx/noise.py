@@ -30,10 +30,13 @@ def gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> t
 def laplace_noise(x: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
     """``x + eps``, eps ~ Lap(0, b) elementwise (Table 1, eps_down); std = b * sqrt(2).
 
-    Drawn as the difference of two independent Exp(1) variables times b, which is Laplace(0, b).
+    Drawn by inverting the CDF, ``eps = -b sgn(u) ln(1 - 2|u|)`` with u ~ U[-1/2, 1/2): one
+    uniform draw per entry, several times cheaper on a CPU than sampling exponentials. The clamp
+    keeps the single point u = -1/2 finite.
     """
-    e = torch.empty((2, *x.shape)).exponential_(generator=generator)
-    return x + (scale * (e[0] - e[1])).to(x.dtype)
+    u = torch.empty(x.shape).uniform_(-0.5, 0.5, generator=generator)
+    magnitude = -torch.log((1 - 2 * u.abs()).clamp_min(torch.finfo(u.dtype).tiny))
+    return x + (scale * u.sign() * magnitude).to(x.dtype)
 
 
 def zero_small(x: torch.Tensor, threshold: float, counter: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,376 @@
+"""Finding 3 of the paper: harmful activations cluster, and approximation moves them toward benign.
+
+The paper (Zhang et al., arXiv 2502.00840, section 4, PAPER.md) shows harmful (AdvBench) and
+benign prompts forming separable clusters in activation space, with harmful points drifting
+toward the benign ones under approximation; layer, pooling and projection are not published. Here
+they are options: the activation of any decoder layer at the residual stream (the layer's output)
+or at one of the approximation sites, pooled over the prompt's last token or its mean, captured
+with the clean model and under an approximation (by default the MVA of `quada sweep`).
+
+Separability: silhouette (Rousseeuw 1987), cross-validated linear-probe accuracy and the distance
+between the class centroids. Drift: the mean cosine of harmful points to the benign centroid of
+the same condition (up = the classes merge), and the share of harmful points that a probe trained
+on *clean* activations calls benign under approximation (up = the approximated model's harmful
+prompts look benign to what separated them before).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.manifold import TSNE
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from quada.analysis.story import write_story
+from quada.analysis.sweep import load_sweep
+from quada.approx import as_spec
+from quada.approx.sites import SITES, resolve_decoder
+from quada.chat import PROMPT_FORMATS, format_prompt
+from quada.data import load_benchmark, subset
+from quada.errors import QuadaError
+from quada.fingerprint import model_fingerprint
+from quada.models import DEFAULT_MODEL, load
+from quada.report import Section
+from quada.store import CLEAN
+from quada.vet import approximated, jsonable, open_run_dir, progress_bar, write_json
+
+RESULTS_FILE = "clusters.json"
+RESIDUAL = "residual"
+CAPTURE_SITES = (RESIDUAL, *SITES)
+POOLINGS = ("last", "mean")
+HARMFUL, BENIGN = 1, 0  # probe labels
+
+
+@dataclass
+class ClustersConfig:
+    """What `quada clusters` measures; every field has a CLI option of the same name."""
+
+    model: str = DEFAULT_MODEL
+    spec: str | None = None  # the approximation; None = the MVA of the sweep in run_dir
+    layer: int | None = None  # decoder layer; None = the middle one
+    site: str = RESIDUAL  # the layer's output, or an approximation site: qkv, gate_up, o, down, act
+    pooling: str = "last"  # last prompt token or mean over the prompt
+    harmful: str = "advbench"
+    benign: str = "quada-benign"
+    limit: int | None = 64  # prompts per class (seeded subsets); None = all
+    prompt_format: str = "paper"
+    folds: int = 5  # cross-validation folds of the probe
+    seed: int = 0
+    run_dir: Path = field(default_factory=lambda: Path("runs") / "sweep")
+
+    def __post_init__(self):
+        if self.spec == CLEAN:
+            raise QuadaError("--spec must be an approximation, not the clean model")
+        if self.spec is not None:
+            self.spec = str(as_spec(self.spec))
+        if self.site not in CAPTURE_SITES:
+            raise QuadaError(f"unknown site {self.site!r}; choose one of {', '.join(CAPTURE_SITES)}")
+        if self.pooling not in POOLINGS:
+            raise QuadaError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise QuadaError(f"unknown prompt format {self.prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}")
+        if self.folds < 2:
+            raise QuadaError(f"folds must be at least 2 for cross-validation, got {self.folds}")
+        if self.limit is not None and self.limit < self.folds:
+            raise QuadaError(f"limit {self.limit} leaves fewer prompts per class than the {self.folds} folds; raise --limit or lower --folds")
+        self.run_dir = Path(self.run_dir)
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@torch.inference_mode()
+def pooled_activations(
+    model, tokenizer, prompts: Sequence[str], layer: int, site: str = RESIDUAL, pooling: str = "last",
+    prompt_format: str = "paper", batch_size: int = 8,
+) -> np.ndarray:
+    """``[len(prompts), width]`` activations of decoder ``layer`` at ``site`` (``residual``: the
+    layer's output hidden state), pooled over each templated prompt: its ``last`` token (where the
+    response begins) or the ``mean`` over its tokens. A hook captures the tensor and is removed
+    in ``finally``; under an approximation it sees the approximated tensor."""
+    decoder = resolve_decoder(model)
+    if not 0 <= layer < len(decoder.layers):
+        raise QuadaError(f"layer {layer} is out of range for a model with {len(decoder.layers)} decoder layers; use 0..{len(decoder.layers) - 1}")
+    if site == RESIDUAL:
+        module, kind = decoder.layers[layer].layer, "output"
+    else:
+        module, kind = decoder.layers[layer].tap(site)
+    captured: list[torch.Tensor] = []
+
+    def keep(tensor):
+        captured.append((tensor[0] if isinstance(tensor, tuple) else tensor).float())
+
+    if kind == "output":
+        handle = module.register_forward_hook(lambda _m, _args, out: keep(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+    encoded = [tokenizer(format_prompt(tokenizer, p, prompt_format), add_special_tokens=False)["input_ids"] for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pooled = []
+    try:
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            width = max(len(r) for r in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, r in enumerate(chunk):  # right padding: positions need no adjustment
+                input_ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            captured.clear()
+            model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1)
+            hidden, weights = captured[0].cpu(), mask.float()
+            if pooling == "last":
+                pooled.append(hidden[torch.arange(len(chunk)), mask.sum(1) - 1])
+            else:
+                pooled.append((hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True))
+    finally:
+        handle.remove()
+    return torch.cat(pooled).numpy()
+
+
+# --------------------------------------------------------------------------- pure metrics
+
+
+def silhouette(points: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette (Rousseeuw, J. Comput. Appl. Math. 20:53, 1987) with Euclidean distances:
+    s(i) = (b(i) - a(i)) / max(a(i), b(i)), a(i) the mean distance from i to the other points of
+    its class, b(i) the smallest mean distance from i to the points of another class; s(i) = 0
+    for a point alone in its class."""
+    points, labels = np.asarray(points, dtype=float), np.asarray(labels)
+    distances = np.sqrt(np.maximum(((points[:, None] - points[None]) ** 2).sum(-1), 0))
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError("silhouette needs at least two classes")
+    scores = np.zeros(len(points))
+    for i in range(len(points)):
+        own = labels == labels[i]
+        if own.sum() == 1:
+            continue
+        a = distances[i, own].sum() / (own.sum() - 1)
+        b = min(distances[i, labels == c].mean() for c in classes if c != labels[i])
+        scores[i] = (b - a) / max(a, b) if max(a, b) > 0 else 0.0
+    return float(scores.mean())
+
+
+def _probe():
+    # Standardised features: residual streams have a few huge dimensions that would dominate.
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+
+
+def _folds(folds: int, seed: int) -> StratifiedKFold:
+    return StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+
+
+def probe_predictions(points: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold predictions of a logistic-regression probe (stratified, shuffled folds)."""
+    return cross_val_predict(_probe(), points, labels, cv=_folds(folds, seed))
+
+
+def probe_accuracy(points: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated accuracy of a logistic-regression probe separating the classes."""
+    return float(np.mean(probe_predictions(points, labels, folds, seed) == np.asarray(labels)))
+
+
+def centroid_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Euclidean distance between the means of two point sets."""
+    return float(np.linalg.norm(np.mean(a, axis=0) - np.mean(b, axis=0)))
+
+
+def mean_cosine_to(points: np.ndarray, centroid: np.ndarray) -> float:
+    """Mean cosine similarity of the rows of ``points`` to ``centroid``."""
+    points, centroid = np.asarray(points, dtype=float), np.asarray(centroid, dtype=float)
+    return float(np.mean(points @ centroid / (np.linalg.norm(points, axis=1) * np.linalg.norm(centroid))))
+
+
+def called_benign(clean_points: np.ndarray, clean_labels: np.ndarray, harmful_points: np.ndarray) -> float:
+    """Share of ``harmful_points`` that a probe trained on all the clean points labels benign."""
+    probe = _probe().fit(clean_points, clean_labels)
+    return float(np.mean(probe.predict(harmful_points) == BENIGN))
+
+
+@dataclass
+class ClusterMetrics:
+    """Separability and drift of one condition (the clean model or the approximation)."""
+
+    condition: str
+    silhouette: float
+    probe_accuracy: float
+    centroid_distance: float
+    harmful_to_benign_cosine: float  # mean cosine of harmful points to this condition's benign centroid
+    harmful_called_benign: float  # by the clean probe (out-of-fold for the clean condition)
+
+
+def cluster_metrics(condition: str, harmful: np.ndarray, benign: np.ndarray, clean_harmful: np.ndarray,
+                    clean_benign: np.ndarray, folds: int, seed: int) -> ClusterMetrics:
+    """All metrics of one condition; the clean activations train the probe that judges drift."""
+    points = np.concatenate([harmful, benign])
+    labels = np.array([HARMFUL] * len(harmful) + [BENIGN] * len(benign))
+    predictions = probe_predictions(points, labels, folds, seed)
+    if condition == CLEAN:  # the clean probe on clean points: out of fold, so not trained on them
+        drift = float(np.mean(predictions[: len(harmful)] == BENIGN))
+    else:
+        clean_labels = np.array([HARMFUL] * len(clean_harmful) + [BENIGN] * len(clean_benign))
+        drift = called_benign(np.concatenate([clean_harmful, clean_benign]), clean_labels, harmful)
+    return ClusterMetrics(
+        condition, silhouette(points, labels), float(np.mean(predictions == labels)),
+        centroid_distance(harmful, benign), mean_cosine_to(harmful, benign.mean(0)), drift,
+    )
+
+
+# --------------------------------------------------------------------------- the analysis
+
+
+@dataclass
+class ClustersResult:
+    config: ClustersConfig
+    spec: str
+    layer: int
+    metrics: list[ClusterMetrics]  # clean, then the approximation
+    pca: dict[str, list[list[float]]]  # "<class>|<condition>" -> 2-D points (PCA fitted on clean)
+    tsne: dict[str, list[list[float]]]  # the same groups in one t-SNE embedding
+    report_md: Path
+    report_html: Path
+
+
+def _cache_path(run_dir: Path, *parts) -> Path:
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:24]
+    return run_dir / "activations" / f"{digest}.npy"
+
+
+def _cached(path: Path, compute) -> np.ndarray:
+    """Activations are kept as .npy files named by what decides them: a rerun loads them."""
+    if path.is_file():
+        return np.load(path)
+    values = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.save(f, values)
+    os.replace(tmp, path)
+    return values
+
+
+def _embeddings(groups: dict[str, np.ndarray], seed: int) -> tuple[dict, dict]:
+    """2-D PCA (fitted on the clean points, so both conditions share the clean axes) and t-SNE
+    (one embedding of every point) coordinates per group."""
+    names = list(groups)
+    stacked = np.concatenate([groups[n] for n in names])
+    clean = np.concatenate([groups[n] for n in names if n.endswith(f"|{CLEAN}")])
+    pca = PCA(n_components=2, random_state=seed).fit(clean)
+    scaled = StandardScaler().fit_transform(stacked)
+    tsne = TSNE(n_components=2, perplexity=min(30.0, (len(stacked) - 1) / 3), init="pca", random_state=seed).fit_transform(scaled)
+    bounds = np.cumsum([0] + [len(groups[n]) for n in names])
+    return ({n: pca.transform(groups[n]).tolist() for n in names},
+            {n: tsne[bounds[i] : bounds[i + 1]].tolist() for i, n in enumerate(names)})
+
+
+def clusters(config: ClustersConfig, progress: bool = True) -> ClustersResult:
+    """Capture activations clean and approximated, measure separability and drift, write the report."""
+    harmful = subset(load_benchmark(config.harmful), config.limit, config.seed)
+    benign = subset(load_benchmark(config.benign), config.limit, config.seed)
+    if min(len(harmful), len(benign)) < config.folds:
+        raise QuadaError(f"{min(len(harmful), len(benign))} prompts in a class are fewer than the {config.folds} folds; lower --folds")
+    spec = config.spec
+    if spec is None:
+        mva = load_sweep(config.run_dir).mva
+        if mva is None:
+            raise QuadaError(f"the sweep in {config.run_dir} found no MVA within its perplexity bound; give --spec")
+        spec = mva.spec
+    open_run_dir(config.run_dir)
+    model, tokenizer = load(config.model)
+    layer = len(resolve_decoder(model).layers) // 2 if config.layer is None else config.layer
+    fingerprint = model_fingerprint(model)
+    activations: dict[str, np.ndarray] = {}
+    with progress_bar(progress) as bar:
+        task = bar.add_task("activations", total=4)
+        for condition in (CLEAN, spec):
+            for name, prompts in (("harmful", harmful), ("benign", benign)):
+                path = _cache_path(config.run_dir, fingerprint, condition, layer, config.site, config.pooling,
+                                   config.prompt_format, config.seed, *[p.id for p in prompts])
+
+                def capture(prompts=prompts, condition=condition):
+                    with approximated(model, condition, tokenizer, config.seed):
+                        return pooled_activations(model, tokenizer, [p.text for p in prompts], layer, config.site,
+                                                  config.pooling, config.prompt_format)
+
+                activations[f"{name}|{condition}"] = _cached(path, capture)
+                bar.advance(task)
+    clean_h, clean_b = activations[f"harmful|{CLEAN}"], activations[f"benign|{CLEAN}"]
+    metrics = [cluster_metrics(c, activations[f"harmful|{c}"], activations[f"benign|{c}"], clean_h, clean_b,
+                               config.folds, config.seed) for c in (CLEAN, spec)]
+    pca, tsne = _embeddings(activations, config.seed)
+    write_json(config.run_dir / RESULTS_FILE, {
+        "config": jsonable(asdict(config)), "fingerprint": fingerprint, "spec": spec, "layer": layer,
+        "summary": _summary(config, spec, layer, fingerprint, len(harmful), len(benign)),
+        "metrics": [asdict(m) for m in metrics], "pca": pca, "tsne": tsne,
+    })
+    md, html = write_story(config.run_dir)
+    return ClustersResult(config, spec, layer, metrics, pca, tsne, md, html)
+
+
+def _summary(config, spec, layer, fingerprint, n_harmful, n_benign) -> str:
+    return (
+        f"Activations of {config.model} (fingerprint {fingerprint}) at layer {layer}, site {config.site}, "
+        f"{config.pooling} pooling; {n_harmful} prompts of {config.harmful} and {n_benign} of {config.benign} "
+        f"(seed {config.seed}, prompt format {config.prompt_format}); clean and under {spec}."
+    )
+
+
+def result_from_json(saved: dict, run_dir: Path) -> ClustersResult:
+    """A :class:`ClustersResult` read back from ``clusters.json``."""
+    config = ClustersConfig(**{**saved["config"], "run_dir": run_dir})
+    return ClustersResult(config, saved["spec"], saved["layer"], [ClusterMetrics(**m) for m in saved["metrics"]],
+                          saved["pca"], saved["tsne"], run_dir / "report.md", run_dir / "report.html")
+
+
+def scatter_figure(groups: dict[str, list[list[float]]], title: str) -> Figure:
+    """Points coloured by class (harmful red, benign blue), marked by condition (clean: circles,
+    approximated: crosses)."""
+    figure, ax = plt.subplots(figsize=(6, 5))
+    for name, coords in groups.items():
+        kind, condition = name.split("|", 1)
+        xy = np.asarray(coords)
+        clean = condition == CLEAN
+        ax.scatter(xy[:, 0], xy[:, 1], s=18, alpha=0.7, color="tab:red" if kind == "harmful" else "tab:blue",
+                   marker="o" if clean else "x", label=f"{kind}, {'clean' if clean else 'approximated'}")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def clusters_section(result: ClustersResult) -> Section:
+    clean, approx = result.metrics
+    rows = [[m.condition, f"{m.silhouette:.3f}", f"{100 * m.probe_accuracy:.1f}", f"{m.centroid_distance:.3g}",
+             f"{m.harmful_to_benign_cosine:.3f}", f"{100 * m.harmful_called_benign:.1f}"] for m in result.metrics]
+    where = f"layer {result.layer}, {result.config.site}, {result.config.pooling} pooling"
+    return Section(
+        f"Finding 3: harmful and benign activations ({where})",
+        text=f"Under {result.spec} the mean cosine of harmful points to the benign centroid goes from "
+        f"{clean.harmful_to_benign_cosine:.3f} to {approx.harmful_to_benign_cosine:.3f}, and the probe trained on clean "
+        f"activations calls {100 * approx.harmful_called_benign:.1f}% of harmful prompts benign (clean, out of fold: "
+        f"{100 * clean.harmful_called_benign:.1f}%). Probe: standardised logistic regression, "
+        f"{result.config.folds}-fold cross-validation. PCA axes are fitted on the clean activations.",
+        columns=["condition", "silhouette", f"probe accuracy % ({result.config.folds}-fold)", "centroid distance",
+                 "cos(harmful, benign centroid)", "harmful called benign by the clean probe %"],
+        rows=rows,
+        figures={"clusters_pca": scatter_figure(result.pca, f"PCA, {where}"),
+                 "clusters_tsne": scatter_figure(result.tsne, f"t-SNE, {where}")},
+    )
+
+
+def report_sections(saved: dict) -> list[Section]:
+    """The report section of a cluster analysis, rebuilt from its ``clusters.json``."""
+    return [clusters_section(result_from_json(saved, Path(saved["config"]["run_dir"])))]

@@ -1,0 +1,163 @@
+"""``quada pairs`` and ``quada align``: preference data and QuadA training with a before/after report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quada.errors import QuadaError
+
+console = Console()
+
+MODEL_HELP = "Built-in name (see `quada models`), model folder, .gguf file or hub id."
+
+
+def _numbers(text: str, option: str) -> tuple[float, ...]:
+    from quada.analysis.cli import parse_numbers
+
+    return parse_numbers(text, option)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def pairs_command(
+    source: str = typer.Option("self", help="'self': pairs made offline by the model itself (clean refusals against answers under the perturbation); 'pku': PKU-SafeRLHF, the paper's data (--file, else the hub)."),
+    out: Path = typer.Option(Path("runs") / "pairs", "--out", "-o", help="Folder for pairs.jsonl, split.json and the held-out prompt files (and, for 'self', the generation store)."),
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", "-m", help=f"'self': the model that answers. {MODEL_HELP}"),
+    perturbation: str = typer.Option("noise:site=up,dist=gaussian,std=0.075", help="'self': the approximation (the MVA, e.g. from `quada sweep`) under which the model's compliant answers are collected."),
+    harmful: str = typer.Option("advbench", help="'self': harmful prompts (benchmark name or prompt file); --heldout of them are kept for evaluation."),
+    benign: str = typer.Option("quada-benign", help="'self': benign prompts; --benign-heldout of them are kept for evaluation."),
+    heldout: int = typer.Option(104, help="Harmful prompts held out for evaluation (never trained on)."),
+    benign_heldout: int = typer.Option(32, help="Benign prompts held out for the over-refusal evaluation."),
+    limit: int | None = typer.Option(None, help="Use at most this many harmful training prompts (a seeded subset); for 'pku', at most this many pairs."),
+    benign_limit: int | None = typer.Option(None, help="'self': use at most this many benign training prompts."),
+    attempts: int = typer.Option(3, help="'self': noise draws per refused prompt until the perturbed model complies."),
+    compliant_pairs: bool = typer.Option(True, help="'self': also pair prompts the clean model already answers with a written refusal as chosen."),
+    benign_rejected: str = typer.Option("refusal", help="'self': rejected answer for benign prompts: 'refusal' (a written refusal) or 'approx' (the answer under --heavy)."),
+    heavy: str = typer.Option("noise:site=up,dist=gaussian,std=0.5", help="'self' with --benign-rejected approx: the heavy approximation."),
+    prompt_format: str = typer.Option("paper", help="'self': prompt format of the generations ('paper' or 'plain'); use the one you evaluate with."),
+    max_new_tokens: int = typer.Option(128, help="'self': most tokens per response."),
+    seed: int = typer.Option(0, help="Seed of the split, the subsets and the noise."),
+    file: Path | None = typer.Option(None, "--file", help="'pku': a local PKU-SafeRLHF copy (.json, .jsonl or .parquet with prompt, response_0, response_1, safer_response_id)."),
+) -> None:
+    """Make preference pairs for `quada align`, with a stored train/held-out split of the prompts.
+
+    Generations are stored as they come: an interrupted run continues where it stopped. Responses go to files only.
+    """
+    from quada.defense.pairs import SelfPairsConfig, pku_pairs, self_pairs
+
+    if source == "self":
+        result = self_pairs(SelfPairsConfig(
+            model=model, perturbation=perturbation, harmful=harmful, benign=benign, heldout=heldout,
+            benign_heldout=benign_heldout, limit=limit, benign_limit=benign_limit, attempts=attempts,
+            compliant_pairs=compliant_pairs, benign_rejected=benign_rejected, heavy=heavy,
+            prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed, out_dir=out,
+        ))
+    elif source == "pku":
+        if limit is not None and limit < 1:
+            raise QuadaError(f"--limit must be at least 1, got {limit}")
+        result = pku_pairs(file, out, limit, seed)
+    else:
+        raise QuadaError(f"unknown --source {source!r}; choose 'self' or 'pku'")
+    table = Table(title=f"quada pairs ({source})")
+    for column in ("kind", "pairs"):
+        table.add_column(column)
+    for kind, count in result.counts.items():
+        table.add_row(kind, str(count))
+    console.print(table)
+    console.print(f"pairs: {result.pairs_file}; held-out prompts: {out / 'heldout-harmful.jsonl'}, "
+                  f"{out / 'heldout-benign.jsonl'} (split: {out / 'split.json'})")
+
+
+def align_command(
+    pairs: Path = typer.Option(..., "--pairs", "-p", help="Pairs file from `quada pairs` (JSONL with prompt, chosen, rejected, harmful). Its split.json, if beside it, names the held-out evaluation prompts."),
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", "-m", help=f"Model to align. {MODEL_HELP}"),
+    out: Path = typer.Option(Path("runs") / "align", "--out", "-o", help="Run folder: checkpoints, adapter, model (with its card), evaluations and report. Rerun with the same folder to resume."),
+    plain_dpo: bool = typer.Option(False, "--plain-dpo", help="The baseline: plain DPO on the same pairs (no perturbation, no regularizer)."),
+    perturbation: str = typer.Option("noise:site=up,dist=gaussian,std=0.075", help="The MVA injected into the policy while training (any spec of `quada approx list`, without layers=)."),
+    tau: int = typer.Option(4, help="Perturb decoder layers 1..tau (choose with `quada layers`)."),
+    perturb_layers: str = typer.Option("first-tau", help="'first-tau' (QuadA), 'all' (ablation: every layer) or 'none' (ablation: plain DPO)."),
+    reg_lambda: float = typer.Option(0.1, help="Weight of the regularizer (mean pairwise cosine of harmful prompts' first-layer activations); 0 turns it off."),
+    reg_pooling: str = typer.Option("last", help="Pooling of a prompt's first-layer activations: 'last' token or 'mean'."),
+    lora: bool = typer.Option(True, "--lora/--full", help="Train a LoRA adapter (default; feasible on a CPU) or every weight (the paper)."),
+    lora_r: int = typer.Option(16, help="LoRA rank."),
+    lora_alpha: float = typer.Option(32.0, help="LoRA alpha."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate; default 5e-5 with LoRA, 1e-6 for full fine-tuning (the paper)."),
+    beta: float = typer.Option(0.1, help="DPO beta (the paper: 0.1)."),
+    epochs: float = typer.Option(2.0, help="Training epochs (the paper: 2)."),
+    max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    batch_size: int = typer.Option(4, help="Pairs per step (the regularizer needs two harmful prompts in a batch)."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
+    max_length: int = typer.Option(512, help="Longest prompt+response in tokens (the paper: 512)."),
+    save_steps: int = typer.Option(25, help="Save a checkpoint every N steps (the run resumes from the last one)."),
+    log_steps: int = typer.Option(5, help="Log the loss terms every N steps (the report's training curve)."),
+    seed: int = typer.Option(0, help="Seed of training (data order, noise, adapter init) and of the evaluation."),
+    prompt_format: str = typer.Option("paper", help="Prompt format for training and evaluation: 'paper' or 'plain'."),
+    skip_eval: bool = typer.Option(False, "--skip-eval", help="Only train and save the model."),
+    benchmark: str | None = typer.Option(None, help="Held-out harmful prompts; default: heldout-harmful.jsonl beside the pairs, else advbench."),
+    benign: str | None = typer.Option(None, help="Held-out benign prompts; default: heldout-benign.jsonl beside the pairs, else quada-benign."),
+    approx: list[str] | None = typer.Option(None, "--approx", "-a", help="Approximation to evaluate before and after (repeat); default: the perturbation and the paper's presets."),
+    limit: int | None = typer.Option(64, help="Harmful prompts per evaluation (a seeded subset of the held-out ones)."),
+    benign_limit: int | None = typer.Option(32, help="Benign prompts per evaluation."),
+    judges: str = typer.Option("keyword,llm", help="Comma-separated safety judges: keyword, llm, harmfulness."),
+    judge_model: str = typer.Option("qwen2.5-coder-1.5b-instruct", help="Model behind the llm, harmfulness and refusal judges."),
+    max_new_tokens: int = typer.Option(128, help="Most tokens per evaluated response."),
+    corpus: str = typer.Option("pydoc-topics", help="Perplexity corpus: pydoc-topics (offline), wikitext2 (hub) or a text file."),
+    ppl_window: int = typer.Option(1024, help="Tokens per perplexity window (the paper: 1024)."),
+    ppl_windows: int | None = typer.Option(8, help="Number of perplexity windows."),
+    sweep: bool = typer.Option(True, help="Also run the finding-1 noise sweep before and after (the report's figure)."),
+    sweep_spec: str = typer.Option("noise:site=up,dist=gaussian", help="Base spec of the sweep."),
+    sweep_parameter: str = typer.Option("std", help="Option of --sweep-spec that is swept."),
+    sweep_grid: str = typer.Option("0,0.025,0.05,0.075,0.1,0.15,0.2", help="Strengths of the sweep, comma-separated."),
+    sweep_limit: int | None = typer.Option(64, help="Harmful prompts per sweep point."),
+    before_dir: Path | None = typer.Option(None, help="Evaluation folder of the original model (default OUT/before); give several runs on one base model the same folder to evaluate it once."),
+    baseline: Path | None = typer.Option(None, help="The --out folder of a finished run to compare against (e.g. --plain-dpo on the same pairs); its results join the report."),
+) -> None:
+    """Align a model with QuadA (or plain DPO), save it with a model card, and report safety and utility before and after.
+
+    Training shows progress and saves checkpoints; rerun the same command to resume. Then the original and the aligned model are vetted on the held-out prompts under the perturbation and the paper's presets, and swept over the noise; the report (report.md, report.html) goes to --out. Responses are never printed.
+    """
+    from quada.defense.align import AlignConfig, align
+
+    training = dict(
+        perturbation=perturbation, tau=tau, perturb_layers=perturb_layers, reg_lambda=reg_lambda,
+        reg_pooling=reg_pooling, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, learning_rate=lr, beta=beta,
+        num_train_epochs=epochs, max_steps=-1 if max_steps is None else max_steps, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, max_length=max_length, save_steps=save_steps, logging_steps=log_steps,
+        seed=seed,
+    )
+    for option, value in (("--batch-size", batch_size), ("--grad-accum", grad_accum), ("--save-steps", save_steps),
+                          ("--log-steps", log_steps)):
+        if value < 1:
+            raise QuadaError(f"{option} must be at least 1, got {value}")
+    if max_steps is not None and max_steps < 1:
+        raise QuadaError(f"--max-steps must be at least 1, got {max_steps}")
+    config = AlignConfig(
+        model=model, pairs=pairs, out_dir=out, plain_dpo=plain_dpo, prompt_format=prompt_format, training=training,
+        skip_eval=skip_eval, benchmark=benchmark, benign=benign, approx=tuple(approx) if approx else None, limit=limit,
+        benign_limit=benign_limit, judges=_names(judges), judge_model=judge_model, max_new_tokens=max_new_tokens,
+        corpus=corpus, ppl_window=ppl_window, ppl_windows=ppl_windows, sweep=sweep, sweep_spec=sweep_spec, sweep_parameter=sweep_parameter,
+        sweep_grid=_numbers(sweep_grid, "--sweep-grid"), sweep_limit=sweep_limit, before_dir=before_dir,
+        baseline=baseline,
+    )
+    result = align(config)
+    console.print(f"model: {result.model_dir} (card: {result.model_dir / 'README.md'})"
+                  + (f"; adapter: {result.adapter_dir}" if result.adapter_dir else ""))
+    if result.report_html is not None:
+        from quada.defense.align import comparison_table
+
+        columns, rows = comparison_table(result.results, config.judges)
+        # The terminal gets the headline columns; the report has them all.
+        shown = [i for i, c in enumerate(columns) if i == 0 or c.startswith((f"ASR {config.judges[0]} %", "over-refusal", "PPL "))]
+        table = Table(title=f"quada align: {model}, before and after")
+        for i in shown:
+            table.add_column(columns[i])
+        for row in rows:
+            table.add_row(*(row[i] for i in shown))
+        console.print(table)
+        console.print(f"report: {result.report_html} (and {result.report_md.name})")

@@ -1,0 +1,358 @@
+"""QuadA, approximation-aware alignment, as a thin layer over TRL's DPO.
+
+The loss of Zhang et al., arXiv 2502.00840 (PAPER.md section 5):
+
+    L = -E log sigmoid( b*log(pi_eps(y_w|x)/pi_0(y_w|x)) - b*log(pi_eps(y_l|x)/pi_0(y_l|x)) )
+        - lambda * E_{x_i,x_j harmful} cos( f1_eps(x_i), f1_eps(x_j) )
+
+- ``pi_eps`` is the policy with the most vulnerable approximation (the MVA; here any approximation
+  spec) injected into decoder layers 1..tau (indices ``0..tau-1``); the later layers run clean;
+- ``pi_0`` is the original model and never runs perturbed: its log-probabilities are precomputed
+  before training (the default), or computed by a separate reference model, or by the policy with
+  its LoRA adapter disabled, always *before* the perturbation is installed for the policy forward;
+- ``f1_eps(x)`` is the output of the first decoder layer over the prompt tokens, pooled to one
+  vector (``last`` prompt token or ``mean`` over them, as in the cluster analysis), taken from the
+  same perturbed forward.
+
+How harmful prompts are known: the training dataset carries a boolean column ``harmful`` (True for
+a harmful request, False for a benign one); :class:`HarmfulPreferenceCollator` carries it into the
+batch, and the regularizer pools the chosen half's rows (the rejected half repeats the same prompts).
+
+Every perturbed forward draws fresh noise from a seed derived from ``seed``, the global step and
+the forward's index within the step (:func:`noise_seed`), so a resumed run draws exactly the noise
+an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
+from peft import LoraConfig
+from torch import nn
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from quada.approx import apply, as_spec
+from quada.approx.sites import resolve_decoder
+from quada.errors import QuadaError
+
+HARMFUL_COLUMN = "harmful"
+DEFAULT_PERTURBATION = "noise:site=up,dist=gaussian,std=0.075"
+PERTURB_LAYERS = ("first-tau", "all", "none")
+POOLINGS = ("last", "mean")
+FULL_FINETUNE_LR = 1e-6  # the paper's rate (PAPER.md section 5)
+# [ours] LoRA trains a low-rank update that starts at zero, so at the paper's 1e-6 it barely moves in the
+# few hundred steps a CPU run affords; 5e-5 is a common LoRA rate, about 50x the full fine-tuning one.
+LORA_LR = 5e-5
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def pool_prompt_activations(hidden: torch.Tensor, prompt_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per row from ``hidden`` (batch, tokens, dim) over the positions where ``prompt_mask``
+    (batch, tokens) is true: the last such position (``last``) or their mean (``mean``)."""
+    if pooling not in POOLINGS:
+        raise QuadaError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    mask = prompt_mask.to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    positions = torch.arange(prompt_mask.shape[1], device=hidden.device)
+    last = (positions * prompt_mask.long()).argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def pairwise_cosine_regularizer(features: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine similarity ``2/(n(n-1)) * sum_{i<j} cos(f_i, f_j)`` of the rows of
+    ``features`` (n, dim): the term QuadA maximizes, weighted by lambda, over the first-layer
+    activations of the harmful prompts in a batch (PAPER.md section 5). Fewer than two rows have
+    no pair: the value is 0."""
+    n = features.shape[0]
+    if n < 2:
+        return features.new_zeros(())
+    unit = F.normalize(features, dim=-1, eps=1e-12)
+    similarity = unit @ unit.T
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=features.device), diagonal=1)
+    return similarity[upper].mean()
+
+
+def noise_seed(seed: int, step: int, draw: int) -> int:
+    """The seed of one perturbed forward: fixed by the run seed, the global step and the forward's
+    index within the step, never by run history, so a resumed run draws the same noise."""
+    digest = hashlib.sha256(f"quada:{seed}:{step}:{draw}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def perturbed_layers(mode: str, tau: int, num_layers: int) -> tuple[int, ...]:
+    """Decoder indices that run perturbed: ``0..tau-1`` (``first-tau``, the paper's layers 1..tau),
+    every layer (``all``) or none (``none``, plain DPO)."""
+    if mode not in PERTURB_LAYERS:
+        raise QuadaError(f"unknown perturb_layers {mode!r}; choose one of {', '.join(PERTURB_LAYERS)}")
+    if mode == "none":
+        return ()
+    if mode == "all":
+        return tuple(range(num_layers))
+    if tau > num_layers:
+        raise QuadaError(f"tau={tau} exceeds the model's {num_layers} decoder layers; choose tau between 1 and {num_layers}")
+    return tuple(range(tau))
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class QuadAConfig(DPOConfig):
+    """DPO's configuration plus QuadA's fields; defaults follow the paper where it gives them
+    (beta 0.1, lr 1e-6 for full fine-tuning, cosine schedule, warmup 3%, weight decay 0.05, 2 epochs,
+    max length 512). Invalid values raise ``QuadaError`` naming the fix."""
+
+    perturbation: str = field(
+        default=DEFAULT_PERTURBATION,
+        metadata={"help": "Approximation spec injected into the policy's forward (the MVA; any spec of `quada approx "
+                  "list`, without layers=). Default: the paper-style Gaussian noise at the up site; replace it by the "
+                  "MVA measured with `quada sweep`."},
+    )
+    tau: int = field(
+        default=4,
+        metadata={"help": "Perturb decoder layers 1..tau (indices 0..tau-1); the later layers run clean. Choose it "
+                  "with `quada layers` (the smallest tau reaching most of the all-layer ASR)."},
+    )
+    perturb_layers: str = field(
+        default="first-tau",
+        metadata={"help": "Which layers run perturbed: 'first-tau' (QuadA), 'all' (ablation: every layer) or 'none' "
+                  "(ablation: plain DPO).", "choices": list(PERTURB_LAYERS)},
+    )
+    reg_lambda: float = field(
+        default=0.1,
+        metadata={"help": "Weight lambda of the activation regularizer (minus lambda times the mean pairwise cosine "
+                  "similarity of the harmful prompts' first-layer activations); 0 turns it off (ablation)."},
+    )
+    reg_pooling: str = field(
+        default="last",
+        metadata={"help": "How a prompt's first-layer activations become one vector: 'last' prompt token or 'mean' "
+                  "over the prompt tokens.", "choices": list(POOLINGS)},
+    )
+    use_lora: bool = field(
+        default=True,
+        metadata={"help": "Train a LoRA adapter (PEFT) instead of every weight; the reference is then the model with "
+                  "the adapter disabled. The paper fine-tunes fully; LoRA makes CPU training feasible."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the LoRA input. TRL's disable_dropout=True zeroes it unless that is turned off."},
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS),
+        metadata={"help": "Module names that get a LoRA adapter (default: every attention and MLP projection)."},
+    )
+    # Overridden defaults of DPOConfig / TrainingArguments.
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": f"Peak learning rate; default {FULL_FINETUNE_LR:g} for full fine-tuning (the paper) and "
+                  f"{LORA_LR:g} for LoRA."},
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (the paper: cosine)."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Warmup: steps if >= 1, else a fraction of the training steps (the paper: 0.03)."}
+    )
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (the paper: 0.05)."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Training epochs (the paper: 2)."})
+    max_length: int | None = field(
+        default=512, metadata={"help": "Longest prompt+response in tokens; longer ones are cut (the paper: 512)."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={"help": "Compute the unperturbed reference log-probabilities once before training (saves a "
+                  "reference forward per step)."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision; by default on with a GPU and off on a CPU (where it also needs "
+                  "use_cpu=True)."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of activation_checkpointing (recompute activations in the backward pass); "
+                  "off by default. Not allowed with a perturbation: the recomputed forward would run without the "
+                  "noise hooks, so the gradient would be that of another forward."},
+    )
+
+    def __post_init__(self):
+        spec = as_spec(self.perturbation)
+        if any(part.layers is not None for part in spec.parts()):
+            raise QuadaError(
+                f"the perturbation {self.perturbation!r} names its own layers; drop layers= and choose them with "
+                "tau and perturb_layers"
+            )
+        self.perturbation = str(spec)
+        if not isinstance(self.tau, int) or self.tau < 1:
+            raise QuadaError(f"tau must be a whole number of at least 1 (layers 1..tau are perturbed), got {self.tau}")
+        if self.perturb_layers not in PERTURB_LAYERS:
+            raise QuadaError(f"unknown perturb_layers {self.perturb_layers!r}; choose one of {', '.join(PERTURB_LAYERS)}")
+        if not (math.isfinite(self.reg_lambda) and self.reg_lambda >= 0):
+            raise QuadaError(f"reg_lambda must be a finite number >= 0 (0 turns the regularizer off), got {self.reg_lambda}")
+        if self.reg_pooling not in POOLINGS:
+            raise QuadaError(f"unknown reg_pooling {self.reg_pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.use_lora:
+            if self.lora_r < 1 or self.lora_alpha <= 0:
+                raise QuadaError(f"LoRA needs lora_r >= 1 and lora_alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}")
+            if not 0 <= self.lora_dropout < 1:
+                raise QuadaError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            if not self.lora_target_modules:
+                raise QuadaError("lora_target_modules is empty; name the projections to adapt, e.g. q_proj,v_proj")
+        if self.learning_rate is None:
+            self.learning_rate = LORA_LR if self.use_lora else FULL_FINETUNE_LR
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise QuadaError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.max_length is not None and self.max_length < 2:
+            raise QuadaError(f"max_length must be at least 2 tokens, got {self.max_length}")
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and not self.fp16
+        super().__post_init__()
+        if self.activation_checkpointing and self.perturb_layers != "none":
+            raise QuadaError("activation (gradient) checkpointing cannot be used with a perturbation; turn it off (the default)")
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class HarmfulPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator that also carries the boolean ``harmful`` column (False if absent)."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        batch[HARMFUL_COLUMN] = torch.tensor([bool(example.get(HARMFUL_COLUMN, False)) for example in examples])
+        return batch
+
+
+class _Capture:
+    """The output of one module in the last forward (kept with its graph)."""
+
+    output: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def capture_output(module: nn.Module) -> Iterator[_Capture]:
+    """Record ``module``'s output tensor (the first element when it returns a tuple) while inside."""
+    capture = _Capture()
+
+    def record(_module, _args, output):
+        capture.output = output[0] if isinstance(output, tuple) else output
+
+    handle = module.register_forward_hook(record)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+class QuadATrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` with QuadA's loss; it overrides only what the loss needs (the loss, the
+    reference log-probabilities and the columns kept, for the ``harmful`` flags).
+
+    Logs, besides TRL's metrics (``rewards/margins`` among them), ``dpo_loss`` (the DPO term) and
+    ``regularizer`` (the mean pairwise cosine similarity, before the weight lambda).
+    """
+
+    def __init__(self, model, ref_model=None, args: QuadAConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
+        if not isinstance(args, QuadAConfig):
+            raise QuadaError("QuadATrainer needs a QuadAConfig as args")
+        if processing_class is None:
+            raise QuadaError("QuadATrainer needs the model's tokenizer as processing_class")
+        if train_dataset is not None and args.reg_lambda > 0 and HARMFUL_COLUMN not in train_dataset.column_names:
+            raise QuadaError(
+                f"the regularizer needs a boolean '{HARMFUL_COLUMN}' column marking harmful prompts in the training "
+                "data (pairs made by `quada pairs` have it); add it or set reg_lambda=0"
+            )
+        if args.use_lora and peft_config is None and not is_peft_model(model):
+            peft_config = args.lora_config()
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        if data_collator is None:
+            data_collator = HarmfulPreferenceCollator(
+                pad_token_id=processing_class.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        self._spec = as_spec(args.perturbation)
+        self._draw_step, self._draws = -1, 0
+        # Check tau against the model before TRL's setup (which may precompute reference log-probs).
+        self._layers = perturbed_layers(args.perturb_layers, args.tau, len(resolve_decoder(model).layers))
+        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if HARMFUL_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, HARMFUL_COLUMN]
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's reference log-probabilities; the ``harmful`` flags are not a model input."""
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != HARMFUL_COLUMN})
+
+    def _perturbation(self, model):
+        """The approximation on the policy for one forward, with that forward's own seed."""
+        if not self._layers:
+            return contextlib.nullcontext()
+        step = self.state.global_step
+        if step != self._draw_step:
+            self._draw_step, self._draws = step, 0
+        seed = noise_seed(self.args.seed, step, self._draws)
+        self._draws += 1
+        return apply(model, self._spec, layers=self._layers, seed=seed, tokenizer=self.processing_class)
+
+    @contextlib.contextmanager
+    def _reference_from_batch(self):
+        """Make TRL read the reference log-probabilities from the batch (computed clean beforehand)."""
+        precomputed = self.precompute_ref_logps
+        self.precompute_ref_logps = True
+        try:
+            yield
+        finally:
+            self.precompute_ref_logps = precomputed
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        harmful = inputs.pop(HARMFUL_COLUMN).bool()
+        reference = contextlib.nullcontext()
+        if not self.precompute_ref_logps:
+            # The reference runs here, before the perturbation is installed; TRL then reads it from the batch.
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(model if self.ref_model is None else self.ref_model, inputs)
+            inputs |= {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+            reference = self._reference_from_batch()
+        first_layer = resolve_decoder(model).layers[0].layer
+        with reference, self._perturbation(model), capture_output(first_layer) as captured:
+            result = super()._compute_loss(model, inputs, return_outputs)
+        dpo_loss = result[0] if return_outputs else result
+
+        pairs = harmful.shape[0]  # rows 0..pairs-1 are prompt+chosen, one per pair
+        prompt_mask = inputs["attention_mask"][:pairs].bool() & ~inputs["completion_mask"][:pairs].bool()
+        features = pool_prompt_activations(captured.output[:pairs][harmful], prompt_mask[harmful], self.args.reg_pooling)
+        similarity = pairwise_cosine_regularizer(features.float())
+        self._metrics[mode]["dpo_loss"].append(dpo_loss.item())
+        self._metrics[mode]["regularizer"].append(similarity.item())
+        loss = dpo_loss - self.args.reg_lambda * similarity if self.args.reg_lambda else dpo_loss
+        return (loss, result[1]) if return_outputs else loss

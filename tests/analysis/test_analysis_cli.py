@@ -1,0 +1,109 @@
+import json
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from quada.analysis.cli import parse_numbers
+from quada.cli import main
+from quada.errors import QuadaError
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str  # whitespace normalised: the console wraps long lines
+    stderr: str
+
+
+@pytest.fixture
+def quada(capsys, monkeypatch):
+    """Run the command line in this process (as `quada ...` would) and capture its output."""
+
+    def run(*args) -> Run:
+        monkeypatch.setattr(sys, "argv", ["quada", *args])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code or 0
+        out = capsys.readouterr()
+        return Run(code, " ".join(out.out.split()), " ".join(out.err.split()))
+
+    return run
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_sweep_command_runs_the_grid_and_writes_the_report(quada, inputs, tmp_path):
+    run = tmp_path / "run"
+    result = quada("sweep", "--model", str(inputs / "model"), "--grid", "clean,0.5", "--refine", "0",
+                   "--benchmark", str(inputs / "harmful.txt"), "--limit", "3", "--max-new-tokens", "4",
+                   "--corpus", str(inputs / "corpus.txt"), "--ppl-window", "64", "--ppl-windows", "1",
+                   "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    assert "Most vulnerable approximation: noise:site=up,dist=gaussian,std=0.5" in result.stdout
+    points = json.loads((run / "sweep.json").read_text())["points"]
+    assert [p["strength"] for p in points] == [0.0, 0.5]
+    assert (run / "sweep.png").is_file() and (run / "report.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--grid", "0,0.05,lots"], ["'lots' is not a number"]),
+        (["--grid", ","], ["--grid is empty"]),
+        (["--grid", "0,-1"], ["non-negative"]),
+        (["--limit", "0"], ["limit must be at least 1"]),
+        (["--spec", "noise:site=up,dist=gaussian", "--parameter", "sparsity"], ["unknown option 'sparsity'"]),
+    ],
+)
+def test_sweep_command_rejects_bad_options_without_a_traceback(quada, tmp_path, args, fragments):
+    assert_user_error(quada("sweep", *args, "--run-dir", str(tmp_path / "run")), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_parse_numbers_reads_clean_as_zero():
+    assert parse_numbers(" clean, 0.05 ,1e-1,", "--grid") == (0.0, 0.05, 0.1)
+    with pytest.raises(QuadaError, match="'x' is not a number"):
+        parse_numbers("0,x", "--grid")
+
+
+def tiny_options(inputs):
+    return ["--model", str(inputs / "model"), "--benchmark", str(inputs / "harmful.txt"), "--all-prompts",
+            "--max-new-tokens", "4", "--corpus", str(inputs / "corpus.txt"), "--ppl-window", "64", "--ppl-windows", "1"]
+
+
+def test_layers_and_clusters_commands_read_the_mva_of_the_sweep(quada, inputs, tmp_path):
+    run = ["--run-dir", str(tmp_path / "run")]
+    assert_user_error(quada("layers", *tiny_options(inputs), *run), "no sweep in", "--spec")
+    swept = quada("sweep", *tiny_options(inputs), "--grid", "0,0.5", "--refine", "0", *run)
+    assert swept.returncode == 0, swept.stderr
+    result = quada("layers", *tiny_options(inputs), "--proxy-only", *run)
+    assert result.returncode == 0, result.stderr
+    assert "tau = " in result.stdout and "first k layers" in result.stdout
+    result = quada("clusters", "--model", str(inputs / "model"), "--harmful", str(inputs / "harmful.txt"),
+                   "--benign", str(inputs / "benign.txt"), "--all-prompts", "--folds", "2", "--layer", "0", *run)
+    assert result.returncode == 0, result.stderr
+    assert "silhouette" in result.stdout
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert all(f"Finding {n}" in html for n in (1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "command, args, fragments",
+    [
+        ("layers", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--share", "2"], ["share must lie in"]),
+        ("layers", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--stride", "0"], ["stride must be at least 1"]),
+        ("clusters", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--pooling", "max"], ["unknown pooling 'max'"]),
+        ("clusters", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--site", "attic"], ["unknown site 'attic'"]),
+    ],
+)
+def test_layers_and_clusters_reject_bad_options_without_a_traceback(quada, tmp_path, command, args, fragments):
+    assert_user_error(quada(command, *args, "--run-dir", str(tmp_path / "run")), *fragments)

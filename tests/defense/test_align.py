@@ -1,0 +1,155 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import quada.models
+from quada.cli import app
+from quada.defense.align import AlignConfig, align
+from quada.defense.pairs import PreferencePair, write_pairs
+from quada.errors import QuadaError
+from quada.models import load
+from quada.testing import tiny_model
+
+BUILTIN = "qwen2.5-coder-0.5b-instruct"
+NOISE = "noise:site=up,dist=gaussian,std=0.5"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align-inputs")
+    model, tokenizer = tiny_model("qwen2", seed=3)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    pairs = [PreferencePair(f"p{i}", f"Harmful training request {i}", "I'm sorry, I cannot help.", f"Sure: step {i}.",
+                            i % 3 != 2, "test") for i in range(8)]
+    write_pairs(root / "pairs" / "pairs.jsonl", pairs) if (root / "pairs").mkdir() is None else None
+    (root / "harmful.txt").write_text("\n".join(f"Held-out harmful request {i}" for i in range(3)))
+    (root / "benign.txt").write_text("\n".join(f"Held-out benign question {i}?" for i in range(2)))
+    (root / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    return root
+
+
+@pytest.fixture
+def builtin_is_tiny(inputs, monkeypatch):
+    """The built-in name resolves to the tiny model folder, so the lead's exact command runs here."""
+    real = quada.models.resolve
+    monkeypatch.setattr(quada.models, "resolve", lambda source: inputs / "model" if source == BUILTIN else real(source))
+
+
+def eval_options(inputs):
+    return ["--benchmark", str(inputs / "harmful.txt"), "--benign", str(inputs / "benign.txt"), "--approx", NOISE,
+            "--judges", "keyword", "--max-new-tokens", "4", "--corpus", str(inputs / "corpus.txt"),
+            "--ppl-window", "128", "--ppl-windows", "1", "--sweep-grid", "0,0.5", "--sweep-limit", "2", "--limit", "3"]
+
+
+def test_the_align_command_trains_saves_evaluates_and_reports(inputs, tmp_path, builtin_is_tiny):
+    common = ["--model", BUILTIN, "--pairs", str(inputs / "pairs" / "pairs.jsonl"), "--max-steps", "2", "--tau", "1",
+              "--batch-size", "4", "--log-steps", "1"]
+    baseline = tmp_path / "plain"
+    assert CliRunner().invoke(app, ["align", *common, "--plain-dpo", "--skip-eval", "--out", str(baseline)]).exit_code == 0
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["align", *common, "--out", str(out), "--baseline", str(baseline),
+                                      *eval_options(inputs)])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    aligned, _ = load(str(out / "model"))
+    original, _ = load(str(inputs / "model"))
+    assert any((a != b).any() for a, b in zip(aligned.state_dict().values(), original.state_dict().values()))
+    card = (out / "model" / "README.md").read_text()
+    assert BUILTIN in card and "decoder layers 1..1" in card and NOISE in card and "before" in card
+    report = (out / "report.md").read_text()
+    assert NOISE in report and "sweep-before-after.png" in report
+    assert "ASR keyword % plain DPO" in report and "PPL change QuadA" in report
+    saved = json.loads((out / "align.json").read_text())
+    assert list(saved["results"]) == ["original", "QuadA", "plain DPO"]
+    assert [r["approx"] for r in saved["results"]["original"]] == ["none", NOISE]
+    assert list(saved["sweeps"]) == ["original", "QuadA", "plain DPO"]
+    assert (baseline / "after" / "vet" / "report.md").is_file()
+    training = json.loads((out / "model" / "training.json").read_text())
+    assert training["steps"] == 2 and any("regularizer" in h for h in training["log_history"])
+
+
+def train_only(inputs, out, **overrides):
+    values = dict(model=str(inputs / "model"), pairs=inputs / "pairs" / "pairs.jsonl", out_dir=out, skip_eval=True,
+                  training={"max_steps": 2, "tau": 1, "per_device_train_batch_size": 4, "save_steps": 2,
+                            "logging_steps": 1})
+    return align(AlignConfig(**{**values, **overrides}), progress=False)
+
+
+def test_plain_dpo_is_the_baseline_and_a_finished_run_is_not_trained_again(inputs, tmp_path, monkeypatch):
+    result = train_only(inputs, tmp_path / "run", plain_dpo=True)
+    assert result.report_html is None and result.results is None
+    assert result.training["config"]["perturb_layers"] == "none" and result.training["config"]["reg_lambda"] == 0
+    assert "plain DPO" in (result.model_dir / "README.md").read_text()
+    monkeypatch.setattr("quada.defense.align.QuadATrainer.train", lambda *a, **k: pytest.fail("trained again"))
+    assert train_only(inputs, tmp_path / "run", plain_dpo=True).training["steps"] == 2
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_from_it(inputs, tmp_path):
+    import shutil
+
+    train_only(inputs, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "model")  # as if killed between the checkpoint and the final save
+    training = {"max_steps": 4, "tau": 1, "per_device_train_batch_size": 4, "save_steps": 2, "logging_steps": 1}
+    resumed = train_only(inputs, tmp_path / "run", training=training).training
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+
+
+def test_a_run_folder_refuses_other_pairs(inputs, tmp_path):
+    train_only(inputs, tmp_path / "run")
+    other = tmp_path / "other.jsonl"
+    write_pairs(other, [PreferencePair("x", "Another request", "No.", "Yes, sure.", True, "test")] * 4)
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "model")
+    with pytest.raises(QuadaError, match="started with other pairs"):
+        train_only(inputs, tmp_path / "run", pairs=other)
+
+
+def test_evaluation_prompts_must_not_be_training_prompts(inputs, tmp_path):
+    leaked = tmp_path / "leaked.txt"
+    leaked.write_text("Harmful training request 3\nSomething new\n")
+    with pytest.raises(QuadaError, match="also training prompts"):
+        train_only(inputs, tmp_path / "run", skip_eval=False, benchmark=str(leaked))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["align", "--pairs", "missing.jsonl", "--skip-eval"], "does not exist"),
+        (["align", "--pairs", "PAIRS", "--tau", "0"], "tau must be"),
+        (["align", "--pairs", "PAIRS", "--perturbation", "warp-drive"], "unknown approximation"),
+        (["align", "--pairs", "PAIRS", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["align", "--pairs", "PAIRS", "--sweep-grid", "0,abc"], "is not a number"),
+        (["pairs", "--source", "elsewhere"], "unknown --source"),
+        (["pairs", "--source", "pku", "--file", "missing.parquet"], "does not exist"),
+    ],
+)
+def test_command_line_errors_are_user_errors_raised_before_any_work(inputs, tmp_path, args, message):
+    args = [str(inputs / "pairs" / "pairs.jsonl") if a == "PAIRS" else a for a in args]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert isinstance(result.exception, QuadaError) and message in str(result.exception)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_user_error_is_one_red_line_without_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "quada", "align", "--pairs", str(tmp_path / "missing.jsonl")],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not exist; make one with `quada pairs`" in result.stderr
+
+
+def test_the_pairs_command_reads_a_local_pku_file(tmp_path):
+    rows = [{"prompt": f"q{i}", "response_0": "safe", "response_1": f"unsafe {i}", "safer_response_id": 0} for i in range(3)]
+    (tmp_path / "pku.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["pairs", "--source", "pku", "--file", str(tmp_path / "pku.jsonl"),
+                                      "--out", str(tmp_path / "pairs")])
+    assert result.exit_code == 0, result.output
+    pairs = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert [p["chosen"] for p in pairs] == ["safe"] * 3 and all(p["harmful"] for p in pairs)

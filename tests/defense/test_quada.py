@@ -1,0 +1,261 @@
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from quada.approx.sites import resolve_decoder
+from quada.defense.quada import (
+    QuadAConfig,
+    QuadATrainer,
+    noise_seed,
+    pairwise_cosine_regularizer,
+    perturbed_layers,
+    pool_prompt_activations,
+)
+from quada.errors import QuadaError
+from quada.testing import tiny_model
+
+BIG_NOISE = "noise:site=up,dist=gaussian,std=0.5"
+
+
+def config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                  report_to="none", bf16=False, save_strategy="no", tau=2, perturbation=BIG_NOISE,
+                  dataloader_pin_memory=False, disable_tqdm=True)
+    return QuadAConfig(**{**values, **overrides})
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_pooling_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(3, 6, 4))
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]], dtype=bool)
+    last = pool_prompt_activations(torch.tensor(hidden), torch.tensor(mask), "last").numpy()
+    mean = pool_prompt_activations(torch.tensor(hidden), torch.tensor(mask), "mean").numpy()
+    for row in range(3):
+        positions = np.flatnonzero(mask[row])
+        np.testing.assert_allclose(last[row], hidden[row, positions[-1]])
+        np.testing.assert_allclose(mean[row], hidden[row, positions].mean(0))
+    with pytest.raises(QuadaError, match="unknown pooling"):
+        pool_prompt_activations(torch.tensor(hidden), torch.tensor(mask), "max")
+
+
+def cosine_gradient_closed_form(f: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean pairwise cosine and its gradient: d cos(a,b)/da = b/(|a||b|) - (a.b) a/(|a|^3 |b|)."""
+    n = len(f)
+    norms = np.linalg.norm(f, axis=1)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    value = np.mean([f[i] @ f[j] / (norms[i] * norms[j]) for i, j in pairs])
+    grad = np.zeros_like(f)
+    for i, j in pairs:
+        for a, b in ((i, j), (j, i)):
+            grad[a] += f[b] / (norms[a] * norms[b]) - (f[a] @ f[b]) * f[a] / (norms[a] ** 3 * norms[b])
+    return value, grad / len(pairs)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_regularizer_value_and_gradient_match_the_closed_form(n):
+    f = np.random.default_rng(n).normal(size=(n, 5))
+    features = torch.tensor(f, requires_grad=True)
+    value = pairwise_cosine_regularizer(features)
+    value.backward()
+    expected_value, expected_grad = cosine_gradient_closed_form(f)
+    assert value.item() == pytest.approx(expected_value, abs=1e-12)
+    np.testing.assert_allclose(features.grad.numpy(), expected_grad, atol=1e-12)
+
+
+def test_regularizer_of_fewer_than_two_prompts_is_zero():
+    assert pairwise_cosine_regularizer(torch.ones(1, 4)).item() == 0.0
+    assert pairwise_cosine_regularizer(torch.ones(0, 4)).item() == 0.0
+
+
+def test_noise_seeds_are_fixed_by_seed_step_and_draw():
+    assert noise_seed(0, 5, 1) == noise_seed(0, 5, 1)
+    assert len({noise_seed(s, t, d) for s in (0, 1) for t in (0, 1) for d in (0, 1)}) == 8
+
+
+def test_perturbed_layers_per_mode():
+    assert perturbed_layers("first-tau", 2, 4) == (0, 1)
+    assert perturbed_layers("all", 2, 4) == (0, 1, 2, 3)
+    assert perturbed_layers("none", 2, 4) == ()
+    with pytest.raises(QuadaError, match="tau=5 exceeds"):
+        perturbed_layers("first-tau", 5, 4)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    full = QuadAConfig(output_dir=str(tmp_path), use_lora=False)
+    assert (full.beta, full.learning_rate, full.weight_decay, full.num_train_epochs, full.max_length) == (
+        0.1, 1e-6, 0.05, 2.0, 512)
+    assert full.lr_scheduler_type == "cosine" and full.warmup_steps == 0.03
+    assert QuadAConfig(output_dir=str(tmp_path)).learning_rate == 5e-5  # LoRA
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(perturbation="warp-drive"), "unknown approximation"),
+        (dict(perturbation="noise:site=up,dist=gaussian,std=0.1,layers=0:2"), "names its own layers"),
+        (dict(tau=0), "tau must be"),
+        (dict(perturb_layers="middle"), "unknown perturb_layers"),
+        (dict(reg_lambda=-1.0), "reg_lambda"),
+        (dict(reg_pooling="max"), "unknown reg_pooling"),
+        (dict(lora_r=0), "lora_r"),
+        (dict(lora_target_modules=[]), "lora_target_modules"),
+        (dict(learning_rate=-1.0), "learning_rate"),
+        (dict(activation_checkpointing=True), "checkpointing cannot be used"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(tmp_path, overrides, message):
+    with pytest.raises(QuadaError, match=message):
+        QuadAConfig(output_dir=str(tmp_path), **overrides)
+
+
+def test_checkpointing_is_allowed_for_plain_dpo(tmp_path):
+    assert QuadAConfig(output_dir=str(tmp_path), perturb_layers="none", activation_checkpointing=True).activation_checkpointing
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class PerturbationSpy:
+    """Per forward of a model: which decoder layers ran perturbed, and whether grad was on.
+
+    A layer is perturbed when the input of its q projection differs from its attention norm
+    applied (without hooks) to the layer's input, i.e. it is checked on the activations."""
+
+    def __init__(self, model):
+        self.forwards: list[tuple[bool, set[int]]] = []
+        self.handles = []
+        layers = resolve_decoder(model).layers
+        layer_inputs = {}
+
+        def on_layer(index):
+            def hook(_module, args, kwargs):
+                layer_inputs[index] = (kwargs.get("hidden_states") if args == () else args[0]).detach()
+                if index == 0:
+                    self.forwards.append((torch.is_grad_enabled(), set()))
+            return hook
+
+        def on_q(index, norm):
+            def hook(_module, args):
+                clean = norm.forward(layer_inputs[index])  # .forward skips the norm's hooks
+                if not torch.allclose(args[0].detach(), clean):
+                    self.forwards[-1][1].add(index)
+            return hook
+
+        for sites in layers:
+            self.handles.append(sites.layer.register_forward_pre_hook(on_layer(sites.index), with_kwargs=True))
+            self.handles.append(sites.linears["q"].register_forward_pre_hook(on_q(sites.index, sites.attn_norm)))
+
+    def policy(self):
+        return [layers for grad, layers in self.forwards if grad]
+
+    def reference(self):
+        return [layers for grad, layers in self.forwards if not grad]
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "adapter-disabled", "ref-model"])
+def test_only_the_first_tau_layers_of_the_policy_are_perturbed_never_the_reference(tmp_path, reference, pairs_dataset):
+    model, tokenizer = tiny_model("qwen2", seed=0, layers=4)
+    ref_model = copy.deepcopy(model) if reference == "ref-model" else None
+    spy = PerturbationSpy(model)
+    ref_spy = PerturbationSpy(ref_model) if ref_model is not None else spy
+    args = config(tmp_path, precompute_ref_log_probs=reference == "precomputed", use_lora=reference != "ref-model")
+    trainer = QuadATrainer(model, ref_model=ref_model, args=args, train_dataset=pairs_dataset,
+                           processing_class=tokenizer)
+    trainer.train()
+    assert spy.policy() and all(layers == {0, 1} for layers in spy.policy())
+    assert ref_spy.reference() and all(layers == set() for layers in ref_spy.reference())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_two_steps_change_the_trainable_parameters_and_log_the_loss_terms(tmp_path, arch, pairs_dataset):
+    model, tokenizer = tiny_model(arch, seed=1)
+    trainer = QuadATrainer(model, args=config(tmp_path), train_dataset=pairs_dataset,
+                           processing_class=tokenizer)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert before and all("lora" in n for n in before)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[n], p) for n, p in before.items())
+    logs = [h for h in trainer.state.log_history if "dpo_loss" in h]
+    assert len(logs) == 2
+    for log in logs:
+        assert {"regularizer", "rewards/margins"} <= set(log)
+        assert -1 <= log["regularizer"] <= 1 and math.isfinite(log["rewards/margins"])
+        assert log["loss"] == pytest.approx(log["dpo_loss"] - 0.1 * log["regularizer"], rel=1e-5)
+
+
+def test_the_ablation_switches_do_what_they_say(tmp_path, pairs_dataset):
+    seen = {}
+    for mode in ("none", "all"):
+        model, tokenizer = tiny_model("qwen2", seed=0, layers=3)
+        spy = PerturbationSpy(model)
+        QuadATrainer(model, args=config(tmp_path / mode, perturb_layers=mode), train_dataset=pairs_dataset,
+                     processing_class=tokenizer).train()
+        seen[mode] = spy.policy()
+    assert seen["none"] and all(layers == set() for layers in seen["none"])
+    assert seen["all"] and all(layers == {0, 1, 2} for layers in seen["all"])
+
+    model, tokenizer = tiny_model("qwen2", seed=0)
+    trainer = QuadATrainer(model, args=config(tmp_path / "noreg", reg_lambda=0.0),
+                           train_dataset=pairs_dataset.remove_columns("harmful"), processing_class=tokenizer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "dpo_loss" in h]
+    assert logs and all(log["loss"] == log["dpo_loss"] for log in logs)
+
+
+def test_fresh_noise_every_forward_but_a_rerun_draws_the_same(tmp_path, pairs_dataset):
+    def losses(run):
+        model, tokenizer = tiny_model("qwen2", seed=0)
+        args = config(tmp_path / run, max_steps=3, per_device_train_batch_size=8, learning_rate=1e-12)
+        trainer = QuadATrainer(model, args=args, train_dataset=pairs_dataset,
+                               processing_class=tokenizer)
+        trainer.train()
+        return [h["dpo_loss"] for h in trainer.state.log_history if "dpo_loss" in h]
+
+    first, second = losses("a"), losses("b")
+    assert first == second
+    assert len(set(first)) == 3  # same batch, almost no update: only the noise differs between steps
+
+
+class StopAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_a_resumed_run_ends_with_exactly_the_uninterrupted_parameters(tmp_path, pairs_dataset):
+
+    def run(out, resume=False, interrupt=False):
+        model, tokenizer = tiny_model("qwen2", seed=0)
+        args = config(tmp_path / out, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+        trainer = QuadATrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tokenizer,
+                               callbacks=[StopAfterSave()] if interrupt else None)
+        trainer.train(resume_from_checkpoint=resume or None)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}, trainer
+
+    whole, _ = run("whole")
+    with pytest.raises(KeyboardInterrupt):
+        run("split", interrupt=True)
+    assert (tmp_path / "split" / "out" / "checkpoint-2").is_dir()
+    resumed, trainer = run("split", resume=True)
+    assert trainer.state.global_step == 4
+    assert all(torch.equal(resumed[n], p) for n, p in whole.items())
+
+
+def test_missing_harmful_flags_and_a_too_large_tau_are_clear_errors(tmp_path, pairs_dataset):
+    model, tokenizer = tiny_model("qwen2", seed=0)
+    with pytest.raises(QuadaError, match="'harmful' column"):
+        QuadATrainer(model, args=config(tmp_path), train_dataset=pairs_dataset.remove_columns(
+            "harmful"), processing_class=tokenizer)
+    with pytest.raises(QuadaError, match="tau=3 exceeds"):
+        QuadATrainer(model, args=config(tmp_path, tau=3), train_dataset=pairs_dataset,
+                     processing_class=tokenizer)
