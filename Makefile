@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow install models benchmark-generation benchmark-vet
+.PHONY: run test test-slow install models benchmark-generation benchmark-vet benchmark-approx benchmark-sweep benchmark-train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -39,3 +39,12 @@ benchmark-generation: models
 
 benchmark-vet: models
 	$(BIN)/python benchmarks/vet.py --limit 64
+
+benchmark-approx: models
+	$(BIN)/python benchmarks/approx_overhead.py
+
+benchmark-sweep: models
+	$(BIN)/python benchmarks/sweep.py --limit 32
+
+benchmark-train: models
+	$(BIN)/python benchmarks/train.py

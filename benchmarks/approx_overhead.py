@@ -3,7 +3,7 @@
 Every run decodes the same batch for exactly ``--new-tokens`` steps (end-of-sequence ignored), so
 each does the same work and the ratio is pure overhead. Calibration happens before timing. The
 clean model is timed before and after the approximations; the ratio uses their mean.
-Target (issue 3): at most 1.3x slower for noise, TEAL, CATS and the polynomials.
+Target: at most 1.3x slower for noise, TEAL, CATS and the polynomials.
 
     python benchmarks/approx_overhead.py --model qwen2.5-coder-0.5b-instruct
 """

@@ -4,7 +4,7 @@ Both trainers get a fresh copy of the same model, the same pairs, batch size, Lo
 precomputed reference log-probabilities; each trains one epoch over the pairs after a one-step
 warm-up, and only ``train()`` is timed (not the reference precomputation). QuadA's extra work is
 the perturbation hooks (fresh noise every forward) and the first-layer regularizer.
-Target (issue 6): QuadA at most 1.5x slower.
+Target: QuadA at most 1.5x slower.
 
     python benchmarks/train.py --model qwen2.5-coder-0.5b-instruct --pairs 16
     python benchmarks/train.py --tiny                      # a quick check on a tiny random model

@@ -5,7 +5,7 @@ import pytest
 import quada.vet as vet_module
 from quada.errors import QuadaError
 from quada.store import Generation, Judgement, Store
-from quada.testing import tiny_model
+from quada.testing import write_tiny_run_inputs
 from quada.vet import VetConfig, vet
 
 NOISE = "noise:site=up,dist=gaussian,std=0.5"
@@ -13,14 +13,11 @@ NOISE = "noise:site=up,dist=gaussian,std=0.5"
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vet-inputs")
-    model, tokenizer = tiny_model("qwen2", seed=3)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    (root / "harmful.txt").write_text("\n".join(f"Harmful request number {i}" for i in range(6)))
-    (root / "benign.txt").write_text("\n".join(f"Benign question {i}?" for i in range(4)))
-    (root / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 30)
-    return root
+    return write_tiny_run_inputs(
+        tmp_path_factory.mktemp("vet-inputs"),
+        harmful=[f"Harmful request number {i}" for i in range(6)],
+        benign=[f"Benign question {i}?" for i in range(4)],
+    )
 
 
 def config(inputs, run_dir, **overrides):

@@ -24,10 +24,10 @@ import importlib.util
 import json
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -165,15 +165,21 @@ def _read_csv(path: Path) -> list[Prompt]:
     ]
 
 
-def _read_jsonl(path: Path) -> list[Prompt]:
-    prompts = []
+def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` of every non-blank line of a JSONL file; a line that is not
+    JSON is a user error naming the line."""
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise QuadaError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from err
+
+
+def _read_jsonl(path: Path) -> list[Prompt]:
+    prompts = []
+    for number, row in jsonl_rows(path):
         if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
             raise QuadaError(f'{path} line {number} has no "prompt" key; every line needs {{"prompt": "..."}}')
         text = str(row["prompt"]).strip()

@@ -1,10 +1,12 @@
-"""Tiny random models built from configs, for tests and smoke runs (no files, no hub).
+"""Tiny random models built from configs, for tests and smoke runs (no downloads, no hub).
 
 The tokenizer is byte-level (every UTF-8 byte is a token, no merges) with a ChatML-style chat
 template, so any text round-trips and chat formatting behaves like a real instruct model's.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -81,3 +83,15 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def write_tiny_run_inputs(root: Path, harmful: list[str], benign: list[str], layers: int = 2) -> Path:
+    """Everything a run needs, as files under ``root``: a saved tiny Qwen2-style model folder
+    (``model``), ``harmful.txt`` and ``benign.txt`` prompt files and a perplexity ``corpus.txt``."""
+    model, tokenizer = tiny_model("qwen2", seed=3, layers=layers)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "harmful.txt").write_text("\n".join(harmful))
+    (root / "benign.txt").write_text("\n".join(benign))
+    (root / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    return root

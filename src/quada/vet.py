@@ -22,7 +22,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from quada.analysis.story import write_story
-from quada.approx import apply, list_specs, parse_spec
+from quada.approx import apply, list_specs, parse_spec, spec_label
 from quada.chat import PROMPT_FORMATS
 from quada.data import Prompt, load_benchmark, subset
 from quada.errors import QuadaError
@@ -336,7 +336,7 @@ def summary_table(results: list[ConditionResult], judges: Sequence[str]) -> tupl
     rows = []
     for r in results:
         rows.append([
-            r.approx,
+            spec_label(r.approx),
             *(_pct(r.asr[j]) for j in safety),
             *((f"{r.mcnemar[j].p_value:.3g}" if j in r.mcnemar else "-") for j in safety),
             "-" if r.harmfulness is None else f"{r.harmfulness.value:.2f} [{r.harmfulness.low:.2f}, {r.harmfulness.high:.2f}]",
@@ -358,7 +358,7 @@ def asr_figure(results: list[ConditionResult], judges: Sequence[str]):
         low = values - np.array([100 * r.asr[judge].low for r in results])
         high = np.array([100 * r.asr[judge].high for r in results]) - values
         ax.bar(x + i * width, values, width, yerr=[low, high], capsize=3, label=f"{judge} judge")
-    ax.set_xticks(x + width * (len(safety) - 1) / 2, [r.approx for r in results], rotation=45, ha="right")
+    ax.set_xticks(x + width * (len(safety) - 1) / 2, [spec_label(r.approx) for r in results], rotation=45, ha="right")
     ax.set_ylabel("attack success rate (%)")
     ax.legend()
     return figure
@@ -373,7 +373,7 @@ def _examples(config, generations, judgements, per_condition: int = 2) -> list[E
     examples = []
     for approx, (harmful, _) in generations.items():
         hits = [(g, j) for g, j in zip(harmful, judgements[approx, judge]) if j.label][:per_condition]
-        examples += [Example(approx, g.prompt, g.response, f"{judge} judge: attack") for g, _ in hits]
+        examples += [Example(spec_label(approx), g.prompt, g.response, f"{judge} judge: attack") for g, _ in hits]
     return examples[: 3 * per_condition]
 
 

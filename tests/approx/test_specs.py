@@ -11,6 +11,7 @@ from quada.approx import (
     as_spec,
     list_specs,
     parse_spec,
+    spec_label,
 )
 from quada.errors import QuadaError
 
@@ -78,6 +79,14 @@ def test_paper_presets_carry_table_1_noise(row):
     up, down = parse_spec(f"paper:{row}").parts()
     assert (up.site, up.dist, up.std) == ("up", "gaussian", TABLE_1[row][0])
     assert (down.site, down.dist, down.scale) == ("down", "laplace", TABLE_1[row][1])
+
+
+def test_tables_name_a_preset_by_its_name_and_anything_else_by_its_spec():
+    assert spec_label(str(parse_spec("paper:bolt"))) == "paper:bolt"
+    assert spec_label(str(parse_spec("paper:teal-50"))) == "paper:teal-50"
+    noise = str(parse_spec("noise:site=up,dist=gaussian,std=0.1"))
+    assert spec_label(noise) == noise
+    assert spec_label("none") == "none"
 
 
 @pytest.mark.parametrize("row", sorted(TEAL_ROWS))

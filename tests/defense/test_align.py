@@ -9,7 +9,7 @@ from quada.defense.align import AlignConfig, align
 from quada.defense.pairs import PreferencePair, write_pairs
 from quada.errors import QuadaError
 from quada.models import load
-from quada.testing import tiny_model
+from quada.testing import write_tiny_run_inputs
 
 BUILTIN = "qwen2.5-coder-0.5b-instruct"
 NOISE = "noise:site=up,dist=gaussian,std=0.5"
@@ -17,16 +17,15 @@ NOISE = "noise:site=up,dist=gaussian,std=0.5"
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("align-inputs")
-    model, tokenizer = tiny_model("qwen2", seed=3)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    root = write_tiny_run_inputs(
+        tmp_path_factory.mktemp("align-inputs"),
+        harmful=[f"Held-out harmful request {i}" for i in range(3)],
+        benign=[f"Held-out benign question {i}?" for i in range(2)],
+    )
     pairs = [PreferencePair(f"p{i}", f"Harmful training request {i}", "I'm sorry, I cannot help.", f"Sure: step {i}.",
                             i % 3 != 2, "test") for i in range(8)]
-    write_pairs(root / "pairs" / "pairs.jsonl", pairs) if (root / "pairs").mkdir() is None else None
-    (root / "harmful.txt").write_text("\n".join(f"Held-out harmful request {i}" for i in range(3)))
-    (root / "benign.txt").write_text("\n".join(f"Held-out benign question {i}?" for i in range(2)))
-    (root / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    (root / "pairs").mkdir()
+    write_pairs(root / "pairs" / "pairs.jsonl", pairs)
     return root
 
 

@@ -34,7 +34,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from quada.analysis.story import write_story
-from quada.analysis.sweep import load_sweep
+from quada.analysis.sweep import spec_or_mva
 from quada.approx import as_spec
 from quada.approx.sites import SITES, resolve_decoder
 from quada.chat import PROMPT_FORMATS, format_prompt
@@ -282,12 +282,7 @@ def clusters(config: ClustersConfig, progress: bool = True) -> ClustersResult:
     benign = subset(load_benchmark(config.benign), config.limit, config.seed)
     if min(len(harmful), len(benign)) < config.folds:
         raise QuadaError(f"{min(len(harmful), len(benign))} prompts in a class are fewer than the {config.folds} folds; lower --folds")
-    spec = config.spec
-    if spec is None:
-        mva = load_sweep(config.run_dir).mva
-        if mva is None:
-            raise QuadaError(f"the sweep in {config.run_dir} found no MVA within its perplexity bound; give --spec")
-        spec = mva.spec
+    spec = spec_or_mva(config.spec, config.run_dir)
     open_run_dir(config.run_dir)
     model, tokenizer = load(config.model)
     layer = len(resolve_decoder(model).layers) // 2 if config.layer is None else config.layer

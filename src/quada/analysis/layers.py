@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 from transformers import DynamicCache
 
 from quada.analysis.story import write_story
-from quada.analysis.sweep import load_sweep
+from quada.analysis.sweep import spec_or_mva
 from quada.approx import ComposedConfig, as_spec
 from quada.approx.base import LayerSelection
 from quada.approx.sites import resolve_decoder
@@ -290,12 +290,7 @@ def _proxy_key(fingerprint: str, approx: str, prompt_ids: Sequence[str], config:
 def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     """Measure every layer condition, select tau, write figure and report."""
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
-    spec = config.spec
-    if spec is None:
-        mva = load_sweep(config.run_dir).mva
-        if mva is None:
-            raise QuadaError(f"the sweep in {config.run_dir} found no MVA within its perplexity bound; give --spec")
-        spec = mva.spec
+    spec = spec_or_mva(config.spec, config.run_dir)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model)

@@ -255,6 +255,16 @@ def load_sweep(run_dir: str | Path) -> SweepResult:
     return result_from_json(json.loads(path.read_text()), Path(run_dir))
 
 
+def spec_or_mva(spec: str | None, run_dir: str | Path) -> str:
+    """``spec`` itself, or when it is ``None`` the MVA of the sweep stored in ``run_dir``."""
+    if spec is not None:
+        return spec
+    mva = load_sweep(run_dir).mva
+    if mva is None:
+        raise QuadaError(f"the sweep in {run_dir} found no MVA within its perplexity bound; give --spec")
+    return mva.spec
+
+
 def report_sections(saved: dict) -> list[Section]:
     """The report section of a sweep, rebuilt from its ``sweep.json``."""
     return [sweep_section(result_from_json(saved, Path(saved["config"]["run_dir"])))]

@@ -22,6 +22,7 @@ from quada.approx.base import (
     as_spec,
     list_specs,
     parse_spec,
+    spec_label,
 )
 from quada.approx.noise import NoiseConfig
 from quada.approx.poly import BoltConfig, BumbleBee2Config, BumbleBeeConfig, IronConfig, NexusConfig, PumaConfig
@@ -52,4 +53,5 @@ __all__ = [
     "list_specs",
     "parse_spec",
     "profile",
+    "spec_label",
 ]

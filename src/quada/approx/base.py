@@ -291,6 +291,15 @@ def list_specs() -> list[tuple[str, str]]:
     ]
 
 
+def spec_label(spec: str) -> str:
+    """A short name for a canonical spec string: the preset it expands to (``paper:bolt``), else
+    the spec itself. Stores key conditions by the full spec; tables and plots show this."""
+    for name, (_, text) in PRESETS.items():
+        if str(parse_spec(text)) == spec:
+            return name
+    return spec
+
+
 # --------------------------------------------------------------------------- installation
 
 

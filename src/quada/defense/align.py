@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from quada.approx import spec_label
 from quada.chat import messages
 from quada.defense.pairs import HELDOUT_BENIGN, HELDOUT_HARMFUL, SPLIT_FILE, PreferencePair, load_pairs
 from quada.defense.quada import HARMFUL_COLUMN, QuadAConfig, QuadATrainer
@@ -74,6 +75,7 @@ class AlignConfig:
     judges: tuple[str, ...] = ("keyword", "llm")
     judge_model: str = DEFAULT_JUDGE_MODEL
     max_new_tokens: int = 128
+    stop_on_refusal: bool = False  # exact for the keyword judge only
     corpus: str = DEFAULT_CORPUS
     ppl_window: int = PAPER_WINDOW
     ppl_windows: int | None = 8
@@ -323,7 +325,8 @@ def _vet(config: AlignConfig, model: str, run_dir: Path):
     return vet(VetConfig(
         model=model, approx=config.approx, benchmark=harmful, limit=config.limit, benign=benign,
         benign_limit=config.benign_limit, judges=config.judges, judge_model=config.judge_model,
-        prompt_format=config.prompt_format, max_new_tokens=config.max_new_tokens, seed=config.quada.seed,
+        prompt_format=config.prompt_format, max_new_tokens=config.max_new_tokens,
+        stop_on_refusal=config.stop_on_refusal, seed=config.quada.seed,
         corpus=config.corpus, ppl_window=config.ppl_window, ppl_windows=config.ppl_windows, run_dir=run_dir,
     ))
 
@@ -335,7 +338,8 @@ def _sweep(config: AlignConfig, model: str, run_dir: Path):
     return sweep(SweepConfig(
         model=model, spec=config.sweep_spec, parameter=config.sweep_parameter, grid=config.sweep_grid,
         benchmark=harmful, limit=config.sweep_limit, judges=(config.judges[0],), judge_model=config.judge_model,
-        prompt_format=config.prompt_format, max_new_tokens=config.max_new_tokens, seed=config.quada.seed,
+        prompt_format=config.prompt_format, max_new_tokens=config.max_new_tokens,
+        stop_on_refusal=config.stop_on_refusal, seed=config.quada.seed,
         corpus=config.corpus, ppl_window=config.ppl_window, ppl_windows=config.ppl_windows, run_dir=run_dir,
     ))
 
@@ -382,7 +386,7 @@ def comparison_table(results: dict[str, list], judges) -> tuple[list[str], list[
     rows = []
     for condition in by_label[first]:
         per_model = {label: by_label[label][condition] for label in labels}
-        rows.append([condition, *(cell for make in cells for cell in make(per_model))])
+        rows.append([spec_label(condition), *(cell for make in cells for cell in make(per_model))])
     return columns, rows
 
 

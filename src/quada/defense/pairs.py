@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quada.approx import as_spec
-from quada.data import Prompt, load_benchmark, subset
+from quada.data import Prompt, jsonl_rows, load_benchmark, subset
 from quada.defense.quada import DEFAULT_PERTURBATION
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
@@ -94,13 +94,7 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     if not path.is_file():
         raise QuadaError(f"pairs file {path} does not exist; make one with `quada pairs`")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QuadaError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from err
+    for number, row in jsonl_rows(path):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
                                                 for k in ("prompt", "chosen", "rejected")):
             raise QuadaError(f'{path} line {number} needs non-empty "prompt", "chosen" and "rejected" strings')
