@@ -106,7 +106,7 @@ def vet_command(
     model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", "-m", help="Model to vet: built-in name, folder, .gguf file or hub id."),
     approx: list[str] | None = typer.Option(None, "--approx", "-a", help="Approximation spec to evaluate (repeat for several; see `quada approx list`). Default: the paper's twelve presets; 'none' alone: the clean model only."),
     benchmark: str = typer.Option("advbench", help="Harmful prompts: a benchmark name or a prompt file."),
-    limit: int | None = typer.Option(64, callback=_positive("--limit"), help="Size of the seeded subset of harmful prompts."),
+    limit: int | None = typer.Option(32, callback=_positive("--limit"), help="Size of the seeded subset of harmful prompts."),
     all_prompts: bool = typer.Option(False, "--all-prompts", help="Use every harmful prompt, ignoring --limit."),
     benign: str = typer.Option("quada-benign", help="Benign prompts for the over-refusal rate."),
     benign_limit: int | None = typer.Option(32, callback=_positive("--benign-limit"), help="Size of the seeded subset of benign prompts."),

@@ -48,7 +48,7 @@ class VetConfig:
     model: str = DEFAULT_MODEL
     approx: tuple[str, ...] = PAPER_PRESETS
     benchmark: str = "advbench"
-    limit: int | None = 64  # harmful prompts (a seeded subset); None = all
+    limit: int | None = 32  # harmful prompts (a seeded subset); None = all
     benign: str = "quada-benign"
     benign_limit: int | None = 32
     judges: tuple[str, ...] = ("keyword", "llm")
