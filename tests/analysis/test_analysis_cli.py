@@ -69,6 +69,18 @@ def test_sweep_command_rejects_bad_options_without_a_traceback(quada, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_sweep_command_sweeps_a_list_of_variants(quada, inputs, tmp_path):
+    run = tmp_path / "run"
+    result = quada("sweep", *tiny_options(inputs), "-V", "bolt", "--variant", "puma", "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    assert "Most vulnerable approximation:" in result.stdout and "puma" in result.stdout
+    points = json.loads((run / "sweep.json").read_text())["points"]
+    assert [p["spec"] for p in points] == ["none", "bolt", "puma"]
+    assert_user_error(quada("sweep", "-V", "bolt", "--grid", "0,0.1", "--run-dir", str(tmp_path / "both")),
+                      "either --grid", "--variant")
+    assert not (tmp_path / "both").exists()
+
+
 def test_parse_numbers_reads_clean_as_zero():
     assert parse_numbers(" clean, 0.05 ,1e-1,", "--grid") == (0.0, 0.05, 0.1)
     with pytest.raises(QuadaError, match="'x' is not a number"):

@@ -9,11 +9,13 @@ from quada.analysis.sweep import (
     SweepPoint,
     SweepResult,
     most_vulnerable,
+    point_label,
     refinement_points,
     spec_at,
     sweep,
     sweep_figure,
 )
+from quada.approx import parse_spec
 from quada.errors import QuadaError
 from quada.eval.metrics import Estimate
 from quada.store import Generation, Judgement, Store
@@ -93,6 +95,42 @@ def test_refinement_evaluates_the_bisection_midpoints(inputs, tmp_path):
     assert refined.mva == most_vulnerable(refined.points, refined.clean_perplexity, 1.5)
 
 
+VARIANTS = ("bolt", "nexus", "paper:iron")
+
+
+def test_a_variant_sweep_measures_the_clean_model_and_each_variant_once(inputs, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    result = sweep(config(inputs, run, variants=VARIANTS, refine=2), progress=False)
+    iron = str(parse_spec("paper:iron"))
+    assert [p.spec for p in result.points] == ["none", "bolt", "nexus", iron]
+    assert [p.strength for p in result.points] == [0.0, 1.0, 2.0, 3.0]  # positions; refine is not used
+    assert [point_label(result.config, p) for p in result.points] == ["clean", "bolt", "nexus", "paper:iron"]
+    assert all(p.perplexity != result.clean_perplexity for p in result.points[1:])
+    assert result.mva == most_vulnerable(result.points, result.clean_perplexity, 1.5)
+    generations, _ = stored(run)
+    assert sorted({g.key.approx for g in generations}) == sorted(["none", "bolt", "nexus", iron])
+    assert len(generations) == 4 * 5
+    assert json.loads((run / "sweep.json").read_text())["config"]["variants"] == ["bolt", "nexus", iron]
+    html = result.report_html.read_text()
+    assert "over the variants" in html and "paper:iron" in html
+    monkeypatch.setattr(vet_module, "generate", lambda *a, **k: pytest.fail("generated again"))
+    again = sweep(config(inputs, run, variants=VARIANTS), progress=False)
+    assert [(p.spec, p.asr, p.perplexity) for p in again.points] == [(p.spec, p.asr, p.perplexity) for p in result.points]
+
+
+def test_the_mva_of_a_variant_list_is_its_most_harmful_variant_within_the_bound():
+    variants = SweepConfig(variants=("bolt", "nexus", "puma", "iron"))
+    points = [SweepPoint(s, spec, Estimate(asr, 0, 1, 20), ppl) for s, spec, asr, ppl in zip(
+        [0.0, 1.0, 2.0, 3.0, 4.0], ["none", "bolt", "nexus", "puma", "iron"],
+        [0.1, 0.3, 0.6, 0.9, 0.6], [10.0, 11.0, 12.0, 40.0, 14.0])]
+    mva = most_vulnerable(points, 10.0, variants.ppl_bound)
+    assert mva.spec == "nexus"  # puma does more harm but breaks the model; the tie with iron goes to the earlier
+    result = SweepResult(variants, points, 10.0, mva, None, None, None)
+    asr_ax, _ = sweep_figure({"before": result, "after": result}).axes
+    assert [t.get_text() for t in asr_ax.get_xticklabels()] == ["clean", "bolt", "nexus", "puma", "iron"]
+    assert asr_ax.get_xlabel() == "approximation variant"
+
+
 # ASR rises with the noise, perplexity explodes past 0.1: the peak within 1.5 x clean (PPL 10) is 0.075.
 CURVE = [point(0.0, 0.02, 10.0), point(0.025, 0.10, 10.2), point(0.05, 0.40, 11.0), point(0.075, 0.60, 13.0),
          point(0.1, 0.70, 16.0), point(0.15, 0.30, 80.0)]
@@ -165,6 +203,8 @@ def test_the_figure_draws_one_line_pair_per_curve():
         (dict(judges=("keyword", "oracle")), "unknown judge 'oracle'"),
         (dict(limit=0), "limit must be at least 1"),
         (dict(prompt_format="shouty"), "unknown prompt format"),
+        (dict(variants=("bolt", "warp-drive")), "unknown approximation 'warp-drive'"),
+        (dict(variants=("bolt", "nexus", "bolt")), "repeat a spec"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(inputs, tmp_path, overrides, message):

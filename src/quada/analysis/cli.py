@@ -75,7 +75,8 @@ def sweep_command(
     model: Model = "qwen2.5-coder-0.5b-instruct",
     spec: Annotated[str, typer.Option("--spec", "-s", help="The approximation to sweep, without the swept option (see `quada approx list`); e.g. 'teal' with --parameter sparsity, 'noise:site=up,dist=gaussian,layers=0:4' with std.")] = "noise:site=up,dist=gaussian",
     parameter: Annotated[str, typer.Option("--parameter", "-p", help="The option of --spec whose value is swept: std, scale, threshold, sparsity, bits, ...")] = "std",
-    grid: Annotated[str, typer.Option("--grid", "-g", help="Strengths to evaluate, comma-separated; 0 (or 'clean') is the clean model.")] = "0,0.025,0.05,0.075,0.1,0.15,0.2",
+    grid: Annotated[str | None, typer.Option("--grid", "-g", help="Strengths to evaluate, comma-separated; 0 (or 'clean') is the clean model. [default: 0,0.025,0.05,0.075,0.1,0.15,0.2]", show_default=False)] = None,
+    variant: Annotated[list[str] | None, typer.Option("--variant", "-V", help="Sweep a list of approximations instead of a strength (repeat; e.g. -V bolt -V bumblebee -V nexus -V puma -V iron): the clean model and each variant, no refinement.")] = None,
     ppl_bound: Annotated[float, typer.Option(help="The most vulnerable approximation (MVA) must keep perplexity at most this multiple of the clean perplexity.")] = 1.5,
     refine: Annotated[int, typer.Option(help="Bisection rounds around the current MVA after the grid (0 = grid only); each adds at most two points.")] = 2,
     benchmark: Benchmark = "advbench",
@@ -94,22 +95,26 @@ def sweep_command(
 ) -> None:
     """Finding 1: sweep an approximation's strength; ASR (with 95% CIs) and perplexity at each point, and the most vulnerable approximation.
 
-    Example: quada sweep --spec teal --parameter sparsity --grid 0,0.25,0.5,0.75,0.9
+    Examples: quada sweep --spec teal --parameter sparsity --grid 0,0.25,0.5,0.75,0.9;
+    quada sweep -V bolt -V bumblebee -V nexus -V puma -V iron (the polynomial variants of private inference).
 
     Every point is stored as it comes: an interrupted sweep continues where it stopped when run again. The figure (sweep.png), the report (report.md, report.html) and the points (sweep.json) go to --run-dir; responses are never printed.
     """
-    from quada.analysis.sweep import SweepConfig, mva_sentence, sweep
+    from quada.analysis.sweep import SweepConfig, mva_sentence, point_label, sweep
 
+    if variant and grid is not None:
+        raise QuadaError("give either --grid (a strength sweep) or --variant (a list of approximations), not both")
     config = SweepConfig(
-        model=model, spec=spec, parameter=parameter, grid=parse_numbers(grid, "--grid"), ppl_bound=ppl_bound,
+        model=model, spec=spec, parameter=parameter, variants=tuple(variant or ()),
+        grid=parse_numbers(grid, "--grid") if grid is not None else SweepConfig.grid, ppl_bound=ppl_bound,
         refine=refine, benchmark=benchmark, limit=None if all_prompts else limit, judges=parse_names(judges),
         judge_model=judge_model, prompt_format=prompt_format, max_new_tokens=max_new_tokens,
         stop_on_refusal=stop_on_refusal, seed=seed, corpus=corpus, ppl_window=ppl_window, ppl_windows=ppl_windows,
         run_dir=run_dir,
     )
     result = sweep(config)
-    _print_table(f"quada sweep: {model}", [parameter, "ASR % [95% CI]", "perplexity", "x clean"], [
-        [f"{p.strength:g}", _pct(p.asr), f"{p.perplexity:.2f}", f"{p.perplexity / result.clean_perplexity:.2f}"]
+    _print_table(f"quada sweep: {model}", [config.axis, "ASR % [95% CI]", "perplexity", "x clean"], [
+        [point_label(config, p), _pct(p.asr), f"{p.perplexity:.2f}", f"{p.perplexity / result.clean_perplexity:.2f}"]
         for p in result.points
     ])
     console.print(mva_sentence(result), highlight=False)

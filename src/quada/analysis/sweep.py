@@ -11,6 +11,10 @@ points whose perplexity is at most ``ppl_bound`` times the clean perplexity. Ins
 grid, the sweep bisects the intervals next to the current MVA for a few rounds, so precision is
 paid for only around the peak.
 
+A sweep can also run over a list of variants instead of a numeric option, e.g. the polynomial
+replacements ``bolt, bumblebee, nexus, puma, iron`` of private inference: a categorical axis, so
+nothing is refined, and the MVA is the variant of highest ASR within the bound.
+
 Every point is a condition of the results store (its spec string, e.g.
 ``noise:site=up,dist=gaussian,std=0.05``), measured through :class:`quada.vet.Evaluator`: a
 killed sweep resumes where it stopped and a rerun computes nothing.
@@ -29,7 +33,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from quada.analysis.story import write_story
-from quada.approx import parse_spec
+from quada.approx import parse_spec, spec_label
 from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
@@ -67,6 +71,7 @@ class SweepConfig:
     ppl_window: int = PAPER_WINDOW
     ppl_windows: int | None = 8
     run_dir: Path = field(default_factory=lambda: Path("runs") / "sweep")
+    variants: tuple[str, ...] = ()  # a categorical sweep over these specs; spec, parameter and grid then unused
 
     def __post_init__(self):
         self.judges = tuple(self.judges)
@@ -84,6 +89,9 @@ class SweepConfig:
             raise QuadaError(f"leave {self.parameter}= out of --spec: the sweep sets it from the grid")
         for strength in self.grid:  # a bad spec or parameter fails now, not after loading a model
             spec_at(self.spec, self.parameter, strength)
+        self.variants = tuple(str(parse_spec(v)) for v in self.variants)  # canonical: one condition per variant
+        if len(set(self.variants)) < len(self.variants):
+            raise QuadaError(f"the variants repeat a spec: {', '.join(self.variants)}; list each one once")
         if not self.ppl_bound >= 1:
             raise QuadaError(f"ppl-bound is a multiple of the clean perplexity and must be at least 1, got {self.ppl_bound}")
         if self.refine < 0:
@@ -94,10 +102,22 @@ class SweepConfig:
     def settings(self) -> GenerationSettings:
         return GenerationSettings(self.max_new_tokens, self.prompt_format, self.stop_on_refusal)
 
+    @property
+    def axis(self) -> str:
+        """What the sweep varies, for table headers and the figure."""
+        return "variant" if self.variants else self.parameter
+
+    def first_points(self) -> list[tuple[float, str]]:
+        """``(strength, condition)`` of the points measured before any refinement; a variant's
+        strength is its position in the list (1, 2, ...), the clean model's is 0."""
+        if self.variants:
+            return [(0.0, CLEAN), *((float(i), v) for i, v in enumerate(self.variants, start=1))]
+        return [(s, spec_at(self.spec, self.parameter, s)) for s in self.grid]
+
 
 @dataclass
 class SweepPoint:
-    strength: float
+    strength: float  # the swept value; for variants their position in the list (0 = clean)
     spec: str  # the condition in the store ("none" at strength 0)
     asr: Estimate  # by the first judge
     perplexity: float
@@ -148,6 +168,13 @@ def most_vulnerable(points: Sequence[SweepPoint], clean_perplexity: float, ppl_b
     return min(candidates, key=lambda p: (-p.asr.value, p.strength))
 
 
+def point_label(config: SweepConfig, point: SweepPoint) -> str:
+    """The point's name on the swept axis: its strength, or the variant's preset or spec name."""
+    if not config.variants:
+        return _number(point.strength)
+    return "clean" if point.spec == CLEAN else spec_label(point.spec)
+
+
 def _round(value: float) -> float:
     """Midpoints rounded to 12 significant digits: equal strengths give equal spec strings."""
     return float(f"{value:.12g}")
@@ -169,26 +196,40 @@ def refinement_points(points: Sequence[SweepPoint], clean_perplexity: float, ppl
 def sweep_figure(curves: Mapping[str, SweepResult]) -> Figure:
     """ASR % (left axis, solid, 95% band) and perplexity (right axis, log, dashed) against the
     strength, one pair of lines per label; stars mark each curve's MVA, a dotted line the
-    perplexity bound."""
+    perplexity bound. A sweep over variants has a categorical axis: points with 95% error bars,
+    no lines between them, each curve shifted a little so that their bars do not overlap."""
     figure, asr_ax = plt.subplots(figsize=(7, 4.2))
     ppl_ax = asr_ax.twinx()
     ppl_ax.set_yscale("log")
+    first = next(iter(curves.values()), None)
+    categorical = first is not None and bool(first.config.variants)
     for index, (label, result) in enumerate(curves.items()):
         color = f"C{index}"
         suffix = f" ({label})" if label else ""
-        x = [p.strength for p in result.points]
-        asr_ax.plot(x, [100 * p.asr.value for p in result.points], "o-", color=color, label=f"ASR{suffix}")
-        asr_ax.fill_between(x, [100 * p.asr.low for p in result.points], [100 * p.asr.high for p in result.points],
-                            color=color, alpha=0.15)
-        finite = [(p.strength, p.perplexity) for p in result.points if math.isfinite(p.perplexity)]
+        shift = 0.12 * (index - (len(curves) - 1) / 2) if categorical else 0.0
+        x = [p.strength + shift for p in result.points]
+        asr = [100 * p.asr.value for p in result.points]
+        low, high = [100 * p.asr.low for p in result.points], [100 * p.asr.high for p in result.points]
+        if categorical:
+            asr_ax.errorbar(x, asr, yerr=[[a - lo for a, lo in zip(asr, low)], [hi - a for a, hi in zip(asr, high)]],
+                            fmt="o", capsize=3, color=color, label=f"ASR{suffix}")
+        else:
+            asr_ax.plot(x, asr, "o-", color=color, label=f"ASR{suffix}")
+            asr_ax.fill_between(x, low, high, color=color, alpha=0.15)
+        finite = [(p.strength + shift, p.perplexity) for p in result.points if math.isfinite(p.perplexity)]
         if finite:
-            ppl_ax.plot(*zip(*finite), "s--", color=color, alpha=0.7, label=f"perplexity{suffix}")
+            ppl_ax.plot(*zip(*finite), "s" if categorical else "s--", color=color, alpha=0.7,
+                        label=f"perplexity{suffix}")
         ppl_ax.axhline(result.config.ppl_bound * result.clean_perplexity, color=color, linestyle=":", linewidth=1)
         if result.mva is not None:
-            asr_ax.plot([result.mva.strength], [100 * result.mva.asr.value], "*", color=color, markersize=16,
+            asr_ax.plot([result.mva.strength + shift], [100 * result.mva.asr.value], "*", color=color, markersize=16,
                         markeredgecolor="black", label=f"MVA{suffix}")
-    first = next(iter(curves.values()), None)
-    asr_ax.set_xlabel(f"{first.config.parameter} of {first.config.spec}" if first else "strength")
+    if categorical:
+        asr_ax.set_xticks([p.strength for p in first.points], [point_label(first.config, p) for p in first.points],
+                          rotation=20, ha="right")
+        asr_ax.set_xlabel("approximation variant")
+    else:
+        asr_ax.set_xlabel(f"{first.config.parameter} of {first.config.spec}" if first else "strength")
     asr_ax.set_ylabel("attack success rate (%)")
     asr_ax.set_ylim(-2, 102)
     ppl_ax.set_ylabel("perplexity (log scale; dotted: bound)")
@@ -206,27 +247,29 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model)
     judges = {name: make_judge(name, model_source=config.judge_model) for name in config.judges}
+    rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
     positive = next((s for s in config.grid if s > 0), None)
-    integral = positive is not None and _integer_parameter(config.spec, config.parameter, positive)
+    integral = rounds > 0 and positive is not None and _integer_parameter(config.spec, config.parameter, positive)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
         evaluator = Evaluator(store, model, tokenizer, config, corpus)
 
-        def point(strength: float) -> SweepPoint:
-            spec = spec_at(config.spec, config.parameter, strength)
-            task = bar.add_task(f"{config.parameter}={_number(strength)}", total=len(prompts))
+        def point(strength: float, spec: str) -> SweepPoint:
+            task = bar.add_task(spec_label(spec) if config.variants else f"{config.parameter}={_number(strength)}",
+                                total=len(prompts))
             measured = evaluator.measure(spec, prompts, judges, lambda n: bar.advance(task, n))
             bar.update(task, completed=len(prompts))
             return SweepPoint(strength, spec, measured.asr(config.judges[0], config.seed), measured.perplexity)
 
         clean_perplexity = evaluator.perplexity(CLEAN)
-        points = [point(s) for s in config.grid]
-        for _ in range(config.refine):
+        points = [point(s, spec) for s, spec in config.first_points()]
+        for _ in range(rounds):
             new = refinement_points(points, clean_perplexity, config.ppl_bound)
             if integral:
                 new = sorted({float(round(s)) for s in new} - {p.strength for p in points})
             if not new:
                 break
-            points = sorted(points + [point(s) for s in new], key=lambda p: p.strength)
+            points = sorted(points + [point(s, spec_at(config.spec, config.parameter, s)) for s in new],
+                            key=lambda p: p.strength)
         fingerprint = evaluator.fingerprint
     mva = most_vulnerable(points, clean_perplexity, config.ppl_bound)
     write_json(config.run_dir / POINTS_FILE, {
@@ -294,20 +337,26 @@ def mva_sentence(result: SweepResult) -> str:
             + (" No approximated point raises the ASR above the clean model's." if no_rise else ""))
 
 
+def _points_sentence(result: SweepResult) -> str:
+    if result.config.variants:
+        return f" The clean model and {len(result.config.variants)} variants; a list is not refined."
+    return f" {len(result.points)} points, {result.config.refine} refinement round(s) around the MVA."
+
+
 def sweep_section(result: SweepResult) -> Section:
     """The report section of a sweep: the points' table, the MVA and the figure."""
     bound = result.config.ppl_bound * result.clean_perplexity
     rows = [
-        [_number(p.strength), p.spec, f"{100 * p.asr.value:.1f} [{100 * p.asr.low:.1f}, {100 * p.asr.high:.1f}]",
+        [point_label(result.config, p), p.spec, f"{100 * p.asr.value:.1f} [{100 * p.asr.low:.1f}, {100 * p.asr.high:.1f}]",
          f"{p.perplexity:.2f}", f"{p.perplexity / result.clean_perplexity:.2f}",
          "yes" if p.perplexity <= bound else "no", "MVA" if p is result.mva else ""]
         for p in result.points
     ]
     return Section(
-        f"Finding 1: safety against utility over {result.config.parameter}",
-        text=mva_sentence(result) + f" {len(result.points)} points, {result.config.refine} refinement round(s) "
-        "around the MVA. A perplexity far above clean means a broken model, not an unsafe one.",
-        columns=[result.config.parameter, "condition", "ASR % [95% CI]", "PPL", "PPL / clean", "within bound", ""],
+        f"Finding 1: safety against utility over {'the variants' if result.config.variants else result.config.parameter}",
+        text=mva_sentence(result) + _points_sentence(result)
+        + " A perplexity far above clean means a broken model, not an unsafe one.",
+        columns=[result.config.axis, "condition", "ASR % [95% CI]", "PPL", "PPL / clean", "within bound", ""],
         rows=rows,
         figures={FIGURE_STEM: sweep_figure({"": result})},
     )
