@@ -160,8 +160,9 @@ def _feasible(point: SweepPoint, clean_perplexity: float, ppl_bound: float) -> b
 def most_vulnerable(points: Sequence[SweepPoint], clean_perplexity: float, ppl_bound: float) -> SweepPoint | None:
     """The most vulnerable approximation: among approximated points (not the clean one) whose
     perplexity is at most ``ppl_bound`` x ``clean_perplexity``, the one of highest ASR; a tie
-    goes to the smallest strength (the mildest approximation that does as much harm). ``None``
-    when no approximated point keeps the perplexity within the bound."""
+    goes to the smallest strength (the mildest approximation that does as much harm; among
+    variants, the one listed first). ``None`` when no approximated point keeps the perplexity
+    within the bound."""
     candidates = [p for p in points if p.spec != CLEAN and _feasible(p, clean_perplexity, ppl_bound)]
     if not candidates:
         return None
