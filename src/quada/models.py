@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.errors import QuadaError
+from quada.hub import require_hub
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 CACHE_ENV = "QUADA_CACHE_DIR"
@@ -188,7 +189,12 @@ def resolve(source: str) -> Path | str:
         if not (path / "config.json").exists():
             raise QuadaError(f"folder {path} has no config.json, so it is not a Hugging Face model folder")
         return path
-    if source.count("/") == 1 and not path.exists():
+    if _looks_like_a_path(source):
+        raise QuadaError(
+            f"model folder {path} does not exist; check the path, or give a built-in name ({', '.join(BUILTINS)}) "
+            "or a hub id like org/name"
+        )
+    if source.count("/") == 1:
         return source
     raise QuadaError(
         f"unknown model {source!r}: give a built-in name ({', '.join(BUILTINS)}; see `quada models`), "
@@ -196,20 +202,33 @@ def resolve(source: str) -> Path | str:
     )
 
 
+def _looks_like_a_path(source: str) -> bool:
+    """True for a local path (``./x``, ``~/x``, ``a/b/c``, or ``tiny/model`` where ``tiny/`` is a
+    local folder) as opposed to a hub id ``org/name``."""
+    path = Path(source).expanduser()
+    return (
+        source.startswith((".", "/", "~")) or source.endswith("/") or source.count("/") > 1
+        or (len(path.parts) > 1 and path.parent.is_dir())
+    )
+
+
 def load(
     source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the left for generation."""
+    """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the left for generation.
+
+    A hub id is fetched only once the hub answers (see :mod:`quada.hub`), so a machine without
+    network fails in a second; in offline mode (``HF_HUB_OFFLINE=1``) it is read from the local cache."""
     where = resolve(source)
+    instead = "Without hub access use a built-in (`quada models`), a local model folder or a .gguf file."
+    if isinstance(where, str):
+        require_hub(f"model {source!r}", instead)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except OSError as err:
         if isinstance(where, str):
-            raise QuadaError(
-                f"could not load {source!r} from the Hugging Face hub or its cache ({err}). "
-                "Without hub access use a built-in (`quada models`), a local folder or a .gguf file."
-            ) from err
+            raise QuadaError(f"could not load {source!r} from the Hugging Face hub or its cache ({err}). {instead}") from err
         raise
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -34,6 +34,7 @@ from quada.defense.quada import DEFAULT_PERTURBATION
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import keyword_verdict, refusal_phrase
+from quada.hub import require_hub
 from quada.models import DEFAULT_MODEL
 from quada.store import CLEAN
 from quada.vet import progress_bar
@@ -144,14 +145,15 @@ def load_pku_saferlhf(file: str | Path | None = None, limit: int | None = None, 
             raise QuadaError(f"cannot read {path}: give a .json, .jsonl or .parquet file")
         rows = readers[path.suffix.lower()](str(path))
     else:
+        instead = (
+            "Offline, give a local copy with --file (JSON, JSONL or parquet with prompt, response_0, response_1, "
+            "safer_response_id) or make pairs from the model itself with --source self."
+        )
+        require_hub(PKU_HUB_ID, instead)
         try:
             rows = load_dataset(PKU_HUB_ID, split="train")
-        except Exception as err:  # offline, no hub access, or the dataset moved
-            raise QuadaError(
-                f"could not load {PKU_HUB_ID} from the hub ({type(err).__name__}); offline, give a local copy with "
-                "--file (JSON, JSONL or parquet with prompt, response_0, response_1, safer_response_id) or make "
-                "pairs from the model itself with --source self"
-            ) from err
+        except Exception as err:  # offline without a cached copy, or the dataset moved
+            raise QuadaError(f"could not load {PKU_HUB_ID} from the hub ({type(err).__name__}). {instead}") from err
     pairs = pku_pairs_from_rows(rows)
     if not pairs:
         raise QuadaError("the PKU-SafeRLHF data holds no usable pair (every row lacked two different responses)")

@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.errors import QuadaError
 from quada.eval.scoring import answer_token_split, next_token_logprobs, pad_id_of
+from quada.hub import require_hub
 
 PAPER_WINDOW = 1024
 CORPORA = ("wikitext2", "pydoc-topics")
@@ -46,20 +47,14 @@ LETTERS = string.ascii_uppercase
 
 
 def _wikitext2_test() -> str:
-    if importlib.util.find_spec("datasets") is None:
-        raise QuadaError(
-            "the wikitext2 corpus needs the `datasets` package and hub access; offline use "
-            f"--corpus {DEFAULT_CORPUS} or a text file"
-        )
+    instead = f"Offline, use --corpus {DEFAULT_CORPUS} or a text file."
+    require_hub("the wikitext2 corpus", instead)
     from datasets import load_dataset
 
     try:
         rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-    except Exception as err:  # no network or no hub: say what to use instead
-        raise QuadaError(
-            f"could not load WikiText-2 from the hub ({type(err).__name__}); offline use "
-            f"--corpus {DEFAULT_CORPUS} or a text file"
-        ) from err
+    except Exception as err:  # offline without a cached copy, or the dataset moved
+        raise QuadaError(f"could not load WikiText-2 from the hub ({type(err).__name__}). {instead}") from err
     return "\n\n".join(rows)
 
 
