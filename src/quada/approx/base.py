@@ -444,8 +444,8 @@ def apply(
     give equal outputs. Calibrated techniques (TEAL, CATS, SmoothQuant, OmniQuant) need
     ``tokenizer``; they calibrate on ``calibration_prompts`` (default: bundled benign prompts) and
     cache the result per model. Calibration always sees the clean model: inside another ``apply``
-    block on the same model, that block's changes are lifted while calibrating. On exit, also by exception, every hook, swap and weight edit is
-    undone and the model is bit-identical to before.
+    block on the same model, that block's changes are lifted while calibrating. On exit, also by
+    exception, every hook, swap and weight edit is undone and the model is bit-identical to before.
     """
     from quada.approx.calibration import CalibrationSet
     from quada.approx.sites import resolve_decoder
@@ -460,7 +460,7 @@ def apply(
     calibration = CalibrationSet.of(tokenizer, calibration_prompts)
     active = ACTIVE_INSTALLATIONS.setdefault(decoder.model, [])
     prepared = []
-    with ExitStack() as lifts:  # calibrate everything on the clean model before changing anything
+    with ExitStack() as lifts:  # calibrate on the clean model: enclosing blocks lifted, nothing installed yet
         for outer in reversed(active):
             lifts.enter_context(outer.lifted())
         for config in configs:
