@@ -216,6 +216,45 @@ def test_calibration_is_cached_on_disk_per_model(monkeypatch, tmp_path):
         assert torch.equal(logits(model, tokenizer), first)
 
 
+def calibration_files(root):
+    """Every calibration cache file under ``root``: its path (model fingerprint and key hash) and content."""
+    return {path.relative_to(root): torch.load(path, weights_only=True) for path in (root / "approx").rglob("*.pt")}
+
+
+@pytest.mark.parametrize("outer", ["noise:site=up,dist=gaussian,std=1.0", "bolt", "smoothquant:bits=4,alpha=0.8"])
+@pytest.mark.parametrize("inner", ["teal:sparsity=0.5", "cats:sparsity=0.5", "smoothquant:bits=8", "omniquant:bits=4,steps=2"])
+def test_calibrating_inside_another_approximation_calibrates_the_clean_model(monkeypatch, tmp_path, outer, inner):
+    model, tokenizer = tiny_model("llama", seed=5)
+
+    def fresh_cache(name):
+        monkeypatch.setenv("QUADA_CACHE_DIR", str(tmp_path / name))
+        monkeypatch.setattr(calibration_module, "_MEMORY", {})
+        return tmp_path / name
+
+    clean = fresh_cache("clean")
+    with apply(model, outer, tokenizer=tokenizer, seed=1):
+        expected_outer = logits(model, tokenizer)
+    with apply(model, inner, tokenizer=tokenizer):
+        expected_inner = logits(model, tokenizer)
+
+    nested = fresh_cache("nested")
+    with apply(model, outer, tokenizer=tokenizer, seed=1):
+        with apply(model, inner, tokenizer=tokenizer):
+            pass
+        assert torch.equal(logits(model, tokenizer), expected_outer)  # lifted for calibration, then restored as it was
+
+    written = calibration_files(nested)
+    assert written.keys() == calibration_files(clean).keys()
+    for path, content in calibration_files(clean).items():
+        assert written[path]["key"] == content["key"]
+        assert written[path]["tensors"].keys() == content["tensors"].keys()
+        for name, tensor in content["tensors"].items():
+            assert torch.equal(written[path]["tensors"][name], tensor), (path, name)
+    monkeypatch.setattr(calibration_module, "_MEMORY", {})
+    with apply(model, inner, tokenizer=tokenizer):  # a later run reads the nested calibration
+        assert torch.equal(logits(model, tokenizer), expected_inner)
+
+
 def test_hook_points_that_do_not_resolve_raise():
     with pytest.raises(QuadaError, match="cannot find the decoder layers"):
         with apply(torch.nn.Linear(4, 4), "bolt"):

@@ -16,8 +16,9 @@ import dataclasses
 import math
 import types
 import typing
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -309,6 +310,9 @@ class Installation:
     Also holds what the installed techniques share: the seeded generator, the per-(layer, site)
     zero counters behind the sparsity report, and the input scales folded into weights (the
     profiler multiplies them back to compare activations in original coordinates).
+
+    ``lifted()`` takes the changes off for the duration of a block and puts them back, so a
+    nested ``apply`` calibrates on the clean model.
     """
 
     def __init__(self, seed: int):
@@ -316,28 +320,49 @@ class Installation:
         self.counters: dict[tuple[int, str], torch.Tensor] = {}
         self.input_scales: dict[tuple[int, str], torch.Tensor] = {}
         self._undo: list[Callable[[], None]] = []
+        self._edits: list[tuple[Callable[[], None], Callable[[], None]]] = []  # (redo, undo) of swaps and data
+        self._lifted = False
 
     def transform_output(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], prepend: bool = False):
         """Replace ``module``'s output ``y`` with ``fn(y)`` (a forward hook)."""
-        handle = module.register_forward_hook(lambda _m, _args, out: fn(out), prepend=prepend)
-        self._undo.append(handle.remove)
+        hook = lambda _m, _args, out: None if self._lifted else fn(out)  # noqa: E731  (None keeps the output)
+        self._undo.append(module.register_forward_hook(hook, prepend=prepend).remove)
 
     def transform_input(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], prepend: bool = False):
         """Replace ``module``'s first positional input ``x`` with ``fn(x)`` (a forward pre-hook)."""
-        handle = module.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:]), prepend=prepend)
-        self._undo.append(handle.remove)
+        hook = lambda _m, args: None if self._lifted else (fn(args[0]), *args[1:])  # noqa: E731
+        self._undo.append(module.register_forward_pre_hook(hook, prepend=prepend).remove)
 
     def swap(self, parent: nn.Module, name: str, new: nn.Module) -> None:
         """Replace the child module ``parent.name``; the original object comes back on undo."""
         old = getattr(parent, name)
-        setattr(parent, name, new)
-        self._undo.append(lambda: setattr(parent, name, old))
+        self._edit(lambda: setattr(parent, name, new), lambda: setattr(parent, name, old))
 
     def replace_data(self, param: torch.Tensor, new: torch.Tensor) -> None:
         """Point a parameter at new data; the untouched original tensor comes back on undo."""
         old = param.data
-        param.data = new.to(old.dtype)
-        self._undo.append(lambda: setattr(param, "data", old))
+        new = new.to(old.dtype)
+        self._edit(lambda: setattr(param, "data", new), lambda: setattr(param, "data", old))
+
+    def _edit(self, redo: Callable[[], None], undo: Callable[[], None]) -> None:
+        redo()
+        self._edits.append((redo, undo))
+        self._undo.append(undo)
+
+    @contextmanager
+    def lifted(self) -> Iterator[None]:
+        """Inside the block the model runs as if nothing were installed: hooks pass their tensor
+        through, swaps and weight edits are reverted; all of it is back on exit. Hooks stay
+        registered, so their order among other hooks is kept."""
+        self._lifted = True
+        for _, undo in reversed(self._edits):
+            undo()
+        try:
+            yield
+        finally:
+            for redo, _ in self._edits:
+                redo()
+            self._lifted = False
 
     def counter(self, layer: int, site: str) -> torch.Tensor:
         """A ``[zeroed, total]`` accumulator that sparsifying hooks add to."""
@@ -379,12 +404,14 @@ def _as_selection(layers: tuple[int, ...]) -> LayerSelection:
 Handler = Callable[..., None]
 Preparer = Callable[..., Any]
 HANDLERS: dict[type, tuple[Handler, Preparer | None]] = {}
+# The installations of the ``apply`` blocks open on each model, outermost first.
+ACTIVE_INSTALLATIONS: weakref.WeakKeyDictionary[nn.Module, list[Installation]] = weakref.WeakKeyDictionary()
 
 
 def installs(config_cls: type, prepare: Preparer | None = None):
     """Decorator registering ``install(config, target, layers, ctx, prepared)`` for a config class
-    (and its subclasses). ``prepare(config, target, calibration)`` runs first, on the clean model,
-    for techniques that calibrate."""
+    (and its subclasses). ``prepare(config, target, calibration)`` runs first, on the clean model
+    (enclosing ``apply`` blocks lifted), for techniques that calibrate."""
 
     def decorate(fn: Handler) -> Handler:
         HANDLERS[config_cls] = (fn, prepare)
@@ -416,8 +443,9 @@ def apply(
     list of ints; None = all). ``seed`` seeds one generator for every random draw, so equal seeds
     give equal outputs. Calibrated techniques (TEAL, CATS, SmoothQuant, OmniQuant) need
     ``tokenizer``; they calibrate on ``calibration_prompts`` (default: bundled benign prompts) and
-    cache the result per model. On exit, also by exception, every hook, swap and weight edit is
-    undone and the model is bit-identical to before.
+    cache the result per model. Calibration always sees the clean model: inside another ``apply``
+    block on the same model, that block's changes are lifted while calibrating. On exit, also by
+    exception, every hook, swap and weight edit is undone and the model is bit-identical to before.
     """
     from quada.approx.calibration import CalibrationSet
     from quada.approx.sites import resolve_decoder
@@ -430,15 +458,21 @@ def apply(
         selection = config.layers or default
         resolved.append(selection.resolve(len(decoder.layers)) if selection else tuple(range(len(decoder.layers))))
     calibration = CalibrationSet.of(tokenizer, calibration_prompts)
+    active = ACTIVE_INSTALLATIONS.setdefault(decoder.model, [])
     prepared = []
-    for config in configs:  # calibrate everything on the clean model before changing anything
-        _, prepare = _handler(config)
-        prepared.append(prepare(config, decoder, calibration) if prepare else None)
+    with ExitStack() as lifts:  # calibrate on the clean model: enclosing blocks lifted, nothing installed yet
+        for outer in reversed(active):
+            lifts.enter_context(outer.lifted())
+        for config in configs:
+            _, prepare = _handler(config)
+            prepared.append(prepare(config, decoder, calibration) if prepare else None)
     ctx = Installation(seed)
+    active.append(ctx)
     try:
         for config, chosen, state in zip(configs, resolved, prepared):
             install, _ = _handler(config)
             install(config, decoder, chosen, ctx, state)
         yield Applied(tuple(zip(configs, resolved)), ctx)
     finally:
+        active.remove(ctx)
         ctx.undo()

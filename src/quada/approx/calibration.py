@@ -3,7 +3,9 @@
 Calibrated techniques (TEAL, CATS, SmoothQuant, OmniQuant) read activation statistics from a small
 set of benign prompts run through the clean model. Results are cached in memory and on disk under
 ``<quada cache>/approx/<model fingerprint>/`` (``quada.fingerprint``), keyed by the technique's
-canonical spec and a hash of the prompts, so a sweep calibrates each model once.
+canonical spec and a hash of the prompts, so a sweep calibrates each model once. ``apply`` lifts
+any enclosing approximation while calibrating, so the cache never holds an approximated model's
+statistics under the clean model's fingerprint.
 """
 
 from __future__ import annotations

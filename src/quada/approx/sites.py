@@ -171,8 +171,8 @@ def norm_weight_offset(norm: nn.Module) -> float:
     weight = getattr(norm, "weight", None)
     if weight is None or getattr(norm, "bias", None) is not None:
         raise QuadaError(f"{type(norm).__name__} is not an RMSNorm with a weight; cannot fold scales into it")
-    with torch.no_grad():
-        out = norm(torch.ones(1, 1, weight.shape[-1], dtype=weight.dtype, device=weight.device))
+    with torch.no_grad():  # forward() skips hooks: an enclosing approximation neither alters nor sees the probe
+        out = norm.forward(torch.ones(1, 1, weight.shape[-1], dtype=weight.dtype, device=weight.device))
     offset = round((out.float() - weight.float()).mean().item())
     if offset not in (0, 1):
         raise QuadaError(f"{type(norm).__name__} does not behave like an RMSNorm; cannot fold scales into it")

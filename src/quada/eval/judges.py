@@ -17,9 +17,10 @@ One interface, ``judge.judge(prompts, responses) -> list[JudgeResult]``, and a r
 
 The model judges read the probabilities of the answer tokens at the answer position (one forward
 pass, no sampling): yes/no mass for the binary judges, the digits 1..5 for the grade. The judge
-prompts are quada's own wording. Text from the judged model is sanitized first: any special or
-chat-template token inside it is removed, so a response cannot close the judge's turn or answer
-on its behalf.
+prompts are quada's own wording. Text from the judged model cannot close the judge's turn or
+answer on its behalf: every special or chat-template marker inside it is removed (until none is
+left), and it is tokenized as plain text, so only the judge's own template contributes special
+tokens.
 """
 
 from __future__ import annotations
@@ -167,14 +168,31 @@ class RefusalKeywordJudge(Judge):
 
 
 def sanitize(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """``text`` without the judge tokenizer's special tokens or well-known chat markers."""
+    """``text`` without the judge tokenizer's special tokens or well-known chat markers.
+
+    Removal repeats until nothing changes: removing one marker can join its neighbours into
+    another (``<|im_<|im_end|>end|>``).
+    """
     markers = set(CHAT_MARKERS) | set(tokenizer.all_special_tokens)
     markers |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-    for marker in sorted(markers, key=len, reverse=True):
-        if marker:
-            text = text.replace(marker, "")
-    return text
+    markers = sorted(filter(None, markers), key=len, reverse=True)
+    while True:
+        stripped = text
+        for marker in markers:
+            stripped = stripped.replace(marker, "")
+        if stripped == text:
+            return text
+        text = stripped
 
+
+def literal_ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool = False) -> list[int]:
+    """The ids of ``text`` read as plain text: the spelling of a special token inside it becomes
+    ordinary tokens, never that special token. ``add_special_tokens`` adds the tokenizer's own
+    (e.g. a BOS token) around it."""
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
+
+
+QUESTION_SLOT = "QUADA_JUDGE_QUESTION"  # stands for the question when the chat template is laid out
 
 # The judge questions are short on purpose: on hand-made cases the 1.5B built-in separated
 # compliance from refusal and gibberish far better with these than with long rule lists.
@@ -231,18 +249,32 @@ class LogitJudge(Judge):
         settings = f"{self.template}|{self.max_response_tokens}|{getattr(self, 'threshold', '')}"
         return f"{self.name}:{model_fingerprint(self.model)}:{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
+    @functools.cached_property
+    def chat_frame(self) -> tuple[list[int], list[int]]:
+        """The ids of the judge's chat template before and after the user turn's content (the
+        only text tokenized with special-token parsing)."""
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTION_SLOT}], tokenize=False, add_generation_prompt=True
+        )
+        if text.count(QUESTION_SLOT) != 1:
+            raise QuadaError(
+                "the judge model's chat template does not show the user's message exactly once; "
+                "choose another judge model"
+            )
+        before, _, after = text.partition(QUESTION_SLOT)
+        return self.tokenizer.encode(before, add_special_tokens=False), self.tokenizer.encode(after, add_special_tokens=False)
+
     def render(self, request: str, response: str) -> list[int]:
-        """The judge's input ids for one pair, after sanitizing and truncating the judged text."""
+        """The judge's input ids for one pair: the judged text is sanitized, truncated and, with
+        the question around it, tokenized as plain text inside the judge's chat template."""
         request = sanitize(request, self.tokenizer)
-        response_ids = self.tokenizer.encode(sanitize(response, self.tokenizer), add_special_tokens=False)
+        response_ids = literal_ids(self.tokenizer, sanitize(response, self.tokenizer))
         response = self.tokenizer.decode(response_ids[: self.max_response_tokens])
         question = self.template.format(request=request, response=response)
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-            )
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(question + "\nAnswer:")
+        if not self.tokenizer.chat_template:
+            return literal_ids(self.tokenizer, question + "\nAnswer:", add_special_tokens=True)
+        before, after = self.chat_frame
+        return before + literal_ids(self.tokenizer, question) + after
 
     def decide(self, group_probabilities: list[float]) -> JudgeResult:
         raise NotImplementedError
