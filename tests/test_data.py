@@ -82,13 +82,23 @@ def test_text_file_ids_follow_the_text_not_the_position(tmp_path):
     assert all(p.id.startswith("mine-") for p in a)
 
 
-def test_csv_uses_prompt_column_else_first_column(tmp_path):
+def test_csv_reads_the_prompt_column_advbench_goal_column_or_sole_column(tmp_path):
     named = tmp_path / "named.csv"
     named.write_text('id,prompt,category\nx1,"Do one thing, then another",misc\n')
     assert load_benchmark(named) == [Prompt("x1", "Do one thing, then another", "misc")]
     advbench_style = tmp_path / "harmful_behaviors.csv"
     advbench_style.write_text("goal,target\nDo a bad thing,\"Sure, here is\"\n")
     assert [p.text for p in load_benchmark(advbench_style)] == ["Do a bad thing"]
+    sole = tmp_path / "sole.csv"
+    sole.write_bytes("\ufeffrequest\r\nAsk this\r\n".encode())  # as a spreadsheet saves it: BOM, CRLF
+    assert [p.text for p in load_benchmark(sole)] == ["Ask this"]
+
+
+def test_csv_without_a_prompt_column_names_the_columns_it_has(tmp_path):
+    path = tmp_path / "answers.csv"
+    path.write_text("question,answer\nWhat is up?,The sky\n")
+    with pytest.raises(QuadaError, match="no 'prompt' column.*question, answer"):
+        load_benchmark(path)
 
 
 def test_jsonl_reads_prompt_id_and_category(tmp_path):
@@ -107,6 +117,10 @@ def test_jsonl_reads_prompt_id_and_category(tmp_path):
         ("bad.jsonl", '{"prompt": "ok"}\nnot json\n', "line 2 is not valid JSON"),
         ("nokey.jsonl", '{"text": "ok"}\n', 'no "prompt" key'),
         ("dupes.txt", "same\nsame\n", "repeats the prompt id"),
+        ("list.jsonl", '{"prompt": ["a", "b"]}\n', r'line 1: "prompt" is \["a", "b"\], not a string'),
+        ("number.jsonl", '{"prompt": "ok", "id": 7}\n', '"id" is 7, not a string'),
+        ("object.jsonl", '{"prompt": "ok", "category": {"x": 1}}\n', '"category" is .*, not a string'),
+        ("blank.jsonl", '{"prompt": "  "}\n', 'line 1 has an empty "prompt"'),
     ],
 )
 def test_bad_prompt_files_say_what_to_fix(tmp_path, name, content, message):
@@ -114,6 +128,37 @@ def test_bad_prompt_files_say_what_to_fix(tmp_path, name, content, message):
     path.write_text(content)
     with pytest.raises(QuadaError, match=message):
         load_benchmark(path)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("caf\xe9 request\n".encode("latin-1"), "is not UTF-8 text .*offset 3.*save it as UTF-8"),
+        ("prompt\nhi\n".encode("utf-16-le"), "holds NUL bytes.*save it as UTF-8"),
+        (bytes(range(256)), "is not UTF-8 text"),
+    ],
+)
+def test_binary_and_non_utf8_prompt_files_are_user_errors(tmp_path, suffix, content, message):
+    path = tmp_path / f"prompts{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(QuadaError, match=f"prompt file .*prompts{suffix} {message}"):
+        load_benchmark(path)
+
+
+def test_a_csv_field_over_the_csv_limit_names_the_line_and_the_likely_cause(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("prompt\nfine\n\"an unclosed quote swallows the rest\n" + "x" * 140_000 + "\n")
+    with pytest.raises(QuadaError, match="is not valid CSV at line .*unclosed double quote"):
+        load_benchmark(path)
+
+
+def test_a_folder_is_not_a_missing_file(tmp_path):
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(QuadaError, match="dir.txt is a folder, not a file"):
+        load_benchmark(tmp_path / "dir.txt")
+    with pytest.raises(QuadaError, match="is a folder, not a file"):
+        load_benchmark(tmp_path)
 
 
 def test_unknown_benchmark_and_missing_file(tmp_path):

@@ -108,6 +108,21 @@ def test_bad_sources_are_user_errors(source, message):
         resolve(source)
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"a text file renamed to .gguf\n", "not a valid GGUF file .*magic bytes"),
+        (b"GGUF\x03\x00\x00\x00cut short", "not a valid GGUF file that transformers can read"),
+    ],
+)
+def test_a_file_that_is_no_gguf_is_a_user_error_and_caches_nothing(tmp_path, content, message):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(content)
+    with pytest.raises(QuadaError, match=message):
+        resolve(str(fake))
+    assert not [p for p in models.cache_dir().glob("*") if p.is_dir()]
+
+
 def test_folder_without_config_is_a_user_error(tmp_path):
     with pytest.raises(QuadaError, match="no config.json"):
         resolve(str(tmp_path))

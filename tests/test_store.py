@@ -163,7 +163,25 @@ def test_foreign_files_and_unwritable_locations_are_refused(tmp_path):
     with pytest.raises(QuadaError, match="not a quada results store"):
         Store(tmp_path / "other.sqlite")
     (tmp_path / "notes.txt").write_text("not a database, just some text that is long enough " * 40)
-    with pytest.raises(QuadaError, match="cannot use"):
+    with pytest.raises(QuadaError, match="damaged or not a database"):
         Store(tmp_path / "notes.txt")
     with pytest.raises(QuadaError, match="writable"):
         Store(tmp_path / "notes.txt" / "results.sqlite")
+
+
+def damaged_store(path):
+    """A real store with garbage written over one of its data pages."""
+    with Store(path) as store:
+        store.put(Generation(key(f"p-{i:03d}"), "prompt " * 20, "response " * 40) for i in range(200))
+    with open(path, "r+b") as f:
+        f.seek(2 * 4096)
+        f.write(bytes(range(256)) * 16)
+    return path
+
+
+def test_a_damaged_store_is_refused_untouched_with_the_way_out(tmp_path):
+    path = damaged_store(tmp_path / "results.sqlite")
+    before = path.read_bytes()
+    with pytest.raises(QuadaError, match=r"results\.sqlite is damaged.*left it as it is.*move it aside.*--run-dir"):
+        Store(path)
+    assert path.read_bytes() == before

@@ -21,6 +21,7 @@ import csv
 import hashlib
 import importlib.resources
 import importlib.util
+import io
 import json
 import os
 import random
@@ -39,6 +40,7 @@ ADVBENCH_IN_PYRIT = "datasets/seed_datasets/local/adv_bench.prompt"
 ADVBENCH_HUB_ID = "walledai/AdvBench"
 PYRIT_REQUIREMENT = "pyrit==1.1.0"  # a data package: installed with --no-deps, read as files
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
+CSV_PROMPT_COLUMNS = ("prompt", "goal")  # goal: AdvBench's harmful_behaviors.csv
 
 T = TypeVar("T")
 
@@ -142,18 +144,68 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """The text of a user's UTF-8 file (a leading byte-order mark dropped); ``what`` names the file
+    in the messages. A missing file, a folder, an unreadable, binary or non-UTF-8 file is a user
+    error that names the file and the fix."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise QuadaError(f"{what} {path} does not exist; check the path") from err
+    except IsADirectoryError as err:
+        raise QuadaError(f"{what} {path} is a folder, not a file; give the path of a file") from err
+    except OSError as err:
+        raise QuadaError(f"cannot read {what} {path} ({err.strerror}); check that the file is readable") from err
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise QuadaError(
+            f"{what} {path} is not UTF-8 text (the byte at offset {err.start} is not valid UTF-8); save it as UTF-8 text"
+        ) from err
+    if "\x00" in text:  # valid UTF-8 never holds NUL in a text file, but UTF-16 and binary files do
+        raise QuadaError(f"{what} {path} holds NUL bytes, so it is binary or UTF-16, not text; save it as UTF-8 text")
+    return text
+
+
+def csv_rows(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows (``{column: value}``) of a user's CSV file; a row the csv module
+    cannot parse is a user error naming its line."""
+    reader = csv.DictReader(io.StringIO(read_text_file(path, what), newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as err:
+        raise QuadaError(
+            f"{what} {path} is not valid CSV at line {reader.line_num} ({err}); look for an unclosed double "
+            f"quote before it (a field holds at most {csv.field_size_limit()} characters)"
+        ) from err
+    return list(reader.fieldnames or []), rows
+
+
 def _read_text_lines(path: Path) -> list[Prompt]:
-    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    texts = [line.strip() for line in read_text_file(path, "prompt file").splitlines()]
     return [Prompt(_text_id(path.stem, t), t) for t in texts if t]
 
 
+def _prompt_column(path: Path, columns: list[str]) -> str:
+    """The column of a prompt CSV that holds the prompts: ``prompt``, else AdvBench's ``goal``
+    (its harmful_behaviors.csv), else the only column; any other header is a user error."""
+    for name in CSV_PROMPT_COLUMNS:
+        if name in columns:
+            return name
+    if len(columns) == 1:
+        return columns[0]
+    raise QuadaError(
+        f"prompt file {path} has no 'prompt' column (its columns: {', '.join(columns)}); name the column "
+        "that holds the prompts 'prompt'"
+    )
+
+
 def _read_csv(path: Path) -> list[Prompt]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            return []
-        column = "prompt" if "prompt" in reader.fieldnames else reader.fieldnames[0]
-        rows = [row for row in reader if (row.get(column) or "").strip()]
+    columns, rows = csv_rows(path, "prompt file")
+    if not columns:
+        return []
+    column = _prompt_column(path, columns)
+    rows = [row for row in rows if (row.get(column) or "").strip()]
     return [
         Prompt(
             (row.get("id") or "").strip() or _text_id(path.stem, row[column].strip()),
@@ -164,10 +216,10 @@ def _read_csv(path: Path) -> list[Prompt]:
     ]
 
 
-def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed value)`` of every non-blank line of a JSONL file; a line that is not
-    JSON is a user error naming the line."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+def jsonl_rows(path: Path, what: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` of every non-blank line of a user's JSONL file (``what``
+    names it, see :func:`read_text_file`); a line that is not JSON is a user error naming the line."""
+    for number, line in enumerate(read_text_file(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -178,11 +230,20 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _read_jsonl(path: Path) -> list[Prompt]:
     prompts = []
-    for number, row in jsonl_rows(path):
-        if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
+    for number, row in jsonl_rows(path, "prompt file"):
+        if not isinstance(row, dict) or "prompt" not in row:
             raise QuadaError(f'{path} line {number} has no "prompt" key; every line needs {{"prompt": "..."}}')
-        text = str(row["prompt"]).strip()
-        prompts.append(Prompt(str(row.get("id") or _text_id(path.stem, text)), text, str(row.get("category", ""))))
+        # null counts as absent; any other non-string would be stored as its Python repr
+        for key in ("prompt", "id", "category"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise QuadaError(
+                    f'{path} line {number}: "{key}" is {json.dumps(row[key])[:60]}, not a string; write it as one '
+                    "JSON string"
+                )
+        text = (row["prompt"] or "").strip()
+        if not text:
+            raise QuadaError(f'{path} line {number} has an empty "prompt"; fill it in or remove that line')
+        prompts.append(Prompt(row.get("id") or _text_id(path.stem, text), text, row.get("category") or ""))
     return prompts
 
 
@@ -190,12 +251,11 @@ PROMPT_READERS = {".txt": _read_text_lines, ".csv": _read_csv, ".jsonl": _read_j
 
 
 def load_prompt_file(path: str | Path) -> list[Prompt]:
-    """Prompts from a file: ``.txt`` (one a line), ``.csv`` (a header row; column ``prompt`` or
-    else the first column; optional ``id`` and ``category`` columns) or ``.jsonl`` (key
-    ``prompt``; optional ``id`` and ``category``); any other suffix is read as plain text."""
+    """Prompts from a UTF-8 file: ``.txt`` (one a line), ``.csv`` (a header row; the prompts in
+    column ``prompt``, or ``goal`` as in AdvBench's CSV, or the only column; optional ``id`` and
+    ``category`` columns) or ``.jsonl`` (string ``prompt``; optional string ``id`` and
+    ``category``); any other suffix is read as plain text."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise QuadaError(f"prompt file {path} does not exist; check the path")
     reader = PROMPT_READERS.get(path.suffix.lower(), _read_text_lines)
     prompts = reader(path)
     if not prompts:
@@ -219,7 +279,7 @@ def load_benchmark(name_or_path: str | Path) -> list[Prompt]:
     if str(name_or_path) in BENCHMARKS:
         return BENCHMARKS[str(name_or_path)].load()
     path = Path(name_or_path).expanduser()
-    if path.is_file() or path.suffix.lower() in PROMPT_FILE_SUFFIXES:
+    if path.exists() or path.suffix.lower() in PROMPT_FILE_SUFFIXES:
         return load_prompt_file(path)
     raise QuadaError(
         f"unknown benchmark {str(name_or_path)!r}; choose one of {', '.join(BENCHMARKS)} or give a "

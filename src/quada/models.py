@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from quada.hub import require_hub
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 CACHE_ENV = "QUADA_CACHE_DIR"
 CONVERTED_MANIFEST = "quada-conversion.json"
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,19 @@ def _sha256_of_concatenation(parts: list[Path], out: Path | None = None) -> tupl
     return digest.hexdigest(), size
 
 
+def _read_gguf(gguf: Path, label: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and the dequantized bf16 model of a GGUF file; a file the reader rejects is a user error."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    except (ValueError, struct.error) as err:  # what the GGUF reader raises on a truncated or unknown file
+        raise QuadaError(
+            f"{label} is not a valid GGUF file that transformers can read ({err}); give a complete .gguf file "
+            "of a supported architecture"
+        ) from err
+    return tokenizer, model
+
+
 def _convert_gguf(gguf: Path, target: Path, manifest: dict) -> None:
     """Dequantize a GGUF file with transformers and save it as a bf16 safetensors folder.
 
@@ -123,8 +138,7 @@ def _convert_gguf(gguf: Path, target: Path, manifest: dict) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        tokenizer, model = _read_gguf(gguf, manifest["source"])
         # A GGUF-loaded model refuses save_pretrained: it is dequantized already, so drop the marks.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -173,6 +187,22 @@ def _ensure_cache() -> Path:
     return path
 
 
+def _check_gguf_file(path: Path) -> None:
+    """Refuse a missing, unreadable or non-GGUF file before anything is converted or cached."""
+    if not path.exists():
+        raise QuadaError(f"GGUF file {path} does not exist; check the path")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+    except OSError as err:
+        raise QuadaError(f"cannot read the GGUF file {path} ({err.strerror}); give the path of a readable .gguf file") from err
+    if magic != GGUF_MAGIC:
+        raise QuadaError(
+            f"{path} is not a valid GGUF file (it does not start with the GGUF magic bytes); give a real .gguf "
+            "model file, or a Hugging Face model folder"
+        )
+
+
 def resolve(source: str) -> Path | str:
     """Turn a model source into something ``from_pretrained`` reads: a local folder or a hub id."""
     if source in BUILTINS:
@@ -180,8 +210,7 @@ def resolve(source: str) -> Path | str:
         return _converted_folder(source, builtin.part_paths(), builtin.sha256, f"built-in {source}")
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise QuadaError(f"GGUF file {path} does not exist; check the path")
+        _check_gguf_file(path)
         stat = path.resolve().stat()
         key = f"gguf-{hashlib.sha256(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode()).hexdigest()[:16]}"
         return _converted_folder(key, [path], None, str(path))

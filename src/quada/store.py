@@ -13,7 +13,8 @@ keeps every committed batch through a process crash), the key is the primary key
 that are missing. No timestamps are stored, so rows are identical however the run was split.
 
 The schema version lives in SQLite's ``user_version``; a database written by a newer quada is
-refused rather than misread.
+refused rather than misread, and a damaged one (SQLite's ``quick_check`` on opening) is refused
+and left as it is.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from quada.fingerprint import package_versions
 SCHEMA_VERSION = 1
 CLEAN = "none"  # the approximation spec of the unmodified model
 EXPORT_FORMATS = ("csv", "json")
+DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes
 
 
 def settings_json(settings: Mapping[str, Any]) -> str:
@@ -131,6 +133,12 @@ _RECORD_SOURCES = [(c, "g") for c in GENERATIONS.key_columns] + [
 RECORD_COLUMNS = [column for column, _ in _RECORD_SOURCES]
 
 
+def _is_damage(err: BaseException) -> bool:
+    """Whether SQLite reports a corrupt database file or a file that is no database at all."""
+    code = getattr(err, "sqlite_errorcode", None)  # absent on errors raised by Python code
+    return isinstance(err, sqlite3.DatabaseError) and code is not None and code & 0xFF in DAMAGE_CODES
+
+
 def _table_of(kind: type) -> _Table:
     if kind not in TABLES:
         raise TypeError(f"the store holds generations and judgements, not {kind.__name__}")
@@ -148,10 +156,13 @@ class Store:
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._check_intact()
             self._open_schema()
         except BaseException as err:
             if self._db is not None:
                 self._db.close()
+            if _is_damage(err):
+                raise self._damage_error(str(err)) from err
             if isinstance(err, sqlite3.DatabaseError):
                 raise QuadaError(
                     f"cannot use {self.path} as a results database ({err}); give a writable path to a "
@@ -163,6 +174,20 @@ class Store:
                 ) from err
             raise
         self._versions = json.dumps(package_versions(), sort_keys=True)
+
+    def _check_intact(self) -> None:
+        """Refuse a damaged database before any work is stored in it (the check only reads)."""
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise self._damage_error(problems[0])
+
+    def _damage_error(self, detail: str) -> QuadaError:
+        """The user error for a damaged store file: it is kept, and a fresh store goes elsewhere."""
+        return QuadaError(
+            f"the results store {self.path} is damaged or not a database ({detail}); quada left it as it is. "
+            f"To start a fresh store, move it aside (e.g. rename it to {self.path.name}.damaged) or choose "
+            "another --run-dir (--db for the results and judge commands)"
+        )
 
     def _open_schema(self) -> None:
         """Create the tables in a new database; refuse a newer schema or a foreign database."""

@@ -73,6 +73,15 @@ def test_offline_corpus_and_text_files(tmp_path):
         load_corpus("wikitext-103")
 
 
+def test_a_corpus_that_is_not_utf8_text_or_is_a_folder_is_a_user_error(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("na\xefve text".encode("latin-1"))
+    with pytest.raises(QuadaError, match="corpus file .*corpus.txt is not UTF-8 text"):
+        load_corpus(str(path))
+    with pytest.raises(QuadaError, match="is a folder, not a file"):
+        load_corpus(str(tmp_path))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
 def test_wikitext2_without_datasets_names_the_offline_corpus():
     with pytest.raises(QuadaError, match="pydoc-topics"):

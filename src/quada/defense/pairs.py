@@ -92,10 +92,10 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     """Pairs from a JSONL file with ``prompt``, ``chosen`` and ``rejected`` strings on every line
     (optional ``harmful``, default true, ``id`` and ``source``)."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise QuadaError(f"pairs file {path} does not exist; make one with `quada pairs`")
     pairs = []
-    for number, row in jsonl_rows(path):
+    for number, row in jsonl_rows(path, "pairs file"):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
                                                 for k in ("prompt", "chosen", "rejected")):
             raise QuadaError(f'{path} line {number} needs non-empty "prompt", "chosen" and "rejected" strings')

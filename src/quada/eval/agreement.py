@@ -9,11 +9,10 @@ The human file is CSV or JSONL with one row per judged response:
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 from pathlib import Path
 
+from quada.data import csv_rows, jsonl_rows
 from quada.errors import QuadaError
 from quada.eval.judges import Agreement, agreement
 from quada.store import Judgement, Store
@@ -35,18 +34,15 @@ def _label(value, where: str) -> bool:
 def load_human_labels(path: str | Path) -> dict[tuple[str, str], bool]:
     """``{(approx, prompt_id): label}`` from a human-labelled CSV or JSONL file."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise QuadaError(f"human label file {path} does not exist; check the path")
     if path.suffix.lower() == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [(f"line {number}", row) for number, row in jsonl_rows(path, "human label file")]
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = [(f"row {number}", row) for number, row in enumerate(csv_rows(path, "human label file")[1], start=1)]
     labels = {}
-    for number, row in enumerate(rows, start=1):
-        if "prompt_id" not in row or "label" not in row:
-            raise QuadaError(f"{path} row {number}: needs the columns prompt_id and label (approx is optional)")
-        labels[row.get("approx") or "none", row["prompt_id"]] = _label(row["label"], f"{path} row {number}")
+    for where, row in rows:
+        if not isinstance(row, dict) or "prompt_id" not in row or "label" not in row:
+            raise QuadaError(f"{path} {where}: needs the columns prompt_id and label (approx is optional)")
+        labels[row.get("approx") or "none", row["prompt_id"]] = _label(row["label"], f"{path} {where}")
     if not labels:
         raise QuadaError(f"human label file {path} holds no rows")
     return labels
@@ -74,14 +70,39 @@ def stored_labels(store: Store) -> dict[str, dict[tuple[str, str], bool]]:
 def pairwise_agreement(
     labels: dict[str, dict[tuple[str, str], bool]], judges: list[str] | None = None
 ) -> list[tuple[str, str, Agreement]]:
-    """Percent agreement and Cohen's kappa for every pair of judges, on the items both labelled."""
+    """Percent agreement and Cohen's kappa for every pair of judges, on the items both labelled.
+
+    Pairs without a common item are left out (a refusal judge labels other prompts than the safety
+    judges); it is an error when no pair is left, or when the human labels match no judge's item.
+    """
     names = judges or sorted(labels)
     unknown = [n for n in names if n not in labels]
     if unknown:
         raise QuadaError(f"no stored labels of judge {unknown[0]!r}; the store has: {', '.join(sorted(labels))}")
+    if len(names) < 2:
+        raise QuadaError(
+            f"agreement needs two judges, got {', '.join(names) or 'none'}; judge the stored responses with "
+            "another judge or give human labels"
+        )
     results = []
     for a, b in itertools.combinations(names, 2):
         common = sorted(labels[a].keys() & labels[b].keys())
         if common:
             results.append((a, b, agreement([labels[a][k] for k in common], [labels[b][k] for k in common])))
+    if not results:
+        raise QuadaError(_no_common_items(f"the judges {', '.join(names)}", labels, names))
+    if HUMAN in names and not any(HUMAN in (a, b) for a, b, _ in results):
+        raise QuadaError(_no_common_items("the human labels and the stored judgements", labels, names))
     return results
+
+
+def _no_common_items(between: str, labels: dict[str, dict[tuple[str, str], bool]], names: list[str]) -> str:
+    """The message for labels that match no other judge's: which keys are compared, with an example
+    key of each judge."""
+    examples = "; ".join(
+        f"{name} has approx {approx!r}, prompt_id {prompt_id!r}" for name in names for approx, prompt_id in list(labels[name])[:1]
+    )
+    return (
+        f"no common items between {between}: items are matched on (approx, prompt_id), e.g. {examples}; "
+        "use the approx specs and prompt ids that `quada results export` writes"
+    )

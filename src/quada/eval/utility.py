@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from quada.data import read_text_file
 from quada.errors import QuadaError
 from quada.eval.scoring import answer_token_split, next_token_logprobs, pad_id_of
 from quada.hub import require_hub
@@ -71,9 +72,9 @@ def load_corpus(source: str = DEFAULT_CORPUS) -> str:
     if source == "pydoc-topics":
         return _pydoc_topics()
     path = Path(source).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise QuadaError(f"unknown corpus {source!r}; choose one of {', '.join(CORPORA)} or give a text file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "corpus file")
     if not text.strip():
         raise QuadaError(f"corpus file {path} is empty; give a file with text in it")
     return text
