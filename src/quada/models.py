@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.errors import QuadaError
+from quada.runs import atomic_folder, write_json
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 CACHE_ENV = "QUADA_CACHE_DIR"
@@ -120,8 +119,7 @@ def _convert_gguf(gguf: Path, target: Path, manifest: dict) -> None:
     leaves a folder that looks complete.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # A GGUF-loaded model refuses save_pretrained: it is dequantized already, so drop the marks.
@@ -132,12 +130,7 @@ def _convert_gguf(gguf: Path, target: Path, manifest: dict) -> None:
             model.tie_weights()
         model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / CONVERTED_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / CONVERTED_MANIFEST, manifest)
 
 
 def _converted_folder(key: str, gguf_parts: list[Path], expected_sha256: str | None, label: str) -> Path:
