@@ -4,7 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from rich.console import Console
+from typer.testing import CliRunner
 
+from quada import cli
+from quada.models import BUILTINS
 from quada.testing import tiny_model
 
 
@@ -36,6 +40,16 @@ def test_models_lists_every_builtin():
         assert name in result.stdout
 
 
+@pytest.mark.parametrize("width", [40, 20])
+def test_models_never_cuts_a_name_in_a_narrow_console(monkeypatch, width):
+    monkeypatch.setattr(cli, "console", Console(width=width))
+    result = CliRunner().invoke(cli.app, ["models"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for name in BUILTINS:
+        assert any(line.split()[:1] == [name] for line in lines), result.output
+
+
 def test_generate_writes_one_row_per_prompt(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Say hi\n\nName a colour\n")
@@ -47,7 +61,7 @@ def test_generate_writes_one_row_per_prompt(model_dir, tmp_path):
     assert [r["prompt"] for r in rows] == ["Say hi", "Name a colour"]
     assert all(r["prompt_format"] == "paper" and r["max_new_tokens"] == 4 for r in rows)
     assert len({r["id"] for r in rows}) == 2
-    assert not (tmp_path / "out.jsonl.partial").exists()
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_unknown_model(tmp_path):

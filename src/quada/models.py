@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from quada.errors import QuadaError
 from quada.hub import require_hub
+from quada.runs import atomic_folder, write_json
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 CACHE_ENV = "QUADA_CACHE_DIR"
@@ -136,8 +135,7 @@ def _convert_gguf(gguf: Path, target: Path, manifest: dict) -> None:
     leaves a folder that looks complete.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         tokenizer, model = _read_gguf(gguf, manifest["source"])
         # A GGUF-loaded model refuses save_pretrained: it is dequantized already, so drop the marks.
         model.hf_quantizer = None
@@ -147,12 +145,7 @@ def _convert_gguf(gguf: Path, target: Path, manifest: dict) -> None:
             model.tie_weights()
         model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / CONVERTED_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / CONVERTED_MANIFEST, manifest)
 
 
 def _converted_folder(key: str, gguf_parts: list[Path], expected_sha256: str | None, label: str) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from quada.errors import QuadaError  # noqa: E402
+from quada.runs import atomic_write_bytes  # noqa: E402
 
 CONTENT_WARNING = (
     "Content warning: the examples below are model responses to harmful requests and may contain "
@@ -80,8 +80,8 @@ details{margin:1em 0} pre{white-space:pre-wrap;background:#f8f8f8;padding:0.5em}
 def write_report(out_dir: str | Path, title: str, summary: str, sections: list[Section]) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and the figures' PNGs into ``out_dir``.
 
-    Files are written under temporary names and renamed at the end, so a killed run never leaves
-    a half-written report. Returns the paths of the Markdown and HTML files.
+    Every file is rendered first and then written whole or not at all, so a killed run never
+    leaves a half-written report. Returns the paths of the Markdown and HTML files.
     """
     out = Path(out_dir)
     try:
@@ -90,7 +90,7 @@ def write_report(out_dir: str | Path, title: str, summary: str, sections: list[S
         raise QuadaError(f"cannot create the report folder {out} ({err.strerror}); choose another output folder") from err
     md = [f"# {title}", "", summary, ""]
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(summary)}</p>"]
-    finished: list[tuple[Path, Path]] = []
+    rendered: dict[Path, bytes] = {}
     for section in sections:
         md += [f"## {section.heading}", ""]
         body.append(f"<h2>{html.escape(section.heading)}</h2>")
@@ -102,10 +102,7 @@ def write_report(out_dir: str | Path, title: str, summary: str, sections: list[S
             body.append(_html_table(section.columns, section.rows))
         for stem, figure in section.figures.items():
             png = _png(figure)
-            path = out / f"{stem}.png"
-            tmp = path.with_name(path.name + ".partial")
-            tmp.write_bytes(png)
-            finished.append((tmp, path))
+            rendered[out / f"{stem}.png"] = png
             md += [f"![{stem}]({stem}.png)", ""]
             body.append(f'<img alt="{html.escape(stem)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
         if section.examples:
@@ -123,11 +120,8 @@ def write_report(out_dir: str | Path, title: str, summary: str, sections: list[S
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
     )
-    for name, text in (("report.md", "\n".join(md)), ("report.html", page)):
-        path = out / name
-        tmp = path.with_name(name + ".partial")
-        tmp.write_text(text, encoding="utf-8")
-        finished.append((tmp, path))
-    for tmp, path in finished:
-        os.replace(tmp, path)
+    rendered[out / "report.md"] = "\n".join(md).encode()
+    rendered[out / "report.html"] = page.encode()
+    for path, data in rendered.items():
+        atomic_write_bytes(path, data)
     return out / "report.md", out / "report.html"

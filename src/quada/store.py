@@ -30,6 +30,7 @@ from typing import Any
 
 from quada.errors import QuadaError
 from quada.fingerprint import package_versions
+from quada.runs import atomic_writer
 
 SCHEMA_VERSION = 1
 CLEAN = "none"  # the approximation spec of the unmodified model
@@ -326,7 +327,7 @@ class Store:
         records = self.records()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", newline="", encoding="utf-8") as f:
+            with atomic_writer(path, newline="") as f:
                 if fmt == "json":
                     for record in records:
                         record["versions"] = json.loads(record["versions"])

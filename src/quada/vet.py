@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus, load_q
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
 from quada.report import Example, Section
+from quada.runs import atomic_write_text, jsonable, open_run_dir, write_json
 from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, settings_json
 
 PAPER_PRESETS = tuple(name for name, _ in list_specs() if name.startswith("paper:"))
@@ -147,9 +147,7 @@ class UtilityCache:
     def get_or_compute(self, key: str, compute: Callable[[], float | list]) -> float | list:
         if key not in self.values:
             self.values[key] = compute()
-            tmp = self.path.with_name(self.path.name + ".partial")
-            tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(self.values, indent=1, sort_keys=True))
         return self.values[key]
 
 
@@ -243,13 +241,6 @@ def progress_bar(enabled: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled
     )
-
-
-def open_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise QuadaError(f"cannot create the run folder {run_dir} ({err.strerror}); choose another --run-dir") from err
 
 
 def vet(config: VetConfig, progress: bool = True) -> VetResult:
@@ -421,20 +412,3 @@ def report_sections(saved: dict) -> list[Section]:
         ),
         Section("Example responses", examples=[Example(**e) for e in saved.get("examples", [])]),
     ]
-
-
-def jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` as JSON through a ``.partial`` file and a rename (never half-written)."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)

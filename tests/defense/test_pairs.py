@@ -69,7 +69,7 @@ def test_benign_pairs_keep_helpful_answers_against_a_refusal_or_the_heavy_answer
 def test_pairs_round_trip_and_bad_files_are_clear_errors(tmp_path):
     pairs = [PreferencePair("a", "q", "c", "r", True, "t"), PreferencePair("b", "q2", "c2", "r2", False, "t")]
     assert load_pairs(write_pairs(tmp_path / "p.jsonl", pairs)) == pairs
-    assert not (tmp_path / "p.jsonl.partial").exists()
+    assert not list(tmp_path.glob("*.partial"))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "c"}\n')
     with pytest.raises(QuadaError, match='line 1 needs non-empty "prompt", "chosen" and "rejected"'):
         load_pairs(tmp_path / "bad.jsonl")

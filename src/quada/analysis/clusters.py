@@ -17,7 +17,6 @@ prompts look benign to what separated them before).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,8 +42,9 @@ from quada.errors import QuadaError
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
 from quada.report import Section
+from quada.runs import atomic_writer, jsonable, open_run_dir, write_json
 from quada.store import CLEAN
-from quada.vet import approximated, jsonable, open_run_dir, progress_bar, write_json
+from quada.vet import approximated, progress_bar
 
 RESULTS_FILE = "clusters.json"
 RESIDUAL = "residual"
@@ -255,10 +255,8 @@ def _cached(path: Path, compute) -> np.ndarray:
         return np.load(path)
     values = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+    with atomic_writer(path, "wb") as f:
         np.save(f, values)
-    os.replace(tmp, path)
     return values
 
 

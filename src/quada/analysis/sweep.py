@@ -42,8 +42,9 @@ from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus
 from quada.models import DEFAULT_MODEL, load
 from quada.report import Section
+from quada.runs import jsonable, open_run_dir, write_json
 from quada.store import CLEAN, Store
-from quada.vet import SAFETY_JUDGES, Evaluator, check_options, jsonable, open_run_dir, progress_bar, write_json
+from quada.vet import SAFETY_JUDGES, Evaluator, check_options, progress_bar
 
 FIGURE_STEM = "sweep"
 POINTS_FILE = "sweep.json"

@@ -20,6 +20,7 @@ from torch import nn
 
 from quada.errors import QuadaError
 from quada.fingerprint import model_fingerprint
+from quada.runs import atomic_writer
 
 # [ours] Ordinary, harmless instructions of varied length and topic.
 CALIBRATION_PROMPTS: tuple[str, ...] = (
@@ -111,9 +112,8 @@ def cached(model: nn.Module, key: str, compute: Callable[[], dict[str, torch.Ten
     if result is None:
         result = compute()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = path + f".{os.getpid()}.partial"
-        torch.save({"key": key, "tensors": result}, partial)
-        os.replace(partial, path)
+        with atomic_writer(path, "wb") as f:
+            torch.save({"key": key, "tensors": result}, f)
     _MEMORY[(fingerprint, key)] = result
     return result
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -41,7 +40,8 @@ from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW
 from quada.models import DEFAULT_MODEL
 from quada.report import Section, write_report
-from quada.vet import PAPER_PRESETS, SAFETY_JUDGES, jsonable, open_run_dir, write_json
+from quada.runs import atomic_folder, atomic_write_text, jsonable, open_run_dir, write_json
+from quada.vet import PAPER_PRESETS, SAFETY_JUDGES
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -150,11 +150,9 @@ def training_data(config: AlignConfig, pairs: list[PreferencePair]):
     folder = config.out_dir / DATA_DIR
     digest = file_sha256(config.pairs)
     if not (folder / DATA_PAIRS_MARK).is_file():
-        def save(tmp: Path) -> None:
+        with atomic_folder(folder) as tmp:
             Dataset.from_list(preference_rows(pairs, config.prompt_format)).save_to_disk(str(tmp))
             (tmp / DATA_PAIRS_MARK).write_text(f"{digest} {config.prompt_format}")
-
-        _save_atomically(folder, save)
     if (folder / DATA_PAIRS_MARK).read_text() != f"{digest} {config.prompt_format}":
         raise QuadaError(
             f"the run folder {config.out_dir} was started with other pairs or another prompt format; "
@@ -225,17 +223,16 @@ def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
     if quada.use_lora:
         adapter_dir = config.out_dir / ADAPTER_DIR
         # The embeddings are not adapted; without the flag PEFT would look the base model up on the hub.
-        _save_atomically(adapter_dir, lambda tmp: policy.save_pretrained(tmp, save_embedding_layers=False))
+        with atomic_folder(adapter_dir) as tmp:
+            policy.save_pretrained(tmp, save_embedding_layers=False)
         policy = policy.merge_and_unload()
     record["adapter_dir"] = str(adapter_dir) if adapter_dir else None
 
-    def save_model(tmp: Path) -> None:
+    with atomic_folder(config.out_dir / MODEL_DIR) as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / TRAINING_FILE, jsonable(record))
         (tmp / "README.md").write_text(model_card(record), encoding="utf-8")
-
-    _save_atomically(config.out_dir / MODEL_DIR, save_model)
     del trainer, policy, model
     gc.collect()
     return record
@@ -244,16 +241,6 @@ def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
 def _plain(value):
     """A configuration value as JSON holds it (enums by their value)."""
     return value.value if isinstance(value, Enum) else jsonable(value)
-
-
-def _save_atomically(target: Path, save) -> None:
-    """Run ``save(folder)`` on a temporary sibling folder, then put it in place of ``target``."""
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
 
 
 TRAINING_FIELDS = (
@@ -477,7 +464,7 @@ def align(config: AlignConfig, progress: bool = True) -> AlignResult:
         sweeps = {label: _sweep(config, model, folder / "sweep") for label, (model, folder) in subjects.items()}
     md, html = write_align_report(config, record, results, sweeps)
     columns, rows = comparison_table(results, config.judges)
-    (model_dir / "README.md").write_text(model_card(record, rows, columns), encoding="utf-8")
+    atomic_write_text(model_dir / "README.md", model_card(record, rows, columns))
     write_json(config.out_dir / "align.json", jsonable({
         "config": {k: v for k, v in asdict(config).items() if k != "training"} | {"training": record["config"]},
         "models": {label: model for label, (model, _) in subjects.items()},

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from quada.eval.generate import GenerationSettings
 from quada.eval.judges import keyword_verdict, refusal_phrase
 from quada.hub import require_hub
 from quada.models import DEFAULT_MODEL
+from quada.runs import atomic_write_text, open_run_dir
 from quada.store import CLEAN
 from quada.vet import progress_bar
 
@@ -73,16 +73,14 @@ def written_refusal(key: str) -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
     try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
+        atomic_write_text(path, text)
     except OSError as err:
         raise QuadaError(f"cannot write {path} ({err.strerror}); choose a writable output folder") from err
 
 
 def write_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:
-    """Write pairs as JSONL (one object a line), through a ``.partial`` file and a rename."""
+    """Write pairs as JSONL (one object a line), whole or not at all."""
     path = Path(path)
     _write_atomically(path, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs))
     return path
@@ -296,7 +294,7 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
     ``out_dir/results.sqlite``), build the pairs and write pairs, split and held-out files."""
     from quada.models import load
     from quada.store import Store
-    from quada.vet import Evaluator, open_run_dir
+    from quada.vet import Evaluator
 
     harmful_train, harmful_heldout = split_prompts(load_benchmark(config.harmful), config.heldout, config.seed)
     benign_train, benign_heldout = split_prompts(load_benchmark(config.benign), config.benign_heldout, config.seed)
@@ -342,8 +340,6 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
 def pku_pairs(file: str | Path | None, out_dir: Path, limit: int | None = None, seed: int = 0) -> PairsResult:
     """PKU-SafeRLHF pairs written to ``out_dir/pairs.jsonl``. Their prompts are not AdvBench's or
     the bundled benign suite's, so the split records every one of those as held out."""
-    from quada.vet import open_run_dir
-
     pairs = load_pku_saferlhf(file, limit, seed)
     open_run_dir(out_dir)
     advbench, benign = load_benchmark("advbench"), load_benchmark("quada-benign")
