@@ -20,6 +20,7 @@ import platformdirs
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from quada.devices import resolve_device
 from quada.errors import QuadaError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -197,9 +198,11 @@ def resolve(source: str) -> Path | str:
 
 
 def load(
-    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16
+    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the left for generation."""
+    """Load ``(model, tokenizer)`` in eval mode on ``device`` (``auto``: a CUDA GPU when there is
+    one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``); the tokenizer pads on the left for generation."""
+    target = resolve_device(device)  # an absent device fails before any conversion or download
     where = resolve(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
@@ -215,4 +218,4 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.name_or_path = source
-    return model.eval(), tokenizer
+    return model.to(target).eval(), tokenizer
