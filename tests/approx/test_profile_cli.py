@@ -59,7 +59,7 @@ def test_cli_lists_every_spec():
 
 
 def test_cli_profile_prints_a_table_and_the_equivalent_noise(monkeypatch):
-    monkeypatch.setattr(quada.models, "load", lambda source: tiny_model("llama"))
+    monkeypatch.setattr(quada.models, "load", lambda source, **_: tiny_model("llama"))
     result = run("profile", "--model", "tiny", "--spec", "bolt", "--layers", "1", "--limit", "2")
     assert result.exit_code == 0, result.output
     assert "up:attn" in result.output and "down" in result.output
@@ -67,6 +67,6 @@ def test_cli_profile_prints_a_table_and_the_equivalent_noise(monkeypatch):
 
 
 def test_cli_profile_raises_user_errors_before_loading(monkeypatch):
-    monkeypatch.setattr(quada.models, "load", lambda source: pytest.fail("loaded a model for a bad spec"))
+    monkeypatch.setattr(quada.models, "load", lambda source, **_: pytest.fail("loaded a model for a bad spec"))
     result = run("profile", "--model", "tiny", "--spec", "teal:sparsity=2")
     assert isinstance(result.exception, QuadaError) and "[0, 1)" in str(result.exception)

@@ -180,7 +180,7 @@ def test_make_judge_errors_and_refusal_fallback(monkeypatch, tiny):
     with pytest.raises(QuadaError, match="together"):
         make_judge("llm", model=tiny[0])
 
-    def unavailable(source):
+    def unavailable(source, device="auto"):
         raise QuadaError(f"built-in model {source!r} is not installed")
 
     monkeypatch.setattr(judges, "load_judge_model", unavailable)

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from quada.devices import DEVICE_HELP
 from quada.errors import QuadaError
 
 console = Console()
@@ -32,6 +33,7 @@ PplWindow = Annotated[int, typer.Option(help="Tokens per perplexity window.")]
 PplWindows = Annotated[int | None, typer.Option(help="Number of perplexity windows.")]
 PplBound = Annotated[float, typer.Option(help="Perplexity bound, as a multiple of the clean perplexity.")]
 RunDir = Annotated[Path, typer.Option(help="Run folder: results store, report and the analyses' results; share it between `quada vet`, sweep, layers and clusters for one report on the whole story.")]
+Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
 DerivedSpec = Annotated[str | None, typer.Option("--spec", "-s", help="Approximation spec; default: the most vulnerable approximation found by `quada sweep` in --run-dir.")]
 DEFAULT_RUN_DIR = Path("runs") / "sweep"
 
@@ -92,6 +94,7 @@ def sweep_command(
     ppl_window: PplWindow = 1024,
     ppl_windows: PplWindows = 8,
     run_dir: RunDir = DEFAULT_RUN_DIR,
+    device: Device = "auto",
 ) -> None:
     """Finding 1: sweep an approximation's strength; ASR (with 95% CIs) and perplexity at each point, and the most vulnerable approximation.
 
@@ -111,6 +114,7 @@ def sweep_command(
         judge_model=judge_model, prompt_format=prompt_format, max_new_tokens=max_new_tokens,
         stop_on_refusal=stop_on_refusal, seed=seed, corpus=corpus, ppl_window=ppl_window, ppl_windows=ppl_windows,
         run_dir=run_dir,
+        device=device,
     )
     result = sweep(config)
     _print_table(f"quada sweep: {model}", [config.axis, "ASR % [95% CI]", "perplexity", "x clean"], [
@@ -141,6 +145,7 @@ def layers_command(
     ppl_window: PplWindow = 1024,
     ppl_windows: PplWindows = 8,
     run_dir: RunDir = DEFAULT_RUN_DIR,
+    device: Device = "auto",
 ) -> None:
     """Finding 2: ASR with the approximation on a single layer l, on the first k and on the last k layers; tau; the refusal-probability proxy.
 
@@ -155,6 +160,7 @@ def layers_command(
         benchmark=benchmark, limit=None if all_prompts else limit, judges=parse_names(judges), judge_model=judge_model,
         prompt_format=prompt_format, max_new_tokens=max_new_tokens, stop_on_refusal=stop_on_refusal, seed=seed,
         corpus=corpus, ppl_window=ppl_window, ppl_windows=ppl_windows, run_dir=run_dir,
+        device=device,
     )
     result = layers(config)
     _print_table(f"quada layers: {result.spec} on {model}", ["condition", "l or k", "ASR % [95% CI]", "refusal prob. %", "perplexity"], [
@@ -182,6 +188,7 @@ def clusters_command(
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the linear probe.")] = 5,
     seed: Seed = 0,
     run_dir: RunDir = DEFAULT_RUN_DIR,
+    device: Device = "auto",
 ) -> None:
     """Finding 3: do harmful and benign activations separate, and does the approximation move harmful ones toward benign?
 
@@ -192,6 +199,7 @@ def clusters_command(
     config = ClustersConfig(
         model=model, spec=spec, layer=layer, site=site, pooling=pooling, harmful=harmful, benign=benign,
         limit=None if all_prompts else limit, prompt_format=prompt_format, folds=folds, seed=seed, run_dir=run_dir,
+        device=device,
     )
     result = clusters(config)
     _print_table(f"quada clusters: layer {result.layer}, {site}, {pooling} pooling", [

@@ -38,6 +38,7 @@ from quada.approx import as_spec
 from quada.approx.sites import SITES, resolve_decoder
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.data import load_benchmark, subset
+from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
@@ -58,6 +59,7 @@ class ClustersConfig:
     """What `quada clusters` measures; every field has a CLI option of the same name."""
 
     model: str = DEFAULT_MODEL
+    device: str = "auto"  # where the model runs: auto, cpu, cuda or cuda:N
     spec: str | None = None  # the approximation; None = the MVA of the sweep in run_dir
     layer: int | None = None  # decoder layer; None = the middle one
     site: str = RESIDUAL  # the layer's output, or an approximation site: qkv, gate_up, o, down, act
@@ -71,6 +73,7 @@ class ClustersConfig:
     run_dir: Path = field(default_factory=lambda: Path("runs") / "sweep")
 
     def __post_init__(self):
+        self.device = check_device(self.device)
         if self.spec == CLEAN:
             raise QuadaError("--spec must be an approximation, not the clean model")
         if self.spec is not None:
@@ -282,7 +285,7 @@ def clusters(config: ClustersConfig, progress: bool = True) -> ClustersResult:
         raise QuadaError(f"{min(len(harmful), len(benign))} prompts in a class are fewer than the {config.folds} folds; lower --folds")
     spec = spec_or_mva(config.spec, config.run_dir)
     open_run_dir(config.run_dir)
-    model, tokenizer = load(config.model)
+    model, tokenizer = load(config.model, device=config.device)
     layer = len(resolve_decoder(model).layers) // 2 if config.layer is None else config.layer
     fingerprint = model_fingerprint(model)
     activations: dict[str, np.ndarray] = {}

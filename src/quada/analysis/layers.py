@@ -40,6 +40,7 @@ from quada.approx.base import LayerSelection
 from quada.approx.sites import resolve_decoder
 from quada.chat import format_prompt
 from quada.data import load_benchmark, subset
+from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import DEFAULT_JUDGE_MODEL, REFUSAL_PHRASES, make_judge
@@ -69,6 +70,7 @@ class LayersConfig:
     """What `quada layers` measures; every field has a CLI option of the same name."""
 
     model: str = DEFAULT_MODEL
+    device: str = "auto"  # where the model and the judge model run: auto, cpu, cuda or cuda:N
     spec: str | None = None  # the approximation; None = the MVA of the sweep in run_dir
     stride: int = 1  # every stride-th layer l and count k (the all-layer condition is always measured)
     share: float = 0.9  # tau: first-k ASR must reach this share of the all-layer ASR
@@ -88,6 +90,7 @@ class LayersConfig:
     run_dir: Path = field(default_factory=lambda: Path("runs") / "sweep")
 
     def __post_init__(self):
+        self.device = check_device(self.device)
         self.judges = tuple(self.judges)
         if not self.judges or self.judges[0] not in SAFETY_JUDGES:
             raise QuadaError(f"the first judge decides the ASR: start --judges with one of {', '.join(SAFETY_JUDGES)}")
@@ -285,11 +288,13 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     spec = spec_or_mva(config.spec, config.run_dir)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
-    model, tokenizer = load(config.model)
+    model, tokenizer = load(config.model, device=config.device)
     num_layers = len(resolve_decoder(model).layers)
     if config.stride >= num_layers and num_layers > 1:
         raise QuadaError(f"stride {config.stride} skips every layer of a {num_layers}-layer model; use at most {num_layers - 1}")
-    judges = {} if config.proxy_only else {name: make_judge(name, model_source=config.judge_model) for name in config.judges}
+    judges = {} if config.proxy_only else {
+        name: make_judge(name, model_source=config.judge_model, device=config.device) for name in config.judges
+    }
     conditions = [("clean", 0, ())] + layer_conditions(num_layers, config.stride)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
         evaluator = Evaluator(store, model, tokenizer, config, corpus)

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from quada.analysis.story import write_story
 from quada.approx import parse_spec, spec_label
 from quada.data import load_benchmark, subset
+from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import DEFAULT_JUDGE_MODEL, make_judge
@@ -55,6 +56,7 @@ class SweepConfig:
     """What `quada sweep` measures; every field has a CLI option of the same name."""
 
     model: str = DEFAULT_MODEL
+    device: str = "auto"  # where the model and the judge model run: auto, cpu, cuda or cuda:N
     spec: str = "noise:site=up,dist=gaussian"  # base spec; `parameter` is swept
     parameter: str = "std"
     grid: tuple[float, ...] = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2)  # 0 = the clean model
@@ -75,6 +77,7 @@ class SweepConfig:
     variants: tuple[str, ...] = ()  # a categorical sweep over these specs; spec, parameter and grid then unused
 
     def __post_init__(self):
+        self.device = check_device(self.device)
         self.judges = tuple(self.judges)
         if not self.judges or self.judges[0] not in SAFETY_JUDGES:
             raise QuadaError(f"the first judge decides the ASR: start --judges with one of {', '.join(SAFETY_JUDGES)}")
@@ -247,8 +250,8 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
-    model, tokenizer = load(config.model)
-    judges = {name: make_judge(name, model_source=config.judge_model) for name in config.judges}
+    model, tokenizer = load(config.model, device=config.device)
+    judges = {name: make_judge(name, model_source=config.judge_model, device=config.device) for name in config.judges}
     rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
     positive = next((s for s in config.grid if s > 0), None)
     integral = rounds > 0 and positive is not None and _integer_parameter(config.spec, config.parameter, positive)

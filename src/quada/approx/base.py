@@ -304,10 +304,30 @@ def spec_label(spec: str) -> str:
 # --------------------------------------------------------------------------- installation
 
 
+class DeviceGenerators:
+    """Random generators seeded alike, one per device, each made when a tensor on that device
+    first needs one, so random draws happen where the activations live.
+
+    The same seed gives the same draws on the same device. CPU and CUDA generators produce
+    different streams, so one seed gives different noise on a CPU and on a GPU; on the CPU the
+    stream is that of ``torch.Generator().manual_seed(seed)``.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def on(self, device: torch.device) -> torch.Generator:
+        """The generator on ``device`` (seeded with ``seed`` when first asked for)."""
+        if device not in self._by_device:
+            self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._by_device[device]
+
+
 class Installation:
     """Records every change made to a model so that ``undo`` restores it exactly.
 
-    Also holds what the installed techniques share: the seeded generator, the per-(layer, site)
+    Also holds what the installed techniques share: the seeded generators, the per-(layer, site)
     zero counters behind the sparsity report, and the input scales folded into weights (the
     profiler multiplies them back to compare activations in original coordinates).
 
@@ -316,7 +336,7 @@ class Installation:
     """
 
     def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generators = DeviceGenerators(seed)
         self.counters: dict[tuple[int, str], torch.Tensor] = {}
         self.input_scales: dict[tuple[int, str], torch.Tensor] = {}
         self._undo: list[Callable[[], None]] = []
@@ -364,9 +384,10 @@ class Installation:
                 redo()
             self._lifted = False
 
-    def counter(self, layer: int, site: str) -> torch.Tensor:
-        """A ``[zeroed, total]`` accumulator that sparsifying hooks add to."""
-        return self.counters.setdefault((layer, site), torch.zeros(2, dtype=torch.float64))
+    def counter(self, layer: int, site: str, device: torch.device) -> torch.Tensor:
+        """A ``[zeroed, total]`` count that sparsifying hooks add to, on the layer's ``device`` (so
+        counting never waits for the device)."""
+        return self.counters.setdefault((layer, site), torch.zeros(2, dtype=torch.long, device=device))
 
     def undo(self) -> None:
         errors = []
@@ -440,12 +461,13 @@ def apply(
 
     ``spec``: a config, a spec string or a list of them (composed in order). ``layers``: the
     decoder layers for parts that do not name their own (a range, a slice string like "0:4", a
-    list of ints; None = all). ``seed`` seeds one generator for every random draw, so equal seeds
-    give equal outputs. Calibrated techniques (TEAL, CATS, SmoothQuant, OmniQuant) need
-    ``tokenizer``; they calibrate on ``calibration_prompts`` (default: bundled benign prompts) and
-    cache the result per model. Calibration always sees the clean model: inside another ``apply``
-    block on the same model, that block's changes are lifted while calibrating. On exit, also by
-    exception, every hook, swap and weight edit is undone and the model is bit-identical to before.
+    list of ints; None = all). ``seed`` seeds the generator of every random draw, one per device
+    (see ``DeviceGenerators``), so equal seeds give equal outputs on the same device. Calibrated
+    techniques (TEAL, CATS, SmoothQuant, OmniQuant) need ``tokenizer``; they calibrate on
+    ``calibration_prompts`` (default: bundled benign prompts) and cache the result per model.
+    Calibration always sees the clean model: inside another ``apply`` block on the same model,
+    that block's changes are lifted while calibrating. On exit, also by exception, every hook,
+    swap and weight edit is undone and the model is bit-identical to before.
     """
     from quada.approx.calibration import CalibrationSet
     from quada.approx.sites import resolve_decoder

@@ -97,7 +97,9 @@ def cache_root() -> str:
 
 
 def cached(model: nn.Module, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Return ``compute()``'s tensors for (model, key), from memory, disk or a fresh computation."""
+    """Return ``compute()``'s tensors for (model, key), from memory, disk or a fresh computation.
+    They are kept on the CPU, whatever device computed them, so a cache file loads on any
+    machine; installers move what they use onto the layer's device."""
     fingerprint = model_fingerprint(model)
     if (fingerprint, key) in _MEMORY:
         return _MEMORY[(fingerprint, key)]
@@ -105,12 +107,12 @@ def cached(model: nn.Module, key: str, compute: Callable[[], dict[str, torch.Ten
     result = None
     if os.path.exists(path):
         try:
-            stored = torch.load(path, weights_only=True)
+            stored = torch.load(path, weights_only=True, map_location="cpu")
             result = stored["tensors"] if stored.get("key") == key else None
         except Exception:  # a corrupt cache file is recomputed, never trusted
             result = None
     if result is None:
-        result = compute()
+        result = {name: tensor.cpu() for name, tensor in compute().items()}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_writer(path, "wb") as f:
             torch.save({"key": key, "tensors": result}, f)
@@ -162,7 +164,8 @@ class AbsHistogram:
 
     def add(self, x: torch.Tensor) -> None:
         logs = x.abs().clamp_min(10**self.LOW).log10()
-        self.counts += torch.histc(logs, self.BINS, self.LOW, self.HIGH).double()
+        # Binned where x lives; the counts stay on the CPU, like every cached statistic.
+        self.counts += torch.histc(logs, self.BINS, self.LOW, self.HIGH).cpu().double()
 
     def quantile(self, q: float) -> float:
         return histogram_quantile(self.counts, self.LOW, self.HIGH, q)

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from quada.approx.base import list_specs, parse_spec
+from quada.devices import DEVICE_HELP, resolve_device
 from quada.errors import QuadaError
 
 app = typer.Typer(help="Activation approximations: list them, profile their error against the paper's noise model.", no_args_is_help=True)
@@ -33,12 +34,14 @@ def profile_command(
     prompts: Path | None = typer.Option(None, "--prompts", "-p", help="Prompt file (text, CSV or JSONL); default: bundled benign prompts."),
     layers: str | None = typer.Option(None, "--layers", help="Decoder layers, e.g. '0:4', '-4:' or '[0,2]'; default: all."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N prompts."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Measure the local error per layer and site, and the equivalent paper-style noise spec."""
     from quada.approx.profile import profile
     from quada.models import load
 
     parsed = parse_spec(spec)  # fail on a bad spec before loading a model
+    target = resolve_device(device)
     if limit is not None and limit < 1:
         raise QuadaError(f"--limit must be a positive whole number, got {limit}")
     texts = None
@@ -50,7 +53,7 @@ def profile_command(
         from quada.approx.calibration import CALIBRATION_PROMPTS
 
         texts = list(texts or CALIBRATION_PROMPTS)[:limit]
-    lm, tokenizer = load(model)
+    lm, tokenizer = load(model, device=target)
     result = profile(lm, tokenizer, parsed, texts, layers=layers)
     table = Table(title=f"Local error of {result.spec} on {model}")
     for column in ("layer", "site", "mean", "std", "laplace b", "rel. error", "sparsity"):

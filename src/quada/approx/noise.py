@@ -23,18 +23,21 @@ DISTRIBUTIONS = {"gaussian": "std", "laplace": "scale", "truncated": "threshold"
 
 
 def gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
-    """``x + eps``, eps ~ N(0, std^2) elementwise (Table 1, eps_up)."""
-    return x + (std * torch.randn(x.shape, generator=generator)).to(x.dtype)
+    """``x + eps``, eps ~ N(0, std^2) elementwise (Table 1, eps_up), drawn on ``x``'s device with
+    ``generator`` (a generator of that device, see ``DeviceGenerators``). Draws are float32 and
+    cast to ``x``'s dtype, so a seed gives the same noise values whatever the dtype."""
+    return x + (std * torch.randn(x.shape, generator=generator, device=x.device)).to(x.dtype)
 
 
 def laplace_noise(x: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """``x + eps``, eps ~ Lap(0, b) elementwise (Table 1, eps_down); std = b * sqrt(2).
+    """``x + eps``, eps ~ Lap(0, b) elementwise (Table 1, eps_down); std = b * sqrt(2). Drawn like
+    :func:`gaussian_noise`: on ``x``'s device, in float32, then cast to ``x``'s dtype.
 
     Drawn by inverting the CDF, ``eps = -b sgn(u) ln(1 - 2|u|)`` with u ~ U[-1/2, 1/2): one
     uniform draw per entry, several times cheaper on a CPU than sampling exponentials. The clamp
     keeps the single point u = -1/2 finite.
     """
-    u = torch.empty(x.shape).uniform_(-0.5, 0.5, generator=generator)
+    u = torch.empty(x.shape, device=x.device).uniform_(-0.5, 0.5, generator=generator)
     magnitude = -torch.log((1 - 2 * u.abs()).clamp_min(torch.finfo(u.dtype).tiny))
     return x + (scale * u.sign() * magnitude).to(x.dtype)
 
@@ -44,7 +47,8 @@ def zero_small(x: torch.Tensor, threshold: float, counter: torch.Tensor | None =
     noise for TEAL; TEAL and CATS themselves). Adds ``[zeroed, total]`` to ``counter``."""
     keep = x.abs() > threshold
     if counter is not None:
-        counter += torch.stack([(~keep).sum(), torch.tensor(keep.numel())]).double()
+        counter[0] += (~keep).sum()
+        counter[1] += keep.numel()
     return x * keep
 
 
@@ -89,20 +93,20 @@ class NoiseConfig(ApproxConfig):
 def install_noise(config: NoiseConfig, decoder: Decoder, layers, ctx, _prepared) -> None:
     def perturb(counter: torch.Tensor | None):
         if config.dist == "gaussian":
-            return lambda x: gaussian_noise(x, config.std, ctx.generator)
+            return lambda x: gaussian_noise(x, config.std, ctx.generators.on(x.device))
         if config.dist == "laplace":
-            return lambda x: laplace_noise(x, config.scale, ctx.generator)
+            return lambda x: laplace_noise(x, config.scale, ctx.generators.on(x.device))
         return lambda x: zero_small(x, config.threshold, counter)
 
     for i in layers:
         sites = decoder.layers[i]
         if config.site == "norm_all":
             for norm in sites.norms():
-                ctx.transform_output(norm, perturb(ctx.counter(i, "norm") if config.dist == "truncated" else None))
+                ctx.transform_output(norm, perturb(ctx.counter(i, "norm", sites.device) if config.dist == "truncated" else None))
             continue
         for site in {"up": ("qkv", "gate_up"), "down": ("down",), "act": ("act",)}[config.site]:
             module, kind = sites.tap(site)
-            fn = perturb(ctx.counter(i, site) if config.dist == "truncated" else None)
+            fn = perturb(ctx.counter(i, site, sites.device) if config.dist == "truncated" else None)
             (ctx.transform_output if kind == "output" else ctx.transform_input)(module, fn)
     if config.site == "norm_all" and len(decoder.layers) - 1 in layers:
         ctx.transform_output(decoder.final_norm, perturb(None))

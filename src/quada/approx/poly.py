@@ -134,7 +134,7 @@ def iron_tanh_activation(x: torch.Tensor, inner_scale: float, cubic: float, frac
     **[ours]**: inner_scale = 1/2, cubic = 0). Computed in float64 so the grid is exact."""
     fx = lambda v: to_fixed(v, frac_bits)  # noqa: E731
     xq = fx(x.double())
-    c_inner, c_cubic = fx(torch.tensor(inner_scale, dtype=torch.float64)), fx(torch.tensor(cubic, dtype=torch.float64))
+    c_inner, c_cubic = (fx(torch.tensor(c, dtype=torch.float64, device=x.device)) for c in (inner_scale, cubic))
     inner = xq if cubic == 0 else xq + fx(c_cubic * fx(fx(xq * xq) * xq))
     t = fx(torch.tanh(fx(c_inner * inner)))
     return fx(fx(xq / 2) * (1 + t)).to(x.dtype)

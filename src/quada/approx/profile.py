@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quada.approx.base import Installation, Spec, apply, as_spec
+from quada.approx.base import DeviceGenerators, Installation, Spec, apply, as_spec
 from quada.approx.calibration import CalibrationSet, capture
 from quada.approx.sites import resolve_decoder
 
@@ -60,8 +60,8 @@ class ErrorProfile:
 
 
 class _Accumulator:
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
+    def __init__(self, generators: DeviceGenerators):
+        self.generators = generators
         self.count = 0
         self.total = self.total_sq = self.exact_sq = self.zeros = 0.0
         self.sample: list[torch.Tensor] = []
@@ -76,7 +76,8 @@ class _Accumulator:
         self.zeros += (received == 0).sum().item()
         if self.kept < SAMPLE_PER_SITE:
             take = min(SAMPLE_PER_SITE - self.kept, 4096, e.numel())
-            self.sample.append(e[torch.randperm(e.numel(), generator=self.generator)[:take]])
+            pick = torch.randperm(e.numel(), generator=self.generators.on(e.device), device=e.device)[:take]
+            self.sample.append(e[pick])
             self.kept += take
 
     def result(self, layer: int, site: str) -> SiteError:
@@ -107,7 +108,7 @@ def profile(
     spec = as_spec(spec)
     decoder = resolve_decoder(model)
     exact_act = [sites.act_fn for sites in decoder.layers]  # before a polynomial swaps them
-    generator = torch.Generator().manual_seed(seed)
+    generators = DeviceGenerators(seed)
     stats: dict[tuple[int, str], _Accumulator] = {}
     calibration = CalibrationSet.of(tokenizer, prompts)
     with apply(model, spec, layers=layers, seed=seed, tokenizer=tokenizer) as applied:
@@ -128,7 +129,7 @@ def profile(
             def fn(x: torch.Tensor) -> torch.Tensor:
                 received = x.float() if scale is None else x.float() * scale
                 exact = exact_of().float() if scale is None else exact_of().float() * scale
-                stats.setdefault((i, site), _Accumulator(generator)).add(received - exact, exact, x)
+                stats.setdefault((i, site), _Accumulator(generators)).add(received - exact, exact, x)
                 return x
 
             return fn

@@ -59,6 +59,7 @@ def _consumer_weight(sites: LayerSites, site: str) -> torch.Tensor:
 def fold_scale(sites: LayerSites, site: str, s: torch.Tensor, ctx: Installation) -> None:
     """Fold ``X -> X / s`` into the producer of ``site`` (its norm, or up_proj's rows for down) and
     ``W -> W * s`` into its consumers: the model's function is unchanged before quantization."""
+    s = s.to(sites.device)
     if site == "down":
         up = sites.linears["up"]
         ctx.replace_data(up.weight, up.weight.float() / s[:, None])
@@ -123,12 +124,12 @@ def _collect_inputs(decoder: Decoder, calibration: CalibrationSet, technique: st
     amax: dict = {}
     samples: dict = {}
     per_batch = -(-rows // len(batches))
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # on the CPU: the same rows on any device
 
     def consume(key, x: torch.Tensor) -> None:
         amax[key] = torch.maximum(amax[key], x.abs().amax(0)) if key in amax else x.abs().amax(0)
         if rows:
-            pick = torch.randperm(len(x), generator=generator)[:per_batch]
+            pick = torch.randperm(len(x), generator=generator)[:per_batch].to(x.device)
             samples.setdefault(key, []).append(x[pick])
 
     taps = {(i, s): decoder.layers[i].tap(s) for i in range(len(decoder.layers)) for s in sites}
@@ -143,7 +144,9 @@ def prepare_smoothquant(config: SmoothQuantConfig, decoder: Decoder, calibration
 
     amax = cached(decoder.model, f"act-amax:sites=qkv,gate_up:prompts={calibration.key}", compute)
     return {
-        f"{i}.{s}.scale": smoothing_factors(amax[f"{i}.{s}.amax"], _consumer_weight(sites, s).abs().amax(0), config.alpha)
+        f"{i}.{s}.scale": smoothing_factors(
+            amax[f"{i}.{s}.amax"].to(sites.device), _consumer_weight(sites, s).abs().amax(0), config.alpha
+        )
         for i, sites in enumerate(decoder.layers)
         for s in ("qkv", "gate_up")
     }
@@ -158,9 +161,9 @@ def learn_transform(
     both ``sigmoid`` of a logit started at 4 (0.98) as in OmniQuant's LWC."""
     with torch.inference_mode(False), torch.enable_grad():
         x, w = x.clone(), w.clone()
-        log_s = torch.zeros(x.shape[1]) if s0 is None else s0.log().clone()
+        log_s = torch.zeros(x.shape[1], device=x.device) if s0 is None else s0.log().clone()
         log_s.requires_grad_(s0 is not None)
-        act_logit, weight_logit = torch.tensor(4.0, requires_grad=True), torch.tensor(4.0, requires_grad=True)
+        act_logit, weight_logit = (torch.tensor(4.0, device=x.device, requires_grad=True) for _ in range(2))
         params = [p for p in (log_s, act_logit, weight_logit) if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=config.lr)
         target = x @ w.T
@@ -188,12 +191,12 @@ OMNI_ROWS, OMNI_OUTPUTS = 128, 512  # calibration tokens per group; output chann
 def prepare_omniquant(config: OmniQuantConfig, decoder: Decoder, calibration: CalibrationSet) -> dict[str, torch.Tensor]:
     def compute():
         amax, samples = _collect_inputs(decoder, calibration, "omniquant", QUANT_SITES, rows=OMNI_ROWS)
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(0)  # on the CPU: the same channels on any device
         plan = {}
         for i, sites in enumerate(decoder.layers):
             for s in QUANT_SITES:
                 w = _consumer_weight(sites, s)
-                w = w[torch.randperm(len(w), generator=generator)[:OMNI_OUTPUTS]]
+                w = w[torch.randperm(len(w), generator=generator)[:OMNI_OUTPUTS].to(w.device)]
                 s0 = None if s == "o" else smoothing_factors(amax[(i, s)], w.abs().amax(0), 0.5)
                 plan |= {f"{i}.{s}.{k}": v for k, v in learn_transform(samples[(i, s)], w, s0, config).items()}
         return plan
@@ -212,12 +215,12 @@ def install_quantized(config: QuantConfig, decoder: Decoder, layers, ctx: Instal
             if f"{i}.{site}.scale" in plan:
                 fold_scale(sites, site, plan[f"{i}.{site}.scale"], ctx)
             if config.weight_bits:
-                clip = plan.get(f"{i}.{site}.weight_clip", 1.0)
+                clip = torch.as_tensor(plan.get(f"{i}.{site}.weight_clip", 1.0), device=sites.device)
                 for role in CONSUMERS[site]:
                     weight = sites.linears[role].weight
                     ctx.replace_data(weight, fake_quant(weight.float(), config.weight_bits, clip))
             module, kind = sites.tap(site)
-            clip = plan.get(f"{i}.{site}.act_clip", 1.0)
+            clip = torch.as_tensor(plan.get(f"{i}.{site}.act_clip", 1.0), device=sites.device)
             fn = lambda x, c=clip: fake_quant(x.float(), config.bits, c).to(x.dtype)  # noqa: E731
             (ctx.transform_output if kind == "output" else ctx.transform_input)(module, fn)
 

@@ -74,6 +74,11 @@ class LayerSites:
     linears: dict[str, nn.Linear]  # q, k, v, o, gate, up, down
 
     @property
+    def device(self) -> torch.device:
+        """Where the layer's weights (and so its activations) live."""
+        return next(self.layer.parameters()).device
+
+    @property
     def act_fn(self) -> nn.Module:
         """The activation module that runs now (looked up live: polynomials swap it)."""
         return getattr(self.mlp, self.act_name)

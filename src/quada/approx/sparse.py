@@ -84,9 +84,10 @@ def prepare_teal(config: TealConfig, decoder: Decoder, calibration: CalibrationS
 @installs(TealConfig, prepare=prepare_teal)
 def install_teal(config: TealConfig, decoder: Decoder, layers, ctx, limits: torch.Tensor) -> None:
     for i in layers:
+        device = decoder.layers[i].device
         for j, site in enumerate(TEAL_SITES):
             module, kind = decoder.layers[i].tap(site)
-            fn = lambda x, t=limits[i, j].item(), c=ctx.counter(i, site): teal_sparsify(x, t, c)  # noqa: E731
+            fn = lambda x, t=limits[i, j].item(), c=ctx.counter(i, site, device): teal_sparsify(x, t, c)  # noqa: E731
             (ctx.transform_output if kind == "output" else ctx.transform_input)(module, fn)
 
 
@@ -110,5 +111,6 @@ def prepare_cats(config: CatsConfig, decoder: Decoder, calibration: CalibrationS
 def install_cats(config: CatsConfig, decoder: Decoder, layers, ctx, limits: torch.Tensor) -> None:
     for i in layers:
         module, _ = decoder.layers[i].tap("act")
-        fn = lambda x, t=limits[i, 0].item(), c=ctx.counter(i, "act"): zero_small(x, t, c)  # noqa: E731
+        counter = ctx.counter(i, "act", decoder.layers[i].device)
+        fn = lambda x, t=limits[i, 0].item(), c=counter: zero_small(x, t, c)  # noqa: E731
         ctx.transform_output(module, fn)

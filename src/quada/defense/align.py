@@ -34,6 +34,7 @@ from quada.approx import spec_label
 from quada.chat import messages
 from quada.defense.pairs import HELDOUT_BENIGN, HELDOUT_HARMFUL, SPLIT_FILE, PreferencePair, load_pairs
 from quada.defense.quada import HARMFUL_COLUMN, QuadAConfig, QuadATrainer
+from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.eval.judges import DEFAULT_JUDGE_MODEL
 from quada.eval.metrics import Estimate
@@ -60,6 +61,7 @@ class AlignConfig:
     """
 
     model: str = DEFAULT_MODEL
+    device: str = "auto"  # where training, the evaluated models and the judge run: auto, cpu, cuda or cuda:N
     pairs: Path = Path("runs") / "pairs" / "pairs.jsonl"
     out_dir: Path = field(default_factory=lambda: Path("runs") / "align")
     plain_dpo: bool = False  # the baseline: no perturbation, no regularizer
@@ -88,6 +90,7 @@ class AlignConfig:
     baseline: Path | None = None  # a finished `quada align` run (e.g. --plain-dpo) to compare against
 
     def __post_init__(self):
+        self.device = check_device(self.device)
         self.pairs, self.out_dir = Path(self.pairs), Path(self.out_dir)
         self.before_dir = None if self.before_dir is None else Path(self.before_dir)
         self.baseline = None if self.baseline is None else Path(self.baseline)
@@ -98,7 +101,8 @@ class AlignConfig:
             self.approx = (self.quada.perturbation, *PAPER_PRESETS)
 
     def training_config(self) -> QuadAConfig:
-        values = {"seed": 0, "logging_steps": 5, **self.training}
+        # The trainer places the model itself (on a GPU when there is one), unless told to use the CPU.
+        values = {"seed": 0, "logging_steps": 5, "use_cpu": self.device == "cpu", **self.training}
         unknown = sorted(set(values) - set(QuadAConfig.__dataclass_fields__))
         if unknown:
             raise QuadaError(f"unknown training option(s) {', '.join(unknown)}; see the fields of QuadAConfig")
@@ -196,7 +200,7 @@ def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
     from quada.models import resolve
 
     quada = config.quada
-    model, tokenizer = load(config.model, dtype=torch.float32)  # fp32 master weights for the optimizer
+    model, tokenizer = load(config.model, dtype=torch.float32, device=config.device)  # fp32 master weights for the optimizer
     # Name the local folder (not a built-in's name) as the base, so PEFT finds its config offline.
     model.name_or_path = str(resolve(config.model))
     trainer = QuadATrainer(model, args=quada, train_dataset=training_data(config, pairs), processing_class=tokenizer)
@@ -310,7 +314,7 @@ def _vet(config: AlignConfig, model: str, run_dir: Path):
 
     harmful, benign = config.eval_sets()
     return vet(VetConfig(
-        model=model, approx=config.approx, benchmark=harmful, limit=config.limit, benign=benign,
+        model=model, device=config.device, approx=config.approx, benchmark=harmful, limit=config.limit, benign=benign,
         benign_limit=config.benign_limit, judges=config.judges, judge_model=config.judge_model,
         prompt_format=config.prompt_format, max_new_tokens=config.max_new_tokens,
         stop_on_refusal=config.stop_on_refusal, seed=config.quada.seed,
@@ -323,7 +327,7 @@ def _sweep(config: AlignConfig, model: str, run_dir: Path):
 
     harmful, _ = config.eval_sets()
     return sweep(SweepConfig(
-        model=model, spec=config.sweep_spec, parameter=config.sweep_parameter, grid=config.sweep_grid,
+        model=model, device=config.device, spec=config.sweep_spec, parameter=config.sweep_parameter, grid=config.sweep_grid,
         benchmark=harmful, limit=config.sweep_limit, judges=(config.judges[0],), judge_model=config.judge_model,
         prompt_format=config.prompt_format, max_new_tokens=config.max_new_tokens,
         stop_on_refusal=config.stop_on_refusal, seed=config.quada.seed,

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from quada.devices import DEVICE_HELP
 from quada.errors import QuadaError
 
 console = Console()
@@ -44,6 +45,7 @@ def pairs_command(
     max_new_tokens: int = typer.Option(128, help="'self': most tokens per response."),
     seed: int = typer.Option(0, help="Seed of the split, the subsets and the noise."),
     file: Path | None = typer.Option(None, "--file", help="'pku': a local PKU-SafeRLHF copy (.json, .jsonl or .parquet with prompt, response_0, response_1, safer_response_id)."),
+    device: str = typer.Option("auto", help=f"'self': {DEVICE_HELP}"),
 ) -> None:
     """Make preference pairs for `quada align`, with a stored train/held-out split of the prompts.
 
@@ -57,6 +59,7 @@ def pairs_command(
             benign_heldout=benign_heldout, limit=limit, benign_limit=benign_limit, attempts=attempts,
             compliant_pairs=compliant_pairs, benign_rejected=benign_rejected, heavy=heavy,
             prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed, out_dir=out,
+            device=device,
         ))
     elif source == "pku":
         if limit is not None and limit < 1:
@@ -118,6 +121,7 @@ def align_command(
     sweep_limit: int | None = typer.Option(64, help="Harmful prompts per sweep point."),
     before_dir: Path | None = typer.Option(None, help="Evaluation folder of the original model (default OUT/before); give several runs on one base model the same folder to evaluate it once."),
     baseline: Path | None = typer.Option(None, help="The --out folder of a finished run to compare against (e.g. --plain-dpo on the same pairs); its results join the report."),
+    device: str = typer.Option("auto", help=f"{DEVICE_HELP} Training, evaluation and the judge model."),
 ) -> None:
     """Align a model with QuadA (or plain DPO), save it with a model card, and report safety and utility before and after.
 
@@ -146,6 +150,7 @@ def align_command(
         corpus=corpus, ppl_window=ppl_window, ppl_windows=ppl_windows, sweep=sweep, sweep_spec=sweep_spec, sweep_parameter=sweep_parameter,
         sweep_grid=_numbers(sweep_grid, "--sweep-grid"), sweep_limit=sweep_limit, before_dir=before_dir,
         baseline=baseline,
+        device=device,
     )
     result = align(config)
     console.print(f"model: {result.model_dir} (card: {result.model_dir / 'README.md'})"

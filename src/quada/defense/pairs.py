@@ -30,6 +30,7 @@ from pathlib import Path
 from quada.approx import as_spec
 from quada.data import Prompt, jsonl_rows, load_benchmark, subset
 from quada.defense.quada import DEFAULT_PERTURBATION
+from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import keyword_verdict, refusal_phrase
@@ -210,6 +211,7 @@ class SelfPairsConfig:
     """How `quada pairs --source self` builds pairs from a model; every field has a CLI option."""
 
     model: str = DEFAULT_MODEL
+    device: str = "auto"  # where the model runs: auto, cpu, cuda or cuda:N
     perturbation: str = DEFAULT_PERTURBATION  # the MVA, on every layer while generating
     harmful: str = "advbench"
     benign: str = "quada-benign"
@@ -227,6 +229,7 @@ class SelfPairsConfig:
     out_dir: Path = field(default_factory=lambda: Path("runs") / "pairs")
 
     def __post_init__(self):
+        self.device = check_device(self.device)
         self.perturbation = str(as_spec(self.perturbation))
         self.heavy = str(as_spec(self.heavy))
         if self.benign_rejected not in ("refusal", "approx"):
@@ -305,7 +308,7 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
                   config.benign, tuple(p.id for p in benign_train), tuple(p.id for p in benign_heldout))
     split.write(config.out_dir, harmful_heldout, benign_heldout)
 
-    model, tokenizer = load(config.model)
+    model, tokenizer = load(config.model, device=config.device)
     with Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar:
 
         def responses(approx: str, prompts: Sequence[Prompt], seed: int, label: str) -> dict[str, str]:

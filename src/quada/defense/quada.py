@@ -217,7 +217,7 @@ class QuadAConfig(DPOConfig):
         if self.max_length is not None and self.max_length < 2:
             raise QuadaError(f"max_length must be at least 2 tokens, got {self.max_length}")
         if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available() and not self.fp16
+            self.bf16 = torch.cuda.is_available() and not self.fp16 and not self.use_cpu
         super().__post_init__()
         if self.activation_checkpointing and self.perturb_layers != "none":
             raise QuadaError("activation (gradient) checkpointing cannot be used with a perturbation; turn it off (the default)")

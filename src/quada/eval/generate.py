@@ -86,7 +86,7 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torc
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    return torch.tensor(sorted(set(ids)))
+    return torch.tensor(sorted(set(ids)), device=model.device)
 
 
 @torch.inference_mode()
@@ -105,7 +105,7 @@ def greedy_batch(
     """
     batch = input_ids.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
-    rows = torch.arange(batch)
+    rows = torch.arange(batch, device=input_ids.device)
     cache = DynamicCache(config=model.config)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     step_ids = input_ids

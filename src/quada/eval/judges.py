@@ -354,11 +354,12 @@ JUDGES = (KeywordJudge.name, *MODEL_JUDGES, RefusalKeywordJudge.name)
 
 
 @functools.cache
-def load_judge_model(source: str = DEFAULT_JUDGE_MODEL) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a judge model once per process (every model judge built from ``source`` shares it)."""
+def load_judge_model(source: str = DEFAULT_JUDGE_MODEL, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a judge model once per process and device (every model judge built from ``source``
+    on ``device`` shares it)."""
     from quada.models import load
 
-    return load(source)
+    return load(source, device=device)
 
 
 def make_judge(
@@ -367,12 +368,13 @@ def make_judge(
     tokenizer: PreTrainedTokenizerBase | None = None,
     model_source: str = DEFAULT_JUDGE_MODEL,
     batch_size: int = 8,
+    device: str = "auto",
     **options,
 ) -> Judge:
     """The judge called ``name`` (one of :data:`JUDGES`).
 
     Model judges use the given ``model`` and ``tokenizer``, else load ``model_source`` (a built-in
-    name, folder, GGUF file or hub id) once per process. ``refusal`` falls back to
+    name, folder, GGUF file or hub id) on ``device`` once per process. ``refusal`` falls back to
     ``refusal-keyword``, with a warning, when no model is given and ``model_source`` cannot be
     loaded; the result's judge identity records which one ran. ``options`` go to the judge's
     constructor (e.g. ``threshold`` of the yes/no judges, ``max_response_tokens``).
@@ -387,7 +389,7 @@ def make_judge(
         raise QuadaError("give the judge model and its tokenizer together, or neither")
     if model is None:
         try:
-            model, tokenizer = load_judge_model(model_source)
+            model, tokenizer = load_judge_model(model_source, device)
         except QuadaError as err:
             if name != RefusalJudge.name:
                 raise

@@ -1,0 +1,133 @@
+"""The ``device`` option: its checks, ``quada.models.load`` and ``--device`` on every command that loads a model."""
+
+import sys
+
+import pytest
+import torch
+
+import quada.analysis.clusters
+import quada.analysis.layers
+import quada.analysis.sweep
+import quada.models
+import quada.vet
+from quada.cli import main
+from quada.devices import check_device, resolve_device
+from quada.errors import QuadaError
+from quada.eval import judges
+from quada.models import load
+from quada.testing import tiny_model
+
+# Modules that import ``load`` by name; the others look it up on quada.models when they run.
+LOADERS = (quada.models, quada.vet, quada.analysis.sweep, quada.analysis.layers, quada.analysis.clusters)
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    model, tokenizer = tiny_model("qwen2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_device_names_are_checked_by_spelling():
+    assert [check_device(d) for d in ("auto", "CPU", " cuda ", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    for bad in ("tpu", "cuda:", "cuda:x", "gpu", ""):
+        with pytest.raises(QuadaError, match="choose auto, cpu, cuda or cuda:N"):
+            check_device(bad)
+
+
+def test_auto_takes_the_cpu_without_cuda_and_cuda_must_exist(no_cuda):
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(QuadaError, match=f"device '{name}' was asked for, but .*--device cpu"):
+            resolve_device(name)
+
+
+def test_a_cuda_index_beyond_the_gpus_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(QuadaError, match="there is no cuda:2: this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+def test_load_puts_the_model_on_the_device(model_dir, no_cuda):
+    for device in ("auto", "cpu"):
+        model, _ = load(str(model_dir), dtype=torch.float32, device=device)
+        assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+
+
+def test_load_on_absent_cuda_fails_first_with_a_user_error(no_cuda):
+    with pytest.raises(QuadaError, match="device 'cuda' was asked for"):
+        load("no-such-model", device="cuda")  # the device is checked before the source
+
+
+def test_the_judge_model_loads_on_the_given_device(monkeypatch):
+    calls = []
+
+    def fake(source, device="auto"):
+        calls.append((source, device))
+        return tiny_model("llama")
+
+    monkeypatch.setattr(judges, "load_judge_model", fake)
+    judges.make_judge("llm", model_source="judge-folder", device="cpu")
+    assert calls == [("judge-folder", "cpu")]
+
+
+def command_line(name: str, tmp_path) -> list[str]:
+    """The arguments of one model-loading command, everything written under ``tmp_path / "run"``."""
+    run = str(tmp_path / "run")
+    (tmp_path / "prompts.txt").write_text("Say hi\n")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."}\n')
+    return {
+        "generate": ["generate", "-m", "tiny", "-p", str(tmp_path / "prompts.txt"), "-o", f"{run}/out.jsonl"],
+        "vet": ["vet", "--run-dir", run],
+        "approx profile": ["approx", "profile", "-m", "tiny", "-s", "bolt"],
+        "sweep": ["sweep", "--run-dir", run],
+        "layers": ["layers", "--spec", "bolt", "--run-dir", run],
+        "clusters": ["clusters", "--spec", "bolt", "--run-dir", run],
+        "pairs": ["pairs", "--out", run],
+        "align": ["align", "--pairs", str(tmp_path / "pairs.jsonl"), "--out", run, "--skip-eval"],
+    }[name]
+
+
+COMMANDS = ("generate", "vet", "approx profile", "sweep", "layers", "clusters", "pairs", "align")
+
+
+def run_main(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    """Run the real entry point in-process; return its exit code and what it printed to stderr."""
+    monkeypatch.setattr(sys, "argv", ["quada", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_bogus_device_exits_2_before_any_work(name, tmp_path, monkeypatch, capsys):
+    for module in LOADERS:
+        monkeypatch.setattr(module, "load", lambda *a, **k: pytest.fail("loaded a model despite a bad --device"))
+    code, err = run_main(monkeypatch, capsys, [*command_line(name, tmp_path), "--device", "tpu"])
+    assert code == 2
+    assert "unknown device 'tpu'; choose auto, cpu, cuda or cuda:N" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_the_device_option_reaches_the_model_loader(name, tmp_path, monkeypatch, capsys):
+    devices = []
+
+    def fake_load(source, dtype=None, device="auto"):
+        devices.append(str(device))
+        raise QuadaError("stopped at loading")
+
+    for module in LOADERS:
+        monkeypatch.setattr(module, "load", fake_load)
+    code, err = run_main(monkeypatch, capsys, [*command_line(name, tmp_path), "--device", "cpu"])
+    assert (code, devices) == (2, ["cpu"]) and "stopped at loading" in err
