@@ -39,12 +39,12 @@ from quada.approx import as_spec
 from quada.approx.sites import SITES, resolve_decoder
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.data import load_benchmark, subset
-from quada.errors import QuadaError
+from quada.errors import QuadaError, check_seed
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
 from quada.report import Section
 from quada.store import CLEAN
-from quada.vet import approximated, jsonable, open_run_dir, progress_bar, write_json
+from quada.vet import approximated, check_specs_fit, jsonable, open_run_dir, progress_bar, write_json
 
 RESULTS_FILE = "clusters.json"
 RESIDUAL = "residual"
@@ -85,6 +85,7 @@ class ClustersConfig:
             raise QuadaError(f"folds must be at least 2 for cross-validation, got {self.folds}")
         if self.limit is not None and self.limit < self.folds:
             raise QuadaError(f"limit {self.limit} leaves fewer prompts per class than the {self.folds} folds; raise --limit or lower --folds")
+        check_seed(self.seed)
         self.run_dir = Path(self.run_dir)
 
 
@@ -285,6 +286,7 @@ def clusters(config: ClustersConfig, progress: bool = True) -> ClustersResult:
     spec = spec_or_mva(config.spec, config.run_dir)
     open_run_dir(config.run_dir)
     model, tokenizer = load(config.model)
+    check_specs_fit(model, [spec])
     layer = len(resolve_decoder(model).layers) // 2 if config.layer is None else config.layer
     fingerprint = model_fingerprint(model)
     activations: dict[str, np.ndarray] = {}

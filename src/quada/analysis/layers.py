@@ -42,7 +42,7 @@ from quada.chat import format_prompt
 from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, REFUSAL_PHRASES, make_judge
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, REFUSAL_PHRASES, check_judge_model, make_judge
 from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus
 from quada.models import DEFAULT_MODEL, load
@@ -53,6 +53,7 @@ from quada.vet import (
     Evaluator,
     approximated,
     check_options,
+    check_specs_fit,
     jsonable,
     open_run_dir,
     progress_bar,
@@ -291,9 +292,12 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     """Measure every layer condition, select tau, write figure and report."""
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
     spec = spec_or_mva(config.spec, config.run_dir)
+    if not config.proxy_only:
+        check_judge_model(config.judges, config.judge_model)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model)
+    check_specs_fit(model, [spec])
     num_layers = len(resolve_decoder(model).layers)
     if config.stride >= num_layers and num_layers > 1:
         raise QuadaError(f"stride {config.stride} skips every layer of a {num_layers}-layer model; use at most {num_layers - 1}")

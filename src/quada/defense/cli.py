@@ -10,7 +10,7 @@ from rich.table import Table
 
 from quada.errors import QuadaError
 
-console = Console()
+console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
 MODEL_HELP = "Built-in name (see `quada models`), model folder, .gguf file or hub id."
 
