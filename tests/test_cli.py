@@ -53,15 +53,16 @@ def test_models_never_cuts_a_name_in_a_narrow_console(monkeypatch, width):
 def test_generate_writes_one_row_per_prompt(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Say hi\n\nName a colour\n")
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / "[draft]" / "out.jsonl"  # brackets are text, not console markup
     result = quada("generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
                    "--max-new-tokens", "4", "--prompt-format", "paper")
     assert result.returncode == 0, result.stderr
+    assert f"wrote 2 responses to {out}" in result.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Say hi", "Name a colour"]
     assert all(r["prompt_format"] == "paper" and r["max_new_tokens"] == 4 for r in rows)
     assert len({r["id"] for r in rows}) == 2
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(out.parent.glob("*.partial"))
 
 
 def test_unknown_model(tmp_path):
@@ -107,6 +108,20 @@ def test_unwritable_output_folder_is_a_user_error(model_dir, tmp_path):
 def test_vet_rejects_a_bad_spec_before_loading_anything(tmp_path):
     result = quada("vet", "--approx", "noise:std=-0.1", "--run-dir", str(tmp_path / "run"))
     assert_user_error(result, "std")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--approx", "bogus[/]"], "unknown approximation 'bogus[/]'"),
+        (["--approx", "noise:site=up,dist=gaussian,std=0.1,layers=[a]"], "bad layer selection '[a]'"),
+    ],
+)
+def test_brackets_in_an_error_message_are_printed_literally(tmp_path, args, fragment):
+    result = quada("vet", *args, "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert_user_error(result, fragment)
     assert not (tmp_path / "run").exists()
 
 

@@ -93,6 +93,8 @@ def test_a_rerun_computes_nothing_new(inputs, tmp_path, monkeypatch):
         (dict(approx=("warp-drive",)), "warp-drive"),
         (dict(limit=0), "limit must be at least 1"),
         (dict(max_new_tokens=0), "max-new-tokens must be at least 1"),
+        (dict(seed=-5), "seed must be a whole number from 0"),
+        (dict(judges=()), "no safety judge"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(inputs, tmp_path, overrides, message):
@@ -104,3 +106,17 @@ def test_bad_configuration_fails_before_any_work(inputs, tmp_path, overrides, me
 def test_unknown_benchmark_is_a_user_error(inputs, tmp_path):
     with pytest.raises(QuadaError, match="unknown benchmark"):
         vet(config(inputs, tmp_path / "run", benchmark="no-such-benchmark"), progress=False)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(approx=(NOISE, "noise:site=up,dist=gaussian,std=0.1,layers=99")), "layer 99 in layers=99 is out of range"),
+        (dict(approx=("bolt + iron",)), "bolt and iron cannot be composed"),
+        (dict(judges=("keyword", "llm"), judge_model="qwen2.5-coder-1.5b-instrct"), "unknown model 'qwen2.5-coder-1.5b-instrct'"),
+    ],
+)
+def test_what_the_model_decides_is_checked_before_any_generation(inputs, tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setattr(vet_module, "generate", lambda *a, **k: pytest.fail("generated before checking"))
+    with pytest.raises(QuadaError, match=message):
+        vet(config(inputs, tmp_path / "run", **overrides), progress=False)

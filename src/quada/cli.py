@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -35,7 +36,7 @@ app.command("align")(align_command)
 app.command("sweep")(sweep_command)
 app.command("layers")(layers_command)
 app.command("clusters")(clusters_command)
-console = Console()
+console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 err_console = Console(stderr=True)
 DEFAULT_DB = Path("runs") / "vet" / "results.sqlite"
 
@@ -203,7 +204,7 @@ def main() -> None:
     try:
         app()
     except QuadaError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; finished results were kept")

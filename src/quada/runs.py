@@ -28,12 +28,13 @@ from quada.errors import QuadaError
 STREAM_ALIASES = ("/dev/stdout", "/dev/stderr", "/dev/fd/*", "/proc/*/fd/*")
 
 
-def open_run_dir(run_dir: Path) -> None:
-    """Create the run folder (and its parents), or explain why it cannot be."""
+def open_run_dir(run_dir: Path, option: str = "--run-dir") -> None:
+    """Create the run folder (and its parents), or explain why it cannot be; the error names the
+    command's ``option`` that chose the folder."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise QuadaError(f"cannot create the run folder {run_dir} ({err.strerror}); choose another --run-dir") from err
+        raise QuadaError(f"cannot create the run folder {run_dir} ({err.strerror}); choose another {option}") from err
 
 
 def jsonable(value):

@@ -22,12 +22,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from quada.analysis.story import write_story
 from quada.approx import apply, list_specs, parse_spec, spec_label
+from quada.approx.sites import resolve_decoder
 from quada.chat import PROMPT_FORMATS
 from quada.data import Prompt, load_benchmark, subset
 from quada.devices import check_device
-from quada.errors import QuadaError
+from quada.errors import QuadaError, check_seed
 from quada.eval.generate import GenerationSettings, generate
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, JUDGES, Judge, make_judge
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, JUDGES, Judge, check_judge_model, make_judge
 from quada.eval.metrics import Estimate, McNemarResult, estimate, mcnemar
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus, load_questions, multiple_choice, perplexity
 from quada.fingerprint import model_fingerprint
@@ -70,6 +71,8 @@ class VetConfig:
         self.device = check_device(self.device)
         # Parse now to fail on a bad spec before any work; the clean model is always evaluated.
         self.approx = tuple(str(parse_spec(s)) for s in self.approx if s != CLEAN)
+        if not self.judges:
+            raise QuadaError("no safety judge: give --judges at least one of keyword, llm, harmfulness")
         check_options(self, judges=(*self.judges, self.refusal_judge), positive=("limit", "benign_limit"))
         if self.questions is not None and self.questions < 0:
             raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")
@@ -88,7 +91,8 @@ class VetConfig:
 
 def check_options(config, judges: Sequence[str], positive: Sequence[str] = ()) -> None:
     """Validate the options every evaluating run shares (judges, token and window counts, the
-    prompt format) plus the ``positive`` ones, so a bad value fails before any model loads."""
+    prompt format, the seed) plus the ``positive`` ones, so a bad value fails before any model loads."""
+    check_seed(config.seed)
     for judge in judges:
         if judge not in JUDGES:
             raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
@@ -246,14 +250,25 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
+def check_specs_fit(model, specs: Sequence[str]) -> None:
+    """Fail before the first forward pass on a spec whose layers ``model`` does not have, or whose
+    parts replace the same module of one layer."""
+    num_layers = len(resolve_decoder(model).layers)
+    for spec in specs:
+        if spec != CLEAN:
+            parse_spec(spec, num_layers)
+
+
 def vet(config: VetConfig, progress: bool = True) -> VetResult:
     """Run the vetting described by ``config``; return its results and write its report."""
     harmful = subset(load_benchmark(config.benchmark), config.limit, config.seed)
     benign = subset(load_benchmark(config.benign), config.benign_limit, config.seed)
+    check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
     model, tokenizer = load(config.model, device=config.device)
+    check_specs_fit(model, config.approx)
     conditions = [CLEAN, *config.approx]
     generations: dict[str, tuple[list[Generation], list[Generation]]] = {}
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:

@@ -62,6 +62,8 @@ def test_sweep_command_runs_the_grid_and_writes_the_report(quada, inputs, tmp_pa
         (["--grid", "0,-1"], ["non-negative"]),
         (["--limit", "0"], ["limit must be at least 1"]),
         (["--spec", "noise:site=up,dist=gaussian", "--parameter", "sparsity"], ["unknown option 'sparsity'"]),
+        (["--seed", "-1"], ["seed must be a whole number from 0"]),
+        (["--judges", "keyword,llm", "--judge-model", "no-such-judge"], ["unknown model 'no-such-judge'"]),
     ],
 )
 def test_sweep_command_rejects_bad_options_without_a_traceback(quada, tmp_path, args, fragments):
@@ -115,7 +117,30 @@ def test_layers_and_clusters_commands_read_the_mva_of_the_sweep(quada, inputs, t
         ("layers", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--stride", "0"], ["stride must be at least 1"]),
         ("clusters", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--pooling", "max"], ["unknown pooling 'max'"]),
         ("clusters", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--site", "attic"], ["unknown site 'attic'"]),
+        ("layers", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--seed", "-1"], ["seed must be"]),
+        ("clusters", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--seed", "-1"], ["seed must be"]),
     ],
 )
 def test_layers_and_clusters_reject_bad_options_without_a_traceback(quada, tmp_path, command, args, fragments):
     assert_user_error(quada(command, *args, "--run-dir", str(tmp_path / "run")), *fragments)
+
+
+@pytest.mark.parametrize(
+    "command, args, fragment",
+    [
+        ("sweep", ["--spec", "noise:site=up,dist=gaussian,layers=99", "--grid", "0,0.1"], "layer 99 in layers=99 is out of range"),
+        ("sweep", ["-V", "bolt + iron"], "bolt and iron cannot be composed"),
+        ("layers", ["--spec", "bolt + iron"], "bolt and iron cannot be composed"),
+    ],
+)
+def test_specs_are_checked_against_the_model_before_any_generation(quada, inputs, tmp_path, monkeypatch, command, args, fragment):
+    monkeypatch.setattr("quada.vet.generate", lambda *a, **k: pytest.fail("generated before checking"))
+    assert_user_error(quada(command, *tiny_options(inputs), *args, "--run-dir", str(tmp_path / "run")), fragment)
+
+
+def test_clusters_checks_the_spec_against_the_model_before_capturing(quada, inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr("quada.analysis.clusters.pooled_activations", lambda *a, **k: pytest.fail("captured before checking"))
+    result = quada("clusters", "--model", str(inputs / "model"), "--harmful", str(inputs / "harmful.txt"),
+                   "--benign", str(inputs / "benign.txt"), "--all-prompts", "--folds", "2", "--spec", "bolt + iron",
+                   "--run-dir", str(tmp_path / "run"))
+    assert_user_error(result, "bolt and iron cannot be composed")

@@ -331,3 +331,15 @@ def test_hook_points_that_do_not_resolve_raise():
     with pytest.raises(QuadaError, match="cannot find the down module of decoder layer 1"):
         with apply(model, "paper:bolt"):
             pass
+
+
+def test_two_polynomial_activations_on_one_layer_fail_before_touching_the_model():
+    model, _ = tiny_model("qwen2")
+    act_fns = [layer.mlp.act_fn for layer in model.model.layers]
+    with pytest.raises(QuadaError, match="bolt and iron cannot be composed on layer 0"):
+        with apply(model, "bolt + iron"):
+            pass
+    assert [layer.mlp.act_fn for layer in model.model.layers] == act_fns
+    with pytest.raises(QuadaError, match="seed must be a whole number from 0"):
+        with apply(model, "noise:site=up,dist=gaussian,std=0.1", seed=-5):
+            pass

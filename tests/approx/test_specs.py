@@ -135,6 +135,10 @@ def test_list_specs_names_every_technique_and_preset_once():
         ("noise:site=up,dist=gaussian,std=0.1,layers=4:2", "empty layer slice"),
         ("noise:site=up,dist=gaussian,std=0.1,layers=a:b", "bad layer selection"),
         ("", "empty approximation spec"),
+        ("noise:site=up,dist=gaussian,std=inf", "finite float"),
+        ("+", "empty part around '+'"),
+        ("noise:site=up,dist=gaussian,std=0.1+", "empty part around '+'"),
+        ("bolt + + teal:sparsity=0.5", "empty part around '+'"),
     ],
 )
 def test_bad_specs_fail_at_parse_time_with_a_clear_message(text, fragment):
@@ -159,3 +163,47 @@ def test_layer_selections_resolve_like_python_slices():
     assert LayerSelection.coerce([3]) == LayerSelection.parse("3")
     with pytest.raises(QuadaError, match="cannot read"):
         LayerSelection.coerce(2.5)
+
+
+def _magnitudes():
+    """Floats over the whole finite range: fixed landmarks and seeded random draws."""
+    import random
+    import sys
+
+    rng = random.Random(0)
+    landmarks = [0.0, 1e-30, 2.5e-7, 0.075, 1.0, 123456.789, 1e15, 1e16, 1.5e16, 1e17, 1e100, 1e308,
+                 sys.float_info.max, sys.float_info.min, 5e-324]
+    return landmarks + [rng.uniform(1, 10) * 10.0 ** rng.randint(-30, 307) for _ in range(200)]
+
+
+def test_any_finite_float_survives_its_canonical_form():
+    for value in _magnitudes():
+        spec = parse_spec(f"noise:site=up,dist=gaussian,std={value!r}")
+        assert spec.std == value
+        assert parse_spec(str(spec)) == spec, str(spec)
+        composed = parse_spec(f"{spec} + teal:sparsity=0.5")
+        assert parse_spec(str(composed)) == composed and len(composed.parts()) == 2
+
+
+def test_an_exponent_sign_is_not_a_composition():
+    assert parse_spec("noise:site=up,dist=gaussian,std=1e+16").std == 1e16
+    assert parse_spec("noise:site=up,dist=gaussian,std=2.E+3 + teal:sparsity=0.5").parts()[0].std == 2000.0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_configs_reject_non_finite_numbers(value):
+    with pytest.raises(QuadaError, match="must be a finite number"):
+        NoiseConfig(site="up", dist="gaussian", std=value)
+    with pytest.raises(QuadaError, match="must be a finite number"):
+        SmoothQuantConfig(alpha=value)
+
+
+def test_two_polynomial_activations_cannot_share_a_layer():
+    with pytest.raises(QuadaError) as err:
+        parse_spec("bolt + iron", num_layers=4)
+    assert "bolt and iron cannot be composed on layer 0" in str(err.value)
+    assert "replaced only once" in str(err.value) and "neither SiLU nor GELU" not in str(err.value)
+    with pytest.raises(QuadaError, match="cannot be composed on layer 2"):
+        parse_spec("bolt:layers=0:3 + puma:layers=2:", num_layers=4)
+    parse_spec("bolt:layers=0:2 + iron:layers=2:", num_layers=4)  # disjoint layers compose
+    parse_spec("bolt + teal:sparsity=0.5 + noise:site=up,dist=gaussian,std=0.1", num_layers=4)

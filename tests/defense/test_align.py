@@ -122,15 +122,64 @@ def test_evaluation_prompts_must_not_be_training_prompts(inputs, tmp_path):
         (["align", "--pairs", "PAIRS", "--perturbation", "warp-drive"], "unknown approximation"),
         (["align", "--pairs", "PAIRS", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["align", "--pairs", "PAIRS", "--sweep-grid", "0,abc"], "is not a number"),
+        (["align", "--pairs", "PAIRS", "--beta", "nan"], "beta must be a finite number above 0"),
+        (["align", "--pairs", "PAIRS", "--beta", "-1"], "beta must be a finite number above 0"),
+        (["align", "--pairs", "PAIRS", "--lora-alpha", "nan"], "lora_alpha must be a finite number above 0"),
+        (["align", "--pairs", "PAIRS", "--epochs", "0"], "num_train_epochs must be a finite number above 0"),
+        (["align", "--pairs", "PAIRS", "--seed", "-5"], "seed must be a whole number from 0"),
+        (["align", "--pairs", "PAIRS", "--judges", ","], "no safety judge"),
+        (["align", "--pairs", "PAIRS", "--judges", "harmfulness"], "the first judge decides the ASR"),
+        (["align", "--pairs", "PAIRS", "--benchmark", "HARMFUL", "--benign", "BENIGN", "--judges", "keyword,llm",
+          "--judge-model", "no-such-judge"], "unknown model 'no-such-judge'"),
+        (["pairs", "--seed", "-5"], "seed must be a whole number from 0"),
+        (["pairs", "--source", "pku", "--seed", "-5"], "seed must be a whole number from 0"),
         (["pairs", "--source", "elsewhere"], "unknown --source"),
         (["pairs", "--source", "pku", "--file", "missing.parquet"], "does not exist"),
     ],
 )
 def test_command_line_errors_are_user_errors_raised_before_any_work(inputs, tmp_path, args, message):
-    args = [str(inputs / "pairs" / "pairs.jsonl") if a == "PAIRS" else a for a in args]
+    files = {"PAIRS": inputs / "pairs" / "pairs.jsonl", "HARMFUL": inputs / "harmful.txt", "BENIGN": inputs / "benign.txt"}
+    args = [str(files[a]) if a in files else a for a in args]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
     assert isinstance(result.exception, QuadaError) and message in str(result.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_file_as_out_is_named_as_the_option_to_change(inputs, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    result = CliRunner().invoke(app, ["align", "--pairs", str(inputs / "pairs" / "pairs.jsonl"), "--skip-eval",
+                                      "--out", str(taken)])
+    assert isinstance(result.exception, QuadaError)
+    assert "choose another --out" in str(result.exception) and "--run-dir" not in str(result.exception)
+    assert taken.read_text() == "keep me"
+
+
+def test_specs_are_checked_against_the_model_before_training(inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr("quada.defense.align.QuadATrainer.train", lambda *a, **k: pytest.fail("trained before checking"))
+    evaluation = dict(skip_eval=False, benchmark=str(inputs / "harmful.txt"), benign=str(inputs / "benign.txt"),
+                      judges=("keyword",))
+    with pytest.raises(QuadaError, match="layer 99 in layers=99 is out of range"):
+        train_only(inputs, tmp_path / "run", approx=("noise:site=up,dist=gaussian,std=0.1,layers=99",), **evaluation)
+    training = {"max_steps": 2, "tau": 1, "perturbation": "bolt + iron"}
+    with pytest.raises(QuadaError, match="bolt and iron cannot be composed"):
+        train_only(inputs, tmp_path / "run", training=training)
+
+
+def test_a_diverged_training_saves_nothing(inputs, tmp_path, monkeypatch):
+    from quada.defense.align import QuadATrainer
+
+    real_train = QuadATrainer.train
+
+    def diverges(trainer, *args, **kwargs):
+        output = real_train(trainer, *args, **kwargs)
+        next(p for name, p in trainer.model.named_parameters() if "lora_B" in name).data.fill_(float("nan"))
+        return output
+
+    monkeypatch.setattr(QuadATrainer, "train", diverges)
+    with pytest.raises(QuadaError, match="training diverged.*nothing was saved"):
+        train_only(inputs, tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "adapter").exists()
 
 
 def test_a_user_error_is_one_red_line_without_traceback(tmp_path):

@@ -17,7 +17,7 @@ from rich.table import Table
 from quada.devices import DEVICE_HELP
 from quada.errors import QuadaError
 
-console = Console()
+console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Model to analyse: built-in name (see `quada models`), model folder, .gguf file or hub id.")]
 Benchmark = Annotated[str, typer.Option(help="Harmful prompts: a benchmark name or a prompt file.")]

@@ -39,13 +39,13 @@ from quada.approx.sites import SITES, resolve_decoder
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.data import load_benchmark, subset
 from quada.devices import check_device
-from quada.errors import QuadaError
+from quada.errors import QuadaError, check_seed
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
 from quada.report import Section
 from quada.runs import atomic_writer, jsonable, open_run_dir, write_json
 from quada.store import CLEAN
-from quada.vet import approximated, progress_bar
+from quada.vet import approximated, check_specs_fit, progress_bar
 
 RESULTS_FILE = "clusters.json"
 RESIDUAL = "residual"
@@ -88,6 +88,7 @@ class ClustersConfig:
             raise QuadaError(f"folds must be at least 2 for cross-validation, got {self.folds}")
         if self.limit is not None and self.limit < self.folds:
             raise QuadaError(f"limit {self.limit} leaves fewer prompts per class than the {self.folds} folds; raise --limit or lower --folds")
+        check_seed(self.seed)
         self.run_dir = Path(self.run_dir)
 
 
@@ -286,6 +287,7 @@ def clusters(config: ClustersConfig, progress: bool = True) -> ClustersResult:
     spec = spec_or_mva(config.spec, config.run_dir)
     open_run_dir(config.run_dir)
     model, tokenizer = load(config.model, device=config.device)
+    check_specs_fit(model, [spec])
     layer = len(resolve_decoder(model).layers) // 2 if config.layer is None else config.layer
     fingerprint = model_fingerprint(model)
     activations: dict[str, np.ndarray] = {}

@@ -43,14 +43,14 @@ from quada.data import load_benchmark, subset
 from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, REFUSAL_PHRASES, make_judge
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, REFUSAL_PHRASES, check_judge_model, make_judge
 from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus
 from quada.models import DEFAULT_MODEL, load
 from quada.report import Section
 from quada.runs import jsonable, open_run_dir, write_json
 from quada.store import CLEAN, Store
-from quada.vet import SAFETY_JUDGES, Evaluator, approximated, check_options, progress_bar
+from quada.vet import SAFETY_JUDGES, Evaluator, approximated, check_options, check_specs_fit, progress_bar
 
 RESULTS_FILE = "layers.json"
 KINDS = ("single", "first", "last")
@@ -286,9 +286,12 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     """Measure every layer condition, select tau, write figure and report."""
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
     spec = spec_or_mva(config.spec, config.run_dir)
+    if not config.proxy_only:
+        check_judge_model(config.judges, config.judge_model)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model, device=config.device)
+    check_specs_fit(model, [spec])
     num_layers = len(resolve_decoder(model).layers)
     if config.stride >= num_layers and num_layers > 1:
         raise QuadaError(f"stride {config.stride} skips every layer of a {num_layers}-layer model; use at most {num_layers - 1}")

@@ -38,14 +38,14 @@ from quada.data import load_benchmark, subset
 from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, make_judge
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, check_judge_model, make_judge
 from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus
 from quada.models import DEFAULT_MODEL, load
 from quada.report import Section
 from quada.runs import jsonable, open_run_dir, write_json
 from quada.store import CLEAN, Store
-from quada.vet import SAFETY_JUDGES, Evaluator, check_options, progress_bar
+from quada.vet import SAFETY_JUDGES, Evaluator, check_options, check_specs_fit, progress_bar
 
 FIGURE_STEM = "sweep"
 POINTS_FILE = "sweep.json"
@@ -248,9 +248,11 @@ def sweep_figure(curves: Mapping[str, SweepResult]) -> Figure:
 def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     """Measure ASR and perplexity over the grid, refine around the MVA, write figure and report."""
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
+    check_judge_model(config.judges, config.judge_model)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model, device=config.device)
+    check_specs_fit(model, [spec for _, spec in config.first_points()])
     judges = {name: make_judge(name, model_source=config.judge_model, device=config.device) for name in config.judges}
     rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
     positive = next((s for s in config.grid if s > 0), None)

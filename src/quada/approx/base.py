@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from quada.errors import QuadaError
+from quada.errors import QuadaError, check_seed
 
 # --------------------------------------------------------------------------- layer selections
 
@@ -139,14 +139,19 @@ class ApproxConfig:
     description: ClassVar[str] = ""
     example: ClassVar[str] = ""
     order: ClassVar[int] = 1
+    replaces: ClassVar[str] = ""  # what a module swap replaces in a layer ("" = nothing); once per layer
     layers: LayerSelection | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "layers", LayerSelection.coerce(self.layers))
-        for name, hint in typing.get_type_hints(type(self)).items():  # 1 -> 1.0: one canonical key
+        for name, hint in typing.get_type_hints(type(self)).items():
             value = getattr(self, name, None)
-            if float in (hint, *typing.get_args(hint)) and isinstance(value, int) and not isinstance(value, bool):
+            if float not in (hint, *typing.get_args(hint)) or isinstance(value, bool):
+                continue
+            if isinstance(value, int):  # 1 -> 1.0: one canonical key
                 object.__setattr__(self, name, float(value))
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise QuadaError(f"option {name}={value} of {self.name} must be a finite number")
 
     def parts(self) -> tuple[ApproxConfig, ...]:
         return (self,)
@@ -189,7 +194,7 @@ def _format(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return repr(value)
+        return repr(value).replace("e+", "e")  # 1e16, not 1e+16: a '+' joins the parts of a spec
     return str(value)
 
 
@@ -218,12 +223,18 @@ def _coerce(text: str, hint: Any, option: str) -> Any:
     return text
 
 
+def _exponent_sign(text: str, i: int) -> bool:
+    """Whether ``text[i]`` is the sign of a number's exponent, as in ``std=1e+16``."""
+    return (text[i] == "+" and 2 <= i < len(text) - 1 and text[i - 1] in "eE"
+            and (text[i - 2].isdigit() or text[i - 2] == ".") and text[i + 1].isdigit())
+
+
 def _split_top_level(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside square brackets (layer lists contain commas)."""
+    """Split on ``sep`` outside square brackets (layer lists contain commas) and exponents."""
     parts, depth, current = [], 0, []
-    for ch in text:
+    for i, ch in enumerate(text):
         depth += (ch == "[") - (ch == "]")
-        if ch == sep and depth == 0:
+        if ch == sep and depth == 0 and not _exponent_sign(text, i):
             parts.append("".join(current))
             current = []
         else:
@@ -262,15 +273,39 @@ def _parse_part(text: str) -> tuple[ApproxConfig, ...]:
 
 
 def parse_spec(text: str, num_layers: int | None = None) -> Spec:
-    """Parse a spec string; with ``num_layers`` also check every layer selection against it."""
+    """Parse a spec string; with ``num_layers`` also check its layers against that depth (see
+    :func:`resolve_layers`)."""
     if not isinstance(text, str) or not text.strip():
         raise QuadaError("empty approximation spec; see `quada approx list` for the choices")
-    configs = tuple(c for part in _split_top_level(text, "+") for c in _parse_part(part))
+    parts = _split_top_level(text, "+")
+    if not all(parts):
+        raise QuadaError(
+            f"the approximation spec {text!r} has an empty part around '+'; join whole specs with '+', "
+            "e.g. bolt + teal:sparsity=0.5"
+        )
+    configs = tuple(c for part in parts for c in _parse_part(part))
     if num_layers is not None:
-        for config in configs:
-            if config.layers is not None:
-                config.layers.resolve(num_layers)
+        resolve_layers(configs, num_layers)
     return configs[0] if len(configs) == 1 else ComposedConfig(configs)
+
+
+def resolve_layers(configs: Sequence[ApproxConfig], num_layers: int, default: LayerSelection | None = None) -> list[tuple[int, ...]]:
+    """Each part's decoder indices in a model with ``num_layers`` layers: its own ``layers``, else
+    ``default``, else all. Fails on a layer out of range, and on two parts that replace the same
+    module of one layer (the second would find the first's replacement, not the original)."""
+    chosen = []
+    for config in configs:
+        selection = config.layers or default
+        chosen.append(selection.resolve(num_layers) if selection else tuple(range(num_layers)))
+    for i, (first, first_layers) in enumerate(zip(configs, chosen)):
+        for second, second_layers in zip(configs[i + 1 :], chosen[i + 1 :]):
+            shared = sorted(set(first_layers) & set(second_layers))
+            if first.replaces and first.replaces == second.replaces and shared:
+                raise QuadaError(
+                    f"{first.name} and {second.name} cannot be composed on layer {shared[0]}: both replace its "
+                    f"{first.replaces}, which can be replaced only once; keep one of them, or give them disjoint layers="
+                )
+    return chosen
 
 
 def as_spec(spec: Spec | str | Sequence[Spec | str]) -> Spec:
@@ -336,6 +371,7 @@ class Installation:
     """
 
     def __init__(self, seed: int):
+        check_seed(seed)
         self.generators = DeviceGenerators(seed)
         self.counters: dict[tuple[int, str], torch.Tensor] = {}
         self.input_scales: dict[tuple[int, str], torch.Tensor] = {}
@@ -474,11 +510,7 @@ def apply(
 
     configs = sorted(as_spec(spec).parts(), key=lambda c: c.order)
     decoder = resolve_decoder(model)
-    default = LayerSelection.coerce(layers)
-    resolved = []
-    for config in configs:
-        selection = config.layers or default
-        resolved.append(selection.resolve(len(decoder.layers)) if selection else tuple(range(len(decoder.layers))))
+    resolved = resolve_layers(configs, len(decoder.layers), LayerSelection.coerce(layers))
     calibration = CalibrationSet.of(tokenizer, calibration_prompts)
     active = ACTIVE_INSTALLATIONS.setdefault(decoder.model, [])
     prepared = []

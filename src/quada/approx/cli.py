@@ -7,13 +7,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from quada.approx.base import list_specs, parse_spec
 from quada.devices import DEVICE_HELP, resolve_device
 from quada.errors import QuadaError
 
 app = typer.Typer(help="Activation approximations: list them, profile their error against the paper's noise model.", no_args_is_help=True)
-console = Console()
+console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
 
 @app.command("list")
@@ -64,4 +65,4 @@ def profile_command(
             f"{row.relative_error:.2%}", f"{row.sparsity:.1%}",
         )  # fmt: skip
     console.print(table)
-    console.print(f"equivalent paper-style noise: [bold]{result.equivalent_noise()}[/]", highlight=False)
+    console.print("equivalent paper-style noise:", Text(result.equivalent_noise(), style="bold"), highlight=False)

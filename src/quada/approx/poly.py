@@ -167,6 +167,7 @@ class PolyConfig(ApproxConfig):
     outputs to that many fractional bits (fixed point), or None for float."""
 
     order = 0  # a module swap: installed before hooks, so hooks attach to the module that runs
+    replaces = "activation function"
     frac_bits: int | None = None
 
     def __post_init__(self):

@@ -30,19 +30,20 @@ from pathlib import Path
 
 import torch
 
+from quada.analysis.sweep import SweepConfig
 from quada.approx import spec_label
 from quada.chat import messages
 from quada.defense.pairs import HELDOUT_BENIGN, HELDOUT_HARMFUL, SPLIT_FILE, PreferencePair, load_pairs
 from quada.defense.quada import HARMFUL_COLUMN, QuadAConfig, QuadATrainer
 from quada.devices import check_device
 from quada.errors import QuadaError
-from quada.eval.judges import DEFAULT_JUDGE_MODEL
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, check_judge_model
 from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW
 from quada.models import DEFAULT_MODEL
 from quada.report import Section, write_report
 from quada.runs import atomic_folder, atomic_write_text, jsonable, open_run_dir, write_json
-from quada.vet import PAPER_PRESETS, SAFETY_JUDGES
+from quada.vet import PAPER_PRESETS, SAFETY_JUDGES, VetConfig, check_specs_fit
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -99,6 +100,10 @@ class AlignConfig:
         self.quada = self.training_config()  # validates the training fields now, before any work
         if self.approx is None:
             self.approx = (self.quada.perturbation, *PAPER_PRESETS)
+        if not self.skip_eval:  # a bad evaluation option fails now, not after the training
+            self.vet_config(self.model, self.out_dir)
+            if self.sweep:
+                self.sweep_config(self.model, self.out_dir)
 
     def training_config(self) -> QuadAConfig:
         # The trainer places the model itself (on a GPU when there is one), unless told to use the CPU.
@@ -113,6 +118,28 @@ class AlignConfig:
             )
         except ValueError as err:  # TrainingArguments' own checks
             raise QuadaError(f"bad training option: {err}") from err
+
+    def vet_config(self, model: str, run_dir: Path) -> VetConfig:
+        """The `quada vet` run that evaluates ``model`` into ``run_dir``."""
+        harmful, benign = self.eval_sets()
+        return VetConfig(
+            model=model, device=self.device, approx=self.approx, benchmark=harmful, limit=self.limit, benign=benign,
+            benign_limit=self.benign_limit, judges=self.judges, judge_model=self.judge_model,
+            prompt_format=self.prompt_format, max_new_tokens=self.max_new_tokens,
+            stop_on_refusal=self.stop_on_refusal, seed=self.quada.seed,
+            corpus=self.corpus, ppl_window=self.ppl_window, ppl_windows=self.ppl_windows, run_dir=run_dir,
+        )
+
+    def sweep_config(self, model: str, run_dir: Path) -> SweepConfig:
+        """The finding-1 `quada sweep` of ``model`` into ``run_dir``, judged by the first judge."""
+        harmful, _ = self.eval_sets()
+        return SweepConfig(
+            model=model, device=self.device, spec=self.sweep_spec, parameter=self.sweep_parameter, grid=self.sweep_grid,
+            benchmark=harmful, limit=self.sweep_limit, judges=self.judges[:1], judge_model=self.judge_model,
+            prompt_format=self.prompt_format, max_new_tokens=self.max_new_tokens,
+            stop_on_refusal=self.stop_on_refusal, seed=self.quada.seed,
+            corpus=self.corpus, ppl_window=self.ppl_window, ppl_windows=self.ppl_windows, run_dir=run_dir,
+        )
 
     def eval_sets(self) -> tuple[str, str]:
         """The held-out harmful and benign prompt sets: given ones, the split beside the pairs, or the
@@ -203,6 +230,7 @@ def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
     model, tokenizer = load(config.model, dtype=torch.float32, device=config.device)  # fp32 master weights for the optimizer
     # Name the local folder (not a built-in's name) as the base, so PEFT finds its config offline.
     model.name_or_path = str(resolve(config.model))
+    check_specs_fit(model, [quada.perturbation, *(() if config.skip_eval else config.approx)])
     trainer = QuadATrainer(model, args=quada, train_dataset=training_data(config, pairs), processing_class=tokenizer)
     resume = _last_checkpoint(config.out_dir / CHECKPOINT_DIR)
     started = time.monotonic()
@@ -222,6 +250,7 @@ def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
         "config": {k: _plain(getattr(quada, k)) for k in TRAINING_FIELDS},
         "log_history": trainer.state.log_history,
     }
+    check_finite_weights(trainer.model, config.out_dir)
     adapter_dir = None
     policy = trainer.model
     if quada.use_lora:
@@ -240,6 +269,17 @@ def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
     del trainer, policy, model
     gc.collect()
     return record
+
+
+def check_finite_weights(model: torch.nn.Module, out_dir: Path) -> None:
+    """Refuse to save a model that training left with NaN or infinite weights (it diverged)."""
+    broken = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if broken:
+        raise QuadaError(
+            f"training diverged: {len(broken)} weight tensors (e.g. {broken[0]}) hold NaN or infinite values, so "
+            f"nothing was saved; lower --lr or --beta and train again in a new --out (the checkpoints in "
+            f"{out_dir / CHECKPOINT_DIR} hold the diverged weights)"
+        )
 
 
 def _plain(value):
@@ -310,29 +350,15 @@ def _layers_phrase(cfg: dict) -> str:
 
 
 def _vet(config: AlignConfig, model: str, run_dir: Path):
-    from quada.vet import VetConfig, vet
+    from quada.vet import vet
 
-    harmful, benign = config.eval_sets()
-    return vet(VetConfig(
-        model=model, device=config.device, approx=config.approx, benchmark=harmful, limit=config.limit, benign=benign,
-        benign_limit=config.benign_limit, judges=config.judges, judge_model=config.judge_model,
-        prompt_format=config.prompt_format, max_new_tokens=config.max_new_tokens,
-        stop_on_refusal=config.stop_on_refusal, seed=config.quada.seed,
-        corpus=config.corpus, ppl_window=config.ppl_window, ppl_windows=config.ppl_windows, run_dir=run_dir,
-    ))
+    return vet(config.vet_config(model, run_dir))
 
 
 def _sweep(config: AlignConfig, model: str, run_dir: Path):
-    from quada.analysis.sweep import SweepConfig, sweep
+    from quada.analysis.sweep import sweep
 
-    harmful, _ = config.eval_sets()
-    return sweep(SweepConfig(
-        model=model, device=config.device, spec=config.sweep_spec, parameter=config.sweep_parameter, grid=config.sweep_grid,
-        benchmark=harmful, limit=config.sweep_limit, judges=(config.judges[0],), judge_model=config.judge_model,
-        prompt_format=config.prompt_format, max_new_tokens=config.max_new_tokens,
-        stop_on_refusal=config.stop_on_refusal, seed=config.quada.seed,
-        corpus=config.corpus, ppl_window=config.ppl_window, ppl_windows=config.ppl_windows, run_dir=run_dir,
-    ))
+    return sweep(config.sweep_config(model, run_dir))
 
 
 def _rate(e: Estimate | None) -> str:
@@ -453,9 +479,10 @@ def align(config: AlignConfig, progress: bool = True) -> AlignResult:
     harmful, benign = config.eval_sets()
     if not config.skip_eval:
         check_disjoint(pairs, harmful, benign)
+        check_judge_model(config.judges, config.judge_model)
         if config.baseline is not None:
             _read_record(config.baseline / MODEL_DIR)  # fail before training, not after
-    open_run_dir(config.out_dir)
+    open_run_dir(config.out_dir, "--out")
     model_dir = config.out_dir / MODEL_DIR
     record = _read_record(model_dir) if (model_dir / TRAINING_FILE).is_file() else train(config, pairs)
     adapter_dir = Path(record["adapter_dir"]) if record.get("adapter_dir") else None

@@ -11,7 +11,7 @@ from rich.table import Table
 from quada.devices import DEVICE_HELP
 from quada.errors import QuadaError
 
-console = Console()
+console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
 MODEL_HELP = "Built-in name (see `quada models`), model folder, .gguf file or hub id."
 

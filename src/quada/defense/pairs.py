@@ -31,7 +31,7 @@ from quada.approx import as_spec
 from quada.data import Prompt, jsonl_rows, load_benchmark, subset
 from quada.defense.quada import DEFAULT_PERTURBATION
 from quada.devices import check_device
-from quada.errors import QuadaError
+from quada.errors import QuadaError, check_seed
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import keyword_verdict, refusal_phrase
 from quada.hub import require_hub
@@ -241,6 +241,7 @@ class SelfPairsConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise QuadaError(f"{name.replace('_', '-')} must be at least 1 (or omitted for all), got {getattr(self, name)}")
         GenerationSettings(self.max_new_tokens, self.prompt_format)  # validates the format
+        check_seed(self.seed)
         self.out_dir = Path(self.out_dir)
 
     # What quada.vet.Evaluator reads from its config to generate (no perplexity is measured here).
@@ -297,18 +298,19 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
     ``out_dir/results.sqlite``), build the pairs and write pairs, split and held-out files."""
     from quada.models import load
     from quada.store import Store
-    from quada.vet import Evaluator
+    from quada.vet import Evaluator, check_specs_fit
 
     harmful_train, harmful_heldout = split_prompts(load_benchmark(config.harmful), config.heldout, config.seed)
     benign_train, benign_heldout = split_prompts(load_benchmark(config.benign), config.benign_heldout, config.seed)
     harmful_train = subset(harmful_train, config.limit, config.seed)
     benign_train = subset(benign_train, config.benign_limit, config.seed)
-    open_run_dir(config.out_dir)
+    open_run_dir(config.out_dir, "--out")
     split = Split(config.seed, config.harmful, tuple(p.id for p in harmful_train), tuple(p.id for p in harmful_heldout),
                   config.benign, tuple(p.id for p in benign_train), tuple(p.id for p in benign_heldout))
     split.write(config.out_dir, harmful_heldout, benign_heldout)
 
     model, tokenizer = load(config.model, device=config.device)
+    check_specs_fit(model, [config.perturbation, config.heavy])
     with Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar:
 
         def responses(approx: str, prompts: Sequence[Prompt], seed: int, label: str) -> dict[str, str]:
@@ -343,8 +345,9 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
 def pku_pairs(file: str | Path | None, out_dir: Path, limit: int | None = None, seed: int = 0) -> PairsResult:
     """PKU-SafeRLHF pairs written to ``out_dir/pairs.jsonl``. Their prompts are not AdvBench's or
     the bundled benign suite's, so the split records every one of those as held out."""
+    check_seed(seed)
     pairs = load_pku_saferlhf(file, limit, seed)
-    open_run_dir(out_dir)
+    open_run_dir(out_dir, "--out")
     advbench, benign = load_benchmark("advbench"), load_benchmark("quada-benign")
     split = Split(seed, "advbench", (), tuple(p.id for p in advbench), "quada-benign", (), tuple(p.id for p in benign))
     split.write(out_dir, advbench, benign)

@@ -41,7 +41,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from quada.approx import apply, as_spec
 from quada.approx.sites import resolve_decoder
-from quada.errors import QuadaError
+from quada.errors import QuadaError, check_seed
 
 HARMFUL_COLUMN = "harmful"
 DEFAULT_PERTURBATION = "noise:site=up,dist=gaussian,std=0.075"
@@ -52,6 +52,11 @@ FULL_FINETUNE_LR = 1e-6  # the paper's rate (PAPER.md section 5)
 # few hundred steps a CPU run affords; 5e-5 is a common LoRA rate, about 50x the full fine-tuning one.
 LORA_LR = 5e-5
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Training numbers that TrainingArguments and TRL take without complaint but that train nothing or
+# train to NaN: each must be finite and above (or, for the second group, at least) zero.
+POSITIVE_FIELDS = ("beta", "learning_rate", "num_train_epochs", "save_steps", "logging_steps")
+NON_NEGATIVE_FIELDS = ("reg_lambda", "weight_decay", "warmup_steps", "max_grad_norm")
+COUNT_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")  # whole numbers >= 1
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -89,6 +94,16 @@ def noise_seed(seed: int, step: int, draw: int) -> int:
     index within the step, never by run history, so a resumed run draws the same noise."""
     digest = hashlib.sha256(f"quada:{seed}:{step}:{draw}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def check_number(name: str, value, minimum: float, *, above: bool = False, whole: bool = False) -> None:
+    """Raise a ``QuadaError`` naming ``name`` unless ``value`` is a finite number at least ``minimum``
+    (above it with ``above``), and a whole one with ``whole``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if number and (value > minimum if above else value >= minimum) and (not whole or float(value).is_integer()):
+        return
+    kind = "a whole number" if whole else "a finite number"
+    raise QuadaError(f"{name} must be {kind} {'above' if above else 'of at least'} {minimum:g}, got {value}")
 
 
 def perturbed_layers(mode: str, tau: int, num_layers: int) -> tuple[int, ...]:
@@ -199,21 +214,26 @@ class QuadAConfig(DPOConfig):
             raise QuadaError(f"tau must be a whole number of at least 1 (layers 1..tau are perturbed), got {self.tau}")
         if self.perturb_layers not in PERTURB_LAYERS:
             raise QuadaError(f"unknown perturb_layers {self.perturb_layers!r}; choose one of {', '.join(PERTURB_LAYERS)}")
-        if not (math.isfinite(self.reg_lambda) and self.reg_lambda >= 0):
-            raise QuadaError(f"reg_lambda must be a finite number >= 0 (0 turns the regularizer off), got {self.reg_lambda}")
         if self.reg_pooling not in POOLINGS:
             raise QuadaError(f"unknown reg_pooling {self.reg_pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.use_lora:
-            if self.lora_r < 1 or self.lora_alpha <= 0:
-                raise QuadaError(f"LoRA needs lora_r >= 1 and lora_alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}")
+            check_number("lora_r", self.lora_r, 1, whole=True)
+            check_number("lora_alpha", self.lora_alpha, 0, above=True)
             if not 0 <= self.lora_dropout < 1:
                 raise QuadaError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
             if not self.lora_target_modules:
                 raise QuadaError("lora_target_modules is empty; name the projections to adapt, e.g. q_proj,v_proj")
         if self.learning_rate is None:
             self.learning_rate = LORA_LR if self.use_lora else FULL_FINETUNE_LR
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise QuadaError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        for name in POSITIVE_FIELDS:
+            check_number(name, getattr(self, name), 0, above=True)
+        for name in NON_NEGATIVE_FIELDS:
+            check_number(name, getattr(self, name), 0)
+        for name in COUNT_FIELDS:
+            check_number(name, getattr(self, name), 1, whole=True)
+        if self.max_steps != -1:  # -1: the epochs decide
+            check_number("max_steps", self.max_steps, 1, whole=True)
+        check_seed(self.seed)
         if self.max_length is not None and self.max_length < 2:
             raise QuadaError(f"max_length must be at least 2 tokens, got {self.max_length}")
         if self.bf16 is None:

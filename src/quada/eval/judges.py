@@ -362,6 +362,16 @@ def load_judge_model(source: str = DEFAULT_JUDGE_MODEL, device: str = "auto") ->
     return load(source, device=device)
 
 
+def check_judge_model(names: Sequence[str], model_source: str) -> None:
+    """Fail now, before any generation, on a judge model that cannot be found when one of the judges
+    ``names`` needs it (the ``refusal`` judge falls back to keywords instead). The source is only
+    resolved, not loaded: a built-in GGUF is converted here if it never was, as loading would do."""
+    from quada.models import resolve
+
+    if any(name in MODEL_JUDGES and name != RefusalJudge.name for name in names):
+        resolve(model_source)
+
+
 def make_judge(
     name: str,
     model: PreTrainedModel | None = None,
