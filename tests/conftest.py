@@ -1,5 +1,6 @@
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,39 @@ def no_network(tmp_path, monkeypatch):
     yield log
     if log.exists():
         pytest.fail(f"the test tried to reach the network:\n{log.read_text()}")
+
+
+
+@dataclass
+class CliRun:
+    """What one `quada ...` command line did; output with white space folded (the console wraps)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def assert_user_error(self, *fragments: str) -> None:
+        """A user error: exit code 2, one message holding every fragment, no traceback."""
+        assert self.returncode == 2, self.stderr
+        assert "Traceback" not in self.stderr
+        for fragment in fragments:
+            assert fragment in self.stderr, self.stderr
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `quada ARGS` in this process through the installed entry point (``quada.cli.main``)."""
+    from quada.cli import main
+
+    def run(*args) -> CliRun:
+        monkeypatch.setattr(sys, "argv", ["quada", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code or 0
+        out = capsys.readouterr()
+        return CliRun(code, " ".join(out.out.split()), " ".join(out.err.split()))
+
+    return run

@@ -2,41 +2,13 @@
 no traceback, and no file of the user's changed."""
 
 import json
-import sys
 
 import pytest
 
-from quada.cli import main
 from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store
 from quada.testing import tiny_model
 
 NOT_UTF8 = bytes(range(128, 256)) * 8  # no valid UTF-8 sequence
-
-
-@pytest.fixture
-def quada(capsys, monkeypatch):
-    """Run `quada ARGS` in this process, as the installed command would; return (exit code, stderr
-    with whitespace normalised, since the console wraps long lines)."""
-
-    def run(*args) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["quada", *map(str, args)])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code
-        return code, " ".join(capsys.readouterr().err.split())
-
-    return run
-
-
-def assert_user_error(result, *fragments):
-    code, stderr = result
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    for fragment in fragments:
-        assert fragment in stderr, stderr
 
 
 @pytest.fixture(scope="module")
@@ -87,41 +59,41 @@ def write(path, content: str | bytes):
         ("p.jsonl", json.dumps({"prompt": ["a", "b"]}) + "\n", ['"prompt" is', "not a string"]),
     ],
 )
-def test_generate_names_what_is_wrong_with_the_prompt_file(quada, tmp_path, name, content, fragments):
+def test_generate_names_what_is_wrong_with_the_prompt_file(cli, tmp_path, name, content, fragments):
     prompts = write(tmp_path / name, content)
-    assert_user_error(quada("generate", "-m", "never-loaded", "-p", prompts, "-o", tmp_path / "o.jsonl"), *fragments)
+    cli("generate", "-m", "never-loaded", "-p", prompts, "-o", tmp_path / "o.jsonl").assert_user_error(*fragments)
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_a_folder_given_as_a_prompt_file_is_called_a_folder(quada, tmp_path):
+def test_a_folder_given_as_a_prompt_file_is_called_a_folder(cli, tmp_path):
     (tmp_path / "dir.txt").mkdir()
-    assert_user_error(quada("generate", "-m", "never-loaded", "-p", tmp_path / "dir.txt", "-o", tmp_path / "o.jsonl"),
+    cli("generate", "-m", "never-loaded", "-p", tmp_path / "dir.txt", "-o", tmp_path / "o.jsonl").assert_user_error(
                       "dir.txt is a folder, not a file")
 
 
-def test_approx_profile_rejects_a_binary_prompt_file(quada, tmp_path):
+def test_approx_profile_rejects_a_binary_prompt_file(cli, tmp_path):
     prompts = write(tmp_path / "p.txt", NOT_UTF8)
-    assert_user_error(quada("approx", "profile", "-m", "never-loaded", "-s", "bolt", "-p", prompts), "p.txt is not UTF-8 text")
+    cli("approx", "profile", "-m", "never-loaded", "-s", "bolt", "-p", prompts).assert_user_error("p.txt is not UTF-8 text")
 
 
-def test_align_rejects_a_binary_pairs_file(quada, tmp_path):
+def test_align_rejects_a_binary_pairs_file(cli, tmp_path):
     pairs = write(tmp_path / "pairs.jsonl", NOT_UTF8)
-    assert_user_error(quada("align", "--pairs", pairs, "--out", tmp_path / "out"), "pairs file", "is not UTF-8 text")
+    cli("align", "--pairs", pairs, "--out", tmp_path / "out").assert_user_error("pairs file", "is not UTF-8 text")
     assert not (tmp_path / "out").exists()
 
 
-def test_vet_rejects_a_binary_corpus_before_loading_the_model(quada, tmp_path):
+def test_vet_rejects_a_binary_corpus_before_loading_the_model(cli, tmp_path):
     prompts = write(tmp_path / "p.txt", "Say hi\nName a colour\n")
     corpus = write(tmp_path / "corpus.txt", NOT_UTF8)
-    result = quada("vet", "-m", "never-loaded", "-a", "none", "--benchmark", prompts, "--benign", prompts,
+    result = cli("vet", "-m", "never-loaded", "-a", "none", "--benchmark", prompts, "--benign", prompts,
                    "--corpus", corpus, "--run-dir", tmp_path / "run")
-    assert_user_error(result, "corpus file", "corpus.txt is not UTF-8 text")
+    result.assert_user_error("corpus file", "corpus.txt is not UTF-8 text")
 
 
-def test_generate_rejects_a_fake_gguf_file(quada, tmp_path):
+def test_generate_rejects_a_fake_gguf_file(cli, tmp_path):
     prompts = write(tmp_path / "p.txt", "Say hi\n")
     fake = write(tmp_path / "model.gguf", "just some text, renamed\n")
-    assert_user_error(quada("generate", "-m", fake, "-p", prompts, "-o", tmp_path / "o.jsonl"), "is not a valid GGUF file")
+    cli("generate", "-m", fake, "-p", prompts, "-o", tmp_path / "o.jsonl").assert_user_error("is not a valid GGUF file")
 
 
 @pytest.mark.parametrize(
@@ -135,32 +107,32 @@ def test_generate_rejects_a_fake_gguf_file(quada, tmp_path):
          ["no common items between the human labels and the stored judgements", "(approx, prompt_id)", "'advbench-0001'"]),
     ],
 )
-def test_judge_agreement_names_what_is_wrong_with_the_human_labels(quada, judged_store, tmp_path, name, content, fragments):
+def test_judge_agreement_names_what_is_wrong_with_the_human_labels(cli, judged_store, tmp_path, name, content, fragments):
     human = write(tmp_path / name, content)
-    assert_user_error(quada("judge", "agreement", "--db", judged_store, "--human", human), *fragments)
+    cli("judge", "agreement", "--db", judged_store, "--human", human).assert_user_error(*fragments)
 
 
-def test_judge_agreement_without_two_judges_on_common_items_is_an_error(quada, tmp_path):
+def test_judge_agreement_without_two_judges_on_common_items_is_an_error(cli, tmp_path):
     db = tmp_path / "results.sqlite"
     with Store(db) as store:
         harmful, benign = (GenerationKey("fp", CLEAN, prompt_id, "{}", 0) for prompt_id in ("h0", "b0"))
         store.put([Generation(harmful, "h", "r"), Generation(benign, "b", "r")])
         store.put([Judgement(harmful.judged_by("keyword"), True, 1.0, ""),
                    Judgement(benign.judged_by("refusal-keyword"), False, 0.0, "")])
-    assert_user_error(quada("judge", "agreement", "--db", db), "no common items between the judges keyword, refusal-keyword")
-    assert_user_error(quada("judge", "agreement", "--db", db, "--judges", "keyword"), "agreement needs two judges")
+    cli("judge", "agreement", "--db", db).assert_user_error("no common items between the judges keyword, refusal-keyword")
+    cli("judge", "agreement", "--db", db, "--judges", "keyword").assert_user_error("agreement needs two judges")
 
 
-def test_results_export_refuses_a_damaged_store_and_leaves_it_alone(quada, judged_store, tmp_path):
+def test_results_export_refuses_a_damaged_store_and_leaves_it_alone(cli, judged_store, tmp_path):
     damage(judged_store)
     before = judged_store.read_bytes()
-    assert_user_error(quada("results", "export", "--db", judged_store, "--out", tmp_path / "x.csv"),
+    cli("results", "export", "--db", judged_store, "--out", tmp_path / "x.csv").assert_user_error(
                       "is damaged", "left it as it is", "move it aside")
     assert judged_store.read_bytes() == before
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_vet_refuses_a_damaged_store_and_leaves_it_alone(quada, model_dir, tmp_path):
+def test_vet_refuses_a_damaged_store_and_leaves_it_alone(cli, model_dir, tmp_path):
     run = tmp_path / "run"
     db = run / "results.sqlite"
     with Store(db) as store:
@@ -170,7 +142,7 @@ def test_vet_refuses_a_damaged_store_and_leaves_it_alone(quada, model_dir, tmp_p
     before = db.read_bytes()
     prompts = write(tmp_path / "p.txt", "Say hi\nName a colour\n")
     corpus = write(tmp_path / "corpus.txt", "Some plain text to measure. " * 50)
-    result = quada("vet", "-m", model_dir, "-a", "none", "--judges", "keyword", "--benchmark", prompts,
+    result = cli("vet", "-m", model_dir, "-a", "none", "--judges", "keyword", "--benchmark", prompts,
                    "--benign", prompts, "--corpus", corpus, "--run-dir", run)
-    assert_user_error(result, "is damaged", "move it aside", "--run-dir")
+    result.assert_user_error("is damaged", "move it aside", "--run-dir")
     assert db.read_bytes() == before

