@@ -32,7 +32,7 @@ CASES = {
     "negative std": ("vet -m {model} --approx noise:site=up,dist=gaussian,std=-1 --run-dir {run}", "std"),
     "nan std": ("vet -m {model} --approx noise:site=up,dist=gaussian,std=nan --run-dir {run}", "finite"),
     "empty spec part": ("vet -m {model} --approx + --run-dir {run}", "empty part"),
-    "two activation replacements": ("vet -m {model} --approx bolt+iron --run-dir {run}", "cannot be composed"),
+    "two activation replacements": ("vet -m {model} --approx bolt+iron --judges keyword --run-dir {run}", "cannot be composed"),
     "bad layer selection": ("vet -m {model} --approx noise:site=up,dist=gaussian,std=0.1,layers=[a] --run-dir {run}", "[a]"),
     "layer out of range": ("vet -m {model} --approx noise:site=up,dist=gaussian,std=0.1,layers=99 --judges keyword --run-dir {run}", "99"),
     "no safety judge": ("vet -m {model} --judges , --run-dir {run}", "no safety judge"),
@@ -41,7 +41,7 @@ CASES = {
     "negative seed": ("vet -m {model} --seed -5 --run-dir {run}", "seed"),
     "zero prompts": ("vet -m {model} --limit 0 --run-dir {run}", "--limit"),
     "unknown benchmark": ("vet -m {model} --benchmark nosuchbench --run-dir {run}", "unknown benchmark"),
-    "binary corpus": ("vet -m {model} --corpus {binary_txt} --run-dir {run}", "not UTF-8"),
+    "binary corpus": ("vet -m {model} --corpus {binary_txt} --judges keyword --run-dir {run}", "not UTF-8"),
     "damaged store": ("vet -m {model} --approx none --judges keyword --run-dir {damaged_run}", "damaged"),
     # results and judges
     "no store": ("results export --db {tmp}/absent.sqlite --out {tmp}/x.csv", "no results store"),
@@ -65,7 +65,7 @@ CASES = {
     "align nan lora alpha": ("align -m {model} --pairs {pairs} --out {run} --lora-alpha nan", "lora_alpha"),
     "align zero epochs": ("align -m {model} --pairs {pairs} --out {run} --epochs 0", "num_train_epochs"),
     "align binary pairs": ("align -m {model} --pairs {binary_jsonl} --out {run}", "not UTF-8"),
-    "align onto a file": ("align -m {model} --pairs {pairs} --out {prompts}", "--out"),
+    "align onto a file": ("align -m {model} --pairs {pairs} --judges keyword --out {prompts}", "--out"),
 }
 
 

@@ -87,7 +87,7 @@ def command_line(name: str, tmp_path) -> list[str]:
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."}\n')
     return {
         "generate": ["generate", "-m", "tiny", "-p", str(tmp_path / "prompts.txt"), "-o", f"{run}/out.jsonl"],
-        "vet": ["vet", "--run-dir", run],
+        "vet": ["vet", "--judges", "keyword", "--run-dir", run],
         "approx profile": ["approx", "profile", "-m", "tiny", "-s", "bolt"],
         "sweep": ["sweep", "--run-dir", run],
         "layers": ["layers", "--spec", "bolt", "--run-dir", run],

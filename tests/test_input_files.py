@@ -86,7 +86,7 @@ def test_vet_rejects_a_binary_corpus_before_loading_the_model(cli, tmp_path):
     prompts = write(tmp_path / "p.txt", "Say hi\nName a colour\n")
     corpus = write(tmp_path / "corpus.txt", NOT_UTF8)
     result = cli("vet", "-m", "never-loaded", "-a", "none", "--benchmark", prompts, "--benign", prompts,
-                   "--corpus", corpus, "--run-dir", tmp_path / "run")
+                   "--corpus", corpus, "--judges", "keyword", "--run-dir", tmp_path / "run")
     result.assert_user_error("corpus file", "corpus.txt is not UTF-8 text")
 
 
