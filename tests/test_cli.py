@@ -50,6 +50,19 @@ def test_models_never_cuts_a_name_in_a_narrow_console(monkeypatch, width):
         assert any(line.split()[:1] == [name] for line in lines), result.output
 
 
+@pytest.mark.parametrize("width", [40, 60])
+def test_tables_fold_a_long_name_instead_of_cutting_it(monkeypatch, width):
+    from quada.approx import cli as approx_cli
+    from quada.approx import list_specs
+
+    monkeypatch.setattr(approx_cli, "console", Console(width=width))
+    result = CliRunner().invoke(cli.app, ["approx", "list"])
+    assert result.exit_code == 0, result.output
+    cells = "".join(line.split("│")[1].strip() for line in result.output.splitlines() if line.count("│") == 3)
+    for name, _ in list_specs():
+        assert name in cells, result.output
+
+
 def test_generate_writes_one_row_per_prompt(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Say hi\n\nName a colour\n")

@@ -150,7 +150,7 @@ def vet_command(
     columns, rows = summary_table(result.conditions, config.judges)
     table = Table(title=f"quada vet: {model}")
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*row)
     console.print(table)
@@ -193,7 +193,7 @@ def judge_agreement_command(
         names.append(HUMAN)
     table = Table(title="Judge agreement")
     for column in ("judge A", "judge B", "items", "agreement %", "Cohen's kappa"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for a, b, result in pairwise_agreement(labels, names):
         table.add_row(a, b, str(result.n), f"{result.percent:.1f}", f"{result.kappa:.3f}")
     console.print(table)

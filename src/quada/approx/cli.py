@@ -21,8 +21,8 @@ console = Console(markup=False)  # prints user text (paths, specs, model names):
 def list_command() -> None:
     """Every technique and paper preset, with a one-line description."""
     table = Table(title="Activation approximations (compose with '+', options as name:key=value,...)")
-    table.add_column("spec")
-    table.add_column("description")
+    table.add_column("spec", overflow="fold")
+    table.add_column("description", overflow="fold")
     for name, description in list_specs():
         table.add_row(name, description)
     console.print(table)
@@ -58,7 +58,7 @@ def profile_command(
     result = profile(lm, tokenizer, parsed, texts, layers=layers)
     table = Table(title=f"Local error of {result.spec} on {model}")
     for column in ("layer", "site", "mean", "std", "laplace b", "rel. error", "sparsity"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for row in result.rows:
         table.add_row(
             str(row.layer), row.site, f"{row.mean:+.2e}", f"{row.std:.4f}", f"{row.laplace_scale:.4f}",

@@ -69,7 +69,7 @@ def pairs_command(
         raise QuadaError(f"unknown --source {source!r}; choose 'self' or 'pku'")
     table = Table(title=f"quada pairs ({source})")
     for column in ("kind", "pairs"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for kind, count in result.counts.items():
         table.add_row(kind, str(count))
     console.print(table)
@@ -163,7 +163,7 @@ def align_command(
         shown = [i for i, c in enumerate(columns) if i == 0 or c.startswith((f"ASR {config.judges[0]} %", "over-refusal", "PPL "))]
         table = Table(title=f"quada align: {model}, before and after")
         for i in shown:
-            table.add_column(columns[i])
+            table.add_column(columns[i], overflow="fold")
         for row in rows:
             table.add_row(*(row[i] for i in shown))
         console.print(table)
