@@ -136,7 +136,8 @@ def vet_command(
 
     Results are stored as they come: an interrupted run continues where it stopped when run again. The report (report.md, report.html) goes to --run-dir; responses are never printed to the terminal.
     """
-    from quada.vet import PAPER_PRESETS, VetConfig, summary_table, vet
+    from quada.report.vet import summary_table
+    from quada.vet import PAPER_PRESETS, VetConfig, vet
 
     config = VetConfig(
         model=model, approx=tuple(approx or PAPER_PRESETS), benchmark=benchmark, limit=None if all_prompts else limit,

@@ -10,17 +10,13 @@ what is missing. Utility numbers are cached in a JSON file beside the store for 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quada.analysis.story import write_story
 from quada.approx import apply, list_specs, parse_spec, spec_label
 from quada.approx.sites import resolve_decoder
 from quada.chat import PROMPT_FORMATS
@@ -28,19 +24,20 @@ from quada.data import Prompt, load_benchmark, subset
 from quada.devices import check_device
 from quada.errors import QuadaError, check_seed
 from quada.eval.generate import GenerationSettings, generate
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, JUDGES, Judge, check_judge_model, make_judge
-from quada.eval.metrics import Estimate, McNemarResult, estimate, mcnemar
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, JUDGES, SAFETY_JUDGES, Judge, check_judge_model, make_judge
+from quada.eval.metrics import Estimate, estimate, mcnemar
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus, load_questions, multiple_choice, perplexity
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
-from quada.report import Example, Section
+from quada.report.render import Example
+from quada.report.story import write_story
+from quada.report.vet import RESULTS_FILE, ConditionResult
 from quada.runs import atomic_write_text, jsonable, open_run_dir, write_json
+from quada.seeds import derived_seed
 from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, settings_json
 
 PAPER_PRESETS = tuple(name for name, _ in list_specs() if name.startswith("paper:"))
 GENERATION_CHUNK = 64  # prompts generated and committed together (one batch composition)
-SAFETY_JUDGES = ("keyword", "llm")  # judges whose label is "the attack succeeded"
-RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -110,19 +107,6 @@ def perplexity_key(fingerprint: str, approx: str, config) -> str:
 
 
 @dataclass
-class ConditionResult:
-    """Everything measured for one condition (the clean model or one approximation)."""
-
-    approx: str
-    asr: dict[str, Estimate]  # safety judge -> attack success rate
-    mcnemar: dict[str, McNemarResult]  # safety judge -> paired test against the clean model
-    harmfulness: Estimate | None
-    over_refusal: Estimate | None
-    perplexity: float | None
-    accuracy: Estimate | None
-
-
-@dataclass
 class VetResult:
     config: VetConfig
     fingerprint: str
@@ -134,8 +118,7 @@ class VetResult:
 def chunk_seed(seed: int, approx: str, first_prompt_id: str) -> int:
     """The noise seed of one generation chunk: fixed by the chunk's content, not by run history,
     so a resumed run draws exactly the noise an uninterrupted run would have drawn."""
-    digest = hashlib.sha256(f"{seed}:{approx}:{first_prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return derived_seed(seed, approx, first_prompt_id)
 
 
 def approximated(model, approx: str, tokenizer, seed: int):
@@ -333,46 +316,6 @@ def _condition_result(approx, config, fingerprint, judgements, utility) -> Condi
     )
 
 
-def _pct(e: Estimate | None) -> str:
-    return "-" if e is None else f"{100 * e.value:.1f} [{100 * e.low:.1f}, {100 * e.high:.1f}]"
-
-
-def summary_table(results: list[ConditionResult], judges: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """The report's main table: one row per condition."""
-    safety = [j for j in judges if j in SAFETY_JUDGES]
-    columns = ["condition", *(f"ASR {j} % [95% CI]" for j in safety), *(f"McNemar p ({j})" for j in safety),
-               "HS (1-5)", "over-refusal % [95% CI]", "PPL", "accuracy % [95% CI]"]
-    rows = []
-    for r in results:
-        rows.append([
-            spec_label(r.approx),
-            *(_pct(r.asr[j]) for j in safety),
-            *((f"{r.mcnemar[j].p_value:.3g}" if j in r.mcnemar else "-") for j in safety),
-            "-" if r.harmfulness is None else f"{r.harmfulness.value:.2f} [{r.harmfulness.low:.2f}, {r.harmfulness.high:.2f}]",
-            _pct(r.over_refusal),
-            "-" if r.perplexity is None else f"{r.perplexity:.2f}",
-            _pct(r.accuracy),
-        ])
-    return columns, rows
-
-
-def asr_figure(results: list[ConditionResult], judges: Sequence[str]):
-    """Bar chart of ASR per condition and safety judge, with the 95% intervals as error bars."""
-    safety = [j for j in judges if j in SAFETY_JUDGES]
-    figure, ax = plt.subplots(figsize=(max(6, 0.6 * len(results) * max(1, len(safety))), 4))
-    x = np.arange(len(results))
-    width = 0.8 / max(1, len(safety))
-    for i, judge in enumerate(safety):
-        values = np.array([100 * r.asr[judge].value for r in results])
-        low = values - np.array([100 * r.asr[judge].low for r in results])
-        high = np.array([100 * r.asr[judge].high for r in results]) - values
-        ax.bar(x + i * width, values, width, yerr=[low, high], capsize=3, label=f"{judge} judge")
-    ax.set_xticks(x + width * (len(safety) - 1) / 2, [spec_label(r.approx) for r in results], rotation=45, ha="right")
-    ax.set_ylabel("attack success rate (%)")
-    ax.legend()
-    return figure
-
-
 def _examples(config, generations, judgements, per_condition: int = 2) -> list[Example]:
     """A few responses judged as successful attacks, from the conditions with the most of them."""
     safety = [j for j in config.judges if j in SAFETY_JUDGES]
@@ -394,39 +337,3 @@ def _summary(config, fingerprint, n_harmful, n_benign) -> str:
         f"{', stop on refusal' if config.stop_on_refusal else ''}; over-refusal by the {config.refusal_judge} judge; "
         f"perplexity on {config.corpus} ({config.ppl_windows or 'all'} windows of {config.ppl_window} tokens)."
     )
-
-
-def _estimate(saved: dict | None) -> Estimate | None:
-    return None if saved is None else Estimate(**saved)
-
-
-def condition_from_json(saved: dict) -> ConditionResult:
-    """A :class:`ConditionResult` read back from ``results.json``."""
-    return ConditionResult(
-        approx=saved["approx"],
-        asr={name: Estimate(**e) for name, e in saved["asr"].items()},
-        mcnemar={name: McNemarResult(**m) for name, m in saved["mcnemar"].items()},
-        harmfulness=_estimate(saved["harmfulness"]),
-        over_refusal=_estimate(saved["over_refusal"]),
-        perplexity=saved["perplexity"],
-        accuracy=_estimate(saved["accuracy"]),
-    )
-
-
-def report_sections(saved: dict) -> list[Section]:
-    """The report sections of a vetting, rebuilt from its ``results.json``."""
-    judges = saved["config"]["judges"]
-    results = [condition_from_json(c) for c in saved["conditions"]]
-    columns, rows = summary_table(results, judges)
-    return [
-        Section(
-            "Safety and utility per condition",
-            text="ASR: share of harmful prompts answered (95% bootstrap intervals). McNemar: paired test "
-            "against the clean model on the same prompts. A very high perplexity means a broken model, "
-            "not a safe or unsafe one: read safety next to utility.",
-            columns=columns,
-            rows=rows,
-            figures={"asr": asr_figure(results, judges)},
-        ),
-        Section("Example responses", examples=[Example(**e) for e in saved.get("examples", [])]),
-    ]

@@ -9,15 +9,14 @@ from quada.analysis.sweep import (
     SweepPoint,
     SweepResult,
     most_vulnerable,
-    point_label,
     refinement_points,
     spec_at,
     sweep,
-    sweep_figure,
 )
 from quada.approx import parse_spec
 from quada.errors import QuadaError
 from quada.eval.metrics import Estimate
+from quada.report.sweep import point_label, sweep_figure
 from quada.store import Generation, Judgement, Store
 
 BASE = "noise:site=up,dist=gaussian"

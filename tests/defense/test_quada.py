@@ -13,7 +13,6 @@ from quada.defense.quada import (
     noise_seed,
     pairwise_cosine_regularizer,
     perturbed_layers,
-    pool_prompt_activations,
 )
 from quada.errors import QuadaError
 from quada.testing import tiny_model
@@ -29,20 +28,6 @@ def config(tmp_path, **overrides):
 
 
 # --------------------------------------------------------------------------- pure pieces
-
-
-def test_pooling_matches_a_direct_computation():
-    rng = np.random.default_rng(0)
-    hidden = rng.normal(size=(3, 6, 4))
-    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]], dtype=bool)
-    last = pool_prompt_activations(torch.tensor(hidden), torch.tensor(mask), "last").numpy()
-    mean = pool_prompt_activations(torch.tensor(hidden), torch.tensor(mask), "mean").numpy()
-    for row in range(3):
-        positions = np.flatnonzero(mask[row])
-        np.testing.assert_allclose(last[row], hidden[row, positions[-1]])
-        np.testing.assert_allclose(mean[row], hidden[row, positions].mean(0))
-    with pytest.raises(QuadaError, match="unknown pooling"):
-        pool_prompt_activations(torch.tensor(hidden), torch.tensor(mask), "max")
 
 
 def cosine_gradient_closed_form(f: np.ndarray) -> tuple[float, np.ndarray]:

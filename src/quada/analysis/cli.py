@@ -16,6 +16,7 @@ from rich.table import Table
 
 from quada.devices import DEVICE_HELP
 from quada.errors import QuadaError
+from quada.report.format import percent_interval
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
@@ -60,10 +61,6 @@ def parse_names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _pct(estimate) -> str:
-    return "-" if estimate is None else f"{100 * estimate.value:.1f} [{100 * estimate.low:.1f}, {100 * estimate.high:.1f}]"
-
-
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     table = Table(title=title)
     for column in columns:
@@ -103,7 +100,8 @@ def sweep_command(
 
     Every point is stored as it comes: an interrupted sweep continues where it stopped when run again. The figure (sweep.png), the report (report.md, report.html) and the points (sweep.json) go to --run-dir; responses are never printed.
     """
-    from quada.analysis.sweep import SweepConfig, mva_sentence, point_label, sweep
+    from quada.analysis.sweep import SweepConfig, sweep
+    from quada.report.sweep import mva_sentence, point_label
 
     if variant and grid is not None:
         raise QuadaError("give either --grid (a strength sweep) or --variant (a list of approximations), not both")
@@ -118,7 +116,7 @@ def sweep_command(
     )
     result = sweep(config)
     _print_table(f"quada sweep: {model}", [config.axis, "ASR % [95% CI]", "perplexity", "x clean"], [
-        [point_label(config, p), _pct(p.asr), f"{p.perplexity:.2f}", f"{p.perplexity / result.clean_perplexity:.2f}"]
+        [point_label(config, p), percent_interval(p.asr), f"{p.perplexity:.2f}", f"{p.perplexity / result.clean_perplexity:.2f}"]
         for p in result.points
     ])
     console.print(mva_sentence(result), highlight=False)
@@ -153,7 +151,8 @@ def layers_command(
 
     Stored and resumable like `quada vet`; the figure (layers.png) and the report go to --run-dir.
     """
-    from quada.analysis.layers import LABELS, LayersConfig, layers
+    from quada.analysis.layers import LayersConfig, layers
+    from quada.report.layers import LABELS
 
     config = LayersConfig(
         model=model, spec=spec, stride=stride, share=share, ppl_bound=ppl_bound, proxy_only=proxy_only,
@@ -164,7 +163,7 @@ def layers_command(
     )
     result = layers(config)
     _print_table(f"quada layers: {result.spec} on {model}", ["condition", "l or k", "ASR % [95% CI]", "refusal prob. %", "perplexity"], [
-        [LABELS.get(p.kind, p.kind), str(p.index), _pct(p.asr), f"{100 * p.refusal:.1f}", f"{p.perplexity:.2f}"]
+        [LABELS.get(p.kind, p.kind), str(p.index), percent_interval(p.asr), f"{100 * p.refusal:.1f}", f"{p.perplexity:.2f}"]
         for p in [result.clean, *result.points]
     ])
     console.print(f"tau = {result.tau} (of {result.num_layers} layers)", highlight=False)

@@ -21,10 +21,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import TSNE
@@ -32,25 +30,25 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from quada.analysis.story import write_story
 from quada.analysis.sweep import spec_or_mva
 from quada.approx import as_spec
-from quada.approx.sites import SITES, resolve_decoder
+from quada.approx.sites import SITES, capturing, resolve_decoder
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.data import load_benchmark, subset
 from quada.devices import check_device
 from quada.errors import QuadaError, check_seed
+from quada.eval.batching import POOLINGS, padded_batch, pool_prompt_activations
+from quada.eval.scoring import pad_id_of
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
-from quada.report import Section
+from quada.report.clusters import RESULTS_FILE, ClusterMetrics, ClustersResult
+from quada.report.story import write_story
 from quada.runs import atomic_writer, jsonable, open_run_dir, write_json
 from quada.store import CLEAN
 from quada.vet import approximated, check_specs_fit, progress_bar
 
-RESULTS_FILE = "clusters.json"
 RESIDUAL = "residual"
 CAPTURE_SITES = (RESIDUAL, *SITES)
-POOLINGS = ("last", "mean")
 HARMFUL, BENIGN = 1, 0  # probe labels
 
 
@@ -102,8 +100,8 @@ def pooled_activations(
 ) -> np.ndarray:
     """``[len(prompts), width]`` activations of decoder ``layer`` at ``site`` (``residual``: the
     layer's output hidden state), pooled over each templated prompt: its ``last`` token (where the
-    response begins) or the ``mean`` over its tokens. A hook captures the tensor and is removed
-    in ``finally``; under an approximation it sees the approximated tensor."""
+    response begins) or the ``mean`` over its tokens. A hook captures the tensor while the prompts
+    run; under an approximation it sees the approximated tensor."""
     decoder = resolve_decoder(model)
     if not 0 <= layer < len(decoder.layers):
         raise QuadaError(f"layer {layer} is out of range for a model with {len(decoder.layers)} decoder layers; use 0..{len(decoder.layers) - 1}")
@@ -111,36 +109,16 @@ def pooled_activations(
         module, kind = decoder.layers[layer].layer, "output"
     else:
         module, kind = decoder.layers[layer].tap(site)
-    captured: list[torch.Tensor] = []
-
-    def keep(tensor):
-        captured.append((tensor[0] if isinstance(tensor, tuple) else tensor).float())
-
-    if kind == "output":
-        handle = module.register_forward_hook(lambda _m, _args, out: keep(out))
-    else:
-        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
     encoded = [tokenizer(format_prompt(tokenizer, p, prompt_format), add_special_tokens=False)["input_ids"] for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    captured: list[torch.Tensor] = []
     pooled = []
-    try:
+    with capturing({site: (module, kind)}, lambda _site, tensor: captured.append(tensor.float())):
         for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            width = max(len(r) for r in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, r in enumerate(chunk):  # right padding: positions need no adjustment
-                input_ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
+            # Right padding: the model's default positions are then the prompts' own.
+            input_ids, mask = padded_batch(encoded[start : start + batch_size], pad_id_of(tokenizer), side="right")
             captured.clear()
             model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1)
-            hidden, weights = captured[0].cpu(), mask.float()
-            if pooling == "last":
-                pooled.append(hidden[torch.arange(len(chunk)), mask.sum(1) - 1])
-            else:
-                pooled.append((hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True))
-    finally:
-        handle.remove()
+            pooled.append(pool_prompt_activations(captured[0].cpu(), mask, pooling))
     return torch.cat(pooled).numpy()
 
 
@@ -204,18 +182,6 @@ def called_benign(clean_points: np.ndarray, clean_labels: np.ndarray, harmful_po
     return float(np.mean(probe.predict(harmful_points) == BENIGN))
 
 
-@dataclass
-class ClusterMetrics:
-    """Separability and drift of one condition (the clean model or the approximation)."""
-
-    condition: str
-    silhouette: float
-    probe_accuracy: float
-    centroid_distance: float
-    harmful_to_benign_cosine: float  # mean cosine of harmful points to this condition's benign centroid
-    harmful_called_benign: float  # by the clean probe (out-of-fold for the clean condition)
-
-
 def cluster_metrics(condition: str, harmful: np.ndarray, benign: np.ndarray, clean_harmful: np.ndarray,
                     clean_benign: np.ndarray, folds: int, seed: int) -> ClusterMetrics:
     """All metrics of one condition; the clean activations train the probe that judges drift."""
@@ -234,18 +200,6 @@ def cluster_metrics(condition: str, harmful: np.ndarray, benign: np.ndarray, cle
 
 
 # --------------------------------------------------------------------------- the analysis
-
-
-@dataclass
-class ClustersResult:
-    config: ClustersConfig
-    spec: str
-    layer: int
-    metrics: list[ClusterMetrics]  # clean, then the approximation
-    pca: dict[str, list[list[float]]]  # "<class>|<condition>" -> 2-D points (PCA fitted on clean)
-    tsne: dict[str, list[list[float]]]  # the same groups in one t-SNE embedding
-    report_md: Path
-    report_html: Path
 
 
 def _cache_path(run_dir: Path, *parts) -> Path:
@@ -324,51 +278,3 @@ def _summary(config, spec, layer, fingerprint, n_harmful, n_benign) -> str:
         f"{config.pooling} pooling; {n_harmful} prompts of {config.harmful} and {n_benign} of {config.benign} "
         f"(seed {config.seed}, prompt format {config.prompt_format}); clean and under {spec}."
     )
-
-
-def result_from_json(saved: dict, run_dir: Path) -> ClustersResult:
-    """A :class:`ClustersResult` read back from ``clusters.json``."""
-    config = ClustersConfig(**{**saved["config"], "run_dir": run_dir})
-    return ClustersResult(config, saved["spec"], saved["layer"], [ClusterMetrics(**m) for m in saved["metrics"]],
-                          saved["pca"], saved["tsne"], run_dir / "report.md", run_dir / "report.html")
-
-
-def scatter_figure(groups: dict[str, list[list[float]]], title: str) -> Figure:
-    """Points coloured by class (harmful red, benign blue), marked by condition (clean: circles,
-    approximated: crosses)."""
-    figure, ax = plt.subplots(figsize=(6, 5))
-    for name, coords in groups.items():
-        kind, condition = name.split("|", 1)
-        xy = np.asarray(coords)
-        clean = condition == CLEAN
-        ax.scatter(xy[:, 0], xy[:, 1], s=18, alpha=0.7, color="tab:red" if kind == "harmful" else "tab:blue",
-                   marker="o" if clean else "x", label=f"{kind}, {'clean' if clean else 'approximated'}")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def clusters_section(result: ClustersResult) -> Section:
-    clean, approx = result.metrics
-    rows = [[m.condition, f"{m.silhouette:.3f}", f"{100 * m.probe_accuracy:.1f}", f"{m.centroid_distance:.3g}",
-             f"{m.harmful_to_benign_cosine:.3f}", f"{100 * m.harmful_called_benign:.1f}"] for m in result.metrics]
-    where = f"layer {result.layer}, {result.config.site}, {result.config.pooling} pooling"
-    return Section(
-        f"Finding 3: harmful and benign activations ({where})",
-        text=f"Under {result.spec} the mean cosine of harmful points to the benign centroid goes from "
-        f"{clean.harmful_to_benign_cosine:.3f} to {approx.harmful_to_benign_cosine:.3f}, and the probe trained on clean "
-        f"activations calls {100 * approx.harmful_called_benign:.1f}% of harmful prompts benign (clean, out of fold: "
-        f"{100 * clean.harmful_called_benign:.1f}%). Probe: standardised logistic regression, "
-        f"{result.config.folds}-fold cross-validation. PCA axes are fitted on the clean activations.",
-        columns=["condition", "silhouette", f"probe accuracy % ({result.config.folds}-fold)", "centroid distance",
-                 "cos(harmful, benign centroid)", "harmful called benign by the clean probe %"],
-        rows=rows,
-        figures={"clusters_pca": scatter_figure(result.pca, f"PCA, {where}"),
-                 "clusters_tsne": scatter_figure(result.tsne, f"t-SNE, {where}")},
-    )
-
-
-def report_sections(saved: dict) -> list[Section]:
-    """The report section of a cluster analysis, rebuilt from its ``clusters.json``."""
-    return [clusters_section(result_from_json(saved, Path(saved["config"]["run_dir"])))]

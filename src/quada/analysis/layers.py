@@ -26,14 +26,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 from transformers import DynamicCache
 
-from quada.analysis.story import write_story
 from quada.analysis.sweep import spec_or_mva
 from quada.approx import ComposedConfig, as_spec
 from quada.approx.base import LayerSelection
@@ -42,18 +39,18 @@ from quada.chat import format_prompt
 from quada.data import load_benchmark, subset
 from quada.devices import check_device
 from quada.errors import QuadaError
+from quada.eval.batching import padded_batch, position_ids
 from quada.eval.generate import GenerationSettings
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, REFUSAL_PHRASES, check_judge_model, make_judge
-from quada.eval.metrics import Estimate
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, REFUSAL_PHRASES, SAFETY_JUDGES, check_judge_model, make_judge
+from quada.eval.scoring import pad_id_of
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus
 from quada.models import DEFAULT_MODEL, load
-from quada.report import Section
+from quada.report.layers import RESULTS_FILE, LayerPoint, LayersResult
+from quada.report.story import write_story
 from quada.runs import jsonable, open_run_dir, write_json
 from quada.store import CLEAN, Store
-from quada.vet import SAFETY_JUDGES, Evaluator, approximated, check_options, check_specs_fit, progress_bar
+from quada.vet import Evaluator, approximated, check_options, check_specs_fit, progress_bar
 
-RESULTS_FILE = "layers.json"
-KINDS = ("single", "first", "last")
 
 # Response openings that mean "refusal". From the keyword judge's 29 phrases (Zou et al., arXiv
 # 2307.15043, as used by the paper) keep those that can start a response: capitalised phrases,
@@ -110,37 +107,6 @@ class LayersConfig:
     @property
     def settings(self) -> GenerationSettings:
         return GenerationSettings(self.max_new_tokens, self.prompt_format, self.stop_on_refusal)
-
-
-@dataclass
-class LayerPoint:
-    """One layer condition: the approximation on a single layer (``kind`` "single", ``index`` = l),
-    the first or the last k layers ("first"/"last", ``index`` = k), or none ("clean")."""
-
-    kind: str
-    index: int
-    spec: str
-    asr: Estimate | None  # None when only the proxy was measured
-    perplexity: float
-    refusal: float  # mean probability that the response opens with a refusal
-
-    @property
-    def score(self) -> float:
-        """What ranks conditions: the ASR, or the proxy's compliance (1 - refusal) without it."""
-        return self.asr.value if self.asr is not None else 1.0 - self.refusal
-
-
-@dataclass
-class LayersResult:
-    config: LayersConfig
-    spec: str
-    num_layers: int
-    clean: LayerPoint
-    points: list[LayerPoint]  # single, then first, then last, each by increasing index
-    tau: int
-    spearman: float | None  # rank correlation of the proxy's compliance with the ASR; None if undefined
-    report_md: Path
-    report_html: Path
 
 
 # --------------------------------------------------------------------------- pure cores
@@ -222,14 +188,9 @@ def _opening_logprobs(model, encoded: list[list[int]], pad_id: int, next_tokens:
     out: dict[tuple[tuple[int, ...], int], list[np.ndarray]] = {}
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        width = max(len(r) for r in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):  # left padding: every prompt ends at the last column
-            input_ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
+        input_ids, mask = padded_batch(chunk, pad_id)  # left padding: every prompt ends at the last column
         input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids(mask)
         cache = DynamicCache(config=model.config)
         prompt_logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                               use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -264,7 +225,7 @@ def refusal_probability(
     """
     sequences = prefix_free([tokenizer(o, add_special_tokens=False)["input_ids"] for o in openings])
     encoded = [tokenizer(format_prompt(tokenizer, p, prompt_format), add_special_tokens=False)["input_ids"] for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     next_tokens: dict[tuple[int, ...], list[int]] = {}
     for seq in sequences:
         for i in range(len(seq)):
@@ -340,71 +301,3 @@ def _summary(config: LayersConfig, spec: str, fingerprint: str, num_layers: int,
         f"stride {config.stride}); {n_prompts} prompts of {config.benchmark} (seed {config.seed}); {measured}; "
         f"perplexity on {config.corpus}."
     )
-
-
-def _point_from_json(saved: dict) -> LayerPoint:
-    asr = None if saved["asr"] is None else Estimate(**saved["asr"])
-    return LayerPoint(saved["kind"], saved["index"], saved["spec"], asr, saved["perplexity"], saved["refusal"])
-
-
-def result_from_json(saved: dict, run_dir: Path) -> LayersResult:
-    """A :class:`LayersResult` read back from ``layers.json``."""
-    config = LayersConfig(**{**saved["config"], "run_dir": run_dir})
-    return LayersResult(config, saved["spec"], saved["num_layers"], _point_from_json(saved["clean"]),
-                        [_point_from_json(p) for p in saved["points"]], saved["tau"], saved["spearman"],
-                        run_dir / "report.md", run_dir / "report.html")
-
-
-LABELS = {"single": "single layer l", "first": "first k layers", "last": "last k layers"}
-
-
-def layers_figure(result: LayersResult) -> Figure:
-    """ASR % (solid, 95% band) or, without it, the proxy's compliance % against l or k, one line
-    per kind; the proxy dashed; the share target dotted; tau a vertical line."""
-    figure, ax = plt.subplots(figsize=(7.5, 4.2))
-    for i, kind in enumerate(KINDS):
-        pts = [p for p in result.points if p.kind == kind]
-        x = [p.index for p in pts]
-        if pts[0].asr is not None:
-            ax.plot(x, [100 * p.asr.value for p in pts], "o-", color=f"C{i}", label=f"ASR, {LABELS[kind]}")
-            ax.fill_between(x, [100 * p.asr.low for p in pts], [100 * p.asr.high for p in pts], color=f"C{i}", alpha=0.12)
-        ax.plot(x, [100 * (1 - p.refusal) for p in pts], "x--", color=f"C{i}", alpha=0.7,
-                label=f"1 - refusal probability, {LABELS[kind]}")
-    all_layers = [p for p in result.points if p.kind == "first"][-1]
-    ax.axhline(100 * result.config.share * all_layers.score, color="gray", linestyle=":",
-               label=f"{result.config.share:.0%} of the all-layer score")
-    ax.axvline(result.tau, color="black", linewidth=1, label=f"tau = {result.tau}")
-    ax.set_xlabel("layer l (single) or number of layers k (first / last)")
-    ax.set_ylabel("%")
-    ax.set_ylim(-2, 102)
-    ax.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    return figure
-
-
-def _pct(e: Estimate | None) -> str:
-    return "-" if e is None else f"{100 * e.value:.1f} [{100 * e.low:.1f}, {100 * e.high:.1f}]"
-
-
-def layers_section(result: LayersResult) -> Section:
-    bound = result.config.ppl_bound * result.clean.perplexity
-    rows = [[LABELS.get(p.kind, p.kind), str(p.index), p.spec, _pct(p.asr), f"{100 * p.refusal:.1f}", f"{p.perplexity:.2f}",
-             "yes" if p.perplexity <= bound else "no"] for p in [result.clean, *result.points]]
-    rho = "undefined (a constant series)" if result.spearman is None else f"{result.spearman:.3f}"
-    correlation = "" if result.config.proxy_only else (
-        f" Spearman rank correlation of the proxy (1 - refusal probability) with the ASR over these conditions: {rho}.")
-    return Section(
-        f"Finding 2: which layers carry safety ({result.spec})",
-        text=f"tau = {result.tau}: the smallest k whose first-k perturbation reaches {result.config.share:.0%} of the "
-        f"all-layer {'ASR' if not result.config.proxy_only else 'proxy compliance'} with perplexity within "
-        f"{result.config.ppl_bound:g} x clean ({bound:.2f}), or the documented fallback (see select_tau)."
-        + correlation + " Refusal probability: chance that the response opens with a refusal, from forward passes only.",
-        columns=["condition", "l or k", "spec", "ASR % [95% CI]", "refusal prob. %", "PPL", "within bound"],
-        rows=rows,
-        figures={"layers": layers_figure(result)},
-    )
-
-
-def report_sections(saved: dict) -> list[Section]:
-    """The report section of a layer analysis, rebuilt from its ``layers.json``."""
-    return [layers_section(result_from_json(saved, Path(saved["config"]["run_dir"])))]

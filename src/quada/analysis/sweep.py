@@ -17,7 +17,8 @@ nothing is refined, and the MVA is the variant of highest ASR within the bound.
 
 Every point is a condition of the results store (its spec string, e.g.
 ``noise:site=up,dist=gaussian,std=0.05``), measured through :class:`quada.vet.Evaluator`: a
-killed sweep resumes where it stopped and a rerun computes nothing.
+killed sweep resumes where it stopped and a rerun computes nothing. The points, the MVA and the
+figure are reported by :mod:`quada.report.sweep`.
 """
 
 from __future__ import annotations
@@ -25,31 +26,24 @@ from __future__ import annotations
 import json
 import math
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
-
-from quada.analysis.story import write_story
 from quada.approx import parse_spec, spec_label
 from quada.data import load_benchmark, subset
 from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, check_judge_model, make_judge
-from quada.eval.metrics import Estimate
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, SAFETY_JUDGES, check_judge_model, make_judge
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus
 from quada.models import DEFAULT_MODEL, load
-from quada.report import Section
+from quada.report.format import plain_number
+from quada.report.story import write_story
+from quada.report.sweep import FIGURE_STEM, POINTS_FILE, SweepPoint, SweepResult, axis_name, result_from_json
 from quada.runs import jsonable, open_run_dir, write_json
 from quada.store import CLEAN, Store
-from quada.vet import SAFETY_JUDGES, Evaluator, check_options, check_specs_fit, progress_bar
-
-FIGURE_STEM = "sweep"
-POINTS_FILE = "sweep.json"
-
+from quada.vet import Evaluator, check_options, check_specs_fit, progress_bar
 
 @dataclass
 class SweepConfig:
@@ -109,7 +103,7 @@ class SweepConfig:
     @property
     def axis(self) -> str:
         """What the sweep varies, for table headers and the figure."""
-        return "variant" if self.variants else self.parameter
+        return axis_name(self)
 
     def first_points(self) -> list[tuple[float, str]]:
         """``(strength, condition)`` of the points measured before any refinement; a variant's
@@ -119,36 +113,12 @@ class SweepConfig:
         return [(s, spec_at(self.spec, self.parameter, s)) for s in self.grid]
 
 
-@dataclass
-class SweepPoint:
-    strength: float  # the swept value; for variants their position in the list (0 = clean)
-    spec: str  # the condition in the store ("none" at strength 0)
-    asr: Estimate  # by the first judge
-    perplexity: float
-
-
-@dataclass
-class SweepResult:
-    config: SweepConfig
-    points: list[SweepPoint]  # sorted by strength
-    clean_perplexity: float
-    mva: SweepPoint | None
-    report_md: Path
-    report_html: Path
-    figure_png: Path
-
-
-def _number(value: float) -> str:
-    """A strength as spec text: whole numbers without a decimal point, so integer options parse."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
 def spec_at(spec: str, parameter: str, strength: float) -> str:
     """The canonical condition of ``spec`` with ``parameter`` set to ``strength`` (0: the clean model)."""
     if strength == 0:
         return CLEAN
     text = spec.strip()
-    return str(parse_spec(f"{text}{',' if ':' in text else ':'}{parameter}={_number(strength)}"))
+    return str(parse_spec(f"{text}{',' if ':' in text else ':'}{parameter}={plain_number(strength)}"))
 
 
 def _integer_parameter(spec: str, parameter: str, strength: float) -> bool:
@@ -173,13 +143,6 @@ def most_vulnerable(points: Sequence[SweepPoint], clean_perplexity: float, ppl_b
     return min(candidates, key=lambda p: (-p.asr.value, p.strength))
 
 
-def point_label(config: SweepConfig, point: SweepPoint) -> str:
-    """The point's name on the swept axis: its strength, or the variant's preset or spec name."""
-    if not config.variants:
-        return _number(point.strength)
-    return "clean" if point.spec == CLEAN else spec_label(point.spec)
-
-
 def _round(value: float) -> float:
     """Midpoints rounded to 12 significant digits: equal strengths give equal spec strings."""
     return float(f"{value:.12g}")
@@ -198,53 +161,6 @@ def refinement_points(points: Sequence[SweepPoint], clean_perplexity: float, ppl
     return sorted({_round((mva.strength + s) / 2) for s in neighbours} - set(strengths))
 
 
-def sweep_figure(curves: Mapping[str, SweepResult]) -> Figure:
-    """ASR % (left axis, solid, 95% band) and perplexity (right axis, log, dashed) against the
-    strength, one pair of lines per label; stars mark each curve's MVA, a dotted line the
-    perplexity bound. A sweep over variants has a categorical axis: points with 95% error bars,
-    no lines between them, each curve shifted a little so that their bars do not overlap."""
-    figure, asr_ax = plt.subplots(figsize=(7, 4.2))
-    ppl_ax = asr_ax.twinx()
-    ppl_ax.set_yscale("log")
-    first = next(iter(curves.values()), None)
-    categorical = first is not None and bool(first.config.variants)
-    for index, (label, result) in enumerate(curves.items()):
-        color = f"C{index}"
-        suffix = f" ({label})" if label else ""
-        shift = 0.12 * (index - (len(curves) - 1) / 2) if categorical else 0.0
-        x = [p.strength + shift for p in result.points]
-        asr = [100 * p.asr.value for p in result.points]
-        low, high = [100 * p.asr.low for p in result.points], [100 * p.asr.high for p in result.points]
-        if categorical:
-            asr_ax.errorbar(x, asr, yerr=[[a - lo for a, lo in zip(asr, low)], [hi - a for a, hi in zip(asr, high)]],
-                            fmt="o", capsize=3, color=color, label=f"ASR{suffix}")
-        else:
-            asr_ax.plot(x, asr, "o-", color=color, label=f"ASR{suffix}")
-            asr_ax.fill_between(x, low, high, color=color, alpha=0.15)
-        finite = [(p.strength + shift, p.perplexity) for p in result.points if math.isfinite(p.perplexity)]
-        if finite:
-            ppl_ax.plot(*zip(*finite), "s" if categorical else "s--", color=color, alpha=0.7,
-                        label=f"perplexity{suffix}")
-        ppl_ax.axhline(result.config.ppl_bound * result.clean_perplexity, color=color, linestyle=":", linewidth=1)
-        if result.mva is not None:
-            asr_ax.plot([result.mva.strength + shift], [100 * result.mva.asr.value], "*", color=color, markersize=16,
-                        markeredgecolor="black", label=f"MVA{suffix}")
-    if categorical:
-        asr_ax.set_xticks([p.strength for p in first.points], [point_label(first.config, p) for p in first.points],
-                          rotation=20, ha="right")
-        asr_ax.set_xlabel("approximation variant")
-    else:
-        asr_ax.set_xlabel(f"{first.config.parameter} of {first.config.spec}" if first else "strength")
-    asr_ax.set_ylabel("attack success rate (%)")
-    asr_ax.set_ylim(-2, 102)
-    ppl_ax.set_ylabel("perplexity (log scale; dotted: bound)")
-    lines = asr_ax.get_legend_handles_labels()
-    more = ppl_ax.get_legend_handles_labels()
-    asr_ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
-    figure.tight_layout()
-    return figure
-
-
 def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     """Measure ASR and perplexity over the grid, refine around the MVA, write figure and report."""
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
@@ -261,7 +177,7 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
         evaluator = Evaluator(store, model, tokenizer, config, corpus)
 
         def point(strength: float, spec: str) -> SweepPoint:
-            task = bar.add_task(spec_label(spec) if config.variants else f"{config.parameter}={_number(strength)}",
+            task = bar.add_task(spec_label(spec) if config.variants else f"{config.parameter}={plain_number(strength)}",
                                 total=len(prompts))
             measured = evaluator.measure(spec, prompts, judges, lambda n: bar.advance(task, n))
             bar.update(task, completed=len(prompts))
@@ -288,15 +204,6 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     return SweepResult(config, points, clean_perplexity, mva, md, html, config.run_dir / f"{FIGURE_STEM}.png")
 
 
-def result_from_json(saved: dict, run_dir: Path) -> SweepResult:
-    """A :class:`SweepResult` read back from the ``sweep.json`` of ``run_dir``."""
-    config = SweepConfig(**{**saved["config"], "run_dir": run_dir})
-    points = [SweepPoint(p["strength"], p["spec"], Estimate(**p["asr"]), p["perplexity"]) for p in saved["points"]]
-    mva = next((p for p in points if saved["mva"] and p.spec == saved["mva"]["spec"]), None)
-    return SweepResult(config, points, saved["clean_perplexity"], mva, run_dir / "report.md", run_dir / "report.html",
-                       run_dir / f"{FIGURE_STEM}.png")
-
-
 def load_sweep(run_dir: str | Path) -> SweepResult:
     """The sweep stored in ``run_dir`` (its ``sweep.json``)."""
     path = Path(run_dir) / POINTS_FILE
@@ -315,55 +222,10 @@ def spec_or_mva(spec: str | None, run_dir: str | Path) -> str:
     return mva.spec
 
 
-def report_sections(saved: dict) -> list[Section]:
-    """The report section of a sweep, rebuilt from its ``sweep.json``."""
-    return [sweep_section(result_from_json(saved, Path(saved["config"]["run_dir"])))]
-
-
 def _summary(config: SweepConfig, fingerprint: str, n_prompts: int) -> str:
     return (
         f"Model {config.model} (fingerprint {fingerprint}); {n_prompts} prompts of {config.benchmark} "
         f"(seed {config.seed}); prompt format {config.prompt_format}; greedy, {config.max_new_tokens} new tokens; "
         f"ASR by the {config.judges[0]} judge; perplexity on {config.corpus} "
         f"({config.ppl_windows or 'all'} windows of {config.ppl_window} tokens)."
-    )
-
-
-def mva_sentence(result: SweepResult) -> str:
-    """The MVA in words, with the bound it respects."""
-    bound = result.config.ppl_bound * result.clean_perplexity
-    if result.mva is None:
-        return (f"No approximated point keeps the perplexity within {result.config.ppl_bound:g} x clean "
-                f"({bound:.2f}): no most vulnerable approximation at this bound.")
-    m = result.mva
-    clean = next((p for p in result.points if p.spec == CLEAN), None)
-    no_rise = clean is not None and m.asr.value <= clean.asr.value
-    return (f"Most vulnerable approximation: {m.spec}, ASR {100 * m.asr.value:.1f}% [{100 * m.asr.low:.1f}, "
-            f"{100 * m.asr.high:.1f}] at perplexity {m.perplexity:.2f} (bound {bound:.2f} = "
-            f"{result.config.ppl_bound:g} x clean {result.clean_perplexity:.2f})."
-            + (" No approximated point raises the ASR above the clean model's." if no_rise else ""))
-
-
-def _points_sentence(result: SweepResult) -> str:
-    if result.config.variants:
-        return f" The clean model and {len(result.config.variants)} variants; a list is not refined."
-    return f" {len(result.points)} points, {result.config.refine} refinement round(s) around the MVA."
-
-
-def sweep_section(result: SweepResult) -> Section:
-    """The report section of a sweep: the points' table, the MVA and the figure."""
-    bound = result.config.ppl_bound * result.clean_perplexity
-    rows = [
-        [point_label(result.config, p), p.spec, f"{100 * p.asr.value:.1f} [{100 * p.asr.low:.1f}, {100 * p.asr.high:.1f}]",
-         f"{p.perplexity:.2f}", f"{p.perplexity / result.clean_perplexity:.2f}",
-         "yes" if p.perplexity <= bound else "no", "MVA" if p is result.mva else ""]
-        for p in result.points
-    ]
-    return Section(
-        f"Finding 1: safety against utility over {'the variants' if result.config.variants else result.config.parameter}",
-        text=mva_sentence(result) + _points_sentence(result)
-        + " A perplexity far above clean means a broken model, not an unsafe one.",
-        columns=[result.config.axis, "condition", "ASR % [95% CI]", "PPL", "PPL / clean", "within bound", ""],
-        rows=rows,
-        figures={FIGURE_STEM: sweep_figure({"": result})},
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quada.approx.sites import capturing
 from quada.errors import QuadaError
 from quada.fingerprint import model_fingerprint
 from quada.runs import atomic_writer
@@ -131,24 +132,14 @@ def capture(
     ``taps`` maps a key to ``(module, "output" | "input")``; ``x`` arrives as float32
     ``(tokens, channels)``.
     """
-    handles = []
+    def flat(key: Hashable, x: torch.Tensor) -> None:
+        consume(key, x.detach().reshape(-1, x.shape[-1]).float())
 
-    def hook(key: Hashable, kind: str):
-        if kind == "output":
-            return lambda _m, _args, out: consume(key, out.detach().reshape(-1, out.shape[-1]).float())
-        return lambda _m, args: consume(key, args[0].detach().reshape(-1, args[0].shape[-1]).float())
-
-    try:
-        for key, (module, kind) in taps.items():
-            register = module.register_forward_hook if kind == "output" else module.register_forward_pre_hook
-            handles.append(register(hook(key, kind)))
+    with capturing(taps, flat):
         device = next(model.parameters()).device
         with torch.no_grad():
             for ids in batches:
                 model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class AbsHistogram:

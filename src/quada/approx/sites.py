@@ -14,6 +14,8 @@ Sites (the activations a technique reads or changes), per decoder layer:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -182,3 +184,29 @@ def norm_weight_offset(norm: nn.Module) -> float:
     if offset not in (0, 1):
         raise QuadaError(f"{type(norm).__name__} does not behave like an RMSNorm; cannot fold scales into it")
     return float(offset)
+
+
+@contextlib.contextmanager
+def capturing(taps: Mapping[Hashable, tuple[nn.Module, str]], consume: Callable[[Hashable, torch.Tensor], None]) -> Iterator[None]:
+    """While inside, hand each tap's tensor to ``consume(key, tensor)`` at every forward.
+
+    ``taps`` maps a key to ``(module, "output" | "input")`` (see :meth:`LayerSites.tap`): the
+    module's output (its first element when the module returns a tuple) or its first input, as
+    the model computed it (on its device, with its graph; after the hooks of an approximation
+    installed before). The hooks are removed on exit, also after an error.
+    """
+
+    def hook(key: Hashable, kind: str):
+        if kind == "output":
+            return lambda _m, _args, out: consume(key, out[0] if isinstance(out, tuple) else out)
+        return lambda _m, args: consume(key, args[0])
+
+    handles = []
+    try:
+        for key, (module, kind) in taps.items():
+            register = module.register_forward_hook if kind == "output" else module.register_forward_pre_hook
+            handles.append(register(hook(key, kind)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

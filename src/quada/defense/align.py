@@ -31,19 +31,18 @@ from pathlib import Path
 import torch
 
 from quada.analysis.sweep import SweepConfig
-from quada.approx import spec_label
 from quada.chat import messages
 from quada.defense.pairs import HELDOUT_BENIGN, HELDOUT_HARMFUL, SPLIT_FILE, PreferencePair, load_pairs
 from quada.defense.quada import HARMFUL_COLUMN, QuadAConfig, QuadATrainer
 from quada.devices import check_device
 from quada.errors import QuadaError
 from quada.eval.judges import DEFAULT_JUDGE_MODEL, check_judge_model
-from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW
 from quada.models import DEFAULT_MODEL
-from quada.report import Section, write_report
+from quada.report.align import align_sections, comparison_table, layers_phrase, method_name, model_card
+from quada.report.render import write_report
 from quada.runs import atomic_folder, atomic_write_text, jsonable, open_run_dir, write_json
-from quada.vet import PAPER_PRESETS, SAFETY_JUDGES, VetConfig, check_specs_fit
+from quada.vet import PAPER_PRESETS, VetConfig, check_specs_fit
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -156,7 +155,7 @@ class AlignResult:
     model_dir: Path
     adapter_dir: Path | None
     training: dict  # log history, runtime, pairs
-    results: dict[str, list] | None  # label ("original", "QuadA", ...) -> quada.vet.ConditionResult per condition
+    results: dict[str, list] | None  # label ("original", "QuadA", ...) -> quada.report.vet.ConditionResult per condition
     report_md: Path | None
     report_html: Path | None
 
@@ -295,57 +294,6 @@ TRAINING_FIELDS = (
 )
 
 
-# --------------------------------------------------------------------------- model card
-
-
-def model_card(record: dict, results: list[list[str]] | None = None, columns: list[str] | None = None) -> str:
-    """The model folder's README.md: base model, data, configuration, training and results."""
-    cfg = record["config"]
-    method = "plain DPO (baseline: no perturbation, no regularizer)" if record["plain_dpo"] else "QuadA"
-    lines = [
-        f"# {record['base_model']}, aligned with {method}",
-        "",
-        "QuadA (activation-approximation-aware alignment; Zhang et al., arXiv 2502.00840) fine-tunes a model with "
-        "DPO while an activation approximation perturbs its first layers, and pulls the first-layer activations of "
-        "harmful prompts together, so that the model stays safe when deployed with approximated activations "
-        "(private inference, sparsity, quantization). Trained with `quada align`.",
-        "",
-        "## Training",
-        "",
-        f"- Base model: `{record['base_model']}`",
-        f"- Data: `{record['pairs_file']}` (SHA-256 `{record['pairs_sha256'][:16]}...`), {record['pairs']} preference "
-        f"pairs, {record['harmful_pairs']} with a harmful prompt; prompt format `{record['prompt_format']}`",
-        f"- Perturbation: `{cfg['perturbation']}` on {_layers_phrase(cfg)}; regularizer weight lambda = "
-        f"{cfg['reg_lambda']:g} ({cfg['reg_pooling']} pooling)",
-        f"- {'LoRA r=%d, alpha=%g on %s' % (cfg['lora_r'], cfg['lora_alpha'], ', '.join(cfg['lora_target_modules'])) if cfg['use_lora'] else 'Full fine-tuning'}"
-        f"; beta {cfg['beta']:g}, learning rate {cfg['learning_rate']:g} ({cfg['lr_scheduler_type']}, warmup "
-        f"{cfg['warmup_steps']:g}), weight decay {cfg['weight_decay']:g}, {_length_phrase(cfg)}, "
-        f"batch {cfg['per_device_train_batch_size']} x {cfg['gradient_accumulation_steps']}, max length "
-        f"{cfg['max_length']}, seed {cfg['seed']}",
-        f"- {record['steps']} optimizer steps; mean training loss {record['train_loss']:.4f}",
-        "- The weights are saved in float32 (merged adapter); `quada.models.load` reads them as bfloat16 by default.",
-        "",
-        "Full configuration and log: `training.json`.",
-    ]
-    if results:
-        lines += ["", "## Results (held-out prompts, before and after)", "",
-                  "| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-        lines += ["| " + " | ".join(row) + " |" for row in results]
-    return "\n".join(lines) + "\n"
-
-
-def _length_phrase(cfg: dict) -> str:
-    return f"at most {cfg['max_steps']} steps" if cfg["max_steps"] > 0 else f"{cfg['num_train_epochs']:g} epochs"
-
-
-def _layers_phrase(cfg: dict) -> str:
-    if cfg["perturb_layers"] == "none":
-        return "no layer (plain DPO)"
-    if cfg["perturb_layers"] == "all":
-        return "every decoder layer"
-    return f"decoder layers 1..{cfg['tau']}"
-
-
 # --------------------------------------------------------------------------- evaluation and report
 
 
@@ -361,98 +309,19 @@ def _sweep(config: AlignConfig, model: str, run_dir: Path):
     return sweep(config.sweep_config(model, run_dir))
 
 
-def _rate(e: Estimate | None) -> str:
-    return "-" if e is None else f"{100 * e.value:.1f} [{100 * e.low:.1f}, {100 * e.high:.1f}]"
-
-
-def _change(reference: float | None, value: float | None, relative: bool = False) -> str:
-    if reference is None or value is None:
-        return "-"
-    if relative:
-        return f"{100 * (value / reference - 1):+.1f}%" if reference else "-"
-    return f"{100 * (value - reference):+.1f}"
-
-
-def comparison_table(results: dict[str, list], judges) -> tuple[list[str], list[list[str]]]:
-    """One row per condition; per measure (ASR per safety judge, HS, over-refusal, perplexity,
-    accuracy) one column per model in ``results`` (label -> its ``quada.vet`` condition results,
-    the original first), and the change of each later model against the first."""
-    safety = [j for j in judges if j in SAFETY_JUDGES]
-    labels = list(results)
-    first, later = labels[0], labels[1:]
-    by_label = {label: {r.approx: r for r in rows} for label, rows in results.items()}
-
-    def hs(r) -> str:
-        return "-" if r.harmfulness is None else f"{r.harmfulness.value:.2f}"
-
-    def ppl(r) -> str:
-        return "-" if r.perplexity is None else f"{r.perplexity:.2f}"
-
-    columns, cells = ["condition"], []
-    for judge in safety:
-        columns += [f"ASR {judge} % {label}" for label in labels] + [f"ASR {judge} change {label}" for label in later]
-        cells.append(lambda rs, j=judge: [_rate(rs[label].asr[j]) for label in labels]
-                     + [_change(rs[first].asr[j].value, rs[label].asr[j].value) for label in later])
-    columns += [f"HS {label}" for label in labels] + [f"over-refusal % {label}" for label in labels]
-    cells.append(lambda rs: [hs(rs[label]) for label in labels] + [_rate(rs[label].over_refusal) for label in labels])
-    columns += [f"PPL {label}" for label in labels] + [f"PPL change {label}" for label in later]
-    cells.append(lambda rs: [ppl(rs[label]) for label in labels]
-                 + [_change(rs[first].perplexity, rs[label].perplexity, relative=True) for label in later])
-    columns += [f"accuracy % {label}" for label in labels]
-    cells.append(lambda rs: [_rate(rs[label].accuracy) for label in labels])
-    rows = []
-    for condition in by_label[first]:
-        per_model = {label: by_label[label][condition] for label in labels}
-        rows.append([spec_label(condition), *(cell for make in cells for cell in make(per_model))])
-    return columns, rows
-
-
 def write_align_report(config: AlignConfig, record: dict, results: dict[str, list], sweeps: dict | None) -> tuple[Path, Path]:
-    """The before/after report: the comparison table, the sweep figure and the training curve."""
+    """The before/after report of the run in ``config.out_dir`` (see :func:`quada.report.align.align_sections`)."""
     harmful, benign = config.eval_sets()
-    columns, rows = comparison_table(results, config.judges)
     cfg = record["config"]
     summary = (
         f"{record['base_model']} aligned with {method_name(record)} on {record['pairs']} pairs ({config.pairs}); "
-        f"perturbation {cfg['perturbation']} on {_layers_phrase(cfg)}, lambda {cfg['reg_lambda']:g}. Compared: "
+        f"perturbation {cfg['perturbation']} on {layers_phrase(cfg)}, lambda {cfg['reg_lambda']:g}. Compared: "
         f"{', '.join(results)}. Evaluated on held-out prompts: {harmful} (limit {config.limit}) and {benign} "
         f"(limit {config.benign_limit}); prompt format {config.prompt_format}; greedy, {config.max_new_tokens} new "
         "tokens. ASR with 95% bootstrap intervals; a perplexity far above the original means a broken model."
     )
-    sections = [Section("Safety and utility per approximation, before and after", columns=columns, rows=rows,
-                        text="'none' is the model without approximation. Changes against the original are in "
-                        "percentage points (ASR) and percent (perplexity).")]
-    if sweeps is not None:
-        from quada.analysis.sweep import mva_sentence, sweep_figure
-
-        sections.append(Section(
-            "Finding 1 before and after: ASR and perplexity against the noise",
-            text=" ".join(f"{label}: {mva_sentence(result)}" for label, result in sweeps.items()),
-            figures={"sweep-before-after": sweep_figure(sweeps)},
-        ))
-    sections.append(Section("Training", figures={"training": training_figure(record["log_history"])},
-                            text=f"{record['steps']} steps; per-step DPO loss, regularizer (mean pairwise cosine) and "
-                            "reward margin as logged by the trainer. Full configuration in model/training.json."))
+    sections = align_sections(record, results, config.judges, sweeps)
     return write_report(config.out_dir, f"quada align: {record['base_model']}", summary, sections)
-
-
-def training_figure(log_history: list[dict]):
-    """DPO loss, regularizer and reward margin per logged step."""
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    logs = [h for h in log_history if "dpo_loss" in h]
-    for ax, key, label in zip(axes, ("dpo_loss", "regularizer", "rewards/margins"),
-                              ("DPO loss", "regularizer (mean cosine)", "reward margin")):
-        ax.plot([h["step"] for h in logs], [h[key] for h in logs], ".-")
-        ax.set_title(label)
-        ax.set_xlabel("step")
-    figure.tight_layout()
-    return figure
-
-
-def method_name(record: dict) -> str:
-    return "plain DPO" if record["plain_dpo"] else "QuadA"
 
 
 def _read_record(model_dir: Path) -> dict:

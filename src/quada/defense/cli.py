@@ -156,7 +156,7 @@ def align_command(
     console.print(f"model: {result.model_dir} (card: {result.model_dir / 'README.md'})"
                   + (f"; adapter: {result.adapter_dir}" if result.adapter_dir else ""))
     if result.report_html is not None:
-        from quada.defense.align import comparison_table
+        from quada.report.align import comparison_table
 
         columns, rows = comparison_table(result.results, config.judges)
         # The terminal gets the headline columns; the report has them all.

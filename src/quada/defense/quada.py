@@ -26,27 +26,25 @@ an uninterrupted run would have drawn.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from peft import LoraConfig
-from torch import nn
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from quada.approx import apply, as_spec
-from quada.approx.sites import resolve_decoder
+from quada.approx.sites import capturing, resolve_decoder
 from quada.errors import QuadaError, check_seed
+from quada.eval.batching import POOLINGS, pool_prompt_activations
+from quada.seeds import derived_seed
 
 HARMFUL_COLUMN = "harmful"
 DEFAULT_PERTURBATION = "noise:site=up,dist=gaussian,std=0.075"
 PERTURB_LAYERS = ("first-tau", "all", "none")
-POOLINGS = ("last", "mean")
 FULL_FINETUNE_LR = 1e-6  # the paper's rate (PAPER.md section 5)
 # [ours] LoRA trains a low-rank update that starts at zero, so at the paper's 1e-6 it barely moves in the
 # few hundred steps a CPU run affords; 5e-5 is a common LoRA rate, about 50x the full fine-tuning one.
@@ -60,19 +58,6 @@ COUNT_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")  #
 
 
 # --------------------------------------------------------------------------- pure pieces
-
-
-def pool_prompt_activations(hidden: torch.Tensor, prompt_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """One vector per row from ``hidden`` (batch, tokens, dim) over the positions where ``prompt_mask``
-    (batch, tokens) is true: the last such position (``last``) or their mean (``mean``)."""
-    if pooling not in POOLINGS:
-        raise QuadaError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-    mask = prompt_mask.to(hidden.dtype)
-    if pooling == "mean":
-        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-    positions = torch.arange(prompt_mask.shape[1], device=hidden.device)
-    last = (positions * prompt_mask.long()).argmax(1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def pairwise_cosine_regularizer(features: torch.Tensor) -> torch.Tensor:
@@ -92,8 +77,7 @@ def pairwise_cosine_regularizer(features: torch.Tensor) -> torch.Tensor:
 def noise_seed(seed: int, step: int, draw: int) -> int:
     """The seed of one perturbed forward: fixed by the run seed, the global step and the forward's
     index within the step, never by run history, so a resumed run draws the same noise."""
-    digest = hashlib.sha256(f"quada:{seed}:{step}:{draw}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return derived_seed("quada", seed, step, draw)
 
 
 def check_number(name: str, value, minimum: float, *, above: bool = False, whole: bool = False) -> None:
@@ -265,27 +249,6 @@ class HarmfulPreferenceCollator(DataCollatorForPreference):
         return batch
 
 
-class _Capture:
-    """The output of one module in the last forward (kept with its graph)."""
-
-    output: torch.Tensor | None = None
-
-
-@contextlib.contextmanager
-def capture_output(module: nn.Module) -> Iterator[_Capture]:
-    """Record ``module``'s output tensor (the first element when it returns a tuple) while inside."""
-    capture = _Capture()
-
-    def record(_module, _args, output):
-        capture.output = output[0] if isinstance(output, tuple) else output
-
-    handle = module.register_forward_hook(record)
-    try:
-        yield capture
-    finally:
-        handle.remove()
-
-
 class QuadATrainer(DPOTrainer):
     """TRL's ``DPOTrainer`` with QuadA's loss; it overrides only what the loss needs (the loss, the
     reference log-probabilities and the columns kept, for the ``harmful`` flags).
@@ -364,13 +327,14 @@ class QuadATrainer(DPOTrainer):
             inputs |= {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
             reference = self._reference_from_batch()
         first_layer = resolve_decoder(model).layers[0].layer
-        with reference, self._perturbation(model), capture_output(first_layer) as captured:
+        captured = {}
+        with reference, self._perturbation(model), capturing({"first": (first_layer, "output")}, captured.__setitem__):
             result = super()._compute_loss(model, inputs, return_outputs)
         dpo_loss = result[0] if return_outputs else result
 
         pairs = harmful.shape[0]  # rows 0..pairs-1 are prompt+chosen, one per pair
         prompt_mask = inputs["attention_mask"][:pairs].bool() & ~inputs["completion_mask"][:pairs].bool()
-        features = pool_prompt_activations(captured.output[:pairs][harmful], prompt_mask[harmful], self.args.reg_pooling)
+        features = pool_prompt_activations(captured["first"][:pairs][harmful], prompt_mask[harmful], self.args.reg_pooling)
         similarity = pairwise_cosine_regularizer(features.float())
         self._metrics[mode]["dpo_loss"].append(dpo_loss.item())
         self._metrics[mode]["regularizer"].append(similarity.item())

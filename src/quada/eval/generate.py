@@ -21,7 +21,9 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.errors import QuadaError
+from quada.eval.batching import padded_batch, position_ids
 from quada.eval.judges import refusal_phrase
+from quada.eval.scoring import pad_id_of
 
 MAX_BATCH_SIZE = 64
 MEMORY_FRACTION = 0.5
@@ -107,13 +109,13 @@ def greedy_batch(
     generated: list[list[int]] = [[] for _ in range(batch)]
     rows = torch.arange(batch, device=input_ids.device)
     cache = DynamicCache(config=model.config)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(attention_mask)
     step_ids = input_ids
     for step in range(max_new_tokens):
         logits = model(
             input_ids=step_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
@@ -131,10 +133,10 @@ def greedy_batch(
             keep = (~finished).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             rows, next_ids = rows[keep], next_ids[keep]
-            attention_mask, position_ids = attention_mask[keep], position_ids[keep]
+            attention_mask, positions = attention_mask[keep], positions[keep]
         step_ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-        position_ids = position_ids[:, -1:] + 1
+        positions = positions[:, -1:] + 1
     return generated
 
 
@@ -174,7 +176,7 @@ def generate(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     eos_ids = _eos_ids(model, tokenizer)
     stop = _stop_on_refusal(tokenizer) if settings.stop_on_refusal else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
+    pad_id = pad_id_of(tokenizer)
     responses: list[str] = [""] * len(prompts)
     with _progress(progress) as bar:
         task = bar.add_task("generating", total=len(prompts))
@@ -183,12 +185,7 @@ def generate(
             # Longest first: the first batch is the most memory-hungry, so a bad fit shows at once.
             size = batch_size or auto_batch_size(model, len(encoded[order[start]]), settings.max_new_tokens)
             chunk = order[start : start + size]
-            width = max(len(encoded[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attention_mask[row, width - len(encoded[i]) :] = 1
+            input_ids, attention_mask = padded_batch([encoded[i] for i in chunk], pad_id)
             new_ids = greedy_batch(
                 model, input_ids.to(model.device), attention_mask.to(model.device), settings.max_new_tokens, eos_ids, stop
             )

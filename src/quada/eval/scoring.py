@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.errors import QuadaError
+from quada.eval.batching import padded_batch, position_ids
 
 
 @torch.inference_mode()
@@ -35,17 +36,11 @@ def next_token_logprobs(
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            input_ids[row, width - len(sequences[i]) :] = torch.tensor(list(sequences[i]))
-            attention_mask[row, width - len(sequences[i]) :] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention_mask = padded_batch([sequences[i] for i in chunk], pad_id)
         logits = model(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
-            position_ids=position_ids.to(model.device),
+            position_ids=position_ids(attention_mask).to(model.device),
             logits_to_keep=1,
         ).logits[:, -1]
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()

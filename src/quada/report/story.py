@@ -9,20 +9,18 @@ which layers carry it, and how the activations move.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
-from quada.report import write_report
+from quada.report import clusters, layers, sweep, vet
+from quada.report.render import write_report
 
-# (name, results file, module providing ``report_sections(saved: dict) -> list[Section]``), in
-# the order of the page. Modules are imported by name when a page is written: they build on
-# quada.vet, which writes pages too.
+# (name, results file, its sections), in the order of the page.
 PARTS = (
-    ("vet", "results.json", "quada.vet"),
-    ("sweep", "sweep.json", "quada.analysis.sweep"),
-    ("layers", "layers.json", "quada.analysis.layers"),
-    ("clusters", "clusters.json", "quada.analysis.clusters"),
+    ("vet", vet.RESULTS_FILE, vet.report_sections),
+    ("sweep", sweep.POINTS_FILE, sweep.report_sections),
+    ("layers", layers.RESULTS_FILE, layers.report_sections),
+    ("clusters", clusters.RESULTS_FILE, clusters.report_sections),
 )
 
 
@@ -30,7 +28,7 @@ def write_story(run_dir: str | Path) -> tuple[Path, Path]:
     """Rewrite ``report.md`` and ``report.html`` of ``run_dir`` from every results file in it."""
     run_dir = Path(run_dir)
     names, models, summaries, sections = [], [], [], []
-    for name, file_name, module in PARTS:
+    for name, file_name, report_sections in PARTS:
         path = run_dir / file_name
         if not path.is_file():
             continue
@@ -38,7 +36,7 @@ def write_story(run_dir: str | Path) -> tuple[Path, Path]:
         names.append(name)
         models.append(saved["config"]["model"])
         summaries.append(saved.get("summary", ""))  # results files of older versions have none
-        sections += importlib.import_module(module).report_sections(saved)
+        sections += report_sections(saved, run_dir)
     title = f"quada {' + '.join(names)}: {', '.join(dict.fromkeys(models))}"
     summary = summaries[0] if len(summaries) == 1 else " ".join(f"{n}: {s}" for n, s in zip(names, summaries))
     return write_report(run_dir, title, summary, sections)
