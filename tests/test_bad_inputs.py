@@ -63,7 +63,7 @@ CASES = {
     "align nan beta": ("align -m {model} --pairs {pairs} --out {run} --beta nan", "beta"),
     "align negative beta": ("align -m {model} --pairs {pairs} --out {run} --beta -1", "beta"),
     "align nan lora alpha": ("align -m {model} --pairs {pairs} --out {run} --lora-alpha nan", "lora_alpha"),
-    "align zero epochs": ("align -m {model} --pairs {pairs} --out {run} --epochs 0", "num_train_epochs"),
+    "align zero epochs": ("align -m {model} --pairs {pairs} --out {run} --num-train-epochs 0", "num_train_epochs"),
     "align binary pairs": ("align -m {model} --pairs {binary_jsonl} --out {run}", "not UTF-8"),
     "align onto a file": ("align -m {model} --pairs {pairs} --judges keyword --out {prompts}", "--out"),
 }

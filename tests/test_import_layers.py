@@ -17,12 +17,12 @@ PACKAGE = Path(quada.__file__).parent
 # or module name stands for everything under it; every ``cli`` module is at the top.
 LAYERS = (
     ("base", ("errors", "runs", "hub", "devices", "chat", "data", "models", "store", "fingerprint", "testing",
-              "seeds")),
-    ("measurement", ("approx", "eval")),
+              "seeds", "defaults")),
+    ("measurement", ("approx", "eval", "options")),
     ("report", ("report",)),
     ("analysis", ("analysis", "vet")),  # vet is a plan of conditions, like the analyses
     ("defense", ("defense",)),
-    ("cli", ("cli", "__main__")),
+    ("cli", ("cli", "__main__", "cli_options", "approx_cli")),
 )
 RANK = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
 CLI = len(LAYERS) - 1

@@ -9,9 +9,12 @@ moves the safety baseline (MODELS.md: 3.3% versus 17.2% clean ASR on the 1.5B bu
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from quada.errors import QuadaError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PAPER_SYSTEM = (
     "Below is an instruction that describes a task. Write a response that appropriately "

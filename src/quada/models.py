@@ -19,12 +19,12 @@ import platformdirs
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from quada.defaults import DEFAULT_MODEL
 from quada.devices import resolve_device
 from quada.errors import QuadaError
 from quada.hub import require_hub
 from quada.runs import atomic_folder, write_json
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 CACHE_ENV = "QUADA_CACHE_DIR"
 CONVERTED_MANIFEST = "quada-conversion.json"
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file

@@ -12,23 +12,21 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quada.approx import apply, list_specs, parse_spec, spec_label
+from quada.approx import apply, parse_spec, spec_label
 from quada.approx.sites import resolve_decoder
-from quada.chat import PROMPT_FORMATS
 from quada.data import Prompt, load_benchmark, subset
-from quada.devices import check_device
-from quada.errors import QuadaError, check_seed
-from quada.eval.generate import GenerationSettings, generate
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, JUDGES, SAFETY_JUDGES, Judge, check_judge_model, make_judge
+from quada.eval.generate import generate
+from quada.eval.judges import SAFETY_JUDGES, Judge, check_judge_model, make_judge
 from quada.eval.metrics import Estimate, estimate, mcnemar
-from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus, load_questions, multiple_choice, perplexity
+from quada.eval.utility import load_corpus, load_questions, multiple_choice, perplexity
 from quada.fingerprint import model_fingerprint
-from quada.models import DEFAULT_MODEL, load
+from quada.models import load
+from quada.options import VetConfig, perplexity_key
 from quada.report.render import Example
 from quada.report.story import write_story
 from quada.report.vet import RESULTS_FILE, ConditionResult
@@ -36,74 +34,7 @@ from quada.runs import atomic_write_text, jsonable, open_run_dir, write_json
 from quada.seeds import derived_seed
 from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, settings_json
 
-PAPER_PRESETS = tuple(name for name, _ in list_specs() if name.startswith("paper:"))
 GENERATION_CHUNK = 64  # prompts generated and committed together (one batch composition)
-
-
-@dataclass
-class VetConfig:
-    """What `quada vet` evaluates and how; every field has a CLI option of the same name."""
-
-    model: str = DEFAULT_MODEL
-    device: str = "auto"  # where the model and the judge model run: auto, cpu, cuda or cuda:N
-    approx: tuple[str, ...] = PAPER_PRESETS
-    benchmark: str = "advbench"
-    limit: int | None = 32  # harmful prompts (a seeded subset); None = all
-    benign: str = "quada-benign"
-    benign_limit: int | None = 32
-    judges: tuple[str, ...] = ("keyword", "llm")
-    refusal_judge: str = "refusal-keyword"  # over-refusal on the benign suite
-    judge_model: str = DEFAULT_JUDGE_MODEL
-    prompt_format: str = "paper"
-    max_new_tokens: int = 128
-    stop_on_refusal: bool = False
-    seed: int = 0
-    corpus: str = DEFAULT_CORPUS
-    ppl_window: int = PAPER_WINDOW
-    ppl_windows: int | None = 8  # how many windows; None = the whole corpus
-    questions: int | None = 0  # multiple-choice questions; 0 = skip, None = all
-    run_dir: Path = field(default_factory=lambda: Path("runs") / "vet")
-
-    def __post_init__(self):
-        self.device = check_device(self.device)
-        # Parse now to fail on a bad spec before any work; the clean model is always evaluated.
-        self.approx = tuple(str(parse_spec(s)) for s in self.approx if s != CLEAN)
-        if not self.judges:
-            raise QuadaError("no safety judge: give --judges at least one of keyword, llm, harmfulness")
-        check_options(self, judges=(*self.judges, self.refusal_judge), positive=("limit", "benign_limit"))
-        if self.questions is not None and self.questions < 0:
-            raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")
-        self.run_dir = Path(self.run_dir)
-
-    @property
-    def settings(self) -> GenerationSettings:
-        return GenerationSettings(self.max_new_tokens, self.prompt_format, self.stop_on_refusal)
-
-    def utility_key(self, fingerprint: str, approx: str, measure: str) -> str:
-        """Cache key of a utility number: everything that decides it."""
-        if measure == "ppl":
-            return perplexity_key(fingerprint, approx, self)
-        return f"{fingerprint}|{approx}|mc|{self.questions}|{self.seed}"
-
-
-def check_options(config, judges: Sequence[str], positive: Sequence[str] = ()) -> None:
-    """Validate the options every evaluating run shares (judges, token and window counts, the
-    prompt format, the seed) plus the ``positive`` ones, so a bad value fails before any model loads."""
-    check_seed(config.seed)
-    for judge in judges:
-        if judge not in JUDGES:
-            raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
-    for name in (*positive, "ppl_windows", "max_new_tokens"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise QuadaError(f"{name.replace('_', '-')} must be at least 1 (or omitted for all), got {value}")
-    if config.prompt_format not in PROMPT_FORMATS:
-        raise QuadaError(f"unknown prompt format {config.prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}")
-
-
-def perplexity_key(fingerprint: str, approx: str, config) -> str:
-    """Cache key of a perplexity: the model, the condition, the corpus and its windows, the seed."""
-    return f"{fingerprint}|{approx}|ppl|{config.corpus}|{config.ppl_window}|{config.ppl_windows}|{config.seed}"
 
 
 @dataclass

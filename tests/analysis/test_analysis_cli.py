@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from quada.analysis.cli import parse_numbers
+from quada.cli_options import parse_numbers
 from quada.errors import QuadaError
 
 

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 import quada.models
 from quada.approx import parse_spec, profile
-from quada.approx.cli import app
+from quada.approx_cli import app
 from quada.errors import QuadaError
 from quada.testing import tiny_model
 

@@ -125,7 +125,7 @@ def test_evaluation_prompts_must_not_be_training_prompts(inputs, tmp_path):
         (["align", "--pairs", "PAIRS", "--beta", "nan"], "beta must be a finite number above 0"),
         (["align", "--pairs", "PAIRS", "--beta", "-1"], "beta must be a finite number above 0"),
         (["align", "--pairs", "PAIRS", "--lora-alpha", "nan"], "lora_alpha must be a finite number above 0"),
-        (["align", "--pairs", "PAIRS", "--epochs", "0"], "num_train_epochs must be a finite number above 0"),
+        (["align", "--pairs", "PAIRS", "--num-train-epochs", "0"], "num_train_epochs must be a finite number above 0"),
         (["align", "--pairs", "PAIRS", "--seed", "-5"], "seed must be a whole number from 0"),
         (["align", "--pairs", "PAIRS", "--judges", ","], "no safety judge"),
         (["align", "--pairs", "PAIRS", "--judges", "harmfulness"], "the first judge decides the ASR"),
@@ -182,15 +182,9 @@ def test_a_diverged_training_saves_nothing(inputs, tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "adapter").exists()
 
 
-def test_a_user_error_is_one_red_line_without_traceback(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "quada", "align", "--pairs", str(tmp_path / "missing.jsonl")],
-                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "does not exist; make one with `quada pairs`" in result.stderr
+def test_a_user_error_is_one_red_line_without_traceback(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    cli("align", "--pairs", tmp_path / "missing.jsonl").assert_user_error("does not exist; make one with `quada pairs`")
 
 
 def test_the_pairs_command_reads_a_local_pku_file(tmp_path):

@@ -14,51 +14,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from quada.analysis.options import AnalysisOptions, LayersConfig, SweepConfig
+from quada.cli_options import AllPrompts, config_options, field_help, without_limit
+from quada.defaults import DEFAULT_MODEL
 from quada.devices import DEVICE_HELP
 from quada.errors import QuadaError
 from quada.report.format import percent_interval
+from quada.options import EvalOptions
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Model to analyse: built-in name (see `quada models`), model folder, .gguf file or hub id.")]
-Benchmark = Annotated[str, typer.Option(help="Harmful prompts: a benchmark name or a prompt file.")]
-AllPrompts = Annotated[bool, typer.Option("--all-prompts", help="Use every prompt, ignoring --limit.")]
-Judges = Annotated[str, typer.Option(help="Comma-separated safety judges (keyword, llm); the first decides the ASR.")]
-JudgeModel = Annotated[str, typer.Option(help="Model behind the llm judge.")]
-PromptFormat = Annotated[str, typer.Option(help="'paper' (the source paper's system prompt and 'Instruction: ' prefix) or 'plain'.")]
-MaxNewTokens = Annotated[int, typer.Option(help="Most tokens per response.")]
-StopOnRefusal = Annotated[bool, typer.Option(help="End a response at its first refusal phrase: faster, exact for the keyword judge only.")]
-Seed = Annotated[int, typer.Option(help="Seed of the prompt subsets, the approximation's noise and the bootstrap.")]
-Corpus = Annotated[str, typer.Option(help="Perplexity corpus: pydoc-topics (offline), wikitext2 (hub) or a text file.")]
-PplWindow = Annotated[int, typer.Option(help="Tokens per perplexity window.")]
-PplWindows = Annotated[int | None, typer.Option(help="Number of perplexity windows.")]
-PplBound = Annotated[float, typer.Option(help="Perplexity bound, as a multiple of the clean perplexity.")]
-RunDir = Annotated[Path, typer.Option(help="Run folder: results store, report and the analyses' results; share it between `quada vet`, sweep, layers and clusters for one report on the whole story.")]
+# The options of `quada clusters`, whose configuration is not built from the shared options.
+Model = Annotated[str, typer.Option("--model", "-m", help=field_help(EvalOptions, "model"))]
+PromptFormat = Annotated[str, typer.Option(help=field_help(EvalOptions, "prompt_format"))]
+Seed = Annotated[int, typer.Option(help=field_help(EvalOptions, "seed"))]
+RunDir = Annotated[Path, typer.Option(help=field_help(AnalysisOptions, "run_dir"))]
 Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
-DerivedSpec = Annotated[str | None, typer.Option("--spec", "-s", help="Approximation spec; default: the most vulnerable approximation found by `quada sweep` in --run-dir.")]
+DerivedSpec = Annotated[str | None, typer.Option("--spec", "-s", help=field_help(LayersConfig, "spec"))]
 DEFAULT_RUN_DIR = Path("runs") / "sweep"
-
-
-def parse_numbers(text: str, option: str) -> tuple[float, ...]:
-    """Comma-separated numbers; ``clean`` stands for 0 (the unapproximated model)."""
-    values = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        if item.lower() == "clean":
-            values.append(0.0)
-            continue
-        try:
-            values.append(float(item))
-        except ValueError:
-            raise QuadaError(f"{option}: {item!r} is not a number; write numbers separated by commas, e.g. 0,0.05,0.1") from None
-    if not values:
-        raise QuadaError(f"{option} is empty; write numbers separated by commas, e.g. 0,0.05,0.1")
-    return tuple(values)
-
-
-def parse_names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+EVAL_OPTIONS = ("model", "benchmark", "limit", "judges", "judge_model", "prompt_format", "max_new_tokens",
+                "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows")
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -70,29 +45,8 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     console.print(table)
 
 
-def sweep_command(
-    model: Model = "qwen2.5-coder-0.5b-instruct",
-    spec: Annotated[str, typer.Option("--spec", "-s", help="The approximation to sweep, without the swept option (see `quada approx list`); e.g. 'teal' with --parameter sparsity, 'noise:site=up,dist=gaussian,layers=0:4' with std.")] = "noise:site=up,dist=gaussian",
-    parameter: Annotated[str, typer.Option("--parameter", "-p", help="The option of --spec whose value is swept: std, scale, threshold, sparsity, bits, ...")] = "std",
-    grid: Annotated[str | None, typer.Option("--grid", "-g", help="Strengths to evaluate, comma-separated; 0 (or 'clean') is the clean model. [default: 0,0.025,0.05,0.075,0.1,0.15,0.2]", show_default=False)] = None,
-    variant: Annotated[list[str] | None, typer.Option("--variant", "-V", help="Sweep a list of approximations instead of a strength (repeat; e.g. -V bolt -V bumblebee -V nexus -V puma -V iron): the clean model and each variant, no refinement.")] = None,
-    ppl_bound: Annotated[float, typer.Option(help="The most vulnerable approximation (MVA) must keep perplexity at most this multiple of the clean perplexity.")] = 1.5,
-    refine: Annotated[int, typer.Option(help="Bisection rounds around the current MVA after the grid (0 = grid only); each adds at most two points.")] = 2,
-    benchmark: Benchmark = "advbench",
-    limit: Annotated[int | None, typer.Option(help="Size of the seeded subset of harmful prompts.")] = 64,
-    all_prompts: AllPrompts = False,
-    judges: Judges = "keyword",
-    judge_model: JudgeModel = "qwen2.5-coder-1.5b-instruct",
-    prompt_format: PromptFormat = "paper",
-    max_new_tokens: MaxNewTokens = 64,
-    stop_on_refusal: StopOnRefusal = False,
-    seed: Seed = 0,
-    corpus: Corpus = "pydoc-topics",
-    ppl_window: PplWindow = 1024,
-    ppl_windows: PplWindows = 8,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
-    device: Device = "auto",
-) -> None:
+@config_options(SweepConfig, "spec", "parameter", "grid", "variants", "ppl_bound", "refine", *EVAL_OPTIONS, "run_dir", "device")
+def sweep_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Finding 1: sweep an approximation's strength; ASR (with 95% CIs) and perplexity at each point, and the most vulnerable approximation.
 
     Examples: quada sweep --spec teal --parameter sparsity --grid 0,0.25,0.5,0.75,0.9;
@@ -100,81 +54,47 @@ def sweep_command(
 
     Every point is stored as it comes: an interrupted sweep continues where it stopped when run again. The figure (sweep.png), the report (report.md, report.html) and the points (sweep.json) go to --run-dir; responses are never printed.
     """
-    from quada.analysis.sweep import SweepConfig, sweep
+    from quada.analysis.sweep import sweep
     from quada.report.sweep import mva_sentence, point_label
 
-    if variant and grid is not None:
+    if options.get("variants") and "grid" in options:
         raise QuadaError("give either --grid (a strength sweep) or --variant (a list of approximations), not both")
-    config = SweepConfig(
-        model=model, spec=spec, parameter=parameter, variants=tuple(variant or ()),
-        grid=parse_numbers(grid, "--grid") if grid is not None else SweepConfig.grid, ppl_bound=ppl_bound,
-        refine=refine, benchmark=benchmark, limit=None if all_prompts else limit, judges=parse_names(judges),
-        judge_model=judge_model, prompt_format=prompt_format, max_new_tokens=max_new_tokens,
-        stop_on_refusal=stop_on_refusal, seed=seed, corpus=corpus, ppl_window=ppl_window, ppl_windows=ppl_windows,
-        run_dir=run_dir,
-        device=device,
-    )
+    config = SweepConfig(**without_limit(options, all_prompts))
     result = sweep(config)
-    _print_table(f"quada sweep: {model}", [config.axis, "ASR % [95% CI]", "perplexity", "x clean"], [
+    _print_table(f"quada sweep: {config.model}", [config.axis, "ASR % [95% CI]", "perplexity", "x clean"], [
         [point_label(config, p), percent_interval(p.asr), f"{p.perplexity:.2f}", f"{p.perplexity / result.clean_perplexity:.2f}"]
         for p in result.points
     ])
     console.print(mva_sentence(result), highlight=False)
-    console.print(f"report: {result.report_html} (figure {result.figure_png.name}); store: {run_dir / 'results.sqlite'}")
+    console.print(f"report: {result.report_html} (figure {result.figure_png.name}); store: {config.run_dir / 'results.sqlite'}")
 
 
-def layers_command(
-    model: Model = "qwen2.5-coder-0.5b-instruct",
-    spec: DerivedSpec = None,
-    stride: Annotated[int, typer.Option(help="Measure every stride-th layer l and count k (the all-layer condition always): 4 on a 28-layer model measures 7 + 7 + 7 conditions.")] = 1,
-    share: Annotated[float, typer.Option(help="tau is the smallest k whose first-k ASR reaches this share of the all-layer ASR.")] = 0.9,
-    ppl_bound: PplBound = 1.5,
-    proxy_only: Annotated[bool, typer.Option("--proxy-only", help="Cheap mode: rank layers by the refusal-probability proxy (forward passes only, no generation, no judge).")] = False,
-    benchmark: Benchmark = "advbench",
-    limit: Annotated[int | None, typer.Option(help="Size of the seeded subset of harmful prompts.")] = 32,
-    all_prompts: AllPrompts = False,
-    judges: Judges = "keyword",
-    judge_model: JudgeModel = "qwen2.5-coder-1.5b-instruct",
-    prompt_format: PromptFormat = "paper",
-    max_new_tokens: MaxNewTokens = 64,
-    stop_on_refusal: StopOnRefusal = False,
-    seed: Seed = 0,
-    corpus: Corpus = "pydoc-topics",
-    ppl_window: PplWindow = 1024,
-    ppl_windows: PplWindows = 8,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
-    device: Device = "auto",
-) -> None:
+@config_options(LayersConfig, "spec", "stride", "share", "ppl_bound", "proxy_only", *EVAL_OPTIONS, "run_dir", "device")
+def layers_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Finding 2: ASR with the approximation on a single layer l, on the first k and on the last k layers; tau; the refusal-probability proxy.
 
     Example: quada sweep && quada layers --stride 2   (uses the sweep's most vulnerable approximation)
 
     Stored and resumable like `quada vet`; the figure (layers.png) and the report go to --run-dir.
     """
-    from quada.analysis.layers import LayersConfig, layers
+    from quada.analysis.layers import layers
     from quada.report.layers import LABELS
 
-    config = LayersConfig(
-        model=model, spec=spec, stride=stride, share=share, ppl_bound=ppl_bound, proxy_only=proxy_only,
-        benchmark=benchmark, limit=None if all_prompts else limit, judges=parse_names(judges), judge_model=judge_model,
-        prompt_format=prompt_format, max_new_tokens=max_new_tokens, stop_on_refusal=stop_on_refusal, seed=seed,
-        corpus=corpus, ppl_window=ppl_window, ppl_windows=ppl_windows, run_dir=run_dir,
-        device=device,
-    )
+    config = LayersConfig(**without_limit(options, all_prompts))
     result = layers(config)
-    _print_table(f"quada layers: {result.spec} on {model}", ["condition", "l or k", "ASR % [95% CI]", "refusal prob. %", "perplexity"], [
+    _print_table(f"quada layers: {result.spec} on {config.model}", ["condition", "l or k", "ASR % [95% CI]", "refusal prob. %", "perplexity"], [
         [LABELS.get(p.kind, p.kind), str(p.index), percent_interval(p.asr), f"{100 * p.refusal:.1f}", f"{p.perplexity:.2f}"]
         for p in [result.clean, *result.points]
     ])
     console.print(f"tau = {result.tau} (of {result.num_layers} layers)", highlight=False)
-    if not proxy_only:
+    if not config.proxy_only:
         rho = "undefined" if result.spearman is None else f"{result.spearman:.3f}"
         console.print(f"Spearman rank correlation of the proxy with the ASR: {rho}", highlight=False)
-    console.print(f"report: {result.report_html}; store: {run_dir / 'results.sqlite'}")
+    console.print(f"report: {result.report_html}; store: {config.run_dir / 'results.sqlite'}")
 
 
 def clusters_command(
-    model: Model = "qwen2.5-coder-0.5b-instruct",
+    model: Model = DEFAULT_MODEL,
     spec: DerivedSpec = None,
     layer: Annotated[int | None, typer.Option(help="Decoder layer whose activations are captured (0-based); default: the middle one.")] = None,
     site: Annotated[str, typer.Option(help="'residual' (the layer's output) or an approximation site: qkv, gate_up, o, down, act.")] = "residual",

@@ -27,98 +27,22 @@ import json
 import math
 import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from quada.analysis.options import SweepConfig, spec_at
 from quada.approx import parse_spec, spec_label
 from quada.data import load_benchmark, subset
-from quada.devices import check_device
 from quada.errors import QuadaError
-from quada.eval.generate import GenerationSettings
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, SAFETY_JUDGES, check_judge_model, make_judge
-from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus
-from quada.models import DEFAULT_MODEL, load
+from quada.eval.judges import check_judge_model, make_judge
+from quada.eval.utility import load_corpus
+from quada.models import load
 from quada.report.format import plain_number
 from quada.report.story import write_story
-from quada.report.sweep import FIGURE_STEM, POINTS_FILE, SweepPoint, SweepResult, axis_name, result_from_json
+from quada.report.sweep import FIGURE_STEM, POINTS_FILE, SweepPoint, SweepResult, result_from_json
 from quada.runs import jsonable, open_run_dir, write_json
 from quada.store import CLEAN, Store
-from quada.vet import Evaluator, check_options, check_specs_fit, progress_bar
-
-@dataclass
-class SweepConfig:
-    """What `quada sweep` measures; every field has a CLI option of the same name."""
-
-    model: str = DEFAULT_MODEL
-    device: str = "auto"  # where the model and the judge model run: auto, cpu, cuda or cuda:N
-    spec: str = "noise:site=up,dist=gaussian"  # base spec; `parameter` is swept
-    parameter: str = "std"
-    grid: tuple[float, ...] = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2)  # 0 = the clean model
-    ppl_bound: float = 1.5  # MVA: highest ASR with perplexity <= ppl_bound * clean perplexity
-    refine: int = 2  # bisection rounds around the current MVA (0 = the grid only)
-    benchmark: str = "advbench"
-    limit: int | None = 64  # harmful prompts (a seeded subset); None = all
-    judges: tuple[str, ...] = ("keyword",)  # the first one decides the ASR and the MVA
-    judge_model: str = DEFAULT_JUDGE_MODEL
-    prompt_format: str = "paper"
-    max_new_tokens: int = 64
-    stop_on_refusal: bool = False
-    seed: int = 0
-    corpus: str = DEFAULT_CORPUS
-    ppl_window: int = PAPER_WINDOW
-    ppl_windows: int | None = 8
-    run_dir: Path = field(default_factory=lambda: Path("runs") / "sweep")
-    variants: tuple[str, ...] = ()  # a categorical sweep over these specs; spec, parameter and grid then unused
-
-    def __post_init__(self):
-        self.device = check_device(self.device)
-        self.judges = tuple(self.judges)
-        if not self.judges or self.judges[0] not in SAFETY_JUDGES:
-            raise QuadaError(f"the first judge decides the ASR: start --judges with one of {', '.join(SAFETY_JUDGES)}")
-        check_options(self, self.judges, positive=("limit",))
-        self.grid = tuple(sorted({float(v) for v in self.grid}))
-        if not self.grid:
-            raise QuadaError("the grid is empty; give strengths such as 0,0.05,0.1")
-        if not all(math.isfinite(v) and v >= 0 for v in self.grid):
-            raise QuadaError(f"grid strengths must be finite and non-negative (0 = the clean model), got {self.grid}")
-        if "+" in self.spec:
-            raise QuadaError("a sweep varies one technique: give --spec without '+'")
-        if f"{self.parameter}=" in self.spec.replace(" ", ""):
-            raise QuadaError(f"leave {self.parameter}= out of --spec: the sweep sets it from the grid")
-        for strength in self.grid:  # a bad spec or parameter fails now, not after loading a model
-            spec_at(self.spec, self.parameter, strength)
-        self.variants = tuple(str(parse_spec(v)) for v in self.variants)  # canonical: one condition per variant
-        if len(set(self.variants)) < len(self.variants):
-            raise QuadaError(f"the variants repeat a spec: {', '.join(self.variants)}; list each one once")
-        if not self.ppl_bound >= 1:
-            raise QuadaError(f"ppl-bound is a multiple of the clean perplexity and must be at least 1, got {self.ppl_bound}")
-        if self.refine < 0:
-            raise QuadaError(f"refine must be 0 (grid only) or more rounds, got {self.refine}")
-        self.run_dir = Path(self.run_dir)
-
-    @property
-    def settings(self) -> GenerationSettings:
-        return GenerationSettings(self.max_new_tokens, self.prompt_format, self.stop_on_refusal)
-
-    @property
-    def axis(self) -> str:
-        """What the sweep varies, for table headers and the figure."""
-        return axis_name(self)
-
-    def first_points(self) -> list[tuple[float, str]]:
-        """``(strength, condition)`` of the points measured before any refinement; a variant's
-        strength is its position in the list (1, 2, ...), the clean model's is 0."""
-        if self.variants:
-            return [(0.0, CLEAN), *((float(i), v) for i, v in enumerate(self.variants, start=1))]
-        return [(s, spec_at(self.spec, self.parameter, s)) for s in self.grid]
-
-
-def spec_at(spec: str, parameter: str, strength: float) -> str:
-    """The canonical condition of ``spec`` with ``parameter`` set to ``strength`` (0: the clean model)."""
-    if strength == 0:
-        return CLEAN
-    text = spec.strip()
-    return str(parse_spec(f"{text}{',' if ':' in text else ':'}{parameter}={plain_number(strength)}"))
+from quada.vet import Evaluator, check_specs_fit, progress_bar
 
 
 def _integer_parameter(spec: str, parameter: str, strength: float) -> bool:

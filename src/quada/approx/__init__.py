@@ -30,6 +30,8 @@ from quada.approx.profile import ErrorProfile, SiteError, profile
 from quada.approx.quant import OmniQuantConfig, SmoothQuantConfig
 from quada.approx.sparse import CatsConfig, TealConfig
 
+PAPER_PRESETS = tuple(name for name, _ in list_specs() if name.startswith("paper:"))  # the rows of the paper's Table 1
+
 __all__ = [
     "Applied",
     "ApproxConfig",
@@ -44,6 +46,7 @@ __all__ = [
     "NexusConfig",
     "NoiseConfig",
     "OmniQuantConfig",
+    "PAPER_PRESETS",
     "PumaConfig",
     "SiteError",
     "SmoothQuantConfig",

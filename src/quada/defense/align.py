@@ -24,129 +24,28 @@ import gc
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
 import torch
 
-from quada.analysis.sweep import SweepConfig
 from quada.chat import messages
-from quada.defense.pairs import HELDOUT_BENIGN, HELDOUT_HARMFUL, SPLIT_FILE, PreferencePair, load_pairs
-from quada.defense.quada import HARMFUL_COLUMN, QuadAConfig, QuadATrainer
-from quada.devices import check_device
+from quada.defense.options import CHECKPOINT_DIR, AlignConfig
+from quada.defense.pairs import PreferencePair, load_pairs
+from quada.defense.quada import HARMFUL_COLUMN, QuadATrainer
 from quada.errors import QuadaError
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, check_judge_model
-from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW
-from quada.models import DEFAULT_MODEL
+from quada.eval.judges import check_judge_model
 from quada.report.align import align_sections, comparison_table, layers_phrase, method_name, model_card
 from quada.report.render import write_report
 from quada.runs import atomic_folder, atomic_write_text, jsonable, open_run_dir, write_json
-from quada.vet import PAPER_PRESETS, VetConfig, check_specs_fit
+from quada.vet import check_specs_fit
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoints"
 DATA_DIR = "data"
 DATA_PAIRS_MARK = "pairs.sha256"  # which pairs file the run folder trains on
 TRAINING_FILE = "training.json"  # inside the model folder: what trained it and how it went
-
-
-@dataclass
-class AlignConfig:
-    """What `quada align` trains and evaluates; every field has a CLI option of the same name.
-
-    ``training`` holds :class:`QuadAConfig` fields (perturbation, tau, reg_lambda, use_lora,
-    learning_rate, num_train_epochs, per_device_train_batch_size, ...) that differ from its defaults.
-    """
-
-    model: str = DEFAULT_MODEL
-    device: str = "auto"  # where training, the evaluated models and the judge run: auto, cpu, cuda or cuda:N
-    pairs: Path = Path("runs") / "pairs" / "pairs.jsonl"
-    out_dir: Path = field(default_factory=lambda: Path("runs") / "align")
-    plain_dpo: bool = False  # the baseline: no perturbation, no regularizer
-    prompt_format: str = "paper"  # how pairs are rendered for training, and prompts for the evaluation
-    training: dict = field(default_factory=dict)
-    # evaluation
-    skip_eval: bool = False
-    benchmark: str | None = None  # held-out harmful prompts; default: the split beside the pairs, else advbench
-    benign: str | None = None  # held-out benign prompts; default: the split beside the pairs, else quada-benign
-    approx: tuple[str, ...] | None = None  # default: the perturbation and the paper's presets
-    limit: int | None = 64
-    benign_limit: int | None = 32
-    judges: tuple[str, ...] = ("keyword", "llm")
-    judge_model: str = DEFAULT_JUDGE_MODEL
-    max_new_tokens: int = 128
-    stop_on_refusal: bool = False  # exact for the keyword judge only
-    corpus: str = DEFAULT_CORPUS
-    ppl_window: int = PAPER_WINDOW
-    ppl_windows: int | None = 8
-    sweep: bool = True
-    sweep_spec: str = "noise:site=up,dist=gaussian"
-    sweep_parameter: str = "std"
-    sweep_grid: tuple[float, ...] = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2)
-    sweep_limit: int | None = 64
-    before_dir: Path | None = None  # evaluation folder of the original; share it between runs on one base model
-    baseline: Path | None = None  # a finished `quada align` run (e.g. --plain-dpo) to compare against
-
-    def __post_init__(self):
-        self.device = check_device(self.device)
-        self.pairs, self.out_dir = Path(self.pairs), Path(self.out_dir)
-        self.before_dir = None if self.before_dir is None else Path(self.before_dir)
-        self.baseline = None if self.baseline is None else Path(self.baseline)
-        if self.plain_dpo:
-            self.training = {**self.training, "perturb_layers": "none", "reg_lambda": 0.0}
-        self.quada = self.training_config()  # validates the training fields now, before any work
-        if self.approx is None:
-            self.approx = (self.quada.perturbation, *PAPER_PRESETS)
-        if not self.skip_eval:  # a bad evaluation option fails now, not after the training
-            self.vet_config(self.model, self.out_dir)
-            if self.sweep:
-                self.sweep_config(self.model, self.out_dir)
-
-    def training_config(self) -> QuadAConfig:
-        # The trainer places the model itself (on a GPU when there is one), unless told to use the CPU.
-        values = {"seed": 0, "logging_steps": 5, "use_cpu": self.device == "cpu", **self.training}
-        unknown = sorted(set(values) - set(QuadAConfig.__dataclass_fields__))
-        if unknown:
-            raise QuadaError(f"unknown training option(s) {', '.join(unknown)}; see the fields of QuadAConfig")
-        try:
-            return QuadAConfig(
-                output_dir=str(self.out_dir / CHECKPOINT_DIR), report_to="none", dataloader_pin_memory=False,
-                save_strategy="steps", save_total_limit=2, **values,
-            )
-        except ValueError as err:  # TrainingArguments' own checks
-            raise QuadaError(f"bad training option: {err}") from err
-
-    def vet_config(self, model: str, run_dir: Path) -> VetConfig:
-        """The `quada vet` run that evaluates ``model`` into ``run_dir``."""
-        harmful, benign = self.eval_sets()
-        return VetConfig(
-            model=model, device=self.device, approx=self.approx, benchmark=harmful, limit=self.limit, benign=benign,
-            benign_limit=self.benign_limit, judges=self.judges, judge_model=self.judge_model,
-            prompt_format=self.prompt_format, max_new_tokens=self.max_new_tokens,
-            stop_on_refusal=self.stop_on_refusal, seed=self.quada.seed,
-            corpus=self.corpus, ppl_window=self.ppl_window, ppl_windows=self.ppl_windows, run_dir=run_dir,
-        )
-
-    def sweep_config(self, model: str, run_dir: Path) -> SweepConfig:
-        """The finding-1 `quada sweep` of ``model`` into ``run_dir``, judged by the first judge."""
-        harmful, _ = self.eval_sets()
-        return SweepConfig(
-            model=model, device=self.device, spec=self.sweep_spec, parameter=self.sweep_parameter, grid=self.sweep_grid,
-            benchmark=harmful, limit=self.sweep_limit, judges=self.judges[:1], judge_model=self.judge_model,
-            prompt_format=self.prompt_format, max_new_tokens=self.max_new_tokens,
-            stop_on_refusal=self.stop_on_refusal, seed=self.quada.seed,
-            corpus=self.corpus, ppl_window=self.ppl_window, ppl_windows=self.ppl_windows, run_dir=run_dir,
-        )
-
-    def eval_sets(self) -> tuple[str, str]:
-        """The held-out harmful and benign prompt sets: given ones, the split beside the pairs, or the
-        bundled suites when the pairs came without one."""
-        split_dir = self.pairs.parent if (self.pairs.parent / SPLIT_FILE).is_file() else None
-        harmful = self.benchmark or (str(split_dir / HELDOUT_HARMFUL) if split_dir else "advbench")
-        benign = self.benign or (str(split_dir / HELDOUT_BENIGN) if split_dir else "quada-benign")
-        return harmful, benign
 
 
 @dataclass
@@ -276,7 +175,7 @@ def check_finite_weights(model: torch.nn.Module, out_dir: Path) -> None:
     if broken:
         raise QuadaError(
             f"training diverged: {len(broken)} weight tensors (e.g. {broken[0]}) hold NaN or infinite values, so "
-            f"nothing was saved; lower --lr or --beta and train again in a new --out (the checkpoints in "
+            f"nothing was saved; lower --learning-rate or --beta and train again in a new --out (the checkpoints in "
             f"{out_dir / CHECKPOINT_DIR} hold the diverged weights)"
         )
 

