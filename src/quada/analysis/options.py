@@ -14,7 +14,6 @@ from pathlib import Path
 from quada.errors import QuadaError
 from quada.options import EvalOptions, check_asr_judge, check_counts, redefault
 from quada.report.format import plain_number
-from quada.report.sweep import axis_name
 from quada.store import CLEAN
 
 
@@ -102,7 +101,7 @@ class SweepConfig(AnalysisOptions):
     @property
     def axis(self) -> str:
         """What the sweep varies, for table headers and the figure."""
-        return axis_name(self)
+        return "variant" if self.variants else self.parameter
 
     def first_points(self) -> list[tuple[float, str]]:
         """``(strength, condition)`` of the points measured before any refinement; a variant's
