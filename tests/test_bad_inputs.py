@@ -10,7 +10,6 @@ import sqlite3
 import pytest
 
 from quada.store import CLEAN, Generation, GenerationKey, Store
-from quada.testing import tiny_model
 
 CASES = {
     # generate
@@ -67,15 +66,6 @@ CASES = {
     "align binary pairs": ("align -m {model} --pairs {binary_jsonl} --out {run}", "not UTF-8"),
     "align onto a file": ("align -m {model} --pairs {pairs} --judges keyword --out {prompts}", "--out"),
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = tiny_model("qwen2")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture

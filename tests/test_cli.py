@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from quada import cli as quada_cli
 from quada.models import BUILTINS
-from quada.testing import tiny_model
 
 HEAVY = ("torch", "transformers", "matplotlib", "sklearn", "datasets", "trl")
 
@@ -34,15 +33,6 @@ def test_the_command_line_imports_no_heavy_library():
     code = f"import quada.cli, sys; loaded = [m for m in {HEAVY!r} if m in sys.modules]; assert not loaded, loaded"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = tiny_model("qwen2")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_models_lists_every_builtin(cli):

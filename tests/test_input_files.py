@@ -6,18 +6,8 @@ import json
 import pytest
 
 from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store
-from quada.testing import tiny_model
 
 NOT_UTF8 = bytes(range(128, 256)) * 8  # no valid UTF-8 sequence
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = tiny_model("qwen2")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from quada.errors import QuadaError
-from quada.eval import utility
 from quada.eval.utility import (
     Question,
     load_corpus,
@@ -80,12 +79,6 @@ def test_a_corpus_that_is_not_utf8_text_or_is_a_folder_is_a_user_error(tmp_path)
         load_corpus(str(path))
     with pytest.raises(QuadaError, match="is a folder, not a file"):
         load_corpus(str(tmp_path))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
-def test_wikitext2_without_datasets_names_the_offline_corpus():
-    with pytest.raises(QuadaError, match="pydoc-topics"):
-        load_corpus("wikitext2")
 
 
 QUESTIONS = [
