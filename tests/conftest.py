@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# The tests never use the hub: offline mode before any Hugging Face library is imported, so the
+# libraries read their (empty) caches instead of probing the network; tests/test_hub.py lifts it.
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
 GUARD_DIR = Path(__file__).parent / "offline"
 sys.path.insert(0, str(GUARD_DIR))
 import network_guard  # noqa: E402
