@@ -34,23 +34,22 @@ from scipy.stats import spearmanr
 from transformers import DynamicCache
 
 from quada.analysis.story import write_story
-from quada.analysis.sweep import spec_or_mva
-from quada.approx import ComposedConfig, as_spec
-from quada.approx.base import LayerSelection
+from quada.analysis.sweep import approximation_or_mva
+from quada.approx import ComposedConfig, LayerSelection, Spec, as_spec
 from quada.approx.sites import resolve_decoder
 from quada.chat import format_prompt
 from quada.data import load_benchmark, subset
 from quada.devices import check_device
 from quada.errors import QuadaError
+from quada.eval.engine import Engine, check_options, check_specs_fit
 from quada.eval.generate import GenerationSettings
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, REFUSAL_PHRASES, check_judge_model, make_judge
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, REFUSAL_PHRASES, SAFETY_JUDGES, check_judge_model, make_judge
 from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus
 from quada.models import DEFAULT_MODEL, load
 from quada.report import Section
-from quada.runs import jsonable, open_run_dir, write_json
+from quada.runs import jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN, Store
-from quada.vet import SAFETY_JUDGES, Evaluator, approximated, check_options, check_specs_fit, progress_bar
 
 RESULTS_FILE = "layers.json"
 KINDS = ("single", "first", "last")
@@ -67,7 +66,8 @@ REFUSAL_OPENINGS = tuple(p for p in REFUSAL_PHRASES if p[0].isupper() and p not 
 
 @dataclass
 class LayersConfig:
-    """What `quada layers` measures; every field has a CLI option of the same name."""
+    """What `quada layers` measures; every field has a CLI option of the same name; ``approximation``
+    is ``spec`` parsed (once, here)."""
 
     model: str = DEFAULT_MODEL
     device: str = "auto"  # where the model and the judge model run: auto, cpu, cuda or cuda:N
@@ -97,9 +97,10 @@ class LayersConfig:
         check_options(self, self.judges, positive=("limit", "stride"))
         if self.spec == CLEAN:
             raise QuadaError("--spec must be an approximation, not the clean model")
-        if self.spec is not None:
-            self.spec = str(as_spec(self.spec))
-            if any(part.layers is not None for part in as_spec(self.spec).parts()):
+        self.approximation = None if self.spec is None else as_spec(self.spec)
+        if self.approximation is not None:
+            self.spec = str(self.approximation)
+            if any(part.layers is not None for part in self.approximation.parts()):
                 raise QuadaError("the layer analysis chooses the layers itself: drop layers= from --spec")
         if not 0 < self.share <= 1:
             raise QuadaError(f"share must lie in (0, 1], e.g. 0.9 for 90% of the all-layer ASR; got {self.share}")
@@ -156,16 +157,16 @@ def layer_conditions(num_layers: int, stride: int = 1) -> list[tuple[str, int, t
     return single + first + last
 
 
-def with_layers(spec: str, layers: Sequence[int], num_layers: int) -> str:
-    """The canonical condition of ``spec`` restricted to ``layers``; all layers give ``spec``
-    itself, so the all-layer condition shares its stored rows with the sweep."""
+def with_layers(approximation: Spec, layers: Sequence[int], num_layers: int) -> Spec:
+    """``approximation`` restricted to ``layers``; all layers give ``approximation`` itself, so the
+    all-layer condition shares its stored rows with the sweep."""
     layers = tuple(sorted(layers))
     if layers == tuple(range(num_layers)):
-        return spec
+        return approximation
     contiguous = layers == tuple(range(layers[0], layers[-1] + 1))
     selection = LayerSelection(start=layers[0], stop=layers[-1] + 1) if contiguous and len(layers) > 1 else LayerSelection(indices=layers)
-    parts = tuple(dataclasses.replace(part, layers=selection) for part in as_spec(spec).parts())
-    return str(parts[0] if len(parts) == 1 else ComposedConfig(parts))
+    parts = tuple(dataclasses.replace(part, layers=selection) for part in approximation.parts())
+    return parts[0] if len(parts) == 1 else ComposedConfig(parts)
 
 
 def _feasible(point: LayerPoint, clean_ppl: float, ppl_bound: float) -> bool:
@@ -273,10 +274,10 @@ def refusal_probability(
     return sum(np.exp(sum(logp[seq[:i], seq[i]] for i in range(len(seq)))) for seq in sequences)
 
 
-def _proxy_key(fingerprint: str, approx: str, prompt_ids: Sequence[str], config: LayersConfig) -> str:
+def _proxy_key(fingerprint: str, approximation: str, prompt_ids: Sequence[str], config: LayersConfig) -> str:
     """Cache key of a proxy value: the model, the condition, the prompts, the openings, the format, the seed."""
     digest = hashlib.sha256("\n".join([*prompt_ids, "", *REFUSAL_OPENINGS]).encode()).hexdigest()[:16]
-    return f"{fingerprint}|{approx}|refusal-proxy|{config.prompt_format}|{digest}|{config.seed}"
+    return f"{fingerprint}|{approximation}|refusal-proxy|{config.prompt_format}|{digest}|{config.seed}"
 
 
 # --------------------------------------------------------------------------- the analysis
@@ -285,13 +286,14 @@ def _proxy_key(fingerprint: str, approx: str, prompt_ids: Sequence[str], config:
 def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     """Measure every layer condition, select tau, write figure and report."""
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
-    spec = spec_or_mva(config.spec, config.run_dir)
+    approximation = approximation_or_mva(config.approximation, config.run_dir)
+    spec = str(approximation)
     if not config.proxy_only:
         check_judge_model(config.judges, config.judge_model)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model, device=config.device)
-    check_specs_fit(model, [spec])
+    check_specs_fit(model, [approximation])
     num_layers = len(resolve_decoder(model).layers)
     if config.stride >= num_layers and num_layers > 1:
         raise QuadaError(f"stride {config.stride} skips every layer of a {num_layers}-layer model; use at most {num_layers - 1}")
@@ -300,25 +302,24 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     }
     conditions = [("clean", 0, ())] + layer_conditions(num_layers, config.stride)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        evaluator = Evaluator(store, model, tokenizer, config, corpus)
+        engine = Engine(store, model, tokenizer, config, corpus)
         task = bar.add_task("layer conditions", total=len(conditions))
 
+        def proxy(model, tokenizer) -> float:
+            return float(np.mean(refusal_probability(model, tokenizer, [p.text for p in prompts], config.prompt_format, REFUSAL_OPENINGS)))
+
         def point(kind: str, index: int, chosen: tuple[int, ...]) -> LayerPoint:
-            approx = CLEAN if kind == "clean" else with_layers(spec, chosen, num_layers)
+            restricted = CLEAN if kind == "clean" else with_layers(approximation, chosen, num_layers)
             asr = None
             if not config.proxy_only:
-                asr = evaluator.measure(approx, prompts, judges).asr(config.judges[0], config.seed)
-
-            def proxy() -> float:
-                with approximated(model, approx, tokenizer, config.seed):
-                    return float(np.mean(refusal_probability(model, tokenizer, [p.text for p in prompts], config.prompt_format, REFUSAL_OPENINGS)))
-
-            refusal = evaluator.utility.get_or_compute(_proxy_key(evaluator.fingerprint, approx, [p.id for p in prompts], config), proxy)
+                asr = engine.measure(engine.condition(restricted, prompts), judges).asr(config.judges[0], config.seed)
+            refusal = engine.cached(_proxy_key(engine.fingerprint, str(restricted), [p.id for p in prompts], config),
+                                    restricted, proxy)
             bar.advance(task)
-            return LayerPoint(kind, index, approx, asr, evaluator.perplexity(approx), refusal)
+            return LayerPoint(kind, index, str(restricted), asr, engine.perplexity(restricted), refusal)
 
         measured = [point(*c) for c in conditions]
-        fingerprint = evaluator.fingerprint
+        fingerprint = engine.fingerprint
     clean, points = measured[0], measured[1:]
     first = [p for p in points if p.kind == "first"]
     all_layers = first[-1]

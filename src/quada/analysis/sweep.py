@@ -15,8 +15,9 @@ A sweep can also run over a list of variants instead of a numeric option, e.g. t
 replacements ``bolt, bumblebee, nexus, puma, iron`` of private inference: a categorical axis, so
 nothing is refined, and the MVA is the variant of highest ASR within the bound.
 
-Every point is a condition of the results store (its spec string, e.g.
-``noise:site=up,dist=gaussian,std=0.05``), measured through :class:`quada.vet.Evaluator`: a
+The spec is parsed once; every point is that technique with the swept option replaced, a
+condition of the results store (keyed by its canonical spec, e.g.
+``noise:site=up,dist=gaussian,std=0.05``), measured through :class:`quada.eval.engine.Engine`: a
 killed sweep resumes where it stopped and a rerun computes nothing.
 """
 
@@ -33,19 +34,19 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from quada.analysis.story import write_story
-from quada.approx import parse_spec, spec_label
+from quada.approx import ApproxConfig, Spec, as_spec, parse_spec, parse_technique, spec_label
 from quada.data import load_benchmark, subset
 from quada.devices import check_device
 from quada.errors import QuadaError
+from quada.eval.engine import Approximation, Engine, check_options, check_specs_fit
 from quada.eval.generate import GenerationSettings
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, check_judge_model, make_judge
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, SAFETY_JUDGES, check_judge_model, make_judge
 from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW, load_corpus
 from quada.models import DEFAULT_MODEL, load
 from quada.report import Section
-from quada.runs import jsonable, open_run_dir, write_json
+from quada.runs import jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN, Store
-from quada.vet import SAFETY_JUDGES, Evaluator, check_options, check_specs_fit, progress_bar
 
 FIGURE_STEM = "sweep"
 POINTS_FILE = "sweep.json"
@@ -53,7 +54,11 @@ POINTS_FILE = "sweep.json"
 
 @dataclass
 class SweepConfig:
-    """What `quada sweep` measures; every field has a CLI option of the same name."""
+    """What `quada sweep` measures; every field has a CLI option of the same name.
+
+    Parsed once here: ``technique``, the spec with the parameter at the first positive strength
+    (None when the grid holds only 0), and ``variant_approximations``; ``variants`` keeps their
+    canonical strings."""
 
     model: str = DEFAULT_MODEL
     device: str = "auto"  # where the model and the judge model run: auto, cpu, cuda or cuda:N
@@ -87,13 +92,12 @@ class SweepConfig:
             raise QuadaError("the grid is empty; give strengths such as 0,0.05,0.1")
         if not all(math.isfinite(v) and v >= 0 for v in self.grid):
             raise QuadaError(f"grid strengths must be finite and non-negative (0 = the clean model), got {self.grid}")
-        if "+" in self.spec:
-            raise QuadaError("a sweep varies one technique: give --spec without '+'")
-        if f"{self.parameter}=" in self.spec.replace(" ", ""):
-            raise QuadaError(f"leave {self.parameter}= out of --spec: the sweep sets it from the grid")
+        positive = [s for s in self.grid if s > 0]
+        self.technique = parse_technique(self.spec, self.parameter, positive[0]) if positive else None
         for strength in self.grid:  # a bad spec or parameter fails now, not after loading a model
-            spec_at(self.spec, self.parameter, strength)
-        self.variants = tuple(str(parse_spec(v)) for v in self.variants)  # canonical: one condition per variant
+            spec_at(self.technique, self.parameter, strength)
+        self.variant_approximations = tuple(as_spec(v) for v in self.variants)
+        self.variants = tuple(map(str, self.variant_approximations))  # canonical: one condition per variant
         if len(set(self.variants)) < len(self.variants):
             raise QuadaError(f"the variants repeat a spec: {', '.join(self.variants)}; list each one once")
         if not self.ppl_bound >= 1:
@@ -111,12 +115,12 @@ class SweepConfig:
         """What the sweep varies, for table headers and the figure."""
         return "variant" if self.variants else self.parameter
 
-    def first_points(self) -> list[tuple[float, str]]:
-        """``(strength, condition)`` of the points measured before any refinement; a variant's
+    def first_points(self) -> list[tuple[float, Approximation]]:
+        """``(strength, approximation)`` of the points measured before any refinement; a variant's
         strength is its position in the list (1, 2, ...), the clean model's is 0."""
         if self.variants:
-            return [(0.0, CLEAN), *((float(i), v) for i, v in enumerate(self.variants, start=1))]
-        return [(s, spec_at(self.spec, self.parameter, s)) for s in self.grid]
+            return [(0.0, CLEAN), *((float(i), v) for i, v in enumerate(self.variant_approximations, start=1))]
+        return [(s, spec_at(self.technique, self.parameter, s)) for s in self.grid]
 
 
 @dataclass
@@ -139,21 +143,18 @@ class SweepResult:
 
 
 def _number(value: float) -> str:
-    """A strength as spec text: whole numbers without a decimal point, so integer options parse."""
+    """A strength as a label: whole numbers without a decimal point."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def spec_at(spec: str, parameter: str, strength: float) -> str:
-    """The canonical condition of ``spec`` with ``parameter`` set to ``strength`` (0: the clean model)."""
-    if strength == 0:
-        return CLEAN
-    text = spec.strip()
-    return str(parse_spec(f"{text}{',' if ':' in text else ':'}{parameter}={_number(strength)}"))
+def spec_at(technique: ApproxConfig | None, parameter: str, strength: float) -> Approximation:
+    """``technique`` with ``parameter`` set to ``strength``; 0 is the clean model."""
+    return CLEAN if strength == 0 else technique.with_option(parameter, strength)
 
 
-def _integer_parameter(spec: str, parameter: str, strength: float) -> bool:
+def _integer_parameter(technique: ApproxConfig, parameter: str) -> bool:
     """Whether ``parameter`` takes whole numbers (e.g. bits), so bisection must round."""
-    hint = typing.get_type_hints(type(parse_spec(spec_at(spec, parameter, strength))))[parameter]
+    hint = typing.get_type_hints(type(technique))[parameter]
     return int in (hint, *typing.get_args(hint))
 
 
@@ -252,32 +253,32 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model, device=config.device)
-    check_specs_fit(model, [spec for _, spec in config.first_points()])
+    check_specs_fit(model, [approximation for _, approximation in config.first_points()])
     judges = {name: make_judge(name, model_source=config.judge_model, device=config.device) for name in config.judges}
     rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
-    positive = next((s for s in config.grid if s > 0), None)
-    integral = rounds > 0 and positive is not None and _integer_parameter(config.spec, config.parameter, positive)
+    integral = rounds > 0 and config.technique is not None and _integer_parameter(config.technique, config.parameter)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        evaluator = Evaluator(store, model, tokenizer, config, corpus)
+        engine = Engine(store, model, tokenizer, config, corpus)
 
-        def point(strength: float, spec: str) -> SweepPoint:
+        def point(strength: float, approximation: Approximation) -> SweepPoint:
+            spec = str(approximation)
             task = bar.add_task(spec_label(spec) if config.variants else f"{config.parameter}={_number(strength)}",
                                 total=len(prompts))
-            measured = evaluator.measure(spec, prompts, judges, lambda n: bar.advance(task, n))
+            measured = engine.measure(engine.condition(approximation, prompts), judges, lambda n: bar.advance(task, n))
             bar.update(task, completed=len(prompts))
             return SweepPoint(strength, spec, measured.asr(config.judges[0], config.seed), measured.perplexity)
 
-        clean_perplexity = evaluator.perplexity(CLEAN)
-        points = [point(s, spec) for s, spec in config.first_points()]
+        clean_perplexity = engine.perplexity(CLEAN)
+        points = [point(s, approximation) for s, approximation in config.first_points()]
         for _ in range(rounds):
             new = refinement_points(points, clean_perplexity, config.ppl_bound)
             if integral:
                 new = sorted({float(round(s)) for s in new} - {p.strength for p in points})
             if not new:
                 break
-            points = sorted(points + [point(s, spec_at(config.spec, config.parameter, s)) for s in new],
+            points = sorted(points + [point(s, spec_at(config.technique, config.parameter, s)) for s in new],
                             key=lambda p: p.strength)
-        fingerprint = evaluator.fingerprint
+        fingerprint = engine.fingerprint
     mva = most_vulnerable(points, clean_perplexity, config.ppl_bound)
     write_json(config.run_dir / POINTS_FILE, {
         "config": jsonable(asdict(config)), "fingerprint": fingerprint,
@@ -305,14 +306,14 @@ def load_sweep(run_dir: str | Path) -> SweepResult:
     return result_from_json(json.loads(path.read_text()), Path(run_dir))
 
 
-def spec_or_mva(spec: str | None, run_dir: str | Path) -> str:
-    """``spec`` itself, or when it is ``None`` the MVA of the sweep stored in ``run_dir``."""
-    if spec is not None:
-        return spec
+def approximation_or_mva(approximation: Spec | None, run_dir: str | Path) -> Spec:
+    """``approximation`` itself, or when it is ``None`` the MVA of the sweep stored in ``run_dir``."""
+    if approximation is not None:
+        return approximation
     mva = load_sweep(run_dir).mva
     if mva is None:
         raise QuadaError(f"the sweep in {run_dir} found no MVA within its perplexity bound; give --spec")
-    return mva.spec
+    return parse_spec(mva.spec)
 
 
 def report_sections(saved: dict) -> list[Section]:

@@ -37,13 +37,14 @@ from quada.defense.pairs import HELDOUT_BENIGN, HELDOUT_HARMFUL, SPLIT_FILE, Pre
 from quada.defense.quada import HARMFUL_COLUMN, QuadAConfig, QuadATrainer
 from quada.devices import check_device
 from quada.errors import QuadaError
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, check_judge_model
+from quada.eval.engine import check_specs_fit
+from quada.eval.judges import DEFAULT_JUDGE_MODEL, SAFETY_JUDGES, check_judge_model
 from quada.eval.metrics import Estimate
 from quada.eval.utility import DEFAULT_CORPUS, PAPER_WINDOW
 from quada.models import DEFAULT_MODEL
 from quada.report import Section, write_report
 from quada.runs import atomic_folder, atomic_write_text, jsonable, open_run_dir, write_json
-from quada.vet import PAPER_PRESETS, SAFETY_JUDGES, VetConfig, check_specs_fit
+from quada.vet import PAPER_PRESETS, VetConfig
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -230,7 +231,8 @@ def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
     model, tokenizer = load(config.model, dtype=torch.float32, device=config.device)  # fp32 master weights for the optimizer
     # Name the local folder (not a built-in's name) as the base, so PEFT finds its config offline.
     model.name_or_path = str(resolve(config.model))
-    check_specs_fit(model, [quada.perturbation, *(() if config.skip_eval else config.approx)])
+    evaluated = () if config.skip_eval else config.vet_config(config.model, config.out_dir).approximations
+    check_specs_fit(model, [quada.approximation, *evaluated])
     trainer = QuadATrainer(model, args=quada, train_dataset=training_data(config, pairs), processing_class=tokenizer)
     resume = _last_checkpoint(config.out_dir / CHECKPOINT_DIR)
     started = time.monotonic()

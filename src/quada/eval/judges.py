@@ -351,6 +351,7 @@ MODEL_JUDGES: dict[str, type[LogitJudge]] = {
     RefusalJudge.name: RefusalJudge,
 }
 JUDGES = (KeywordJudge.name, *MODEL_JUDGES, RefusalKeywordJudge.name)
+SAFETY_JUDGES = ("keyword", "llm")  # judges whose label is "the attack succeeded"
 
 
 @functools.cache
