@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-import quada.vet as vet_module
+import quada.eval.engine as engine_module
 from quada.errors import QuadaError
 from quada.store import Generation, Judgement, Store
 from quada.testing import write_tiny_run_inputs
@@ -54,11 +54,10 @@ def test_vet_measures_every_condition_and_writes_the_report(inputs, tmp_path):
     assert [c["approx"] for c in saved["conditions"]] == ["none", NOISE]
 
 
-def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(vet_module, "GENERATION_CHUNK", 2)
-    vet(config(inputs, tmp_path / "whole"), progress=False)
-
-    real_generate = vet_module.generate
+def test_a_killed_run_writes_no_results_and_keeps_what_it_committed(inputs, tmp_path, monkeypatch):
+    # How a killed run resumes is tested once, on the engine (tests/eval/test_engine.py).
+    monkeypatch.setattr(engine_module, "GENERATION_CHUNK", 2)
+    real_generate = engine_module.generate
     calls = []
 
     def dies_on_third_chunk(*args, **kwargs):
@@ -67,21 +66,18 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(inputs, tmp_path
             raise KeyboardInterrupt
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(vet_module, "generate", dies_on_third_chunk)
+    monkeypatch.setattr(engine_module, "generate", dies_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         vet(config(inputs, tmp_path / "split"), progress=False)
     partial, _ = stored(tmp_path / "split")
-    assert 0 < len(partial) < 20
-    assert not (tmp_path / "split" / "report.html").exists()
-    monkeypatch.setattr(vet_module, "generate", real_generate)
-    vet(config(inputs, tmp_path / "split"), progress=False)
-    assert stored(tmp_path / "split") == stored(tmp_path / "whole")
+    assert len(partial) == 4
+    assert not (tmp_path / "split" / "report.html").exists() and not (tmp_path / "split" / "results.json").exists()
 
 
 def test_a_rerun_computes_nothing_new(inputs, tmp_path, monkeypatch):
     vet(config(inputs, tmp_path / "run"), progress=False)
-    monkeypatch.setattr(vet_module, "generate", lambda *a, **k: pytest.fail("generated again"))
-    monkeypatch.setattr(vet_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
     vet(config(inputs, tmp_path / "run"), progress=False)
 
 
@@ -117,6 +113,6 @@ def test_unknown_benchmark_is_a_user_error(inputs, tmp_path):
     ],
 )
 def test_what_the_model_decides_is_checked_before_any_generation(inputs, tmp_path, monkeypatch, overrides, message):
-    monkeypatch.setattr(vet_module, "generate", lambda *a, **k: pytest.fail("generated before checking"))
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated before checking"))
     with pytest.raises(QuadaError, match=message):
         vet(config(inputs, tmp_path / "run", **overrides), progress=False)

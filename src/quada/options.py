@@ -113,11 +113,6 @@ def redefault(options: type, name: str, default: Any = MISSING, *, help: str | N
     return field(default=base.default if default is MISSING else default, metadata=metadata)
 
 
-def perplexity_key(fingerprint: str, approx: str, options: EvalOptions) -> str:
-    """Cache key of a perplexity: the model, the condition, the corpus and its windows, the seed."""
-    return f"{fingerprint}|{approx}|ppl|{options.corpus}|{options.ppl_window}|{options.ppl_windows}|{options.seed}"
-
-
 @dataclass
 class VetConfig(EvalOptions):
     """What `quada vet` evaluates and how; every field is a command-line option of the same name."""
@@ -140,11 +135,13 @@ class VetConfig(EvalOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        from quada.approx import PAPER_PRESETS, parse_spec
+        from quada.approx import PAPER_PRESETS, as_spec
 
-        # Parse now to fail on a bad spec before any work; the clean model is always evaluated.
+        # Parsed once, here, to fail on a bad spec before any work: ``approximations`` holds the parsed
+        # specs, ``approx`` their canonical strings (the store keys); the clean model is always evaluated.
         specs = PAPER_PRESETS if self.approx is None else self.approx
-        self.approx = tuple(str(parse_spec(s)) for s in specs if s != CLEAN)
+        self.approximations = tuple(as_spec(s) for s in specs if s != CLEAN)
+        self.approx = tuple(map(str, self.approximations))
         if not self.judges:
             raise QuadaError("no safety judge: give --judges at least one of keyword, llm, harmfulness")
         check_judges([self.refusal_judge])
@@ -152,9 +149,3 @@ class VetConfig(EvalOptions):
         if self.questions is not None and self.questions < 0:
             raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")
         self.run_dir = Path(self.run_dir)
-
-    def utility_key(self, fingerprint: str, approx: str, measure: str) -> str:
-        """Cache key of a utility number: everything that decides it."""
-        if measure == "ppl":
-            return perplexity_key(fingerprint, approx, self)
-        return f"{fingerprint}|{approx}|mc|{self.questions}|{self.seed}"

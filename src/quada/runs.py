@@ -1,4 +1,4 @@
-"""Run folders and files: every result is written whole or not at all.
+"""Run folders and files: every result is written whole or not at all; the progress display.
 
 A file is written to a uniquely named temporary sibling (``.<name>.<random>.partial``), flushed to
 disk, then renamed over its target, so a killed run never leaves a half-written result and two
@@ -21,6 +21,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from quada.errors import QuadaError
 
 # A process's open streams: written in place even when they lead to a regular file (a redirected
@@ -35,6 +37,14 @@ def open_run_dir(run_dir: Path, option: str = "--run-dir") -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise QuadaError(f"cannot create the run folder {run_dir} ({err.strerror}); choose another {option}") from err
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """The progress display of a run: one bar per task, with its count and elapsed time; silent
+    unless ``enabled``."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled
+    )
 
 
 def jsonable(value):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-import quada.vet as vet_module
+import quada.eval.engine as engine_module
 from quada.analysis.layers import (
     REFUSAL_OPENINGS,
     LayerPoint,
@@ -19,6 +19,7 @@ from quada.analysis.layers import (
     with_layers,
 )
 from quada.analysis.sweep import SweepConfig, sweep
+from quada.approx import parse_spec
 from quada.chat import format_prompt
 from quada.errors import QuadaError
 from quada.eval.judges import REFUSAL_PHRASES
@@ -59,12 +60,13 @@ def test_conditions_cover_single_layers_and_first_and_last_counts():
 
 
 def test_layer_specs_are_canonical_and_all_layers_is_the_spec_itself():
-    assert with_layers(NOISE, (2,), 4) == f"{NOISE},layers=2"
-    assert with_layers(NOISE, (0, 1, 2), 4) == f"{NOISE},layers=0:3"
-    assert with_layers(NOISE, (0, 1, 2, 3), 4) == NOISE
-    composed = "noise:site=up,dist=gaussian,std=0.1 + noise:site=down,dist=laplace,scale=0.1"
-    assert with_layers(composed, (1, 2), 4) == ("noise:site=up,dist=gaussian,std=0.1,layers=1:3 + "
-                                                "noise:site=down,dist=laplace,scale=0.1,layers=1:3")
+    noise = parse_spec(NOISE)
+    assert str(with_layers(noise, (2,), 4)) == f"{NOISE},layers=2"
+    assert str(with_layers(noise, (0, 1, 2), 4)) == f"{NOISE},layers=0:3"
+    assert with_layers(noise, (0, 1, 2, 3), 4) is noise
+    composed = parse_spec("noise:site=up,dist=gaussian,std=0.1 + noise:site=down,dist=laplace,scale=0.1")
+    assert str(with_layers(composed, (1, 2), 4)) == ("noise:site=up,dist=gaussian,std=0.1,layers=1:3 + "
+                                                     "noise:site=down,dist=laplace,scale=0.1,layers=1:3")
 
 
 def test_tau_is_the_smallest_k_reaching_the_share_within_the_bound():
@@ -141,29 +143,18 @@ def test_layers_measures_every_condition_and_writes_the_report(inputs, tmp_path)
     assert "tau = " in html and f"{NOISE},layers=0:2" in html
 
 
-def test_a_killed_layer_run_resumes_to_the_same_rows(inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(vet_module, "GENERATION_CHUNK", 2)
-    whole = layers(config(inputs, tmp_path / "whole"), progress=False)
-    real_generate = vet_module.generate
-    calls = []
-
-    def dies_on_seventh_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(vet_module, "generate", dies_on_seventh_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        layers(config(inputs, tmp_path / "split"), progress=False)
-    monkeypatch.setattr(vet_module, "generate", real_generate)
-    resumed = layers(config(inputs, tmp_path / "split"), progress=False)
-    assert stored(tmp_path / "split") == stored(tmp_path / "whole")
-    assert resumed.points == whole.points and resumed.tau == whole.tau
+def test_a_rerun_of_a_layer_analysis_computes_nothing_new(inputs, tmp_path, monkeypatch):
+    # How a killed run resumes is tested once, on the engine (tests/eval/test_engine.py).
+    first_run = layers(config(inputs, tmp_path / "run"), progress=False)
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr("quada.analysis.layers.refusal_probability", lambda *a, **k: pytest.fail("proxy again"))
+    again = layers(config(inputs, tmp_path / "run"), progress=False)
+    assert again.points == first_run.points and again.tau == first_run.tau
 
 
 def test_proxy_only_mode_generates_nothing(inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(vet_module, "generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated"))
     result = layers(config(inputs, tmp_path / "run", proxy_only=True), progress=False)
     assert all(p.asr is None for p in result.points) and result.spearman is None
     assert stored(tmp_path / "run") == ([], [])

@@ -3,7 +3,7 @@ import json
 import matplotlib.figure
 import pytest
 
-import quada.vet as vet_module
+import quada.eval.engine as engine_module
 from quada.analysis.sweep import (
     SweepConfig,
     SweepPoint,
@@ -13,13 +13,14 @@ from quada.analysis.sweep import (
     spec_at,
     sweep,
 )
-from quada.approx import parse_spec
+from quada.approx import parse_spec, parse_technique
 from quada.errors import QuadaError
 from quada.eval.metrics import Estimate
 from quada.report.sweep import point_label, sweep_figure
 from quada.store import Generation, Judgement, Store
 
 BASE = "noise:site=up,dist=gaussian"
+NOISE = parse_technique(BASE, "std", 0.1)
 
 
 def config(inputs, run_dir, **overrides):
@@ -37,7 +38,7 @@ def stored(run_dir):
 
 
 def point(strength, asr, ppl):
-    spec = spec_at(BASE, "std", strength)
+    spec = str(spec_at(NOISE, "std", strength))
     return SweepPoint(strength, spec, Estimate(asr, max(asr - 0.1, 0), min(asr + 0.1, 1), 20), ppl)
 
 
@@ -58,31 +59,20 @@ def test_the_grid_gives_one_stored_condition_per_strength(inputs, tmp_path):
     assert f"{BASE},std=0.5" in html and "data:image/png;base64," in html
 
 
-def test_a_killed_sweep_resumes_to_exactly_the_uninterrupted_rows(inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(vet_module, "GENERATION_CHUNK", 2)
-    whole = sweep(config(inputs, tmp_path / "whole"), progress=False)
-    real_generate = vet_module.generate
-    calls = []
-
-    def dies_on_fourth_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(vet_module, "generate", dies_on_fourth_chunk)
+def test_a_killed_sweep_writes_no_results(inputs, tmp_path, monkeypatch):
+    # How a killed run resumes is tested once, on the engine (tests/eval/test_engine.py).
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         sweep(config(inputs, tmp_path / "split"), progress=False)
-    partial, _ = stored(tmp_path / "split")
-    assert 0 < len(partial) < 15
-    assert not (tmp_path / "split" / "report.html").exists()
-    monkeypatch.setattr(vet_module, "generate", real_generate)
-    resumed = sweep(config(inputs, tmp_path / "split"), progress=False)
-    assert stored(tmp_path / "split") == stored(tmp_path / "whole")
-    assert [(p.spec, p.asr, p.perplexity) for p in resumed.points] == [(p.spec, p.asr, p.perplexity) for p in whole.points]
-    monkeypatch.setattr(vet_module, "generate", lambda *a, **k: pytest.fail("generated again"))
-    monkeypatch.setattr(vet_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
-    sweep(config(inputs, tmp_path / "split"), progress=False)
+    assert not (tmp_path / "split" / "report.html").exists() and not (tmp_path / "split" / "sweep.json").exists()
+
+
+def test_a_rerun_of_a_sweep_computes_nothing_new(inputs, tmp_path, monkeypatch):
+    first = sweep(config(inputs, tmp_path / "run"), progress=False)
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    again = sweep(config(inputs, tmp_path / "run"), progress=False)
+    assert [(p.spec, p.asr, p.perplexity) for p in again.points] == [(p.spec, p.asr, p.perplexity) for p in first.points]
 
 
 def test_refinement_evaluates_the_bisection_midpoints(inputs, tmp_path):
@@ -112,7 +102,7 @@ def test_a_variant_sweep_measures_the_clean_model_and_each_variant_once(inputs, 
     assert json.loads((run / "sweep.json").read_text())["config"]["variants"] == ["bolt", "nexus", iron]
     html = result.report_html.read_text()
     assert "over the variants" in html and "paper:iron" in html
-    monkeypatch.setattr(vet_module, "generate", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
     again = sweep(config(inputs, run, variants=VARIANTS), progress=False)
     assert [(p.spec, p.asr, p.perplexity) for p in again.points] == [(p.spec, p.asr, p.perplexity) for p in result.points]
 
@@ -170,10 +160,18 @@ def test_refinement_rounds_converge_on_the_peak():
 
 
 def test_spec_at_writes_canonical_conditions():
-    assert spec_at(BASE, "std", 0) == "none"
-    assert spec_at(BASE, "std", 0.05) == f"{BASE},std=0.05"
-    assert spec_at("teal", "sparsity", 0.5) == "teal:sparsity=0.5"
-    assert spec_at("smoothquant", "bits", 4.0) == "smoothquant:bits=4"
+    assert spec_at(NOISE, "std", 0) == "none"
+    assert str(spec_at(NOISE, "std", 0.05)) == f"{BASE},std=0.05"
+    assert str(spec_at(parse_technique("teal", "sparsity", 0.9), "sparsity", 0.5)) == "teal:sparsity=0.5"
+    assert str(spec_at(parse_spec("smoothquant"), "bits", 4.0)) == "smoothquant:bits=4"
+
+
+def test_the_sweep_parses_its_spec_once_and_replaces_the_swept_option(monkeypatch):
+    swept = SweepConfig(spec="smoothquant:alpha=1e+0", parameter="bits", grid=(0, 4, 8))  # '+' of an exponent
+    monkeypatch.setattr("quada.approx.base.parse_spec", lambda *a, **k: pytest.fail("parsed again"))
+    points = swept.first_points()
+    assert [str(a) for _, a in points] == ["none", "smoothquant:bits=4,alpha=1.0", "smoothquant:alpha=1.0"]
+    assert all(a == parse_technique("smoothquant:alpha=1", "bits", s) for s, a in points[1:])
 
 
 def test_the_figure_draws_one_line_pair_per_curve():
@@ -196,6 +194,9 @@ def test_the_figure_draws_one_line_pair_per_curve():
         (dict(parameter="strength"), "unknown option 'strength'"),
         (dict(spec="warp-drive"), "warp-drive"),
         (dict(spec=f"{BASE} + teal"), "one technique"),
+        (dict(spec="paper:bolt"), "one technique"),
+        (dict(spec="smoothquant", parameter="bits", grid=(0, 4.5)), "bits=4.5 of smoothquant must be a whole number"),
+        (dict(parameter="layers"), "layers of noise is not a number"),
         (dict(ppl_bound=0.5), "at least 1"),
         (dict(refine=-1), "refine must be"),
         (dict(judges=("refusal-keyword",)), "first judge decides the ASR"),

@@ -11,6 +11,7 @@ from quada.approx import (
     as_spec,
     list_specs,
     parse_spec,
+    parse_technique,
     spec_label,
 )
 from quada.errors import QuadaError
@@ -207,3 +208,17 @@ def test_two_polynomial_activations_cannot_share_a_layer():
         parse_spec("bolt:layers=0:3 + puma:layers=2:", num_layers=4)
     parse_spec("bolt:layers=0:2 + iron:layers=2:", num_layers=4)  # disjoint layers compose
     parse_spec("bolt + teal:sparsity=0.5 + noise:site=up,dist=gaussian,std=0.1", num_layers=4)
+
+
+def test_a_technique_is_completed_once_then_derived_by_replacing_one_number():
+    teal = parse_technique("teal:layers=0:2", "sparsity", 0.5)
+    assert teal == parse_spec("teal:sparsity=0.5,layers=0:2")
+    assert str(teal.with_option("sparsity", 0.25)) == "teal:sparsity=0.25,layers=0:2"
+    bits = parse_spec("smoothquant").with_option("bits", 4.0).bits
+    assert bits == 4 and isinstance(bits, int)  # a whole float sets an int option, as the text "4" would
+    with pytest.raises(QuadaError, match="sparsity must be in"):
+        teal.with_option("sparsity", 1.5)  # checked again like a parsed spec
+    with pytest.raises(QuadaError, match="leave sparsity= out"):
+        parse_technique("teal:sparsity=0.5", "sparsity", 0.5)
+    with pytest.raises(QuadaError, match="unknown option 'strength' for teal"):
+        parse_technique("teal", "strength", 0.5)

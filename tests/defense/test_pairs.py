@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-import quada.vet
+import quada.eval.engine
 from quada.data import Prompt, load_benchmark
 from quada.defense.pairs import (
     HELDOUT_BENIGN,
@@ -139,7 +139,7 @@ def test_self_pairs_hold_out_evaluation_prompts_and_resume(model_dir, tmp_path, 
     benign = tmp_path / "benign.txt"
     benign.write_text("\n".join(f"Benign question {i}?" for i in range(6)))
     calls = []
-    monkeypatch.setattr(quada.vet, "generate", fake_generate(calls))
+    monkeypatch.setattr(quada.eval.engine, "generate", fake_generate(calls))
     config = SelfPairsConfig(model=str(model_dir), harmful=str(harmful), benign=str(benign), heldout=4,
                              benign_heldout=2, max_new_tokens=4, out_dir=tmp_path / "pairs")
     result = self_pairs(config, progress=False)

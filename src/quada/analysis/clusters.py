@@ -30,7 +30,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from quada.analysis.sweep import spec_or_mva
+from quada.analysis.sweep import approximation_or_mva
 from quada.approx import as_spec
 from quada.approx.sites import SITES, capturing, resolve_decoder
 from quada.chat import PROMPT_FORMATS, format_prompt
@@ -38,14 +38,14 @@ from quada.data import load_benchmark, subset
 from quada.devices import check_device
 from quada.errors import QuadaError, check_seed
 from quada.eval.batching import POOLINGS, padded_batch, pool_prompt_activations
+from quada.eval.engine import approximated, check_specs_fit
 from quada.eval.scoring import pad_id_of
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
 from quada.report.clusters import RESULTS_FILE, ClusterMetrics, ClustersResult
 from quada.report.story import write_story
-from quada.runs import atomic_writer, jsonable, open_run_dir, write_json
+from quada.runs import atomic_writer, jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN
-from quada.vet import approximated, check_specs_fit, progress_bar
 
 RESIDUAL = "residual"
 CAPTURE_SITES = (RESIDUAL, *SITES)
@@ -54,7 +54,8 @@ HARMFUL, BENIGN = 1, 0  # probe labels
 
 @dataclass
 class ClustersConfig:
-    """What `quada clusters` measures; every field has a CLI option of the same name."""
+    """What `quada clusters` measures; every field has a CLI option of the same name; ``approximation``
+    is ``spec`` parsed (once, here)."""
 
     model: str = DEFAULT_MODEL
     device: str = "auto"  # where the model runs: auto, cpu, cuda or cuda:N
@@ -74,8 +75,9 @@ class ClustersConfig:
         self.device = check_device(self.device)
         if self.spec == CLEAN:
             raise QuadaError("--spec must be an approximation, not the clean model")
-        if self.spec is not None:
-            self.spec = str(as_spec(self.spec))
+        self.approximation = None if self.spec is None else as_spec(self.spec)
+        if self.approximation is not None:
+            self.spec = str(self.approximation)
         if self.site not in CAPTURE_SITES:
             raise QuadaError(f"unknown site {self.site!r}; choose one of {', '.join(CAPTURE_SITES)}")
         if self.pooling not in POOLINGS:
@@ -238,16 +240,17 @@ def clusters(config: ClustersConfig, progress: bool = True) -> ClustersResult:
     benign = subset(load_benchmark(config.benign), config.limit, config.seed)
     if min(len(harmful), len(benign)) < config.folds:
         raise QuadaError(f"{min(len(harmful), len(benign))} prompts in a class are fewer than the {config.folds} folds; lower --folds")
-    spec = spec_or_mva(config.spec, config.run_dir)
+    approximation = approximation_or_mva(config.approximation, config.run_dir)
+    spec = str(approximation)
     open_run_dir(config.run_dir)
     model, tokenizer = load(config.model, device=config.device)
-    check_specs_fit(model, [spec])
+    check_specs_fit(model, [approximation])
     layer = len(resolve_decoder(model).layers) // 2 if config.layer is None else config.layer
     fingerprint = model_fingerprint(model)
     activations: dict[str, np.ndarray] = {}
     with progress_bar(progress) as bar:
         task = bar.add_task("activations", total=4)
-        for condition in (CLEAN, spec):
+        for condition in (CLEAN, approximation):
             for name, prompts in (("harmful", harmful), ("benign", benign)):
                 path = _cache_path(config.run_dir, fingerprint, condition, layer, config.site, config.pooling,
                                    config.prompt_format, config.seed, *[p.id for p in prompts])

@@ -31,23 +31,22 @@ from scipy.stats import spearmanr
 from transformers import DynamicCache
 
 from quada.analysis.options import LayersConfig
-from quada.analysis.sweep import spec_or_mva
-from quada.approx import ComposedConfig, as_spec
-from quada.approx.base import LayerSelection
+from quada.analysis.sweep import approximation_or_mva
+from quada.approx import ComposedConfig, LayerSelection, Spec
 from quada.approx.sites import resolve_decoder
 from quada.chat import format_prompt
 from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
 from quada.eval.batching import padded_batch, position_ids
+from quada.eval.engine import Engine, check_specs_fit
 from quada.eval.judges import REFUSAL_PHRASES, check_judge_model, make_judge
 from quada.eval.scoring import pad_id_of
 from quada.eval.utility import load_corpus
 from quada.models import load
 from quada.report.layers import RESULTS_FILE, LayerPoint, LayersResult
 from quada.report.story import write_story
-from quada.runs import jsonable, open_run_dir, write_json
+from quada.runs import jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN, Store
-from quada.vet import Evaluator, approximated, check_specs_fit, progress_bar
 
 
 # Response openings that mean "refusal". From the keyword judge's 29 phrases (Zou et al., arXiv
@@ -73,16 +72,16 @@ def layer_conditions(num_layers: int, stride: int = 1) -> list[tuple[str, int, t
     return single + first + last
 
 
-def with_layers(spec: str, layers: Sequence[int], num_layers: int) -> str:
-    """The canonical condition of ``spec`` restricted to ``layers``; all layers give ``spec``
-    itself, so the all-layer condition shares its stored rows with the sweep."""
+def with_layers(approximation: Spec, layers: Sequence[int], num_layers: int) -> Spec:
+    """``approximation`` restricted to ``layers``; all layers give ``approximation`` itself, so the
+    all-layer condition shares its stored rows with the sweep."""
     layers = tuple(sorted(layers))
     if layers == tuple(range(num_layers)):
-        return spec
+        return approximation
     contiguous = layers == tuple(range(layers[0], layers[-1] + 1))
     selection = LayerSelection(start=layers[0], stop=layers[-1] + 1) if contiguous and len(layers) > 1 else LayerSelection(indices=layers)
-    parts = tuple(dataclasses.replace(part, layers=selection) for part in as_spec(spec).parts())
-    return str(parts[0] if len(parts) == 1 else ComposedConfig(parts))
+    parts = tuple(dataclasses.replace(part, layers=selection) for part in approximation.parts())
+    return parts[0] if len(parts) == 1 else ComposedConfig(parts)
 
 
 def _feasible(point: LayerPoint, clean_ppl: float, ppl_bound: float) -> bool:
@@ -185,10 +184,10 @@ def refusal_probability(
     return sum(np.exp(sum(logp[seq[:i], seq[i]] for i in range(len(seq)))) for seq in sequences)
 
 
-def _proxy_key(fingerprint: str, approx: str, prompt_ids: Sequence[str], config: LayersConfig) -> str:
+def _proxy_key(fingerprint: str, approximation: str, prompt_ids: Sequence[str], config: LayersConfig) -> str:
     """Cache key of a proxy value: the model, the condition, the prompts, the openings, the format, the seed."""
     digest = hashlib.sha256("\n".join([*prompt_ids, "", *REFUSAL_OPENINGS]).encode()).hexdigest()[:16]
-    return f"{fingerprint}|{approx}|refusal-proxy|{config.prompt_format}|{digest}|{config.seed}"
+    return f"{fingerprint}|{approximation}|refusal-proxy|{config.prompt_format}|{digest}|{config.seed}"
 
 
 # --------------------------------------------------------------------------- the analysis
@@ -197,13 +196,14 @@ def _proxy_key(fingerprint: str, approx: str, prompt_ids: Sequence[str], config:
 def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     """Measure every layer condition, select tau, write figure and report."""
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
-    spec = spec_or_mva(config.spec, config.run_dir)
+    approximation = approximation_or_mva(config.approximation, config.run_dir)
+    spec = str(approximation)
     if not config.proxy_only:
         check_judge_model(config.judges, config.judge_model)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model, device=config.device)
-    check_specs_fit(model, [spec])
+    check_specs_fit(model, [approximation])
     num_layers = len(resolve_decoder(model).layers)
     if config.stride >= num_layers and num_layers > 1:
         raise QuadaError(f"stride {config.stride} skips every layer of a {num_layers}-layer model; use at most {num_layers - 1}")
@@ -212,25 +212,24 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     }
     conditions = [("clean", 0, ())] + layer_conditions(num_layers, config.stride)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        evaluator = Evaluator(store, model, tokenizer, config, corpus)
+        engine = Engine(store, model, tokenizer, config, corpus)
         task = bar.add_task("layer conditions", total=len(conditions))
 
+        def proxy(model, tokenizer) -> float:
+            return float(np.mean(refusal_probability(model, tokenizer, [p.text for p in prompts], config.prompt_format, REFUSAL_OPENINGS)))
+
         def point(kind: str, index: int, chosen: tuple[int, ...]) -> LayerPoint:
-            approx = CLEAN if kind == "clean" else with_layers(spec, chosen, num_layers)
+            restricted = CLEAN if kind == "clean" else with_layers(approximation, chosen, num_layers)
             asr = None
             if not config.proxy_only:
-                asr = evaluator.measure(approx, prompts, judges).asr(config.judges[0], config.seed)
-
-            def proxy() -> float:
-                with approximated(model, approx, tokenizer, config.seed):
-                    return float(np.mean(refusal_probability(model, tokenizer, [p.text for p in prompts], config.prompt_format, REFUSAL_OPENINGS)))
-
-            refusal = evaluator.utility.get_or_compute(_proxy_key(evaluator.fingerprint, approx, [p.id for p in prompts], config), proxy)
+                asr = engine.measure(engine.condition(restricted, prompts), judges).asr(config.judges[0], config.seed)
+            refusal = engine.cached(_proxy_key(engine.fingerprint, str(restricted), [p.id for p in prompts], config),
+                                    restricted, proxy)
             bar.advance(task)
-            return LayerPoint(kind, index, approx, asr, evaluator.perplexity(approx), refusal)
+            return LayerPoint(kind, index, str(restricted), asr, engine.perplexity(restricted), refusal)
 
         measured = [point(*c) for c in conditions]
-        fingerprint = evaluator.fingerprint
+        fingerprint = engine.fingerprint
     clean, points = measured[0], measured[1:]
     first = [p for p in points if p.kind == "first"]
     all_layers = first[-1]

@@ -13,18 +13,13 @@ from pathlib import Path
 
 from quada.errors import QuadaError
 from quada.options import EvalOptions, check_asr_judge, check_counts, redefault
-from quada.report.format import plain_number
 from quada.store import CLEAN
 
 
-def spec_at(spec: str, parameter: str, strength: float) -> str:
-    """The canonical condition of ``spec`` with ``parameter`` set to ``strength`` (0: the clean model)."""
-    from quada.approx import parse_spec
-
-    if strength == 0:
-        return CLEAN
-    text = spec.strip()
-    return str(parse_spec(f"{text}{',' if ':' in text else ':'}{parameter}={plain_number(strength)}"))
+def spec_at(technique, parameter: str, strength: float):
+    """``technique`` (a parsed technique config) with ``parameter`` set to ``strength``; 0 is the
+    clean model."""
+    return CLEAN if strength == 0 else technique.with_option(parameter, strength)
 
 
 @dataclass
@@ -79,20 +74,20 @@ class SweepConfig(AnalysisOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        from quada.approx import parse_spec
+        from quada.approx import as_spec, parse_technique
 
         self.grid = tuple(sorted({float(v) for v in self.grid}))
         if not self.grid:
             raise QuadaError("the grid is empty; give strengths such as 0,0.05,0.1")
         if not all(math.isfinite(v) and v >= 0 for v in self.grid):
             raise QuadaError(f"grid strengths must be finite and non-negative (0 = the clean model), got {self.grid}")
-        if "+" in self.spec:
-            raise QuadaError("a sweep varies one technique: give --spec without '+'")
-        if f"{self.parameter}=" in self.spec.replace(" ", ""):
-            raise QuadaError(f"leave {self.parameter}= out of --spec: the sweep sets it from the grid")
+        positive = [s for s in self.grid if s > 0]
+        # Parsed once, here: the technique at the first positive strength; every point replaces its option.
+        self.technique = parse_technique(self.spec, self.parameter, positive[0]) if positive else None
         for strength in self.grid:  # a bad spec or parameter fails now, not after loading a model
-            spec_at(self.spec, self.parameter, strength)
-        self.variants = tuple(str(parse_spec(v)) for v in self.variants)  # canonical: one condition per variant
+            spec_at(self.technique, self.parameter, strength)
+        self.variant_approximations = tuple(as_spec(v) for v in self.variants)
+        self.variants = tuple(map(str, self.variant_approximations))  # canonical: one condition per variant
         if len(set(self.variants)) < len(self.variants):
             raise QuadaError(f"the variants repeat a spec: {', '.join(self.variants)}; list each one once")
         if self.refine < 0:
@@ -103,12 +98,12 @@ class SweepConfig(AnalysisOptions):
         """What the sweep varies, for table headers and the figure."""
         return "variant" if self.variants else self.parameter
 
-    def first_points(self) -> list[tuple[float, str]]:
-        """``(strength, condition)`` of the points measured before any refinement; a variant's
+    def first_points(self) -> list[tuple[float, object]]:
+        """``(strength, approximation)`` of the points measured before any refinement; a variant's
         strength is its position in the list (1, 2, ...), the clean model's is 0."""
         if self.variants:
-            return [(0.0, CLEAN), *((float(i), v) for i, v in enumerate(self.variants, start=1))]
-        return [(s, spec_at(self.spec, self.parameter, s)) for s in self.grid]
+            return [(0.0, CLEAN), *((float(i), v) for i, v in enumerate(self.variant_approximations, start=1))]
+        return [(s, spec_at(self.technique, self.parameter, s)) for s in self.grid]
 
 
 @dataclass
@@ -137,9 +132,10 @@ class LayersConfig(AnalysisOptions):
         check_counts(self, "stride")
         if self.spec == CLEAN:
             raise QuadaError("--spec must be an approximation, not the clean model")
-        if self.spec is not None:
-            self.spec = str(as_spec(self.spec))
-            if any(part.layers is not None for part in as_spec(self.spec).parts()):
+        self.approximation = None if self.spec is None else as_spec(self.spec)  # parsed once, here
+        if self.approximation is not None:
+            self.spec = str(self.approximation)
+            if any(part.layers is not None for part in self.approximation.parts()):
                 raise QuadaError("the layer analysis chooses the layers itself: drop layers= from --spec")
         if not 0 < self.share <= 1:
             raise QuadaError(f"share must lie in (0, 1], e.g. 0.9 for 90% of the all-layer ASR; got {self.share}")

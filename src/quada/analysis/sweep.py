@@ -15,8 +15,9 @@ A sweep can also run over a list of variants instead of a numeric option, e.g. t
 replacements ``bolt, bumblebee, nexus, puma, iron`` of private inference: a categorical axis, so
 nothing is refined, and the MVA is the variant of highest ASR within the bound.
 
-Every point is a condition of the results store (its spec string, e.g.
-``noise:site=up,dist=gaussian,std=0.05``), measured through :class:`quada.vet.Evaluator`: a
+The spec is parsed once; every point is that technique with the swept option replaced, a
+condition of the results store (keyed by its canonical spec, e.g.
+``noise:site=up,dist=gaussian,std=0.05``), measured through :class:`quada.eval.engine.Engine`: a
 killed sweep resumes where it stopped and a rerun computes nothing. The points, the MVA and the
 figure are reported by :mod:`quada.report.sweep`.
 """
@@ -31,23 +32,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 from quada.analysis.options import SweepConfig, spec_at
-from quada.approx import parse_spec, spec_label
+from quada.approx import ApproxConfig, Spec, parse_spec, spec_label
 from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
+from quada.eval.engine import Approximation, Engine, check_specs_fit
 from quada.eval.judges import check_judge_model, make_judge
 from quada.eval.utility import load_corpus
 from quada.models import load
 from quada.report.format import plain_number
 from quada.report.story import write_story
 from quada.report.sweep import FIGURE_STEM, POINTS_FILE, SweepPoint, SweepResult, result_from_json
-from quada.runs import jsonable, open_run_dir, write_json
+from quada.runs import jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN, Store
-from quada.vet import Evaluator, check_specs_fit, progress_bar
 
 
-def _integer_parameter(spec: str, parameter: str, strength: float) -> bool:
+def _integer_parameter(technique: ApproxConfig, parameter: str) -> bool:
     """Whether ``parameter`` takes whole numbers (e.g. bits), so bisection must round."""
-    hint = typing.get_type_hints(type(parse_spec(spec_at(spec, parameter, strength))))[parameter]
+    hint = typing.get_type_hints(type(technique))[parameter]
     return int in (hint, *typing.get_args(hint))
 
 
@@ -92,32 +93,32 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model, device=config.device)
-    check_specs_fit(model, [spec for _, spec in config.first_points()])
+    check_specs_fit(model, [approximation for _, approximation in config.first_points()])
     judges = {name: make_judge(name, model_source=config.judge_model, device=config.device) for name in config.judges}
     rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
-    positive = next((s for s in config.grid if s > 0), None)
-    integral = rounds > 0 and positive is not None and _integer_parameter(config.spec, config.parameter, positive)
+    integral = rounds > 0 and config.technique is not None and _integer_parameter(config.technique, config.parameter)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        evaluator = Evaluator(store, model, tokenizer, config, corpus)
+        engine = Engine(store, model, tokenizer, config, corpus)
 
-        def point(strength: float, spec: str) -> SweepPoint:
+        def point(strength: float, approximation: Approximation) -> SweepPoint:
+            spec = str(approximation)
             task = bar.add_task(spec_label(spec) if config.variants else f"{config.parameter}={plain_number(strength)}",
                                 total=len(prompts))
-            measured = evaluator.measure(spec, prompts, judges, lambda n: bar.advance(task, n))
+            measured = engine.measure(engine.condition(approximation, prompts), judges, lambda n: bar.advance(task, n))
             bar.update(task, completed=len(prompts))
             return SweepPoint(strength, spec, measured.asr(config.judges[0], config.seed), measured.perplexity)
 
-        clean_perplexity = evaluator.perplexity(CLEAN)
-        points = [point(s, spec) for s, spec in config.first_points()]
+        clean_perplexity = engine.perplexity(CLEAN)
+        points = [point(s, approximation) for s, approximation in config.first_points()]
         for _ in range(rounds):
             new = refinement_points(points, clean_perplexity, config.ppl_bound)
             if integral:
                 new = sorted({float(round(s)) for s in new} - {p.strength for p in points})
             if not new:
                 break
-            points = sorted(points + [point(s, spec_at(config.spec, config.parameter, s)) for s in new],
+            points = sorted(points + [point(s, spec_at(config.technique, config.parameter, s)) for s in new],
                             key=lambda p: p.strength)
-        fingerprint = evaluator.fingerprint
+        fingerprint = engine.fingerprint
     mva = most_vulnerable(points, clean_perplexity, config.ppl_bound)
     write_json(config.run_dir / POINTS_FILE, {
         "config": jsonable(asdict(config)), "fingerprint": fingerprint,
@@ -136,14 +137,14 @@ def load_sweep(run_dir: str | Path) -> SweepResult:
     return result_from_json(json.loads(path.read_text()), Path(run_dir))
 
 
-def spec_or_mva(spec: str | None, run_dir: str | Path) -> str:
-    """``spec`` itself, or when it is ``None`` the MVA of the sweep stored in ``run_dir``."""
-    if spec is not None:
-        return spec
+def approximation_or_mva(approximation: Spec | None, run_dir: str | Path) -> Spec:
+    """``approximation`` itself, or when it is ``None`` the MVA of the sweep stored in ``run_dir``."""
+    if approximation is not None:
+        return approximation
     mva = load_sweep(run_dir).mva
     if mva is None:
         raise QuadaError(f"the sweep in {run_dir} found no MVA within its perplexity bound; give --spec")
-    return mva.spec
+    return parse_spec(mva.spec)
 
 
 def _summary(config: SweepConfig, fingerprint: str, n_prompts: int) -> str:

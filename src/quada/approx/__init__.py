@@ -18,10 +18,12 @@ from quada.approx.base import (
     ApproxConfig,
     ComposedConfig,
     LayerSelection,
+    Spec,
     apply,
     as_spec,
     list_specs,
     parse_spec,
+    parse_technique,
     spec_label,
 )
 from quada.approx.noise import NoiseConfig
@@ -50,11 +52,13 @@ __all__ = [
     "PumaConfig",
     "SiteError",
     "SmoothQuantConfig",
+    "Spec",
     "TealConfig",
     "apply",
     "as_spec",
     "list_specs",
     "parse_spec",
+    "parse_technique",
     "profile",
     "spec_label",
 ]

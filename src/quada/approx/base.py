@@ -160,6 +160,11 @@ class ApproxConfig:
         """The same technique on all layers: the key under which calibrations are cached."""
         return dataclasses.replace(self, layers=None)
 
+    def with_option(self, name: str, value: float) -> ApproxConfig:
+        """The same technique with the numeric option ``name`` set to ``value``, typed like the
+        field (4.0 sets an int option to 4) and checked again: how a sweep derives its points."""
+        return dataclasses.replace(self, **{name: _number_option(type(self), name, value)})
+
     def __str__(self) -> str:
         options = []
         for f in dataclasses.fields(self):
@@ -243,33 +248,59 @@ def _split_top_level(text: str, sep: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def _parse_part(text: str) -> tuple[ApproxConfig, ...]:
-    if text in PRESETS:
-        return parse_spec(PRESETS[text][1]).parts()
+def _option_hint(cls: type[ApproxConfig], key: str) -> Any:
+    """The type hint of option ``key`` of technique ``cls``; a user error when it has none such."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key not in names:
+        raise QuadaError(f"unknown option {key!r} for {cls.name}; valid options: {', '.join(names)}")
+    return typing.get_type_hints(cls)[key]
+
+
+def _number_option(cls: type[ApproxConfig], key: str, value: float) -> int | float:
+    """``value`` as the number option ``key`` of ``cls`` takes: a float, or an int when whole."""
+    kinds = (hint := _option_hint(cls, key), *typing.get_args(hint))
+    if float in kinds:
+        return float(value)
+    if int in kinds:
+        if not float(value).is_integer():
+            raise QuadaError(f"option {key}={value!r} of {cls.name} must be a whole number")
+        return int(value)
+    raise QuadaError(f"option {key} of {cls.name} is not a number and cannot be set to {value!r}")
+
+
+def _read_part(text: str) -> tuple[type[ApproxConfig], dict[str, Any]]:
+    """The technique that one part ``name:key=value,...`` names, and the options it gives, typed."""
     name, _, options = text.partition(":")
     name = name.strip()
     if name not in REGISTRY:
         known = ", ".join(sorted(REGISTRY) + sorted(PRESETS))
         raise QuadaError(f"unknown approximation {text!r}; choose one of: {known} (see `quada approx list`)")
     cls = REGISTRY[name]
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for item in _split_top_level(options, ",") if options.strip() else []:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not value.strip():
             raise QuadaError(f"option {item!r} of {name} must look like key=value")
-        if key not in names:
-            raise QuadaError(f"unknown option {key!r} for {name}; valid options: {', '.join(names)}")
+        hint = _option_hint(cls, key)
         if key in kwargs:
             raise QuadaError(f"option {key!r} is given twice in {text!r}")
-        kwargs[key] = _coerce(value.strip(), hints[key], key)
+        kwargs[key] = _coerce(value.strip(), hint, key)
+    return cls, kwargs
+
+
+def _build(cls: type[ApproxConfig], options: dict[str, Any]) -> ApproxConfig:
     try:
-        return (cls(**kwargs),)
+        return cls(**options)
     except TypeError as err:  # a required option is missing
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.default is dataclasses.MISSING]
-        raise QuadaError(f"{name} needs the option(s) {', '.join(missing)}, e.g. {cls.example}") from err
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in options and f.default is dataclasses.MISSING]
+        raise QuadaError(f"{cls.name} needs the option(s) {', '.join(missing)}, e.g. {cls.example}") from err
+
+
+def _parse_part(text: str) -> tuple[ApproxConfig, ...]:
+    if text in PRESETS:
+        return parse_spec(PRESETS[text][1]).parts()
+    return (_build(*_read_part(text)),)
 
 
 def parse_spec(text: str, num_layers: int | None = None) -> Spec:
@@ -287,6 +318,22 @@ def parse_spec(text: str, num_layers: int | None = None) -> Spec:
     if num_layers is not None:
         resolve_layers(configs, num_layers)
     return configs[0] if len(configs) == 1 else ComposedConfig(configs)
+
+
+def parse_technique(text: str, name: str, value: float) -> ApproxConfig:
+    """One technique from spec text that leaves out its numeric option ``name``, completed with
+    ``value``: the spec of a sweep (``noise:site=up,dist=gaussian`` swept over ``std``) parsed once,
+    whose points then come from :meth:`ApproxConfig.with_option`."""
+    parts = _split_top_level(text, "+") if isinstance(text, str) and text.strip() else []
+    if not parts:
+        parse_spec(text)  # the error for an empty spec
+    if len(parts) > 1 or parts[0] in PRESETS:
+        raise QuadaError(f"{text!r} is not one technique; give one technique, without '+' or a preset, "
+                         "e.g. noise:site=up,dist=gaussian")
+    cls, options = _read_part(parts[0])
+    if name in options:
+        raise QuadaError(f"leave {name}= out of {text!r}: the sweep sets it")
+    return _build(cls, {**options, name: _number_option(cls, name, value)})
 
 
 def resolve_layers(configs: Sequence[ApproxConfig], num_layers: int, default: LayerSelection | None = None) -> list[tuple[int, ...]]:

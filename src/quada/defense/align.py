@@ -35,11 +35,11 @@ from quada.defense.options import CHECKPOINT_DIR, AlignConfig
 from quada.defense.pairs import PreferencePair, load_pairs
 from quada.defense.quada import HARMFUL_COLUMN, QuadATrainer
 from quada.errors import QuadaError
+from quada.eval.engine import check_specs_fit
 from quada.eval.judges import check_judge_model
 from quada.report.align import align_sections, comparison_table, layers_phrase, method_name, model_card
 from quada.report.render import write_report
 from quada.runs import atomic_folder, atomic_write_text, jsonable, open_run_dir, write_json
-from quada.vet import check_specs_fit
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -128,7 +128,8 @@ def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
     model, tokenizer = load(config.model, dtype=torch.float32, device=config.device)  # fp32 master weights for the optimizer
     # Name the local folder (not a built-in's name) as the base, so PEFT finds its config offline.
     model.name_or_path = str(resolve(config.model))
-    check_specs_fit(model, [quada.perturbation, *(() if config.skip_eval else config.approx)])
+    evaluated = () if config.skip_eval else config.vet_config(config.model, config.out_dir).approximations
+    check_specs_fit(model, [quada.approximation, *evaluated])
     trainer = QuadATrainer(model, args=quada, train_dataset=training_data(config, pairs), processing_class=tokenizer)
     resume = _last_checkpoint(config.out_dir / CHECKPOINT_DIR)
     started = time.monotonic()

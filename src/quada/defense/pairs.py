@@ -20,7 +20,6 @@ prompt files that ``quada vet --benchmark`` (and ``quada align``) read with the 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -36,9 +35,8 @@ from quada.eval.generate import GenerationSettings
 from quada.eval.judges import keyword_verdict, refusal_phrase
 from quada.hub import require_hub
 from quada.models import DEFAULT_MODEL
-from quada.runs import atomic_write_text, open_run_dir
+from quada.runs import atomic_write_text, open_run_dir, progress_bar
 from quada.store import CLEAN
-from quada.vet import progress_bar
 
 PKU_HUB_ID = "PKU-Alignment/PKU-SafeRLHF"
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "safer_response_id")
@@ -208,7 +206,8 @@ class Split:
 
 @dataclass
 class SelfPairsConfig:
-    """How `quada pairs --source self` builds pairs from a model; every field has a CLI option."""
+    """How `quada pairs --source self` builds pairs from a model; every field has a CLI option.
+    ``approximation`` and ``heavy_approximation`` are ``perturbation`` and ``heavy`` parsed (once, here)."""
 
     model: str = DEFAULT_MODEL
     device: str = "auto"  # where the model runs: auto, cpu, cuda or cuda:N
@@ -230,8 +229,8 @@ class SelfPairsConfig:
 
     def __post_init__(self):
         self.device = check_device(self.device)
-        self.perturbation = str(as_spec(self.perturbation))
-        self.heavy = str(as_spec(self.heavy))
+        self.approximation, self.heavy_approximation = as_spec(self.perturbation), as_spec(self.heavy)
+        self.perturbation, self.heavy = str(self.approximation), str(self.heavy_approximation)
         if self.benign_rejected not in ("refusal", "approx"):
             raise QuadaError(f"benign-rejected must be 'refusal' or 'approx', got {self.benign_rejected!r}")
         for name in ("heldout", "benign_heldout", "attempts", "max_new_tokens"):
@@ -244,7 +243,7 @@ class SelfPairsConfig:
         check_seed(self.seed)
         self.out_dir = Path(self.out_dir)
 
-    # What quada.vet.Evaluator reads from its config to generate (no perplexity is measured here).
+    # What the measurement engine reads from its config to generate (no perplexity is measured here).
     @property
     def settings(self) -> GenerationSettings:
         return GenerationSettings(self.max_new_tokens, self.prompt_format)
@@ -296,9 +295,9 @@ def benign_pairs(prompts, clean, heavy: dict[str, str] | None) -> list[Preferenc
 def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
     """Split the prompt sets, generate the responses (stored and resumable in
     ``out_dir/results.sqlite``), build the pairs and write pairs, split and held-out files."""
+    from quada.eval.engine import Engine, check_specs_fit
     from quada.models import load
     from quada.store import Store
-    from quada.vet import Evaluator, check_specs_fit
 
     harmful_train, harmful_heldout = split_prompts(load_benchmark(config.harmful), config.heldout, config.seed)
     benign_train, benign_heldout = split_prompts(load_benchmark(config.benign), config.benign_heldout, config.seed)
@@ -310,13 +309,14 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
     split.write(config.out_dir, harmful_heldout, benign_heldout)
 
     model, tokenizer = load(config.model, device=config.device)
-    check_specs_fit(model, [config.perturbation, config.heavy])
+    check_specs_fit(model, [config.approximation, config.heavy_approximation])
     with Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar:
+        engine = Engine(store, model, tokenizer, config)
 
-        def responses(approx: str, prompts: Sequence[Prompt], seed: int, label: str) -> dict[str, str]:
+        def responses(approximation, prompts: Sequence[Prompt], seed: int, label: str) -> dict[str, str]:
             task = bar.add_task(label, total=len(prompts))
-            run = dataclasses.replace(config, seed=seed) if seed != config.seed else config
-            rows = Evaluator(store, model, tokenizer, run, "").responses(approx, prompts, lambda n: bar.advance(task, n))
+            condition = engine.condition(approximation, prompts, seed)
+            rows = engine.responses(condition, lambda n: bar.advance(task, n))
             bar.update(task, completed=len(prompts))
             return {row.key.prompt_id: row.response for row in rows}
 
@@ -325,11 +325,11 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
         for attempt in range(config.attempts):
             if not pending:
                 break
-            answers = responses(config.perturbation, pending, config.seed + attempt, f"harmful, perturbed #{attempt + 1}")
+            answers = responses(config.approximation, pending, config.seed + attempt, f"harmful, perturbed #{attempt + 1}")
             attempts.append(answers)
             pending = [p for p in pending if not keyword_verdict(p.text, answers[p.id])[0]]
         benign_clean = responses(CLEAN, benign_train, config.seed, "benign, clean")
-        heavy = responses(config.heavy, benign_train, config.seed, "benign, heavy") if config.benign_rejected == "approx" else None
+        heavy = responses(config.heavy_approximation, benign_train, config.seed, "benign, heavy") if config.benign_rejected == "approx" else None
 
     pairs = harmful_pairs(harmful_train, clean, attempts, config.compliant_pairs) + benign_pairs(benign_train, benign_clean, heavy)
     if not pairs:

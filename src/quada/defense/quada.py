@@ -111,7 +111,8 @@ def perturbed_layers(mode: str, tau: int, num_layers: int) -> tuple[int, ...]:
 class QuadAConfig(DPOConfig):
     """DPO's configuration plus QuadA's fields; defaults follow the paper where it gives them
     (beta 0.1, lr 1e-6 for full fine-tuning, cosine schedule, warmup 3%, weight decay 0.05, 2 epochs,
-    max length 512). Invalid values raise ``QuadaError`` naming the fix."""
+    max length 512). Invalid values raise ``QuadaError`` naming the fix. ``approximation`` is
+    ``perturbation`` parsed (once, here)."""
 
     perturbation: str = field(
         default=DEFAULT_PERTURBATION,
@@ -187,13 +188,13 @@ class QuadAConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        spec = as_spec(self.perturbation)
-        if any(part.layers is not None for part in spec.parts()):
+        self.approximation = as_spec(self.perturbation)
+        if any(part.layers is not None for part in self.approximation.parts()):
             raise QuadaError(
                 f"the perturbation {self.perturbation!r} names its own layers; drop layers= and choose them with "
                 "tau and perturb_layers"
             )
-        self.perturbation = str(spec)
+        self.perturbation = str(self.approximation)
         if not isinstance(self.tau, int) or self.tau < 1:
             raise QuadaError(f"tau must be a whole number of at least 1 (layers 1..tau are perturbed), got {self.tau}")
         if self.perturb_layers not in PERTURB_LAYERS:
@@ -279,7 +280,7 @@ class QuadATrainer(DPOTrainer):
                 truncation_mode=args.truncation_mode,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
-        self._spec = as_spec(args.perturbation)
+        self._approximation = args.approximation
         self._draw_step, self._draws = -1, 0
         # Check tau against the model before TRL's setup (which may precompute reference log-probs).
         self._layers = perturbed_layers(args.perturb_layers, args.tau, len(resolve_decoder(model).layers))
@@ -304,7 +305,7 @@ class QuadATrainer(DPOTrainer):
             self._draw_step, self._draws = step, 0
         seed = noise_seed(self.args.seed, step, self._draws)
         self._draws += 1
-        return apply(model, self._spec, layers=self._layers, seed=seed, tokenizer=self.processing_class)
+        return apply(model, self._approximation, layers=self._layers, seed=seed, tokenizer=self.processing_class)
 
     @contextlib.contextmanager
     def _reference_from_batch(self):

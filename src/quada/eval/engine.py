@@ -1,0 +1,276 @@
+"""The measurement engine: conditions in, stored rows out, resumable.
+
+A :class:`Condition` is what decides a set of generations: the model (its source and
+fingerprint), the approximation (a parsed spec, or ``CLEAN``), the prompts, the generation
+settings and the seed. The engine generates its responses in chunks of :data:`GENERATION_CHUNK`
+prompts (longest first, so a chunk batches prompts of similar length), each chunk a
+:class:`Chunk`: a small value that pickles, so an :class:`Executor` may compute it in another
+process. :class:`LocalExecutor` computes the chunks here, in order. Whatever the executor, every
+chunk is committed to the results store as its responses arrive, only missing rows are computed,
+and a chunk's noise is seeded by the chunk's content (:func:`chunk_seed`): a killed run resumes to
+exactly the rows of an uninterrupted one.
+
+Judgements go through the same store; perplexity, accuracy and other numbers measured on the
+model through a JSON cache beside it (:class:`UtilityCache`). `quada vet`, the sweep, the layer
+analysis and the preference pairs all measure through :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from quada.approx import Spec, apply
+from quada.approx.base import resolve_layers
+from quada.approx.sites import resolve_decoder
+from quada.data import Prompt
+from quada.eval.generate import GenerationSettings, generate
+from quada.eval.judges import Judge
+from quada.eval.metrics import Estimate, estimate
+from quada.eval.utility import multiple_choice, perplexity
+from quada.fingerprint import model_fingerprint
+from quada.runs import atomic_write_text
+from quada.seeds import derived_seed
+from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, settings_json
+
+GENERATION_CHUNK = 64  # prompts generated and committed together (one batch composition)
+JUDGEMENT_CHUNK = 16
+
+Approximation = Spec | str  # a parsed spec, or CLEAN for the unmodified model; str() is its store key
+Unit = TypeVar("Unit")
+Result = TypeVar("Result")
+
+
+def check_specs_fit(model, approximations: Sequence[Approximation]) -> None:
+    """Fail before the first forward pass on an approximation whose layers ``model`` does not have,
+    or whose parts replace the same module of one layer."""
+    num_layers = len(resolve_decoder(model).layers)
+    for approximation in approximations:
+        if approximation != CLEAN:
+            resolve_layers(approximation.parts(), num_layers)
+
+
+def _check_parsed(approximation: Approximation) -> None:
+    # Text other than CLEAN would be parsed again on every use and keyed by a non-canonical string.
+    if isinstance(approximation, str) and approximation != CLEAN:
+        raise TypeError(f"parse the spec {approximation!r} once (quada.approx.parse_spec) and pass the result")
+
+
+def approximated(model, approximation: Approximation, tokenizer, seed: int):
+    """The model under ``approximation`` (nothing for the clean condition)."""
+    _check_parsed(approximation)
+    if approximation == CLEAN:
+        return contextlib.nullcontext()
+    return apply(model, approximation, seed=seed, tokenizer=tokenizer)
+
+
+def chunk_seed(seed: int, approximation: str, first_prompt_id: str) -> int:
+    """The noise seed of one generation chunk (``approximation`` is the store key): fixed by the
+    chunk's content, not by run history, so a resumed run draws exactly the noise an
+    uninterrupted run would have drawn."""
+    return derived_seed(seed, approximation, first_prompt_id)
+
+
+def perplexity_key(fingerprint: str, approximation: str, config) -> str:
+    """Cache key of a perplexity: the model, the condition, the corpus and its windows, the seed."""
+    return f"{fingerprint}|{approximation}|ppl|{config.corpus}|{config.ppl_window}|{config.ppl_windows}|{config.seed}"
+
+
+def accuracy_key(fingerprint: str, approximation: str, config) -> str:
+    """Cache key of multiple-choice answers: the model, the condition, the question count, the seed."""
+    return f"{fingerprint}|{approximation}|mc|{config.questions}|{config.seed}"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What decides a set of generations; its rows are keyed by ``str(approximation)``."""
+
+    model: str  # the source the model was loaded from
+    fingerprint: str
+    approximation: Approximation
+    prompts: tuple[Prompt, ...]
+    settings: GenerationSettings
+    seed: int
+
+    def __post_init__(self):
+        _check_parsed(self.approximation)
+
+    def key(self, prompt_id: str) -> GenerationKey:
+        return GenerationKey(self.fingerprint, str(self.approximation), prompt_id,
+                             settings_json(self.settings.as_dict()), self.seed)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The unit of work: some prompts of a condition, generated as one batch."""
+
+    condition: Condition
+    prompt_ids: tuple[str, ...]
+
+    @property
+    def texts(self) -> list[str]:
+        by_id = {p.id: p.text for p in self.condition.prompts}
+        return [by_id[i] for i in self.prompt_ids]
+
+    @property
+    def noise_seed(self) -> int:
+        return chunk_seed(self.condition.seed, str(self.condition.approximation), self.prompt_ids[0])
+
+
+def generate_chunk(model, tokenizer, chunk: Chunk) -> list[str]:
+    """The work of one chunk, on a worker holding ``model`` and ``tokenizer``: its responses."""
+    with approximated(model, chunk.condition.approximation, tokenizer, chunk.noise_seed):
+        return generate(model, tokenizer, chunk.texts, chunk.condition.settings, progress=False)
+
+
+class Executor(Protocol):
+    """Runs units of work where the model is: ``work(model, tokenizer, unit)`` for each unit."""
+
+    def run(self, units: Sequence[Unit], work: Callable[[Any, Any, Unit], Result]) -> Iterator[Result]:
+        """Each unit's result, in the order of ``units``, yielded as soon as it is ready (the caller
+        stores it before asking for the next). ``work`` is a module-level function, ``units``
+        picklable values."""
+        ...
+
+
+class LocalExecutor:
+    """Runs every unit in this process on one model, one after the other."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def run(self, units: Sequence[Unit], work: Callable[[Any, Any, Unit], Result]) -> Iterator[Result]:
+        for unit in units:
+            yield work(self.model, self.tokenizer, unit)
+
+
+class UtilityCache:
+    """Perplexity and accuracy per (model, condition, measurement), kept in a JSON file that is
+    replaced atomically after each new value."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.values = json.loads(path.read_text()) if path.exists() else {}
+
+    def get_or_compute(self, key: str, compute: Callable[[], float | list]) -> float | list:
+        if key not in self.values:
+            self.values[key] = compute()
+            atomic_write_text(self.path, json.dumps(self.values, indent=1, sort_keys=True))
+        return self.values[key]
+
+
+@dataclass
+class Measurement:
+    """One condition measured: responses to its prompts, each judge's verdicts on them (keyed by
+    the requested judge name) and the perplexity."""
+
+    condition: Condition
+    generations: list[Generation]
+    judgements: dict[str, list[Judgement]]
+    perplexity: float
+
+    def asr(self, judge: str, seed: int) -> Estimate:
+        return estimate([j.label for j in self.judgements[judge]], seed=seed)
+
+
+def _ignore(_count: int) -> None:
+    pass
+
+
+class Engine:
+    """Stored, resumable measurements of one subject model under any condition, in one run folder.
+
+    Generations and judgements go through the results store, numbers measured on the model
+    through the utility cache, each keyed by everything that decides it; so `quada vet`, the
+    sweeps and the layer analysis share one another's work in a run folder and a killed run
+    resumes where it stopped. ``config`` provides ``model``, ``settings``, ``seed`` and ``run_dir``,
+    and for perplexity ``corpus``, ``ppl_window`` and ``ppl_windows``, for accuracy ``questions``.
+    Generation chunks run on ``executor`` (default: this process, on ``model``).
+    """
+
+    def __init__(self, store: Store, model, tokenizer, config, corpus_text: str = "",
+                 executor: Executor | None = None):
+        self.store, self.model, self.tokenizer, self.config = store, model, tokenizer, config
+        self.corpus_text = corpus_text
+        self.executor = executor or LocalExecutor(model, tokenizer)
+        self.fingerprint = model_fingerprint(model)
+        self.utility = UtilityCache(config.run_dir / "utility.json")
+
+    def condition(self, approximation: Approximation, prompts: Sequence[Prompt], seed: int | None = None) -> Condition:
+        """The condition of ``prompts`` under ``approximation`` on this model, with the run's
+        generation settings and seed (or ``seed``)."""
+        config = self.config
+        return Condition(config.model, self.fingerprint, approximation, tuple(prompts), config.settings,
+                         config.seed if seed is None else seed)
+
+    def release_model(self) -> None:
+        """Let go of the subject model (a large judge model may need its memory); only stored
+        rows and judging remain available."""
+        self.model = self.executor = None
+
+    def responses(self, condition: Condition, on_chunk=_ignore) -> list[Generation]:
+        """Stored-or-generated responses of ``condition``, in the order of its prompts;
+        ``on_chunk`` counts the prompts generated."""
+        texts = {p.id: p.text for p in condition.prompts}
+        # Longest prompts first, so each committed chunk batches prompts of similar length.
+        lengths = {p.id: len(self.tokenizer(p.text)["input_ids"]) for p in condition.prompts}
+        ordered = sorted(condition.prompts, key=lambda p: (-lengths[p.id], p.id))
+        keys = [condition.key(p.id) for p in ordered]
+
+        def compute_all(chunks: list[list[GenerationKey]]) -> Iterator[list[Generation]]:
+            units = [Chunk(condition, tuple(k.prompt_id for k in chunk)) for chunk in chunks]
+            for chunk, responses in zip(chunks, self.executor.run(units, generate_chunk)):
+                on_chunk(len(chunk))
+                yield [Generation(k, texts[k.prompt_id], r) for k, r in zip(chunk, responses)]
+
+        rows = self.store.fill_chunks(keys, compute_all, GENERATION_CHUNK)
+        found = {row.key.prompt_id: row for row in rows}
+        return [found[p.id] for p in condition.prompts]
+
+    def cached(self, key: str, approximation: Approximation, measure: Callable[[Any, Any], Any]) -> Any:
+        """The cached value of ``key``, else ``measure(model, tokenizer)`` under ``approximation``
+        (seeded with the run's seed), cached."""
+        _check_parsed(approximation)
+
+        def compute():
+            with approximated(self.model, approximation, self.tokenizer, self.config.seed):
+                return measure(self.model, self.tokenizer)
+
+        return self.utility.get_or_compute(key, compute)
+
+    def perplexity(self, approximation: Approximation) -> float:
+        """Stored-or-measured perplexity of the model under ``approximation`` on the run's corpus."""
+        config = self.config
+        return self.cached(
+            perplexity_key(self.fingerprint, str(approximation), config), approximation,
+            lambda model, tokenizer: perplexity(model, tokenizer, self.corpus_text, config.ppl_window,
+                                                config.ppl_windows).perplexity,
+        )
+
+    def accuracy(self, approximation: Approximation, questions) -> list[bool]:
+        """Stored-or-measured multiple-choice answers (right or wrong) under ``approximation``."""
+        return self.cached(accuracy_key(self.fingerprint, str(approximation), self.config), approximation,
+                           lambda model, tokenizer: multiple_choice(model, tokenizer, questions).correct)
+
+    def judged(self, judge: Judge, generations: Sequence[Generation], on_chunk=_ignore) -> list[Judgement]:
+        """Stored-or-computed verdicts of ``judge`` on ``generations``, in their order."""
+        keys = [g.key.judged_by(judge.identity) for g in generations]
+        by_key = {g.key.judged_by(judge.identity): g for g in generations}
+
+        def compute(chunk):
+            pairs = [by_key[k] for k in chunk]
+            results = judge.judge([g.prompt for g in pairs], [g.response for g in pairs])
+            on_chunk(len(chunk))
+            return [Judgement(k, r.label, r.score, r.raw) for k, r in zip(chunk, results)]
+
+        return self.store.fill(keys, compute, chunk_size=JUDGEMENT_CHUNK)
+
+    def measure(self, condition: Condition, judges: Mapping[str, Judge], on_chunk=_ignore) -> Measurement:
+        """Generate (``on_chunk`` counts prompts done), judge and measure perplexity."""
+        generations = self.responses(condition, on_chunk)
+        ppl = self.perplexity(condition.approximation)
+        return Measurement(condition, generations, {name: self.judged(j, generations) for name, j in judges.items()}, ppl)

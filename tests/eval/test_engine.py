@@ -1,0 +1,159 @@
+"""The measurement engine: conditions in, stored rows out; resumable; chunks run through an executor."""
+
+import dataclasses
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import quada.eval.engine as engine_module
+from quada.approx import apply, parse_spec
+from quada.data import Prompt
+from quada.eval.engine import Chunk, Engine, LocalExecutor, chunk_seed, generate_chunk
+from quada.eval.generate import GenerationSettings, generate
+from quada.eval.judges import make_judge
+from quada.store import CLEAN, Generation, Judgement, Store
+from quada.testing import tiny_model
+
+NOISE = parse_spec("noise:site=up,dist=gaussian,std=0.5")
+PROMPTS = [Prompt(f"p{i}", f"Tell me about item {i}" + " please" * (i % 3)) for i in range(7)]
+CORPUS = "The quick brown fox jumps over the lazy dog. " * 20
+
+
+@dataclass
+class Options:
+    """What the engine reads from a command's configuration."""
+
+    run_dir: Path
+    model: str = "tiny-llama"
+    seed: int = 0
+    corpus: str = "fox"
+    ppl_window: int = 64
+    ppl_windows: int | None = 2
+    settings: GenerationSettings = GenerationSettings(max_new_tokens=4)
+
+    def __post_init__(self):
+        self.run_dir.mkdir(exist_ok=True)  # a command opens its run folder before measuring
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(engine_module, "GENERATION_CHUNK", 2)
+
+
+class DiesAfter(LocalExecutor):
+    """A local executor whose process is killed once ``chunks`` chunks have been delivered."""
+
+    def __init__(self, model, tokenizer, chunks: int):
+        super().__init__(model, tokenizer)
+        self.left = chunks
+
+    def run(self, units, work):
+        for result in super().run(units, work):
+            if self.left == 0:
+                raise KeyboardInterrupt
+            self.left -= 1
+            yield result
+
+
+class PicklingExecutor(LocalExecutor):
+    """Ships every unit as bytes before running it, as an executor of other processes would."""
+
+    def run(self, units, work):
+        for unit in units:
+            yield work(self.model, self.tokenizer, pickle.loads(pickle.dumps(unit)))
+
+
+def measure_everything(engine: Engine) -> list:
+    judges = {"keyword": make_judge("keyword")}
+    return [engine.measure(engine.condition(a, PROMPTS), judges) for a in (CLEAN, NOISE)]
+
+
+def stored(path):
+    with Store(path) as store:
+        return store.rows(Generation), store.rows(Judgement)
+
+
+def test_a_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tiny, tmp_path, small_chunks, monkeypatch):
+    model, tokenizer = tiny
+    with Store(tmp_path / "whole.sqlite") as store:
+        whole = measure_everything(Engine(store, model, tokenizer, Options(tmp_path / "whole"), CORPUS))
+
+    split = tmp_path / "split.sqlite"
+    with Store(split) as store, pytest.raises(KeyboardInterrupt):
+        # 4 chunks of the clean condition (7 prompts, 2 a chunk), then 1 of the noisy one.
+        measure_everything(Engine(store, model, tokenizer, Options(tmp_path / "split"), CORPUS,
+                                  executor=DiesAfter(model, tokenizer, chunks=5)))
+    partial, _ = stored(split)
+    assert len(partial) == 7 + 2
+    with Store(split) as store:
+        resumed = measure_everything(Engine(store, model, tokenizer, Options(tmp_path / "split"), CORPUS))
+    assert stored(split) == stored(tmp_path / "whole.sqlite")
+    assert [(m.generations, m.judgements, m.perplexity) for m in resumed] == [
+        (m.generations, m.judgements, m.perplexity) for m in whole]
+    clean, noisy = whole
+    assert [g.response for g in clean.generations] != [g.response for g in noisy.generations]
+
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    with Store(split) as store:
+        again = measure_everything(Engine(store, model, tokenizer, Options(tmp_path / "split"), CORPUS))
+    assert [m.generations for m in again] == [m.generations for m in whole]
+
+
+def direct_responses(model, tokenizer, approximation, settings, chunk_size: int) -> dict[str, str]:
+    """Generation without the engine: longest prompts first, in chunks, noise seeded per chunk."""
+    ordered = sorted(PROMPTS, key=lambda p: (-len(tokenizer(p.text)["input_ids"]), p.id))
+    out = {}
+    for start in range(0, len(ordered), chunk_size):
+        chunk = ordered[start : start + chunk_size]
+        with apply(model, approximation, seed=chunk_seed(0, str(approximation), chunk[0].id), tokenizer=tokenizer):
+            out |= dict(zip([p.id for p in chunk], generate(model, tokenizer, [p.text for p in chunk], settings, progress=False)))
+    return out
+
+
+@pytest.mark.parametrize("executor", [LocalExecutor, PicklingExecutor])
+def test_executors_give_the_rows_of_direct_generation(tiny, tmp_path, small_chunks, executor):
+    model, tokenizer = tiny
+    options = Options(tmp_path)
+    with Store(tmp_path / "results.sqlite") as store:
+        engine = Engine(store, model, tokenizer, options, executor=executor(model, tokenizer))
+        condition = engine.condition(NOISE, PROMPTS)
+        rows = engine.responses(condition)
+    assert [row.key for row in rows] == [condition.key(p.id) for p in PROMPTS]
+    assert [row.key.approx for row in rows] == [str(NOISE)] * len(PROMPTS)
+    assert {row.key.prompt_id: row.response for row in rows} == direct_responses(model, tokenizer, NOISE, options.settings, 2)
+
+
+def test_a_unit_of_work_is_a_small_serializable_value(tiny, tmp_path):
+    model, tokenizer = tiny
+    with Store(tmp_path / "results.sqlite") as store:
+        condition = Engine(store, model, tokenizer, Options(tmp_path)).condition(NOISE, PROMPTS[:3])
+    chunk = Chunk(condition, ("p2", "p0"))
+    assert pickle.loads(pickle.dumps(chunk)) == chunk
+    assert pickle.loads(pickle.dumps(generate_chunk)) is generate_chunk  # sent by reference
+    data = json.loads(json.dumps(dataclasses.asdict(chunk)))
+    assert data["prompt_ids"] == ["p2", "p0"] and data["condition"]["approximation"]["std"] == 0.5
+    assert data["condition"]["prompts"][0] == {"id": "p0", "text": PROMPTS[0].text, "category": ""}
+    assert chunk.texts == [PROMPTS[2].text, PROMPTS[0].text]
+    assert generate_chunk(model, tokenizer, pickle.loads(pickle.dumps(chunk))) == generate_chunk(model, tokenizer, chunk)
+
+
+def test_a_parsed_spec_is_never_parsed_again_and_text_is_refused(tiny, tmp_path, small_chunks, monkeypatch):
+    model, tokenizer = tiny
+    monkeypatch.setattr("quada.approx.base.parse_spec", lambda *a, **k: pytest.fail("parsed again"))
+    with Store(tmp_path / "results.sqlite") as store:
+        engine = Engine(store, model, tokenizer, Options(tmp_path), CORPUS)
+        assert len(engine.responses(engine.condition(NOISE, PROMPTS))) == len(PROMPTS)  # 4 chunks
+        engine.perplexity(NOISE)
+        with pytest.raises(TypeError, match="parse the spec"):
+            engine.condition(str(NOISE), PROMPTS)
+        with pytest.raises(TypeError, match="parse the spec"):
+            engine.perplexity(str(NOISE))
