@@ -1,6 +1,6 @@
 from quada.defense.quada import noise_seed
 from quada.seeds import derived_seed
-from quada.vet import chunk_seed
+from quada.eval.engine import chunk_seed
 
 
 def test_derived_seeds_are_the_ones_runs_drew_before():
