@@ -80,3 +80,17 @@ def model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def judged_store(tmp_path):
+    """A store with four clean responses judged by the keyword and the llm judge."""
+    from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store
+
+    db = tmp_path / "results.sqlite"
+    with Store(db) as store:
+        keys = [GenerationKey("fp", CLEAN, f"p{i}", "{}", 0) for i in range(4)]
+        store.put(Generation(k, f"prompt {i}", f"response {i}") for i, k in enumerate(keys))
+        store.put(Judgement(k.judged_by("keyword"), i % 2 == 0, 1.0, "") for i, k in enumerate(keys))
+        store.put(Judgement(k.judged_by("llm:abc:def"), i < 2, 0.5, "") for i, k in enumerate(keys))
+    return db

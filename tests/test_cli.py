@@ -142,15 +142,8 @@ def test_vet_rejects_an_unknown_judge(cli, tmp_path):
     cli("vet", "--judges", "keyword,oracle", "--run-dir", tmp_path / "run").assert_user_error("unknown judge 'oracle'")
 
 
-def test_results_export_and_judge_agreement(cli, tmp_path):
-    from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store
-
-    db = tmp_path / "results.sqlite"
-    with Store(db) as store:
-        keys = [GenerationKey("fp", CLEAN, f"p{i}", "{}", 0) for i in range(4)]
-        store.put(Generation(k, f"prompt {i}", f"response {i}") for i, k in enumerate(keys))
-        store.put(Judgement(k.judged_by("keyword"), i % 2 == 0, 1.0, "") for i, k in enumerate(keys))
-        store.put(Judgement(k.judged_by("llm:abc:def"), i < 2, 0.5, "") for i, k in enumerate(keys))
+def test_results_export_and_judge_agreement(cli, tmp_path, judged_store):
+    db = judged_store
     out = tmp_path / "export.json"
     result = cli("results", "export", "--db", db, "--out", out)
     assert result.returncode == 0, result.stderr

@@ -10,18 +10,6 @@ from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store
 NOT_UTF8 = bytes(range(128, 256)) * 8  # no valid UTF-8 sequence
 
 
-@pytest.fixture
-def judged_store(tmp_path):
-    """A store with four clean responses judged by the keyword and the llm judge."""
-    db = tmp_path / "results.sqlite"
-    with Store(db) as store:
-        keys = [GenerationKey("fp", CLEAN, f"p{i}", "{}", 0) for i in range(4)]
-        store.put(Generation(k, f"prompt {i}", f"response {i}") for i, k in enumerate(keys))
-        store.put(Judgement(k.judged_by("keyword"), i % 2 == 0, 1.0, "") for i, k in enumerate(keys))
-        store.put(Judgement(k.judged_by("llm:abc:def"), i < 2, 0.5, "") for i, k in enumerate(keys))
-    return db
-
-
 def damage(db):
     """Write garbage over a data page of a store file, as a failing disk would."""
     with open(db, "r+b") as f:
