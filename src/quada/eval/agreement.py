@@ -12,23 +12,12 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from quada.data import csv_rows, jsonl_rows
+from quada.data import csv_rows, jsonl_rows, parse_label
 from quada.errors import QuadaError
 from quada.eval.judges import Agreement, agreement
 from quada.store import Judgement, Store
 
 HUMAN = "human"
-TRUE_WORDS = {"1", "true", "yes", "y"}
-FALSE_WORDS = {"0", "false", "no", "n"}
-
-
-def _label(value, where: str) -> bool:
-    word = str(value).strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise QuadaError(f"{where}: label {value!r} is not 1/0, true/false or yes/no")
 
 
 def load_human_labels(path: str | Path) -> dict[tuple[str, str], bool]:
@@ -42,7 +31,7 @@ def load_human_labels(path: str | Path) -> dict[tuple[str, str], bool]:
     for where, row in rows:
         if not isinstance(row, dict) or "prompt_id" not in row or "label" not in row:
             raise QuadaError(f"{path} {where}: needs the columns prompt_id and label (approx is optional)")
-        labels[row.get("approx") or "none", row["prompt_id"]] = _label(row["label"], f"{path} {where}")
+        labels[row.get("approx") or "none", row["prompt_id"]] = parse_label(row["label"], f"{path} {where}")
     if not labels:
         raise QuadaError(f"human label file {path} holds no rows")
     return labels
