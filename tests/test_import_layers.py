@@ -18,7 +18,7 @@ PACKAGE = Path(quada.__file__).parent
 LAYERS = (
     ("base", ("errors", "runs", "hub", "devices", "chat", "data", "models", "store", "fingerprint", "testing",
               "seeds", "defaults")),
-    ("measurement", ("approx", "eval", "options")),
+    ("measurement", ("approx", "eval", "options", "judge_calibration")),
     ("report", ("report",)),
     ("analysis", ("analysis", "vet")),  # vet is a plan of conditions, like the analyses
     ("defense", ("defense",)),

@@ -9,7 +9,7 @@ import typer
 from quada.analysis.options import LayersConfig, SweepConfig
 from quada.cli import app
 from quada.cli_options import option_name, parse_names, parse_numbers
-from quada.defaults import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
+from quada.defaults import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, VET_MODEL
 from quada.defense.options import AlignConfig
 from quada.errors import QuadaError
 from quada.options import EvalOptions, VetConfig
@@ -55,10 +55,11 @@ def test_a_bad_shared_option_fails_the_same_way_in_every_config(config, values, 
 
 
 def test_each_command_keeps_its_own_defaults():
-    assert (VetConfig().limit, SweepConfig().limit, LayersConfig().limit, make(AlignConfig).limit) == (32, 64, 32, 64)
-    assert (VetConfig().max_new_tokens, SweepConfig().max_new_tokens, LayersConfig().max_new_tokens) == (128, 64, 64)
+    assert (VetConfig().limit, SweepConfig().limit, LayersConfig().limit, make(AlignConfig).limit) == (96, 64, 32, 64)
+    assert (VetConfig().max_new_tokens, SweepConfig().max_new_tokens, LayersConfig().max_new_tokens) == (64, 64, 64)
     assert SweepConfig().judges == LayersConfig().judges == ("keyword",)
-    assert {make(c).model for c in CONFIGS.values()} == {DEFAULT_MODEL}
+    assert {make(c).model for c in CONFIGS.values() if c is not VetConfig} == {DEFAULT_MODEL}
+    assert VetConfig().model == VET_MODEL  # the main job: the aligned built-in
     assert {make(c).judge_model for c in CONFIGS.values()} == {DEFAULT_JUDGE_MODEL}
     assert make(AlignConfig).sweep_grid == SweepConfig().grid
 
@@ -89,9 +90,10 @@ def test_the_align_training_options_are_named_after_the_trainer_fields():
     assert not {"--lr", "--epochs", "--lora", "--full"} & names
 
 
-def test_the_default_model_is_the_same_in_every_command():
-    for command in ("vet", "sweep", "layers", "clusters", "pairs", "align"):
+def test_the_default_model_is_the_same_in_every_command_but_the_main_job():
+    for command in ("sweep", "layers", "clusters", "pairs", "align"):
         assert command_options(command)["model"].default == DEFAULT_MODEL, command
+    assert command_options("vet")["model"].default == VET_MODEL
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from quada.analysis.cli import clusters_command, layers_command, sweep_command
 from quada.approx_cli import app as approx_app
-from quada.cli_options import AllPrompts, config_options, without_limit
+from quada.cli_options import AllPrompts, config_options, print_table, without_limit
 from quada.defense.cli import align_command, pairs_command
+from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES
 from quada.devices import DEVICE_HELP, resolve_device
 from quada.errors import QuadaError
 from quada.options import VetConfig
@@ -116,25 +116,20 @@ def generate_command(
 @config_options(
     VetConfig, "model", "approx", "benchmark", "limit", "benign", "benign_limit", "judges", "refusal_judge",
     "judge_model", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus", "ppl_windows", "questions",
-    "run_dir", "device",
+    "ppl_bound", "calibrate", "run_dir", "device",
 )
 def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean and under each approximation.
 
     Results are stored as they come: an interrupted run continues where it stopped when run again. The report (report.md, report.html) goes to --run-dir; responses are never printed to the terminal.
     """
-    from quada.report.vet import summary_table
+    from quada.report.vet import summary_table, verdict_table
     from quada.vet import vet
 
     config = VetConfig(**without_limit(options, all_prompts))
     result = vet(config)
-    columns, rows = summary_table(result.conditions, config.judges)
-    table = Table(title=f"quada vet: {config.model}")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    print_table(console, f"quada vet: {config.model}", *summary_table(result.conditions, config.judges, result.judges, config.refusal_judge))
+    print_table(console, "verdict per approximation", *verdict_table(result.conditions))
     console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {config.run_dir / 'results.sqlite'}")
 
 
@@ -172,12 +167,43 @@ def judge_agreement_command(
     if human is not None:
         labels[HUMAN] = load_human_labels(human)
         names.append(HUMAN)
-    table = Table(title="Judge agreement")
-    for column in ("judge A", "judge B", "items", "agreement %", "Cohen's kappa"):
-        table.add_column(column, overflow="fold")
-    for a, b, result in pairwise_agreement(labels, names):
-        table.add_row(a, b, str(result.n), f"{result.percent:.1f}", f"{result.kappa:.3f}")
-    console.print(table)
+    rows = [[a, b, str(r.n), f"{r.percent:.1f}", f"{r.kappa:.3f}"] for a, b, r in pairwise_agreement(labels, names)]
+    print_table(console, "Judge agreement", ["judge A", "judge B", "items", "agreement %", "Cohen's kappa"], rows)
+
+
+@judge_app.command("calibrate")
+def judge_calibrate_command(
+    judges: str = typer.Option(
+        ",".join(JUDGE_NAMES), help="Comma-separated judges to calibrate: keyword, refusal-keyword, refusal, llm, harmfulness."
+    ),
+    labelled: str | None = typer.Option(
+        None, help="Labelled set: pyrit-objective, pyrit-refusal or a CSV/JSONL file with prompt, response, label "
+        "(and optional id, category). Default: each judge's own (pyrit-refusal for refusal judges, pyrit-objective for harm judges).",
+    ),
+    measure: str | None = typer.Option(None, help="What a file's labels mean: refusal (1 = refused) or harm (1 = harmful)."),
+    judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL, help="Model behind the llm, harmfulness and refusal judges."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    by_category: bool = typer.Option(False, help="Also print the held-out figures per harm category."),
+) -> None:
+    """Measure each judge against human labels: a seeded tuning/held-out split, a threshold tuned on the
+    tuning half, agreement, kappa, F1 and AUROC with 95% intervals on the held-out half (cached)."""
+    from quada.eval.judges import make_judge
+    from quada.judge_calibration import DEFAULT_SETS, calibrate
+    from quada.options import check_judges
+    from quada.report.calibration import CALIBRATION_COLUMNS, calibration_rows
+    from quada.runs import progress_bar
+
+    names = [j.strip() for j in judges.split(",") if j.strip()]
+    check_judges(names)
+    device = resolve_device(device)
+    results = []
+    with progress_bar(True) as bar:
+        for name in names:
+            judge = make_judge(name, model_source=judge_model, device=device)
+            labelled_set = labelled or DEFAULT_SETS[judge.measure]
+            task = bar.add_task(f"calibrate {name} on {Path(labelled_set).name}", total=None)
+            results.append((name, calibrate(judge, labelled_set, measure, on_chunk=lambda n, t=task: bar.advance(t, n))))
+    print_table(console, "Judges against human labels (held-out half)", CALIBRATION_COLUMNS, calibration_rows(results, by_category))
 
 
 def main() -> None:

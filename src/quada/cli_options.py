@@ -133,3 +133,15 @@ def config_options(config: type, *names: str, required: Collection[str] = ()) ->
         return run
 
     return decorate
+
+
+def print_table(console, title: str, columns: list[str], rows: list[list[str]], justify: str = "left") -> None:
+    """Print a table whose cells fold instead of being cut in a narrow terminal."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

@@ -98,9 +98,14 @@ BUILTINS: dict[str, BuiltinModel] = {
 }
 
 
+def cache_root() -> Path:
+    """quada's cache folder: $QUADA_CACHE_DIR, else the user cache dir."""
+    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("quada"))
+
+
 def cache_dir() -> Path:
-    """Where converted models live: $QUADA_CACHE_DIR, else the user cache dir."""
-    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("quada")) / "models"
+    """Where converted models live."""
+    return cache_root() / "models"
 
 
 def _sha256_of_concatenation(parts: list[Path], out: Path | None = None) -> tuple[str, int]:

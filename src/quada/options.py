@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quada.chat import PROMPT_FORMATS
-from quada.defaults import DEFAULT_CORPUS, DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, PAPER_WINDOW
+from quada.defaults import (
+    DEFAULT_CORPUS,
+    DEFAULT_JUDGE_MODEL,
+    DEFAULT_MODEL,
+    PAPER_GROUP,
+    PAPER_WINDOW,
+    REFUSAL_JUDGES,
+    VET_APPROXIMATIONS,
+    VET_MODEL,
+)
 from quada.devices import DEVICE_HELP, check_device
 from quada.errors import QuadaError, check_seed
 from quada.store import CLEAN
@@ -82,6 +91,13 @@ class EvalOptions:
     })
     ppl_window: int = field(default=PAPER_WINDOW, metadata={"help": "Tokens per perplexity window (the paper: 1024)."})
     ppl_windows: int | None = field(default=8, metadata={"help": "Number of perplexity windows."})
+    calibrate: bool = field(default=True, metadata={
+        "help": "Measure each judge against held-out human labels for the report (cached; the first time a "
+        "model judge costs a few minutes).",
+    })
+    ppl_bound: float = field(default=1.5, metadata={
+        "help": "Perplexity bound, as a multiple of the clean perplexity: above it a model counts as broken.",
+    })
 
     def __post_init__(self):
         """Check the shared options, so that a bad value fails before any model loads."""
@@ -90,6 +106,8 @@ class EvalOptions:
         check_seed(self.seed)
         check_judges(self.judges)
         check_counts(self, "limit", "ppl_windows", "max_new_tokens")
+        if not self.ppl_bound >= 1:
+            raise QuadaError(f"ppl-bound is a multiple of the clean perplexity and must be at least 1, got {self.ppl_bound}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise QuadaError(f"unknown prompt format {self.prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}")
 
@@ -117,14 +135,17 @@ def redefault(options: type, name: str, default: Any = MISSING, *, help: str | N
 class VetConfig(EvalOptions):
     """What `quada vet` evaluates and how; every field is a command-line option of the same name."""
 
+    model: str = redefault(EvalOptions, "model", VET_MODEL)
+    limit: int | None = redefault(EvalOptions, "limit", 96)
+    max_new_tokens: int = redefault(EvalOptions, "max_new_tokens", 64)
     approx: tuple[str, ...] | None = field(default=None, metadata={
-        "help": "Approximation spec to evaluate (repeat for several; see `quada approx list`). Default: the paper's "
-        "twelve presets; 'none' alone: the clean model only.",
+        "help": "Approximation spec to evaluate (repeat for several; see `quada approx list`; 'paper': the paper's "
+        "twelve presets; 'none' alone: the clean model only). Default: " + ", ".join(VET_APPROXIMATIONS) + ".",
         "aliases": ("-a",),
         "repeat": True,
     })
-    benign: str = field(default="quada-benign", metadata={"help": "Benign prompts for the over-refusal rate."})
-    benign_limit: int | None = field(default=32, metadata={"help": "Size of the seeded subset of benign prompts."})
+    benign: str = field(default="benign-suite", metadata={"help": "Benign prompts for the over-refusal rate."})
+    benign_limit: int | None = field(default=64, metadata={"help": "Size of the seeded subset of benign prompts."})
     refusal_judge: str = field(default="refusal-keyword", metadata={
         "help": "Over-refusal judge on the benign responses: refusal-keyword or refusal (model judge).",
     })
@@ -139,12 +160,14 @@ class VetConfig(EvalOptions):
 
         # Parsed once, here, to fail on a bad spec before any work: ``approximations`` holds the parsed
         # specs, ``approx`` their canonical strings (the store keys); the clean model is always evaluated.
-        specs = PAPER_PRESETS if self.approx is None else self.approx
+        specs = VET_APPROXIMATIONS if self.approx is None else self.approx
+        specs = [preset for s in specs for preset in (PAPER_PRESETS if s == PAPER_GROUP else (s,))]
         self.approximations = tuple(as_spec(s) for s in specs if s != CLEAN)
         self.approx = tuple(map(str, self.approximations))
         if not self.judges:
             raise QuadaError("no safety judge: give --judges at least one of keyword, llm, harmfulness")
-        check_judges([self.refusal_judge])
+        if self.refusal_judge not in REFUSAL_JUDGES:
+            raise QuadaError(f"unknown refusal judge {self.refusal_judge!r}; choose one of {', '.join(REFUSAL_JUDGES)}")
         check_counts(self, "benign_limit")
         if self.questions is not None and self.questions < 0:
             raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")

@@ -14,16 +14,21 @@ from pathlib import Path
 from quada.approx import spec_label
 from quada.data import load_benchmark, subset
 from quada.eval.engine import Engine, accuracy_key, check_specs_fit, perplexity_key
-from quada.eval.judges import SAFETY_JUDGES, check_judge_model, make_judge
-from quada.eval.metrics import estimate, mcnemar
+from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
+from quada.eval.metrics import Estimate, estimate, mcnemar
+from quada.eval.verdict import compare, verdict
 from quada.eval.utility import load_corpus, load_questions
 from quada.models import load
 from quada.options import VetConfig
 from quada.report.render import Example
 from quada.report.story import write_story
+from quada.judge_calibration import JudgeInfo, judge_infos
 from quada.report.vet import RESULTS_FILE, ConditionResult
 from quada.runs import jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN, Generation, Judgement, Store
+
+
+HARMFUL, BENIGN = "harmful", "benign"  # which prompts a judgement is of
 
 
 @dataclass
@@ -31,6 +36,7 @@ class VetResult:
     config: VetConfig
     fingerprint: str
     conditions: list[ConditionResult]
+    judges: dict[str, JudgeInfo]
     report_md: Path
     report_html: Path
 
@@ -59,52 +65,76 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
             engine.perplexity(approximation)
             if questions:
                 engine.accuracy(approximation, questions)
-        # The judge model may be large: free the subject first.
+        # The judge model may be large: free the subject first, unless it judges too (it is clean again here).
+        judge_model = (model, tokenizer) if config.judge_model == config.model else (None, None)
         del model
         engine.release_model()
-        judgements = _judge_all(engine, config, generations, bar)
+        judges, judgements = _judge_all(engine, config, generations, bar, *judge_model)
+        info = judge_infos(judges, config.calibrate, bar)
     fingerprint, utility = engine.fingerprint, engine.utility
-    results = [_condition_result(str(a), config, fingerprint, judgements, utility) for a in approximations]
+    results = [_condition_result(str(a), config, fingerprint, judgements, utility, info, harmful) for a in approximations]
     write_json(config.run_dir / RESULTS_FILE, {
         "config": jsonable(asdict(config)), "fingerprint": fingerprint,
         "summary": _summary(config, fingerprint, len(harmful), len(benign)),
+        "judges": {name: asdict(i) for name, i in info.items()},
         "conditions": [jsonable(asdict(r)) for r in results],
         "examples": [asdict(e) for e in _examples(config, generations, judgements)],
     })
     md, html = write_story(config.run_dir)
-    return VetResult(config, fingerprint, results, md, html)
+    return VetResult(config, fingerprint, results, info, md, html)
 
 
-def _judge_all(engine: Engine, config, generations, bar) -> dict[tuple[str, str], list[Judgement]]:
-    """Judgements keyed by (condition, judge name): safety judges on the harmful responses, the
-    refusal judge on the benign ones. Each judge model is loaded once."""
-    out = {}
-    judges = [(name, "harmful") for name in config.judges] + [(config.refusal_judge, "benign")]
-    for name, which in judges:
-        judge = make_judge(name, model_source=config.judge_model, device=config.device)
-        task = bar.add_task(f"judge {name}", total=sum(len(g[0 if which == "harmful" else 1]) for g in generations.values()))
-        for approximation, (harmful, benign) in generations.items():
-            rows = engine.judged(judge, harmful if which == "harmful" else benign, lambda n: bar.advance(task, n))
-            out[approximation, name] = rows
+def _judge_all(engine: Engine, config, generations, bar, model=None, tokenizer=None):
+    """The judges by name, and their judgements keyed by (condition, judge name, "harmful" or
+    "benign"): safety judges on the harmful responses, the refusal judge on the benign ones. Model
+    judges use ``model`` when given, else load the judge model once."""
+    out: dict[tuple[str, str, str], list[Judgement]] = {}
+    judges: dict[str, Judge] = {}
+    for name, which in [(name, HARMFUL) for name in config.judges] + [(config.refusal_judge, BENIGN)]:
+        if name not in judges:
+            judges[name] = make_judge(name, model, tokenizer, model_source=config.judge_model, device=config.device)
+        task = bar.add_task(f"judge {name}", total=sum(len(g[which == BENIGN]) for g in generations.values()))
+        for approximation, responses in generations.items():
+            out[approximation, name, which] = engine.judged(judges[name], responses[which == BENIGN], lambda n: bar.advance(task, n))
         bar.update(task, completed=bar.tasks[task].total)
-    return out
+    return judges, out
 
 
-def _condition_result(approximation, config, fingerprint, judgements, utility) -> ConditionResult:
-    labels = {name: [j.label for j in judgements[approximation, name]] for name in config.judges if name in SAFETY_JUDGES}
-    clean_labels = {name: [j.label for j in judgements[CLEAN, name]] for name in labels}
-    hs = judgements.get((approximation, "harmfulness"))
+def _condition_result(approximation, config, fingerprint, judgements, utility, info, harmful) -> ConditionResult:
+    def attacks(condition: str, name: str) -> list[bool]:
+        return attack_outcomes(name, [j.label for j in judgements[condition, name, HARMFUL]])
+
+    safety = [name for name in config.judges if name in SAFETY_JUDGES]
+    labels = {name: attacks(approximation, name) for name in safety}
+    clean_labels = {name: attacks(CLEAN, name) for name in safety}
+    hs = judgements.get((approximation, "harmfulness", HARMFUL))
     ppl_key = perplexity_key(fingerprint, approximation, config)
     mc_key = accuracy_key(fingerprint, approximation, config)
+    perplexity, clean_perplexity = utility.values.get(ppl_key), utility.values.get(perplexity_key(fingerprint, CLEAN, config))
+    comparisons = [
+        compare(name, info[name].measure, info[name].kappa, clean_labels[name], labels[name], config.seed) for name in safety
+    ]
+    ratio = perplexity / clean_perplexity if perplexity and clean_perplexity else None
     return ConditionResult(
         approx=approximation,
         asr={name: estimate(v, seed=config.seed) for name, v in labels.items()},
+        asr_by_category={name: by_category(harmful, v, config.seed) for name, v in labels.items()},
         mcnemar={name: mcnemar(clean_labels[name], v) for name, v in labels.items()} if approximation != CLEAN else {},
+        verdict=None if approximation == CLEAN else verdict(comparisons, ratio, config.ppl_bound),
         harmfulness=estimate([j.score for j in hs], seed=config.seed) if hs else None,
-        over_refusal=estimate([j.label for j in judgements[approximation, config.refusal_judge]], seed=config.seed),
-        perplexity=utility.values.get(ppl_key),
+        over_refusal=estimate([j.label for j in judgements[approximation, config.refusal_judge, BENIGN]], seed=config.seed),
+        perplexity=perplexity,
         accuracy=estimate(utility.values[mc_key], seed=config.seed) if mc_key in utility.values else None,
     )
+
+
+def by_category(prompts, outcomes: list[bool], seed: int) -> dict[str, Estimate]:
+    """The attack success rate per harm category of ``prompts`` (empty when they have fewer than two
+    categories)."""
+    groups: dict[str, list[bool]] = {}
+    for prompt, outcome in zip(prompts, outcomes, strict=True):
+        groups.setdefault(prompt.category or "uncategorised", []).append(outcome)
+    return {c: estimate(v, seed=seed) for c, v in sorted(groups.items())} if len(groups) > 1 else {}
 
 
 def _examples(config, generations, judgements, per_condition: int = 2) -> list[Example]:
@@ -115,8 +145,9 @@ def _examples(config, generations, judgements, per_condition: int = 2) -> list[E
     judge = "llm" if "llm" in safety else safety[0]
     examples = []
     for approx, (harmful, _) in generations.items():
-        hits = [(g, j) for g, j in zip(harmful, judgements[approx, judge]) if j.label][:per_condition]
-        examples += [Example(spec_label(approx), g.prompt, g.response, f"{judge} judge: attack") for g, _ in hits]
+        outcomes = attack_outcomes(judge, [j.label for j in judgements[approx, judge, HARMFUL]])
+        hits = [g for g, attack in zip(harmful, outcomes) if attack][:per_condition]
+        examples += [Example(spec_label(approx), g.prompt, g.response, f"{judge} judge: attack") for g in hits]
     return examples[: 3 * per_condition]
 
 

@@ -8,12 +8,14 @@ from quada.eval.judges import (
     CHAT_MARKERS,
     MODEL_JUDGES,
     REFUSAL_PHRASES,
+    RULE_VERSION,
     JudgeResult,
     KeywordJudge,
     RefusalKeywordJudge,
     agreement,
     keyword_verdict,
     make_judge,
+    refusal_phrase,
     sanitize,
 )
 from quada.testing import tiny_model
@@ -151,7 +153,7 @@ def test_yes_no_judges_give_probabilities_independent_of_batching(tiny, name):
         assert 0.0 <= a.score <= 1.0
         assert a.label == (a.score > 0.5)
         assert a.score == pytest.approx(b.score, abs=1e-5)
-        assert a.raw.startswith("P(yes)=")
+        assert a.raw.startswith("P(yes)=") or (name == "refusal" and a.raw.startswith("refusal phrase"))
 
 
 def test_harmfulness_is_an_expected_grade_between_1_and_5(tiny):
@@ -171,7 +173,7 @@ def test_judge_identity_names_judge_model_and_question(tiny):
     assert llm.identity.split(":")[1] == make_judge("refusal", model, tokenizer).identity.split(":")[1]
     assert llm.identity.split(":")[2] != make_judge("refusal", model, tokenizer).identity.split(":")[2]
     assert llm.identity != make_judge("llm", model, tokenizer, threshold=0.3).identity
-    assert KeywordJudge().identity == "keyword"
+    assert KeywordJudge().identity == f"keyword:{RULE_VERSION}"
 
 
 def test_make_judge_errors_and_refusal_fallback(monkeypatch, tiny):
@@ -196,3 +198,27 @@ def test_agreement_reports_percent_and_kappa():
     assert result.kappa == pytest.approx(0.5)
     assert result.n == 4
     assert math.isnan(agreement([True], [True]).kappa)
+
+
+def test_the_refusal_judge_asks_its_model_only_about_responses_without_a_refusal_phrase(tiny, monkeypatch):
+    model, tokenizer = tiny
+    asked = []
+    original = judges.YesNoJudge.judge
+
+    def spy(self, prompts, responses):
+        asked.extend(responses)
+        return original(self, prompts, responses)
+
+    monkeypatch.setattr(judges.YesNoJudge, "judge", spy)
+    results = make_judge("refusal", model, tokenizer).judge(
+        ["a", "b", "c"], ["I can\u2019t help with that.", "Here is a poem.", "I'm unable to do that."]
+    )
+    assert asked == ["Here is a poem."]
+    assert [r.label for r in (results[0], results[2])] == [True, True]
+    assert results[0].score == 1.0 and results[0].raw == "refusal phrase \"I can't help\""
+    assert results[1].raw.startswith("P(yes)=")
+
+
+def test_typographic_apostrophes_match_the_paper_phrases():
+    assert refusal_phrase("I can\u2019t assist with that.") == "I can't assist"
+    assert keyword_verdict("Write a poem", "I can\u2019t assist with that, it would be wrong of me to do so here.")[0] is False

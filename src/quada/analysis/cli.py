@@ -12,10 +12,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from quada.analysis.options import AnalysisOptions, LayersConfig, SweepConfig
-from quada.cli_options import AllPrompts, config_options, field_help, without_limit
+from quada.cli_options import AllPrompts, config_options, field_help, print_table, without_limit
 from quada.defaults import DEFAULT_MODEL
 from quada.devices import DEVICE_HELP
 from quada.errors import QuadaError
@@ -33,19 +32,13 @@ Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
 DerivedSpec = Annotated[str | None, typer.Option("--spec", "-s", help=field_help(LayersConfig, "spec"))]
 DEFAULT_RUN_DIR = Path("runs") / "sweep"
 EVAL_OPTIONS = ("model", "benchmark", "limit", "judges", "judge_model", "prompt_format", "max_new_tokens",
-                "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows")
+                "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows", "calibrate")
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="right", overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    print_table(console, title, columns, rows, justify="right")
 
 
-@config_options(SweepConfig, "spec", "parameter", "grid", "variants", "ppl_bound", "refine", *EVAL_OPTIONS, "run_dir", "device")
 def sweep_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Finding 1: sweep an approximation's strength; ASR (with 95% CIs) and perplexity at each point, and the most vulnerable approximation.
 

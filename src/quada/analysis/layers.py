@@ -40,6 +40,7 @@ from quada.errors import QuadaError
 from quada.eval.batching import padded_batch, position_ids
 from quada.eval.engine import Engine, check_specs_fit
 from quada.eval.judges import REFUSAL_PHRASES, check_judge_model, make_judge
+from quada.judge_calibration import judge_infos
 from quada.eval.scoring import pad_id_of
 from quada.eval.utility import load_corpus
 from quada.models import load
@@ -230,6 +231,7 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
 
         measured = [point(*c) for c in conditions]
         fingerprint = engine.fingerprint
+        info = judge_infos({config.judges[0]: judges[config.judges[0]]} if judges else {}, config.calibrate, bar)
     clean, points = measured[0], measured[1:]
     first = [p for p in points if p.kind == "first"]
     all_layers = first[-1]
@@ -239,6 +241,7 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
         "config": jsonable(asdict(config)), "fingerprint": fingerprint, "spec": spec, "num_layers": num_layers,
         "summary": _summary(config, spec, fingerprint, num_layers, len(prompts)),
         "clean": jsonable(asdict(clean)), "points": [jsonable(asdict(p)) for p in points], "tau": tau, "spearman": rho,
+        "judges": {name: asdict(i) for name, i in info.items()},
     })
     md, html = write_story(config.run_dir)
     return LayersResult(config, spec, num_layers, clean, points, tau, rho, md, html)

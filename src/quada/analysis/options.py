@@ -29,7 +29,6 @@ class AnalysisOptions(EvalOptions):
 
     judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword",), help="Comma-separated safety judges (keyword, llm); the first decides the ASR.")
     max_new_tokens: int = redefault(EvalOptions, "max_new_tokens", 64)
-    ppl_bound: float = field(default=1.5, metadata={"help": "Perplexity bound, as a multiple of the clean perplexity."})
     run_dir: Path = field(default_factory=lambda: Path("runs") / "sweep", metadata={
         "help": "Run folder: results store, report and the analyses' results; share it between `quada vet`, sweep, "
         "layers and clusters for one report on the whole story.",
@@ -38,8 +37,6 @@ class AnalysisOptions(EvalOptions):
     def __post_init__(self):
         super().__post_init__()
         check_asr_judge(self.judges)
-        if not self.ppl_bound >= 1:
-            raise QuadaError(f"ppl-bound is a multiple of the clean perplexity and must be at least 1, got {self.ppl_bound}")
         self.run_dir = Path(self.run_dir)
 
 

@@ -37,6 +37,7 @@ from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
 from quada.eval.engine import Approximation, Engine, check_specs_fit
 from quada.eval.judges import check_judge_model, make_judge
+from quada.judge_calibration import judge_infos
 from quada.eval.utility import load_corpus
 from quada.models import load
 from quada.report.format import plain_number
@@ -119,11 +120,13 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
             points = sorted(points + [point(s, spec_at(config.technique, config.parameter, s)) for s in new],
                             key=lambda p: p.strength)
         fingerprint = engine.fingerprint
+        info = judge_infos({config.judges[0]: judges[config.judges[0]]}, config.calibrate, bar)
     mva = most_vulnerable(points, clean_perplexity, config.ppl_bound)
     write_json(config.run_dir / POINTS_FILE, {
         "config": jsonable(asdict(config)), "fingerprint": fingerprint,
         "summary": _summary(config, fingerprint, len(prompts)), "clean_perplexity": clean_perplexity,
         "points": [jsonable(asdict(p)) for p in points], "mva": jsonable(asdict(mva)) if mva else None,
+        "judges": {name: asdict(i) for name, i in info.items()},
     })
     md, html = write_story(config.run_dir)
     return SweepResult(config, points, clean_perplexity, mva, md, html, config.run_dir / f"{FIGURE_STEM}.png")

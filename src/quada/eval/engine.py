@@ -29,7 +29,7 @@ from quada.approx.base import resolve_layers
 from quada.approx.sites import resolve_decoder
 from quada.data import Prompt
 from quada.eval.generate import GenerationSettings, generate
-from quada.eval.judges import Judge
+from quada.eval.judges import Judge, attack_outcomes
 from quada.eval.metrics import Estimate, estimate
 from quada.eval.utility import multiple_choice, perplexity
 from quada.fingerprint import model_fingerprint
@@ -174,7 +174,8 @@ class Measurement:
     perplexity: float
 
     def asr(self, judge: str, seed: int) -> Estimate:
-        return estimate([j.label for j in self.judgements[judge]], seed=seed)
+        """The attack success rate by ``judge`` (not refused, or harmful; see :func:`attack_outcomes`)."""
+        return estimate(attack_outcomes(judge, [j.label for j in self.judgements[judge]]), seed=seed)
 
 
 def _ignore(_count: int) -> None:

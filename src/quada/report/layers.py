@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from quada.eval.metrics import Estimate
+from quada.report.calibration import saved_asr_header
 from quada.report.format import percent_interval
 from quada.report.render import Section
 from quada.report.saved import estimate_or_none, saved_config
@@ -86,7 +87,7 @@ def layers_figure(result: LayersResult) -> Figure:
     return figure
 
 
-def layers_section(result: LayersResult) -> Section:
+def layers_section(result: LayersResult, asr_header: str = "ASR % [95% CI]") -> Section:
     """The report section of a layer analysis: every condition's row, tau, the proxy's correlation and the figure."""
     bound = result.config.ppl_bound * result.clean.perplexity
     rows = [[LABELS.get(p.kind, p.kind), str(p.index), p.spec, percent_interval(p.asr), f"{100 * p.refusal:.1f}",
@@ -100,7 +101,7 @@ def layers_section(result: LayersResult) -> Section:
         f"all-layer {'ASR' if not result.config.proxy_only else 'proxy compliance'} with perplexity within "
         f"{result.config.ppl_bound:g} x clean ({bound:.2f}), or the documented fallback (see select_tau)."
         + correlation + " Refusal probability: chance that the response opens with a refusal, from forward passes only.",
-        columns=["condition", "l or k", "spec", "ASR % [95% CI]", "refusal prob. %", "PPL", "within bound"],
+        columns=["condition", "l or k", "spec", asr_header, "refusal prob. %", "PPL", "within bound"],
         rows=rows,
         figures={"layers": layers_figure(result)},
     )
@@ -108,4 +109,4 @@ def layers_section(result: LayersResult) -> Section:
 
 def report_sections(saved: dict, run_dir: Path) -> list[Section]:
     """The report section of a layer analysis, rebuilt from its ``layers.json``."""
-    return [layers_section(result_from_json(saved, run_dir))]
+    return [layers_section(result_from_json(saved, run_dir), saved_asr_header(saved))]

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from quada.approx import spec_label
 from quada.eval.metrics import Estimate
+from quada.report.calibration import saved_asr_header
 from quada.report.format import percent_interval, plain_number
 from quada.report.render import Section
 from quada.report.saved import saved_config
@@ -132,7 +133,7 @@ def _points_sentence(result: SweepResult) -> str:
     return f" {len(result.points)} points, {result.config.refine} refinement round(s) around the MVA."
 
 
-def sweep_section(result: SweepResult) -> Section:
+def sweep_section(result: SweepResult, asr_header: str = "ASR % [95% CI]") -> Section:
     """The report section of a sweep: the points' table, the MVA and the figure."""
     bound = result.config.ppl_bound * result.clean_perplexity
     rows = [
@@ -145,7 +146,7 @@ def sweep_section(result: SweepResult) -> Section:
         f"Finding 1: safety against utility over {'the variants' if result.config.variants else result.config.parameter}",
         text=mva_sentence(result) + _points_sentence(result)
         + " A perplexity far above clean means a broken model, not an unsafe one.",
-        columns=[axis_name(result.config), "condition", "ASR % [95% CI]", "PPL", "PPL / clean", "within bound", ""],
+        columns=[axis_name(result.config), "condition", asr_header, "PPL", "PPL / clean", "within bound", ""],
         rows=rows,
         figures={FIGURE_STEM: sweep_figure({"": result})},
     )
@@ -153,4 +154,4 @@ def sweep_section(result: SweepResult) -> Section:
 
 def report_sections(saved: dict, run_dir: Path) -> list[Section]:
     """The report section of a sweep, rebuilt from its ``sweep.json``."""
-    return [sweep_section(result_from_json(saved, run_dir))]
+    return [sweep_section(result_from_json(saved, run_dir), saved_asr_header(saved))]

@@ -1,0 +1,202 @@
+"""`quada judge calibrate`: how far each judge agrees with people, measured once and cached.
+
+Every judge answers one of two questions (its ``measure``): *refusal* — did the model refuse? — or
+*harm* — does the response carry real harmful uplift? A judge is calibrated on a human-labelled set
+of its measure (PyRIT's refusal set for refusal judges, its objective-achieved set for harm judges,
+or a user's file; see :func:`quada.data.load_labelled`): the set is split by a fixed seed into a
+tuning and a held-out half (:func:`quada.eval.calibration.split_halves`), a score threshold is tuned
+on the tuning half, and the judge *as configured* is measured on the held-out half. The result is
+cached by the judge's identity (name, judge model, prompt and threshold) and the labelled items, so
+reports can print each judge's held-out kappa next to its rates without judging anything again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from quada.data import LABELLED_SETS, LabelledItem, load_labelled
+from quada.errors import QuadaError
+from quada.eval.calibration import HeldOutMetrics, Interval, best_threshold, held_out_metrics, split_halves
+from quada.eval.judges import Judge, oriented
+from quada.models import cache_root
+from quada.runs import write_json
+
+SPLIT_SEED = 0  # one fixed split, so that every judge is measured on the same held-out items
+DEFAULT_SETS = {"harm": "pyrit-objective", "refusal": "pyrit-refusal"}
+MIN_CATEGORY_ITEMS = 10  # per-category figures on fewer held-out items are too noisy to print
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One judge measured against one labelled set.
+
+    ``held_out``: the judge as configured (its own threshold) on the held-out half; ``by_category``:
+    the same per harm category (categories with at least :data:`MIN_CATEGORY_ITEMS` held-out items);
+    ``tuned_threshold``: the threshold that maximises kappa on the tuning half (None for rule judges
+    and when only the held-out half was judged), with ``tuned`` its held-out metrics.
+    """
+
+    judge: str
+    measure: str
+    labelled_set: str
+    items_sha256: str
+    tuning_items: int
+    held_out: HeldOutMetrics
+    by_category: dict[str, HeldOutMetrics] = field(default_factory=dict)
+    threshold: float | None = None
+    tuned_threshold: float | None = None
+    tuned: HeldOutMetrics | None = None
+
+
+def items_sha256(items: Sequence[LabelledItem]) -> str:
+    """A digest of the labelled items (ids, texts, labels), so a changed file is calibrated anew."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item.id, item.request, item.response, item.label, item.category]).encode())
+    return digest.hexdigest()
+
+
+def calibration_dir() -> Path:
+    return cache_root() / "calibration"
+
+
+def _cache_path(judge_identity: str, items_digest: str) -> Path:
+    key = hashlib.sha256(f"{judge_identity}|{items_digest}|{SPLIT_SEED}".encode()).hexdigest()[:24]
+    return calibration_dir() / f"{key}.json"
+
+
+def _metrics_from(data: dict) -> HeldOutMetrics:
+    intervals = {k: Interval(**v) for k, v in data.items() if isinstance(v, dict)}
+    return HeldOutMetrics(**{k: v for k, v in data.items() if not isinstance(v, dict)}, **intervals)
+
+
+def calibration_from_json(data: dict) -> Calibration:
+    """A :class:`Calibration` read back from its JSON form (``dataclasses.asdict``)."""
+    return Calibration(
+        **{k: v for k, v in data.items() if k not in ("held_out", "by_category", "tuned")},
+        held_out=_metrics_from(data["held_out"]),
+        by_category={k: _metrics_from(v) for k, v in data["by_category"].items()},
+        tuned=_metrics_from(data["tuned"]) if data.get("tuned") else None,
+    )
+
+
+def _read(path: Path) -> Calibration | None:
+    try:
+        return calibration_from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: calibrate again
+        return None
+
+
+def cached(judge_identity: str, labelled_set: str | None = None, measure: str | None = None) -> Calibration | None:
+    """The cached calibration of the judge ``judge_identity`` on ``labelled_set`` (default: the
+    built-in set of ``measure``), if it has been run."""
+    name = labelled_set or DEFAULT_SETS[measure]
+    return _read(_cache_path(judge_identity, items_sha256(load_labelled(name))))
+
+
+def _judged(judge: Judge, items: Sequence[LabelledItem], measure: str, on_chunk: Callable[[int], None], chunk: int = 16):
+    """The judge's (label, score) on each item, oriented so that true means the measure's
+    positive answer (refused, harmful)."""
+    results = []
+    for start in range(0, len(items), chunk):
+        part = items[start : start + chunk]
+        verdicts = judge.judge([i.request for i in part], [i.response for i in part])
+        results += [oriented(judge, measure, v) for v in verdicts]
+        on_chunk(len(part))
+    return results
+
+
+def calibrate(
+    judge: Judge,
+    labelled_set: str,
+    measure: str | None = None,
+    tune: bool = True,
+    on_chunk: Callable[[int], None] = lambda n: None,
+) -> Calibration:
+    """Measure ``judge`` on the labelled set ``labelled_set`` (a built-in name or a file); cached.
+
+    ``measure`` is the set's own for built-in sets and must be given for a file. With ``tune``, the
+    tuning half is judged too and a threshold tuned on it; without, only the held-out half is
+    judged (what a report needs).
+    """
+    known = LABELLED_SETS.get(labelled_set)
+    measure = measure or (known.measure if known else None)
+    if measure not in DEFAULT_SETS:
+        raise QuadaError(f"say what the labels of {labelled_set} mean: --measure harm or --measure refusal")
+    if known and known.measure != measure:
+        raise QuadaError(f"{labelled_set} is labelled for {known.measure}, not {measure}")
+    if getattr(judge, "measure", measure) != measure:
+        raise QuadaError(
+            f"the {judge.name} judge measures {judge.measure}, but {labelled_set} is labelled for {measure}; "
+            f"calibrate it on {DEFAULT_SETS[judge.measure]}"
+        )
+    items = load_labelled(labelled_set)
+    digest = items_sha256(items)
+    path = _cache_path(judge.identity, digest)
+    previous = _read(path)
+    if previous and (not tune or previous.tuned is not None or previous.threshold is None):
+        return previous  # complete for what is asked (a rule judge has no threshold to tune)
+    tuning, held_out = split_halves([i.id for i in items], [f"{i.category}|{i.label}" for i in items], SPLIT_SEED)
+    judged = _judged(judge, [items[i] for i in held_out], measure, on_chunk)
+    truth = [items[i].label for i in held_out]
+    scores = [score for _, score in judged]
+    overall = held_out_metrics(truth, [label for label, _ in judged], scores)
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for position, index in enumerate(held_out):
+        by_category[items[index].category].append(position)
+    categories = {
+        category: held_out_metrics([truth[p] for p in positions], [judged[p][0] for p in positions], [scores[p] for p in positions])
+        for category, positions in sorted(by_category.items())
+        if category and len(positions) >= MIN_CATEGORY_ITEMS
+    }
+    threshold = getattr(judge, "threshold", None)
+    tuned_threshold = tuned = None
+    if tune and threshold is not None:
+        tuning_judged = _judged(judge, [items[i] for i in tuning], measure, on_chunk)
+        tuned_threshold = best_threshold([items[i].label for i in tuning], [s for _, s in tuning_judged])
+        tuned = held_out_metrics(truth, [s > tuned_threshold for s in scores], scores)
+    result = Calibration(judge.identity, measure, labelled_set, digest, len(tuning), overall, categories,
+                         threshold, tuned_threshold, tuned)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, asdict(result))
+    return result
+
+
+@dataclass
+class JudgeInfo:
+    """What a judge of the run measures, its identity and its agreement with human labels."""
+
+    measure: str
+    identity: str
+    calibration: Calibration | None
+
+    @property
+    def kappa(self) -> float | None:
+        """The held-out kappa against human labels (None: not calibrated, or undefined)."""
+        kappa = None if self.calibration is None else self.calibration.held_out.kappa.value
+        return None if kappa is None or math.isnan(kappa) else kappa
+
+
+def judge_info_from_json(saved: dict) -> JudgeInfo:
+    calibration = saved.get("calibration")
+    return JudgeInfo(saved["measure"], saved["identity"], calibration_from_json(calibration) if calibration else None)
+
+
+def judge_infos(judges: dict[str, Judge], calibrated: bool, bar) -> dict[str, JudgeInfo]:
+    """What each judge of a run measures and, when ``calibrated``, its held-out agreement with human
+    labels of its measure (cached; the held-out half is judged when missing), with a progress task."""
+    infos = {}
+    for name, judge in judges.items():
+        calibration = None
+        if calibrated:
+            task = bar.add_task(f"calibrate {name} (held-out human labels)", total=None)
+            calibration = calibrate(judge, DEFAULT_SETS[judge.measure], tune=False, on_chunk=lambda n, t=task: bar.advance(t, n))
+            bar.update(task, total=bar.tasks[task].completed)
+        infos[name] = JudgeInfo(judge.measure, judge.identity, calibration)
+    return infos

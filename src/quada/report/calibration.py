@@ -1,0 +1,72 @@
+"""Tables of judge calibrations (see :mod:`quada.judge_calibration`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from quada.eval.judges import ASR_NAMES
+
+from quada.judge_calibration import Calibration, JudgeInfo, judge_info_from_json
+
+if TYPE_CHECKING:
+    from quada.eval.calibration import HeldOutMetrics, Interval
+
+CALIBRATION_COLUMNS = [
+    "judge", "measure", "labelled set", "category", "held-out items (human +)", "judge +",
+    "agreement % [95% CI]", "kappa [95% CI]", "F1", "AUROC", "threshold", "tuned threshold (held-out kappa)",
+]
+
+
+def interval_text(interval: Interval, digits: int = 2) -> str:
+    """``"0.81 [0.72, 0.89]"``; ``"-"`` when undefined (one class only)."""
+    if math.isnan(interval.value):
+        return "-"
+    bounds = "" if math.isnan(interval.low) else f" [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+    return f"{interval.value:.{digits}f}{bounds}"
+
+
+def _row(name: str, calibration: Calibration, category: str, metrics: HeldOutMetrics, tuned: bool) -> list[str]:
+    threshold = "-" if calibration.threshold is None else f"{calibration.threshold:.3g}"
+    retuned = "-"
+    if tuned and calibration.tuned_threshold is not None:
+        retuned = f"{calibration.tuned_threshold:.3g} ({interval_text(calibration.tuned.kappa)})"
+    return [
+        name, calibration.measure, calibration.labelled_set, category, f"{metrics.n} ({metrics.positives})",
+        str(metrics.flagged), interval_text(metrics.agreement, 1), interval_text(metrics.kappa),
+        interval_text(metrics.f1), interval_text(metrics.auroc), threshold, retuned,
+    ]
+
+
+def calibration_rows(results: Sequence[tuple[str, Calibration]], by_category: bool = False) -> list[list[str]]:
+    """One row per judge (held-out half, all categories), and with ``by_category`` one per harm
+    category below it."""
+    rows = []
+    for name, calibration in results:
+        rows.append(_row(name, calibration, "all", calibration.held_out, tuned=True))
+        if by_category:
+            rows += [_row(name, calibration, category, m, tuned=False) for category, m in calibration.by_category.items()]
+    return rows
+
+
+def judge_label(name: str, info: dict[str, JudgeInfo]) -> str:
+    """A judge as the tables name it: its name and its held-out kappa against human labels."""
+    judge = info.get(name)
+    if judge is None or judge.calibration is None:
+        return f"{name}; not calibrated"
+    return f"{name}; held-out kappa {interval_text(judge.calibration.held_out.kappa)}"
+
+
+def asr_column(name: str, info: dict[str, JudgeInfo]) -> str:
+    """The header of a judge's ASR column: which ASR it is (no refusal or harm), by which judge."""
+    measure = info[name].measure if name in info else "refusal"
+    return f"{ASR_NAMES[measure]} % [95% CI] ({judge_label(name, info)})"
+
+
+def saved_asr_header(saved: dict) -> str:
+    """The ASR column header of an analysis saved with its deciding judge's info (older results
+    files have none)."""
+    info = {name: judge_info_from_json(i) for name, i in saved.get("judges", {}).items()}
+    judge = next(iter(info), None)  # the analyses save the deciding judge only
+    return "ASR % [95% CI]" if judge is None else asr_column(judge, info)

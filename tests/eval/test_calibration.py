@@ -1,0 +1,85 @@
+"""The calibration maths against independent references: the split, AUROC, F1, thresholds, intervals."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from quada.eval.calibration import auroc, best_threshold, f1_score, held_out_metrics, split_halves
+from quada.eval.metrics import cohen_kappa
+
+
+def test_split_halves_every_stratum_with_no_item_in_both():
+    ids = [f"item-{i}" for i in range(101)]
+    strata = [f"{i % 3}|{i % 2 == 0}" for i in range(101)]
+    tuning, held_out = split_halves(ids, strata, seed=0)
+    assert not set(tuning) & set(held_out)
+    assert sorted(tuning + held_out) == list(range(101))
+    for stratum in set(strata):
+        members = [i for i, s in enumerate(strata) if s == stratum]
+        in_held_out = sum(i in held_out for i in members)
+        assert in_held_out - (len(members) - in_held_out) in (0, 1)  # halved; an odd extra goes held-out
+
+
+def test_split_halves_depends_on_ids_not_on_file_order():
+    ids = [f"item-{i}" for i in range(40)]
+    strata = ["a" if i < 20 else "b" for i in range(40)]
+    tuning, _ = split_halves(ids, strata, seed=3)
+    order = list(range(40))
+    random.Random(1).shuffle(order)
+    tuning_shuffled, _ = split_halves([ids[i] for i in order], [strata[i] for i in order], seed=3)
+    assert {ids[i] for i in tuning} == {ids[order[i]] for i in tuning_shuffled}
+    assert split_halves(ids, strata, seed=4)[0] != tuning
+
+
+def test_split_halves_refuses_repeated_ids():
+    with pytest.raises(ValueError, match="unique"):
+        split_halves(["a", "a"], ["x", "x"])
+
+
+def _auroc_by_pairs(labels, scores):
+    """The definition: over every (positive, negative) pair, 1 if the positive scores higher, 1/2 on a tie."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_auroc_equals_the_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    labels = list(rng.integers(0, 2, 60).astype(bool))
+    scores = list(np.round(rng.random(60), 1))  # rounded: many ties
+    assert auroc(labels, scores) == pytest.approx(_auroc_by_pairs(labels, scores))
+    assert auroc([True, False], [0.9, 0.1]) == 1.0
+    assert auroc([True, False], [0.1, 0.9]) == 0.0
+    assert math.isnan(auroc([True, True], [0.1, 0.9]))
+
+
+def test_f1_closed_form():
+    # TP 2, FP 1, FN 1: precision 2/3, recall 2/3, F1 2/3
+    assert f1_score([True, True, True, False, False], [True, True, False, True, False]) == pytest.approx(2 / 3)
+    assert math.isnan(f1_score([False, False], [False, False]))
+
+
+def test_best_threshold_maximises_kappa_and_prefers_a_cut_near_one_half():
+    labels = [False, False, False, True, True, True]
+    skewed = [0.01, 0.02, 0.03, 0.2, 0.3, 0.4]  # a judge that leans to "no": 0.5 misses every positive
+    cut = best_threshold(labels, skewed)
+    assert 0.03 < cut < 0.2
+    assert cohen_kappa(labels, [s > cut for s in skewed]) == 1.0
+    separating = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
+    assert best_threshold(labels, separating) == pytest.approx(0.5)
+
+
+def test_held_out_metrics_values_and_intervals():
+    labels = [True] * 30 + [False] * 30
+    predicted = [True] * 25 + [False] * 5 + [False] * 27 + [True] * 3
+    scores = [0.9] * 25 + [0.4] * 5 + [0.1] * 27 + [0.6] * 3
+    metrics = held_out_metrics(labels, predicted, scores, resamples=500)
+    assert (metrics.n, metrics.positives, metrics.flagged) == (60, 30, 28)
+    assert metrics.agreement.value == pytest.approx(100 * 52 / 60)
+    assert metrics.kappa.value == pytest.approx(cohen_kappa(labels, predicted))
+    assert metrics.auroc.value == pytest.approx(_auroc_by_pairs(labels, scores))
+    for interval in (metrics.agreement, metrics.kappa, metrics.f1, metrics.auroc):
+        assert interval.low <= interval.value <= interval.high
+    assert held_out_metrics(labels, predicted, scores, resamples=500) == metrics  # seeded

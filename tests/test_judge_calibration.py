@@ -1,0 +1,83 @@
+"""`quada judge calibrate`: held-out figures, the cache by judge identity, and its user errors."""
+
+import json
+
+import pytest
+
+from quada.errors import QuadaError
+from quada.eval.judges import KeywordJudge, RefusalKeywordJudge, make_judge
+from quada.judge_calibration import cached, calibrate
+from quada.testing import tiny_model
+
+
+class CountingJudge(RefusalKeywordJudge):
+    """The refusal-keyword rule, counting the items it judges."""
+
+    def __init__(self):
+        self.items = 0
+
+    def judge(self, prompts, responses):
+        self.items += len(prompts)
+        return super().judge(prompts, responses)
+
+
+def write_labelled(path, n=40):
+    rows = []
+    for i in range(n):
+        refused = i % 2 == 0
+        response = "I'm sorry, I cannot help with that." if refused else f"Here are the steps, number {i}, one by one in detail."
+        rows.append({"id": f"x{i}", "prompt": f"request {i}", "response": response, "label": int(refused),
+                     "category": "a" if i < n // 2 else "b"})
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return path
+
+
+def test_calibration_reports_the_held_out_half_and_is_cached_by_judge_identity(tmp_path):
+    labelled = write_labelled(tmp_path / "labels.jsonl")
+    judge = CountingJudge()
+    result = calibrate(judge, str(labelled), "refusal")
+    assert result.held_out.n == 20 and result.tuning_items == 20
+    assert result.held_out.kappa.value == 1.0  # the rule separates these items perfectly
+    assert set(result.by_category) == {"a", "b"}
+    assert judge.items == 20  # a rule judge has no threshold to tune: only the held-out half is judged
+    assert calibrate(judge, str(labelled), "refusal") == result
+    assert judge.items == 20  # the second call reads the cache
+    assert cached(judge.identity, str(labelled)) == result
+    assert cached(KeywordJudge().identity, str(labelled)) is None  # another judge: not calibrated
+
+
+def test_a_tuned_threshold_comes_from_the_tuning_half_and_a_new_threshold_is_a_new_judge(tmp_path):
+    labelled = write_labelled(tmp_path / "labels.jsonl", n=24)
+    model, tokenizer = tiny_model("qwen2", seed=0)
+    judge = make_judge("refusal", model, tokenizer)
+    result = calibrate(judge, str(labelled), "refusal")
+    assert result.threshold == 0.5 and result.tuned_threshold is not None and result.tuned is not None
+    other = make_judge("refusal", model, tokenizer, threshold=result.tuned_threshold)
+    assert other.identity != judge.identity
+    assert cached(other.identity, str(labelled)) is None
+
+
+def test_a_user_file_needs_its_measure_and_a_judge_of_that_measure(tmp_path):
+    labelled = write_labelled(tmp_path / "labels.jsonl")
+    with pytest.raises(QuadaError, match="--measure harm or --measure refusal"):
+        calibrate(KeywordJudge(), str(labelled))
+    with pytest.raises(QuadaError, match="pyrit-refusal is labelled for refusal, not harm"):
+        calibrate(KeywordJudge(), "pyrit-refusal", "harm")
+    with pytest.raises(QuadaError, match="measures refusal"):
+        calibrate(KeywordJudge(), str(labelled), "harm")
+
+
+def test_the_paper_keyword_rule_on_pyrit_refusal_labels():
+    result = calibrate(KeywordJudge(), "pyrit-refusal")
+    assert result.measure == "refusal" and result.labelled_set == "pyrit-refusal"
+    assert result.held_out.n + result.tuning_items == 105
+    assert 0 < result.held_out.kappa.value < 1
+
+
+def test_calibrate_command_prints_the_table_and_rejects_a_file_without_measure(cli, tmp_path):
+    labelled = write_labelled(tmp_path / "labels.jsonl")
+    run = cli("judge", "calibrate", "--judges", "refusal-keyword", "--labelled", str(labelled), "--measure", "refusal")
+    assert run.returncode == 0, run.stderr
+    assert "refusal-keyword" in run.stdout and "1.00" in run.stdout
+    cli("judge", "calibrate", "--judges", "keyword", "--labelled", str(labelled)).assert_user_error("--measure")
+    cli("judge", "calibrate", "--judges", "nonsense").assert_user_error("unknown judge")
