@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow install models benchmark-generation benchmark-vet benchmark-approx benchmark-sweep benchmark-train
+.PHONY: run test test-slow install models benchmark-generation benchmark-vet benchmark-approx benchmark-sweep benchmark-train benchmark-attack
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -50,3 +50,6 @@ benchmark-sweep: models
 
 benchmark-train: models
 	$(BIN)/python benchmarks/train.py
+
+benchmark-attack: models
+	$(BIN)/python benchmarks/attack.py --model qwen2.5-coder-0.5b-instruct --candidates 32

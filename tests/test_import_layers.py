@@ -20,7 +20,7 @@ LAYERS = (
               "seeds", "defaults")),
     ("measurement", ("approx", "eval", "options", "judge_calibration")),
     ("report", ("report",)),
-    ("analysis", ("analysis", "vet")),  # vet is a plan of conditions, like the analyses
+    ("analysis", ("analysis", "vet", "attack")),  # vet and attack are plans of conditions, like the analyses
     ("defense", ("defense",)),
     ("cli", ("cli", "__main__", "cli_options", "approx_cli")),
 )

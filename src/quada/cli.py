@@ -14,6 +14,7 @@ from rich.text import Text
 
 from quada.analysis.cli import clusters_command, layers_command, sweep_command
 from quada.approx_cli import app as approx_app
+from quada.attack.cli import attack_command
 from quada.cli_options import AllPrompts, config_options, print_table, without_limit
 from quada.defense.cli import align_command, pairs_command
 from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES
@@ -38,6 +39,7 @@ app.command("align")(align_command)
 app.command("sweep")(sweep_command)
 app.command("layers")(layers_command)
 app.command("clusters")(clusters_command)
+app.command("attack")(attack_command)
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 err_console = Console(stderr=True)
 DEFAULT_DB = Path("runs") / "vet" / "results.sqlite"

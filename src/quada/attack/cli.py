@@ -1,0 +1,41 @@
+"""``quada attack``: jailbreak attacks against a model served under activation approximations."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from quada.attack.options import AttackConfig
+from quada.cli_options import AllPrompts, config_options, without_limit
+
+console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
+
+
+@config_options(
+    AttackConfig, "model", "approx", "attack", "benchmark", "limit", "steps", "candidates", "topk", "suffix_tokens",
+    "population", "elite", "shots", "target", "judges", "judge_model", "prompt_format", "max_new_tokens",
+    "stop_on_refusal", "seed", "run_dir", "device",
+)
+def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
+    """Attack a model as served: GCG, AutoDAN, DRA and template jailbreaks, clean and under each approximation; ASR with 95% CIs and each attack's cost.
+
+    Examples: quada attack --attack gcg-transfer,dra,templates --approx none --approx paper:bolt;
+    quada attack --attack gcg --limit 8 --steps 100 --candidates 128 --topk 64.
+
+    Adversarial prompts (every GCG step), responses and verdicts are stored as they come: an interrupted run continues where it stopped when run again. The report goes to --run-dir; prompts and responses are never printed.
+    """
+    from quada.attack.run import attack
+    from quada.attack.report import summary_table
+
+    config = AttackConfig(**without_limit(options, all_prompts))
+    result = attack(config)
+    columns, rows = summary_table(result.cells)
+    # The model is in the title: one column less, so the table fits a terminal.
+    columns, rows = columns[1:], [row[1:] for row in rows]
+    table = Table(title=f"quada attack: {config.model}")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {config.run_dir / 'results.sqlite'}")
