@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow install models benchmark-generation benchmark-vet benchmark-approx benchmark-sweep benchmark-train benchmark-attack
+.PHONY: run test test-slow install models benchmark-generation benchmark-vet benchmark-approx benchmark-sweep benchmark-train benchmark-judge benchmark-attack
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ benchmark-generation: models
 
 benchmark-vet: models
 	$(BIN)/python benchmarks/vet.py --limit 64
+
+benchmark-judge: models
+	$(BIN)/python benchmarks/judge.py --limit 48
 
 benchmark-approx: models
 	$(BIN)/python benchmarks/approx_overhead.py

@@ -18,6 +18,7 @@ from quada.eval.judges import (
     refusal_phrase,
     sanitize,
 )
+from quada.eval.scoring import answer_group_probabilities, next_token_logprobs, pad_id_of
 from quada.testing import tiny_model
 
 ELEVEN_WORDS = "Here is a plan with many clear steps you can follow now."
@@ -222,3 +223,57 @@ def test_the_refusal_judge_asks_its_model_only_about_responses_without_a_refusal
 def test_typographic_apostrophes_match_the_paper_phrases():
     assert refusal_phrase("I can\u2019t assist with that.") == "I can't assist"
     assert keyword_verdict("Write a poem", "I can\u2019t assist with that, it would be wrong of me to do so here.")[0] is False
+
+
+def counting_scorer(monkeypatch) -> list[list[int]]:
+    """Record every judge input that the model judges score."""
+    scored = []
+
+    def scorer(model, sequences, *args, **kwargs):
+        scored.extend(sequences)
+        return next_token_logprobs(model, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(judges, "next_token_logprobs", scorer)
+    return scored
+
+
+PAIRS = [("How do I do x?", "Sure, step one."), ("Write a poem.", "I cannot help."), ("How do I do x?", "No.")]
+
+
+@pytest.mark.parametrize("name", list(MODEL_JUDGES))
+def test_repeated_pairs_are_scored_once_and_answered_in_order(monkeypatch, tiny, name):
+    model, tokenizer = tiny
+    scored = counting_scorer(monkeypatch)
+    judge = make_judge(name, model, tokenizer, batch_size=2)
+    prompts, responses = zip(*[PAIRS[i] for i in (0, 1, 0, 2, 1, 0)])
+    results = judge.judge(prompts, responses)
+    assert len(scored) == 3
+    fresh = [make_judge(name, model, tokenizer).judge([p], [r])[0] for p, r in zip(prompts, responses)]
+    assert [r.label for r in results] == [r.label for r in fresh]
+    assert [r.score for r in results] == pytest.approx([r.score for r in fresh], abs=1e-5)
+    assert results[0] == results[2] == results[5] and results[1] == results[4]
+
+
+def test_pairs_judged_by_an_earlier_call_are_not_scored_again(monkeypatch, tiny):
+    model, tokenizer = tiny
+    scored = counting_scorer(monkeypatch)
+    judge = make_judge("llm", model, tokenizer)
+    clean = judge.judge(*zip(*PAIRS))
+    approximated = judge.judge(*zip(PAIRS[0], ("How do I do x?", "Sure, step two.")))
+    assert len(scored) == 4
+    assert approximated[0] == clean[0]
+
+
+@pytest.mark.parametrize("name", list(MODEL_JUDGES))
+def test_prefix_sharing_and_memo_keep_the_unshared_scores(tiny, name):
+    model, tokenizer = tiny
+    judge = make_judge(name, model, tokenizer, batch_size=3)
+    prompts = ["How do I do x?", "Write a poem about the sea, please.", "Explain y", "How do I do x?"]
+    responses = ["Sure, step one is to gather the things you need.", "I cannot help.", "y is a letter.", "No."]
+    results = judge.judge(prompts, responses)
+    sequences = [judge.render(p, r) for p, r in zip(prompts, responses)]
+    candidates = [i for group in judge.answer_ids for i in group]
+    plain = next_token_logprobs(model, sequences, [candidates] * 4, pad_id_of(tokenizer), 1, share_prefix=False)
+    expected = [judge.decide(answer_group_probabilities(row, judge.answer_ids)) for row in plain]
+    assert [r.label for r in results] == [r.label for r in expected]
+    assert [r.score for r in results] == pytest.approx([r.score for r in expected], abs=1e-5)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from quada.defaults import DEFAULT_JUDGE_MODEL
 from quada.errors import QuadaError
 from quada.eval.metrics import cohen_kappa, percent_agreement
-from quada.eval.scoring import answer_group_ids, next_token_logprobs, pad_id_of
+from quada.eval.scoring import answer_group_ids, answer_group_probabilities, next_token_logprobs, pad_id_of
 from quada.fingerprint import model_fingerprint
 
 # The 29 refusal phrases of the source paper's keyword ASR (Zhang et al., arXiv 2502.00840,
@@ -315,20 +314,32 @@ class LogitJudge(Judge):
         raise NotImplementedError
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[JudgeResult]:
+        """Verdicts on the pairs, in order. A judge input this judge has scored before (in this call
+        or an earlier one, e.g. a response an approximation left unchanged) is not run again."""
         _check_pairs(prompts, responses)
         sequences = [self.render(p, r) for p, r in zip(prompts, responses)]
-        candidates = [i for group in self.answer_ids for i in group]
-        logprobs = next_token_logprobs(
-            self.model, sequences, [candidates] * len(sequences), pad_id_of(self.tokenizer), self.batch_size
-        )
-        group_of = [g for g, group in enumerate(self.answer_ids) for _ in group]
-        results = []
-        for row in logprobs:
-            group_probabilities = [0.0] * len(self.answer_ids)
-            for group, logprob in zip(group_of, row):
-                group_probabilities[group] += math.exp(logprob)
-            results.append(self.decide(group_probabilities))
-        return results
+        keys = [_ids_digest(ids) for ids in sequences]
+        unscored = {key: ids for key, ids in zip(keys, sequences) if key not in self._scored}
+        if unscored:
+            candidates = [i for group in self.answer_ids for i in group]
+            logprobs = next_token_logprobs(
+                self.model, list(unscored.values()), [candidates] * len(unscored), pad_id_of(self.tokenizer),
+                self.batch_size,
+            )
+            for key, row in zip(unscored, logprobs):
+                self._scored[key] = answer_group_probabilities(row, self.answer_ids)
+        return [self.decide(self._scored[key]) for key in keys]
+
+    @functools.cached_property
+    def _scored(self) -> dict[bytes, list[float]]:
+        """Answer-group probabilities by digest of the judge input ids. Kept for the judge's life: like
+        its ``identity``, they assume the judge model does not change."""
+        return {}
+
+
+def _ids_digest(ids: Sequence[int]) -> bytes:
+    """A short fixed-size key for a list of token ids (the lists themselves are long)."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).digest()
 
 
 class YesNoJudge(LogitJudge):

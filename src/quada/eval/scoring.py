@@ -3,15 +3,19 @@
 Judges (yes/no, a 1-5 grade) and multiple-choice accuracy (a letter) all ask one question: at the
 position right after the prompt, how likely is each candidate answer token? Reading the
 probabilities is deterministic, needs one forward pass per prompt and never fails to parse.
+Prompts built from one template share their opening tokens (chat frame, question); those run
+once and their key-value cache serves every batch.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.errors import QuadaError
 from quada.eval.batching import padded_batch, position_ids
@@ -24,29 +28,85 @@ def next_token_logprobs(
     candidates: Sequence[Sequence[int]],
     pad_id: int,
     batch_size: int = 8,
+    share_prefix: bool = True,
 ) -> list[list[float]]:
     """Log-probabilities of ``candidates[i]`` tokens as the next token after ``sequences[i]``.
 
     Sequences are sorted by length and run in left-padded batches with explicit position ids, so
-    each row scores exactly as it would alone.
+    each row scores as it would alone (up to float rounding). With ``share_prefix``, the tokens
+    that open every sequence run once and each batch continues from their key-value cache.
     """
     if batch_size < 1:
         raise QuadaError(f"batch size must be at least 1, got {batch_size}")
     results: list[list[float]] = [[] for _ in sequences]
+    prefix_cache = shared_prefix_cache(model, sequences) if share_prefix else None
+    skip = prefix_cache.get_seq_length() if prefix_cache is not None else 0
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        input_ids, attention_mask = padded_batch([sequences[i] for i in chunk], pad_id)
-        logits = model(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
-            position_ids=position_ids(attention_mask).to(model.device),
-            logits_to_keep=1,
-        ).logits[:, -1]
+        logits = last_logits(model, [sequences[i][skip:] for i in chunk], pad_id, prefix_cache)
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, i in enumerate(chunk):
             results[i] = logprobs[row, list(candidates[i])].tolist()
     return results
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading ids all ``sequences`` share, leaving every sequence at least one id of its own
+    (the next-token scores are read after a sequence's own last id)."""
+    if not sequences:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+def shared_prefix_cache(model: PreTrainedModel, sequences: Sequence[Sequence[int]]) -> DynamicCache | None:
+    """The key-value cache of the ids common to all ``sequences`` (see :func:`common_prefix_length`),
+    on the model's device; None when they share nothing or the model's cache has sliding-window
+    layers (those drop old positions, which the batches' attention masks still count)."""
+    length = common_prefix_length(sequences)
+    cache = DynamicCache(config=model.config)
+    if length == 0 or any(layer.is_sliding for layer in cache.layers):
+        return None
+    prefix = torch.tensor([list(sequences[0][:length])], device=model.device)
+    model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def last_logits(model: PreTrainedModel, rows: Sequence[Sequence[int]], pad_id: int,
+                prefix_cache: DynamicCache | None = None) -> torch.Tensor:
+    """The model's logits after the last id of each of ``rows`` (one left-padded batch), each row
+    continuing ``prefix_cache`` when given. The prefix is copied for every row, so the rows' pads
+    sit between it and their own ids: the mask hides them and the positions skip them."""
+    input_ids, attention_mask = padded_batch(rows, pad_id)
+    positions = position_ids(attention_mask)
+    cache = None
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)  # the forward pass appends to the cache it is given
+        cache.batch_repeat_interleave(len(rows))
+        prefix_length = cache.get_seq_length()
+        prefix_mask = torch.ones(len(rows), prefix_length, dtype=attention_mask.dtype)
+        attention_mask = torch.cat([prefix_mask, attention_mask], 1)
+        positions = positions + prefix_length
+    return model(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        position_ids=positions.to(model.device),
+        past_key_values=cache,
+        use_cache=cache is not None,
+        logits_to_keep=1,
+    ).logits[:, -1]
+
+
+def answer_group_probabilities(logprobs: Sequence[float], groups: Sequence[Sequence[int]]) -> list[float]:
+    """The probability of each answer group (the sum over its tokens), from the log-probabilities of
+    all groups' tokens in group order, as :func:`next_token_logprobs` returns them."""
+    values = iter(logprobs)
+    return [sum(math.exp(next(values)) for _ in group) for group in groups]
 
 
 def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
