@@ -183,7 +183,7 @@ def test_the_spec_defaults_to_the_mva_of_the_sweep_in_the_run_folder(inputs, tmp
         (dict(share=0), "share must lie in"),
         (dict(share=1.5), "share must lie in"),
         (dict(ppl_bound=0.9), "at least 1"),
-        (dict(judges=("refusal",)), "first judge decides"),
+        (dict(judges=("harmfulness",)), "first judge decides"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(inputs, tmp_path, overrides, message):

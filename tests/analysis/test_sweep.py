@@ -199,7 +199,7 @@ def test_the_figure_draws_one_line_pair_per_curve():
         (dict(parameter="layers"), "layers of noise is not a number"),
         (dict(ppl_bound=0.5), "at least 1"),
         (dict(refine=-1), "refine must be"),
-        (dict(judges=("refusal-keyword",)), "first judge decides the ASR"),
+        (dict(judges=("harmfulness",)), "first judge decides the ASR"),
         (dict(judges=("keyword", "oracle")), "unknown judge 'oracle'"),
         (dict(limit=0), "limit must be at least 1"),
         (dict(prompt_format="shouty"), "unknown prompt format"),

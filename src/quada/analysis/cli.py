@@ -39,6 +39,7 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     print_table(console, title, columns, rows, justify="right")
 
 
+@config_options(SweepConfig, "spec", "parameter", "grid", "variants", "ppl_bound", "refine", *EVAL_OPTIONS, "run_dir", "device")
 def sweep_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Finding 1: sweep an approximation's strength; ASR (with 95% CIs) and perplexity at each point, and the most vulnerable approximation.
 

@@ -260,7 +260,9 @@ class LogitJudge(Judge):
     Subclasses give the question (``template`` with ``{request}`` and ``{response}``), the answer
     word groups (``answers``) and how the groups' probabilities become a result (``decide``).
     Prompts use the judge's chat template when it has one, else the bare question ending in
-    "Answer:". Responses are truncated to ``max_response_tokens`` judge tokens.
+    "Answer:". Responses are truncated to ``max_response_tokens`` judge tokens: 128, as many as
+    quada's commands generate at most, which keeps judging of long third-party responses cheap (the
+    calibration on human labels reads the same first 128 tokens).
     """
 
     template: str = ""
@@ -271,7 +273,7 @@ class LogitJudge(Judge):
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 8,
-        max_response_tokens: int = 512,
+        max_response_tokens: int = 128,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_response_tokens = batch_size, max_response_tokens
