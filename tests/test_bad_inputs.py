@@ -42,10 +42,16 @@ CASES = {
     "unknown benchmark": ("vet -m {model} --benchmark nosuchbench --run-dir {run}", "unknown benchmark"),
     "binary corpus": ("vet -m {model} --corpus {binary_txt} --judges keyword --run-dir {run}", "not UTF-8"),
     "damaged store": ("vet -m {model} --approx none --judges keyword --run-dir {damaged_run}", "damaged"),
+    "unknown executor": ("vet -m {model} --executor spark --run-dir {run}", "unknown executor 'spark'"),
+    "ray address without ray": ("vet -m {model} --ray-address auto --run-dir {run}", "--executor ray"),
+    "zero ray workers": ("vet -m {model} --executor ray --workers 0 --run-dir {run}", "--workers"),
+    "zero cpus per worker": ("vet -m {model} --executor ray --cpus-per-worker 0 --run-dir {run}", "--cpus-per-worker"),
     # results and judges
     "no store": ("results export --db {tmp}/absent.sqlite --out {tmp}/x.csv", "no results store"),
     "unknown export format": ("results export --db {store} --out {tmp}/x.xlsx", "unknown export format 'xlsx'"),
     "damaged store to export": ("results export --db {damaged_run}/results.sqlite --out {tmp}/x.csv", "damaged"),
+    "merge from no store": ("results merge {tmp}/merged.sqlite {store} {tmp}/absent.sqlite", "no results store"),
+    "merge from a damaged store": ("results merge {tmp}/merged.sqlite {damaged_run}/results.sqlite", "damaged"),
     "malformed human labels": ("judge agreement --db {store} --human {bad_jsonl}", "not valid JSON"),
     "binary human labels": ("judge agreement --db {store} --human {binary_csv}", "not UTF-8"),
     # approx
@@ -56,6 +62,8 @@ CASES = {
     "sweep grid and variants": ("sweep -m {model} --grid 0,1 -V bolt --run-dir {run}", "--variant"),
     "sweep negative seed": ("sweep -m {model} --seed -1 --run-dir {run}", "seed"),
     "layers stride zero": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --stride 0 --run-dir {run}", "stride"),
+    "layers negative gpus": ("layers -m {model} --executor ray --gpus-per-worker -1 --run-dir {run}", "--gpus-per-worker"),
+    "sweep unknown executor": ("sweep -m {model} --executor dask --run-dir {run}", "unknown executor 'dask'"),
     "clusters unknown pooling": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --pooling max --run-dir {run}", "pooling"),
     # defense
     "pairs unknown source": ("pairs --source web --out {run}", "'web'"),

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from quada import cli as quada_cli
 from quada.models import BUILTINS
 
-HEAVY = ("torch", "transformers", "matplotlib", "sklearn", "datasets", "trl")
+HEAVY = ("torch", "transformers", "matplotlib", "sklearn", "datasets", "trl", "ray")
 
 
 def test_the_entry_point_shows_its_help_and_ends_a_user_error_with_exit_2(tmp_path):
@@ -160,6 +160,21 @@ def test_results_export_and_judge_agreement(cli, tmp_path, judged_store):
     assert rows["keyword", "llm"] == ["4", "50.0", "0.000"]
     assert rows["llm", "human"] == ["4", "100.0", "1.000"]
     assert rows["keyword", "human"] == ["4", "50.0", "0.000"]
+
+
+def test_results_merge_adds_each_store_once(cli, tmp_path, judged_store):
+    from quada.store import CLEAN, Generation, GenerationKey, Store
+
+    other = tmp_path / "other" / "results.sqlite"
+    with Store(other) as store:
+        store.put([Generation(GenerationKey("fp", CLEAN, "p9", "{}", 0), "prompt 9", "response 9")])
+    merged = tmp_path / "all" / "results.sqlite"
+    result = cli("results", "merge", merged, judged_store, other)
+    assert result.returncode == 0, result.stderr
+    assert f"12 new rows from {judged_store} 1 new row from {other}" in result.stdout
+    assert f"0 new rows from {other}" in cli("results", "merge", merged, other).stdout
+    with Store(merged) as store:
+        assert [g.key.prompt_id for g in store.rows(Generation)] == ["p0", "p1", "p2", "p3", "p9"]
 
 
 def test_store_commands_need_a_store(cli, tmp_path):

@@ -27,7 +27,8 @@ def no_cuda(monkeypatch):
 
 
 def test_device_names_are_checked_by_spelling():
-    assert [check_device(d) for d in ("auto", "CPU", " cuda ", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    assert [check_device(d) for d in ("auto", "CPU", " cuda ", "cuda:1", "Balanced")] == [
+        "auto", "cpu", "cuda", "cuda:1", "balanced"]
     for bad in ("tpu", "cuda:", "cuda:x", "gpu", ""):
         with pytest.raises(QuadaError, match="choose auto, cpu, cuda or cuda:N"):
             check_device(bad)
@@ -52,6 +53,20 @@ def test_load_puts_the_model_on_the_device(model_dir, no_cuda):
     for device in ("auto", "cpu"):
         model, _ = load(str(model_dir), dtype=torch.float32, device=device)
         assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+
+
+def test_balanced_hands_the_placement_to_accelerate_and_inputs_start_like_auto(model_dir, no_cuda, monkeypatch):
+    device_maps = []
+    real = quada.models.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(quada.models.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: device_maps.append(kwargs["device_map"]) or real(*args, **kwargs))
+    balanced, tokenizer = load(str(model_dir), dtype=torch.float32, device="balanced")
+    single, _ = load(str(model_dir), dtype=torch.float32, device="cpu")
+    assert device_maps == ["auto", None]
+    assert resolve_device("balanced") == torch.device("cpu")  # without a GPU accelerate keeps every layer here
+    assert {p.device for p in balanced.parameters()} == {torch.device("cpu")}
+    ids = tokenizer("Say hi", return_tensors="pt")["input_ids"]
+    assert torch.equal(balanced(ids).logits, single(ids).logits)
 
 
 def test_load_on_absent_cuda_fails_first_with_a_user_error(no_cuda):

@@ -12,7 +12,7 @@ from quada.cli_options import option_name, parse_names, parse_numbers
 from quada.defaults import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, VET_MODEL
 from quada.defense.options import AlignConfig
 from quada.errors import QuadaError
-from quada.options import EvalOptions, VetConfig
+from quada.options import EXECUTOR_OPTIONS, EvalOptions, VetConfig
 
 CONFIGS = {"vet": VetConfig, "sweep": SweepConfig, "layers": LayersConfig, "align": AlignConfig}
 SHARED = [field.name for field in dataclasses.fields(EvalOptions)]
@@ -46,6 +46,11 @@ def test_every_evaluating_config_extends_the_shared_options_and_documents_each_f
         (dict(judges=("keyword", "oracle")), "unknown judge 'oracle'"),
         (dict(prompt_format="chat"), "unknown prompt format 'chat'"),
         (dict(device="tpu"), "unknown device 'tpu'"),
+        (dict(executor="spark"), "unknown executor 'spark'; choose one of: local, ray"),
+        (dict(ray_address="auto"), "--ray-address is for the Ray executor: add --executor ray"),
+        (dict(executor="ray", workers=0), "--workers must be at least 1, got 0"),
+        (dict(executor="ray", cpus_per_worker=0), "--cpus-per-worker must be above 0"),
+        (dict(executor="ray", gpus_per_worker=-1), "--gpus-per-worker must be 0 or more, got -1"),
     ],
 )
 def test_a_bad_shared_option_fails_the_same_way_in_every_config(config, values, message):
@@ -69,7 +74,8 @@ def test_a_command_option_is_its_field_with_the_fields_help_and_default(command,
     options = command_options(command)
     fields = {f.name: f for f in dataclasses.fields(config)}
     exposed = [name for name in options if name in fields]
-    assert set(SHARED) - {"ppl_window"} <= set(exposed)  # vet alone leaves the window at the paper's
+    # vet alone leaves the window at the paper's; align evaluates its model in process only.
+    assert set(SHARED) - {"ppl_window"} - (set(EXECUTOR_OPTIONS) if command == "align" else set()) <= set(exposed)
     for name in exposed:
         field, option = fields[name], options[name]
         assert option_name(name) in option.opts, option.opts
@@ -125,3 +131,13 @@ def test_the_align_command_hands_its_training_options_to_the_trainer(cli, config
     assert (config.out_dir, config.seed) == (tmp_path / "run", 3)
     trainer = config.quada
     assert (trainer.learning_rate, trainer.num_train_epochs, trainer.use_lora, trainer.seed) == (1e-4, 1.0, False, 3)
+
+
+def test_the_ray_executor_needs_ray_installed(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    assert EvalOptions().executor == "local"  # the default needs no Ray
+    with pytest.raises(QuadaError, match=r"--executor ray needs Ray, which is not installed: pip install 'quada\[ray\]'"):
+        EvalOptions(executor="ray")

@@ -185,3 +185,57 @@ def test_a_damaged_store_is_refused_untouched_with_the_way_out(tmp_path):
     with pytest.raises(QuadaError, match=r"results\.sqlite is damaged.*left it as it is.*move it aside.*--run-dir"):
         Store(path)
     assert path.read_bytes() == before
+
+
+def run_store(path, prompt_ids, approx="none", answer="answer"):
+    """A store of one run: a generation and a keyword judgement per prompt."""
+    with Store(path) as store:
+        store.put(Generation(key(p, approx), f"prompt {p}", f"{answer} {p}") for p in prompt_ids)
+        store.put(Judgement(key(p, approx).judged_by("keyword"), True, 1.0, "") for p in prompt_ids)
+    return path
+
+
+def test_the_union_of_two_disjoint_runs_equals_a_store_with_both(tmp_path):
+    first = run_store(tmp_path / "first.sqlite", ["p-1", "p-2"])
+    second = run_store(tmp_path / "second.sqlite", ["p-3"], approx="noise:0.1")
+    both = run_store(run_store(tmp_path / "both.sqlite", ["p-1", "p-2"]), ["p-3"], approx="noise:0.1")
+    with Store(tmp_path / "merged.sqlite") as merged:
+        assert [merged.merge_from(first), merged.merge_from(second)] == [4, 2]
+    assert snapshot(tmp_path / "merged.sqlite") == snapshot(both)
+
+
+def test_merging_again_adds_nothing_and_keys_stay_unique(tmp_path):
+    first = run_store(tmp_path / "first.sqlite", ["p-1", "p-2"])
+    overlapping = run_store(tmp_path / "overlapping.sqlite", ["p-2", "p-3"])
+    with Store(first) as store:
+        assert store.merge_from(overlapping) == 2  # p-3's generation and judgement; p-2 is there already
+        assert store.merge_from(overlapping) == 0
+        with pytest.raises(QuadaError, match="is the store being merged into"):
+            store.merge_from(first)
+        generations = store.rows(Generation)
+    assert [g.key.prompt_id for g in generations] == ["p-1", "p-2", "p-3"]
+    assert snapshot(first) == snapshot(run_store(tmp_path / "all.sqlite", ["p-1", "p-2", "p-3"]))
+
+
+def test_a_store_that_disagrees_on_a_key_is_refused_whole(tmp_path):
+    first = run_store(tmp_path / "first.sqlite", ["p-1", "p-2"])
+    other = run_store(tmp_path / "other.sqlite", ["p-2", "p-3", "p-4"], answer="another answer")
+    before = snapshot(first)
+    with Store(first) as store, pytest.raises(QuadaError, match=(
+            r"other\.sqlite disagrees with .*first\.sqlite on 1 generations \(first: GenerationKey\(.*prompt_id='p-2'.*"
+            r"another prompt or response.*nothing of it was merged")):
+        store.merge_from(other)
+    assert snapshot(first) == before  # not even p-3 and p-4, which do not conflict
+
+
+def test_merging_refuses_a_newer_or_missing_store(tmp_path):
+    newer = run_store(tmp_path / "newer.sqlite", ["p-1"])
+    with sqlite3.connect(newer) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with Store(tmp_path / "merged.sqlite") as store:
+        with pytest.raises(QuadaError, match="schema version 2, newer"):
+            store.merge_from(newer)
+        with pytest.raises(QuadaError, match="no results store at"):
+            store.merge_from(tmp_path / "absent.sqlite")
+        assert store.rows(Generation) == []

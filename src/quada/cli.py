@@ -20,7 +20,7 @@ from quada.defense.cli import align_command, pairs_command
 from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES
 from quada.devices import DEVICE_HELP, resolve_device
 from quada.errors import QuadaError
-from quada.options import VetConfig
+from quada.options import EXECUTOR_OPTIONS, VetConfig
 from quada.runs import atomic_writer
 
 app = typer.Typer(
@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-results_app = typer.Typer(help="The results store: export stored generations and judgements.", no_args_is_help=True)
+results_app = typer.Typer(help="The results store: export stored generations and judgements, merge stores.", no_args_is_help=True)
 judge_app = typer.Typer(help="Judges: how far they agree with each other and with human labels.", no_args_is_help=True)
 app.add_typer(approx_app, name="approx")
 app.add_typer(results_app, name="results")
@@ -95,14 +95,14 @@ def generate_command(
     from quada.eval.generate import GenerationSettings, generate
     from quada.models import load
 
-    target = resolve_device(device)  # a bad or absent device fails before any work
+    resolve_device(device)  # a bad or absent device fails before any work
     settings = GenerationSettings(max_new_tokens=max_new_tokens, prompt_format=prompt_format)
     items = load_benchmark(prompts)[:limit]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise QuadaError(f"cannot create the output folder {out.parent} ({err.strerror}); choose another --out") from err
-    lm, tokenizer = load(model, device=target)
+    lm, tokenizer = load(model, device=device)  # the name: ``balanced`` is more than a torch device
     responses = generate(lm, tokenizer, [p.text for p in items], settings, batch_size=batch_size)
     try:
         with atomic_writer(out) as f:
@@ -118,7 +118,7 @@ def generate_command(
 @config_options(
     VetConfig, "model", "approx", "benchmark", "limit", "benign", "benign_limit", "judges", "refusal_judge",
     "judge_model", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus", "ppl_windows", "questions",
-    "ppl_bound", "calibrate", "run_dir", "device",
+    "ppl_bound", "calibrate", "run_dir", "device", *EXECUTOR_OPTIONS,
 )
 def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean and under each approximation.
@@ -152,6 +152,22 @@ def results_export_command(
     with _open_store(db) as store:
         count = store.export(out)
     console.print(f"wrote {count} records to {out}")
+
+
+@results_app.command("merge")
+def results_merge_command(
+    out: Path = typer.Argument(..., help="The store to merge into (created if missing), e.g. runs/all/results.sqlite."),
+    stores: list[Path] = typer.Argument(..., help="The stores to merge from: the results.sqlite of other runs."),
+) -> None:
+    """Add the rows of other runs' stores to one store: rows it has are kept, so merging again adds nothing; a store that disagrees with it on a key is refused."""
+    from quada.store import Store, readable_store
+
+    for path in stores:  # every input is checked before the output is created
+        readable_store(path)
+    with Store(out) as store:
+        for path in stores:
+            added = store.merge_from(path)
+            console.print(f"{added} new row{'' if added == 1 else 's'} from {path}", soft_wrap=True)
 
 
 @judge_app.command("agreement")

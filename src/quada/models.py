@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.defaults import DEFAULT_MODEL
-from quada.devices import resolve_device
+from quada.devices import BALANCED, check_device, resolve_device
 from quada.errors import QuadaError
 from quada.hub import require_hub
 from quada.runs import atomic_folder, write_json
@@ -257,18 +257,20 @@ def load(
     source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode on ``device`` (``auto``: a CUDA GPU when there is
-    one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``); the tokenizer pads on the left for generation.
+    one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``; or ``balanced``: spread over every visible
+    GPU by accelerate); the tokenizer pads on the left for generation.
 
     A hub id is fetched only once the hub answers (see :mod:`quada.hub`), so a machine without
     network fails in a second; in offline mode (``HF_HUB_OFFLINE=1``) it is read from the local cache."""
     target = resolve_device(device)  # an absent device fails before any conversion or download
+    balanced = check_device(device) == BALANCED
     where = resolve(source)
     instead = "Without hub access use a built-in (`quada models`), a local model folder or a .gguf file."
     if isinstance(where, str):
         require_hub(f"model {source!r}", instead)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map="auto" if balanced else None)
     except OSError as err:
         if isinstance(where, str):
             raise QuadaError(f"could not load {source!r} from the Hugging Face hub or its cache ({err}). {instead}") from err
@@ -277,4 +279,5 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.name_or_path = source
-    return model.to(target).eval(), tokenizer
+    # accelerate placed a balanced model layer by layer; moving it whole would undo that.
+    return (model if balanced else model.to(target)).eval(), tokenizer

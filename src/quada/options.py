@@ -12,6 +12,7 @@ torch: the checks that need the approximation registry import it when a configur
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -61,6 +62,27 @@ def check_counts(options: Any, *names: str) -> None:
             raise QuadaError(f"--{name.replace('_', '-')} must be at least 1 (or omitted for all), got {value}")
 
 
+EXECUTORS = ("local", "ray")
+EXECUTOR_OPTIONS = ("executor", "ray_address", "workers", "cpus_per_worker", "gpus_per_worker")
+
+
+def check_executor(options: Any) -> None:
+    """Fail on an unknown executor, on Ray options without the Ray executor, on resources Ray would
+    refuse, and on ``ray`` when Ray is not installed."""
+    if options.executor not in EXECUTORS:
+        raise QuadaError(f"unknown executor {options.executor!r}; choose one of: {', '.join(EXECUTORS)}")
+    if options.executor != "ray" and options.ray_address is not None:
+        raise QuadaError("--ray-address is for the Ray executor: add --executor ray, or drop --ray-address")
+    if options.workers < 1:
+        raise QuadaError(f"--workers must be at least 1, got {options.workers}")
+    if not options.cpus_per_worker > 0:
+        raise QuadaError(f"--cpus-per-worker must be above 0 (Ray accepts fractions such as 0.5), got {options.cpus_per_worker}")
+    if not options.gpus_per_worker >= 0:
+        raise QuadaError(f"--gpus-per-worker must be 0 or more, got {options.gpus_per_worker}")
+    if options.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise QuadaError("--executor ray needs Ray, which is not installed: pip install 'quada[ray]'")
+
+
 @dataclass
 class EvalOptions:
     """How an evaluating run generates, judges and measures: the options `quada vet`, `quada sweep`,
@@ -98,6 +120,16 @@ class EvalOptions:
     ppl_bound: float = field(default=1.5, metadata={
         "help": "Perplexity bound, as a multiple of the clean perplexity: above it a model counts as broken.",
     })
+    # Where generation runs (see docs/scale-out.md); the commands list these as EXECUTOR_OPTIONS.
+    executor: str = field(default="local", metadata={
+        "help": "Where responses are generated: local (this process) or ray (a pool of Ray workers; pip install 'quada[ray]').",
+    })
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to join with --executor ray (e.g. auto, or ray://HEAD:10001); omitted: start a local Ray instance.",
+    })
+    workers: int = field(default=2, metadata={"help": "Ray workers, each holding one copy of the model (--executor ray)."})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs Ray reserves for each worker (--executor ray)."})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs Ray reserves for each worker (--executor ray)."})
 
     def __post_init__(self):
         """Check the shared options, so that a bad value fails before any model loads."""
@@ -110,6 +142,7 @@ class EvalOptions:
             raise QuadaError(f"ppl-bound is a multiple of the clean perplexity and must be at least 1, got {self.ppl_bound}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise QuadaError(f"unknown prompt format {self.prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}")
+        check_executor(self)
 
     @property
     def settings(self) -> GenerationSettings:

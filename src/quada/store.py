@@ -12,6 +12,10 @@ keeps every committed batch through a process crash), the key is the primary key
 ``INSERT OR IGNORE`` (a repeated batch adds nothing), and ``Store.fill`` computes only the keys
 that are missing. No timestamps are stored, so rows are identical however the run was split.
 
+Stores of runs made elsewhere (other machines, other Ray clusters) combine with
+:meth:`Store.merge_from`: it adds the rows a store lacks and refuses a store that disagrees with it
+on a key, so a merged store still holds one answer per key.
+
 The schema version lives in SQLite's ``user_version``; a database written by a newer quada is
 refused rather than misread, and a damaged one (SQLite's ``quick_check`` on opening) is refused
 and left as it is.
@@ -101,6 +105,11 @@ class _Table:
     def value_columns(self) -> list[str]:
         return [name for name, _, _ in self.value_types]
 
+    @property
+    def columns(self) -> list[str]:
+        """Every column, in the order of the table."""
+        return [*self.key_columns, *self.value_columns, "versions"]
+
     def create_sql(self) -> str:
         keys = ", ".join(f"{c} {'INTEGER' if c == 'seed' else 'TEXT'} NOT NULL" for c in self.key_columns)
         values = ", ".join(f"{name} {sql} NOT NULL" for name, _, sql in self.value_types)
@@ -138,6 +147,16 @@ def _is_damage(err: BaseException) -> bool:
     """Whether SQLite reports a corrupt database file or a file that is no database at all."""
     code = getattr(err, "sqlite_errorcode", None)  # absent on errors raised by Python code
     return isinstance(err, sqlite3.DatabaseError) and code is not None and code & 0xFF in DAMAGE_CODES
+
+
+def readable_store(path: str | Path) -> Path:
+    """``path``, checked as a store to read from: a file (never created here) that opens as a quada
+    results store, neither damaged nor foreign nor newer than this quada."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise QuadaError(f"no results store at {path}; give the results.sqlite of a run folder")
+    Store(path).close()
+    return path
 
 
 def _table_of(kind: type) -> _Table:
@@ -303,6 +322,44 @@ class Store:
             self.put(rows)
         found = self.get_many(keys)
         return [found[key] for key in keys]
+
+    def merge_from(self, path: str | Path) -> int:
+        """Add every generation and judgement of the store at ``path`` that this store lacks, in one
+        transaction, and return how many were added (merging again adds none). A store that holds
+        another value for a key this store has (another response to the same prompt under the same
+        condition) is refused whole: the rows of both stay as they were."""
+        source = readable_store(path)
+        if source.resolve() == self.path.resolve():
+            raise QuadaError(f"{source} is the store being merged into; give the stores of other runs")
+        self._db.execute("ATTACH DATABASE ? AS incoming", (str(source),))
+        try:
+            with self._transaction():
+                for table in (GENERATIONS, JUDGEMENTS):
+                    self._check_agreement(table, source)
+                added = 0
+                for table in (GENERATIONS, JUDGEMENTS):
+                    columns = ", ".join(table.columns)
+                    added += self._db.execute(f"INSERT OR IGNORE INTO main.{table.name} ({columns}) "
+                                              f"SELECT {columns} FROM incoming.{table.name}").rowcount
+        finally:
+            self._db.execute("DETACH DATABASE incoming")
+        return added
+
+    def _check_agreement(self, table: _Table, source: Path) -> None:
+        """Fail if the attached store ``incoming`` has a key of ``table`` with other values than here."""
+        keys = ", ".join(f"i.{c}" for c in table.key_columns)
+        same_key = " AND ".join(f"m.{c} = i.{c}" for c in table.key_columns)
+        differs = " OR ".join(f"m.{c} IS NOT i.{c}" for c in table.value_columns)
+        record = self._db.execute(
+            f"SELECT count(*) OVER (), {keys} FROM main.{table.name} m JOIN incoming.{table.name} i "
+            f"ON {same_key} WHERE {differs} ORDER BY {keys} LIMIT 1"
+        ).fetchone()
+        if record is not None:
+            raise QuadaError(
+                f"{source} disagrees with {self.path} on {record[0]} {table.name} (first: {table.key_type(*record[1:])}): "
+                f"the same key with another {' or '.join(table.value_columns)}, so the runs were not made alike "
+                "(other versions or hardware); nothing of it was merged. Keep such runs in separate stores"
+            )
 
     def rows(self, kind: type) -> list:
         """Every stored ``Generation`` or ``Judgement`` (``kind``), sorted by key."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from quada.approx import spec_label
 from quada.data import load_benchmark, subset
-from quada.eval.engine import Engine, accuracy_key, check_specs_fit, perplexity_key
+from quada.eval.engine import Engine, accuracy_key, check_specs_fit, make_executor, perplexity_key
 from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
 from quada.eval.metrics import Estimate, estimate, mcnemar
 from quada.eval.verdict import compare, verdict
@@ -54,7 +54,7 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
     check_specs_fit(model, approximations)
     generations: dict[str, tuple[list[Generation], list[Generation]]] = {}  # by approximation key
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        engine = Engine(store, model, tokenizer, config, corpus)
+        engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))
         for approximation in approximations:
             task = bar.add_task(f"generate {approximation}", total=len(harmful) + len(benign))
             step = lambda n, task=task: bar.advance(task, n)  # noqa: E731

@@ -19,7 +19,7 @@ from quada.defaults import DEFAULT_MODEL
 from quada.devices import DEVICE_HELP
 from quada.errors import QuadaError
 from quada.report.format import percent_interval
-from quada.options import EvalOptions
+from quada.options import EXECUTOR_OPTIONS, EvalOptions
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
@@ -32,7 +32,7 @@ Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
 DerivedSpec = Annotated[str | None, typer.Option("--spec", "-s", help=field_help(LayersConfig, "spec"))]
 DEFAULT_RUN_DIR = Path("runs") / "sweep"
 EVAL_OPTIONS = ("model", "benchmark", "limit", "judges", "judge_model", "prompt_format", "max_new_tokens",
-                "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows", "calibrate")
+                "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows", "calibrate", *EXECUTOR_OPTIONS)
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

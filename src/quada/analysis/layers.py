@@ -38,7 +38,7 @@ from quada.chat import format_prompt
 from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
 from quada.eval.batching import padded_batch, position_ids
-from quada.eval.engine import Engine, check_specs_fit
+from quada.eval.engine import Engine, check_specs_fit, make_executor
 from quada.eval.judges import REFUSAL_PHRASES, check_judge_model, make_judge
 from quada.judge_calibration import judge_infos
 from quada.eval.scoring import pad_id_of
@@ -213,7 +213,7 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     }
     conditions = [("clean", 0, ())] + layer_conditions(num_layers, config.stride)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        engine = Engine(store, model, tokenizer, config, corpus)
+        engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))
         task = bar.add_task("layer conditions", total=len(conditions))
 
         def proxy(model, tokenizer) -> float:

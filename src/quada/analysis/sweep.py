@@ -35,7 +35,7 @@ from quada.analysis.options import SweepConfig, spec_at
 from quada.approx import ApproxConfig, Spec, parse_spec, spec_label
 from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
-from quada.eval.engine import Approximation, Engine, check_specs_fit
+from quada.eval.engine import Approximation, Engine, check_specs_fit, make_executor
 from quada.eval.judges import check_judge_model, make_judge
 from quada.judge_calibration import judge_infos
 from quada.eval.utility import load_corpus
@@ -99,7 +99,7 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
     integral = rounds > 0 and config.technique is not None and _integer_parameter(config.technique, config.parameter)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        engine = Engine(store, model, tokenizer, config, corpus)
+        engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))
 
         def point(strength: float, approximation: Approximation) -> SweepPoint:
             spec = str(approximation)

@@ -5,10 +5,12 @@ fingerprint), the approximation (a parsed spec, or ``CLEAN``), the prompts, the 
 settings and the seed. The engine generates its responses in chunks of :data:`GENERATION_CHUNK`
 prompts (longest first, so a chunk batches prompts of similar length), each chunk a
 :class:`Chunk`: a small value that pickles, so an :class:`Executor` may compute it in another
-process. :class:`LocalExecutor` computes the chunks here, in order. Whatever the executor, every
-chunk is committed to the results store as its responses arrive, only missing rows are computed,
-and a chunk's noise is seeded by the chunk's content (:func:`chunk_seed`): a killed run resumes to
-exactly the rows of an uninterrupted one.
+process. :class:`LocalExecutor` computes the chunks here, in order; ``RayExecutor``
+(:mod:`quada.eval.ray_executor`, chosen by :func:`make_executor`) on a pool of Ray workers, several
+at a time, handing them back in order. Whatever the executor, every chunk is committed to the
+results store as its responses arrive, only missing rows are computed, and a chunk's noise is
+seeded by the chunk's content (:func:`chunk_seed`): a killed run resumes to exactly the rows of an
+uninterrupted one.
 
 Judgements go through the same store; perplexity, accuracy and other numbers measured on the
 model through a JSON cache beside it (:class:`UtilityCache`). `quada vet`, the sweep, the layer
@@ -120,6 +122,12 @@ class Chunk:
     def noise_seed(self) -> int:
         return chunk_seed(self.condition.seed, str(self.condition.approximation), self.prompt_ids[0])
 
+    def __str__(self) -> str:
+        """How errors name the chunk: its condition and its first prompt."""
+        condition = self.condition
+        return (f"the chunk of {len(self.prompt_ids)} prompts from {self.prompt_ids[0]!r} under "
+                f"{str(condition.approximation)!r} on {condition.model} (seed {condition.seed})")
+
 
 def generate_chunk(model, tokenizer, chunk: Chunk) -> list[str]:
     """The work of one chunk, on a worker holding ``model`` and ``tokenizer``: its responses."""
@@ -146,6 +154,19 @@ class LocalExecutor:
     def run(self, units: Sequence[Unit], work: Callable[[Any, Any, Unit], Result]) -> Iterator[Result]:
         for unit in units:
             yield work(self.model, self.tokenizer, unit)
+
+
+def make_executor(config, model, tokenizer) -> Executor:
+    """The executor that ``config.executor`` names: this process on ``model``, or a pool of Ray
+    workers that each load ``config.model`` as ``model`` was loaded (its dtype, ``config.device``)
+    and must find the same weights (its fingerprint). Ray is imported only when it is asked for."""
+    if config.executor == "local":
+        return LocalExecutor(model, tokenizer)
+    from quada.eval.ray_executor import RayExecutor
+
+    return RayExecutor(config.model, model_fingerprint(model), dtype=model.dtype, device=config.device,
+                       workers=config.workers, cpus_per_worker=config.cpus_per_worker,
+                       gpus_per_worker=config.gpus_per_worker, address=config.ray_address)
 
 
 class UtilityCache:
