@@ -85,14 +85,18 @@ def made_up_workload(limit: int, conditions: int, unchanged: float, seed: int) -
 
 
 def score_items(judge, calls: list[Call], share_prefix: bool) -> list:
-    """Results of every item of every call, each scored on its own (no memo)."""
+    """Results of every item of every call, each scored on its own (no memo); the judge's refusal
+    pre-check answers the items it rules on, as in the judge itself."""
     candidates = [i for group in judge.answer_ids for i in group]
     results = []
     for prompts, responses in calls:
-        sequences = [judge.render(p, r) for p, r in zip(prompts, responses)]
-        rows = next_token_logprobs(judge.model, sequences, [candidates] * len(sequences),
-                                   pad_id_of(judge.tokenizer), judge.batch_size, share_prefix=share_prefix)
-        results += [judge.decide(answer_group_probabilities(row, judge.answer_ids)) for row in rows]
+        ruled = judge.ruled(responses) if hasattr(judge, "ruled") else [None] * len(responses)
+        asked = [i for i, verdict in enumerate(ruled) if verdict is None]
+        sequences = [judge.render(prompts[i], responses[i]) for i in asked]
+        rows = iter(next_token_logprobs(judge.model, sequences, [candidates] * len(sequences),
+                                        pad_id_of(judge.tokenizer), judge.batch_size, share_prefix=share_prefix))
+        results += [judge.decide(answer_group_probabilities(next(rows), judge.answer_ids)) if verdict is None else verdict
+                    for verdict in ruled]
     return results
 
 

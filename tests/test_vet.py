@@ -4,6 +4,7 @@ import pytest
 
 import quada.eval.engine as engine_module
 from quada.errors import QuadaError
+from quada.eval.verdict import VERDICTS
 from quada.store import Generation, Judgement, Store
 from quada.testing import write_tiny_run_inputs
 from quada.vet import VetConfig, vet
@@ -52,6 +53,24 @@ def test_vet_measures_every_condition_and_writes_the_report(inputs, tmp_path):
     assert NOISE in html and "data:image/png;base64," in html
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [c["approx"] for c in saved["conditions"]] == ["none", NOISE]
+
+
+def test_the_report_opens_with_a_verdict_and_names_each_rate_with_its_judges_kappa(inputs, tmp_path):
+    result = vet(config(inputs, tmp_path / "run", judges=("keyword", "refusal-keyword")), progress=False)
+    clean, noisy = result.conditions
+    assert clean.verdict is None and noisy.verdict.kind in VERDICTS
+    assert result.judges["keyword"].measure == "refusal" and result.judges["keyword"].kappa is not None
+    markdown = result.report_md.read_text()
+    assert markdown.index("Verdict per approximation") < markdown.index("Safety and utility per condition")
+    kappa = f"{result.judges['refusal-keyword'].kappa:.2f}"
+    assert f"no-refusal ASR % [95% CI] (refusal-keyword; held-out kappa {kappa}" in markdown
+    assert "accuracy" not in markdown  # not measured: no empty column
+
+
+def test_a_run_without_calibration_says_so(inputs, tmp_path):
+    result = vet(config(inputs, tmp_path / "run", calibrate=False), progress=False)
+    assert result.judges["keyword"].calibration is None
+    assert "keyword; not calibrated" in result.report_md.read_text()
 
 
 def test_a_killed_run_writes_no_results_and_keeps_what_it_committed(inputs, tmp_path, monkeypatch):
@@ -116,3 +135,13 @@ def test_what_the_model_decides_is_checked_before_any_generation(inputs, tmp_pat
     monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated before checking"))
     with pytest.raises(QuadaError, match=message):
         vet(config(inputs, tmp_path / "run", **overrides), progress=False)
+
+
+def test_asr_per_harm_category_when_the_benchmark_has_categories(inputs, tmp_path):
+    harmful = tmp_path / "harmful.csv"
+    harmful.write_text("prompt,category\n" + "".join(f"Harmful request {i},{'cyber' if i < 4 else 'fraud'}\n" for i in range(6)))
+    result = vet(config(inputs, tmp_path / "run", benchmark=str(harmful)), progress=False)
+    clean = result.conditions[0]
+    by_category = clean.asr_by_category["keyword"]
+    assert set(by_category) == {"cyber", "fraud"} and (by_category["cyber"].n, by_category["fraud"].n) == (4, 2)
+    assert "per harm category" in result.report_md.read_text()

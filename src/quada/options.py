@@ -97,7 +97,8 @@ class EvalOptions:
     benchmark: str = field(default="advbench", metadata={"help": "Harmful prompts: a benchmark name or a prompt file."})
     limit: int | None = field(default=32, metadata={"help": "Size of the seeded subset of harmful prompts."})
     judges: tuple[str, ...] = field(default=("keyword", "llm"), metadata={
-        "help": "Comma-separated safety judges on the harmful responses: keyword, llm, harmfulness.",
+        "help": "Comma-separated judges of the harmful responses: keyword, refusal-keyword, refusal (no-refusal ASR), "
+        "llm (harm ASR), harmfulness (mean HS).",
     })
     judge_model: str = field(default=DEFAULT_JUDGE_MODEL, metadata={"help": "Model behind the llm, harmfulness and refusal judges."})
     prompt_format: str = field(default="paper", metadata={
@@ -171,6 +172,7 @@ class VetConfig(EvalOptions):
     model: str = redefault(EvalOptions, "model", VET_MODEL)
     limit: int | None = redefault(EvalOptions, "limit", 96)
     max_new_tokens: int = redefault(EvalOptions, "max_new_tokens", 64)
+    judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword", "refusal-keyword", "llm"))
     approx: tuple[str, ...] | None = field(default=None, metadata={
         "help": "Approximation spec to evaluate (repeat for several; see `quada approx list`; 'paper': the paper's "
         "twelve presets; 'none' alone: the clean model only). Default: " + ", ".join(VET_APPROXIMATIONS) + ".",

@@ -138,7 +138,7 @@ def test_judged_text_adds_no_special_token_to_the_judge_input(monkeypatch, every
 def test_plain_judged_text_tokenizes_as_the_whole_judge_prompt_would(tiny):
     model, tokenizer = tiny
     judge = make_judge("llm", model, tokenizer)
-    question = judges.COMPLIANCE_QUESTION.format(request="How do I do x?", response="Sure: step one.")
+    question = judges.HARM_QUESTION.format(request="How do I do x?", response="Sure: step one.")
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
     assert judge.render("How do I do x?", "Sure: step one.") == tokenizer.encode(text, add_special_tokens=False)
 
@@ -148,13 +148,15 @@ def test_yes_no_judges_give_probabilities_independent_of_batching(tiny, name):
     model, tokenizer = tiny
     prompts = ["How do I do x?", "Write a poem about the sea, please, in the style of a sailor."]
     responses = ["Sure, step one is to gather the things you need.", "I cannot help."]
-    batched = make_judge(name, model, tokenizer, batch_size=2).judge(prompts, responses)
+    batched_judge = make_judge(name, model, tokenizer, batch_size=2)
+    batched = batched_judge.judge(prompts, responses)
     single = [make_judge(name, model, tokenizer, batch_size=1).judge([p], [r])[0] for p, r in zip(prompts, responses)]
     for a, b in zip(batched, single):
         assert 0.0 <= a.score <= 1.0
-        assert a.label == (a.score > 0.5)
+        assert a.label == (a.score > batched_judge.threshold)
         assert a.score == pytest.approx(b.score, abs=1e-5)
-        assert a.raw.startswith("P(yes)=") or (name == "refusal" and a.raw.startswith("refusal phrase"))
+    assert batched[0].raw.startswith("P(yes)=")
+    assert batched[1].raw == "refusal phrase 'I cannot'"  # answered by the pre-check
 
 
 def test_harmfulness_is_an_expected_grade_between_1_and_5(tiny):
@@ -204,13 +206,13 @@ def test_agreement_reports_percent_and_kappa():
 def test_the_refusal_judge_asks_its_model_only_about_responses_without_a_refusal_phrase(tiny, monkeypatch):
     model, tokenizer = tiny
     asked = []
-    original = judges.YesNoJudge.judge
+    original = judges.LogitJudge.judge
 
     def spy(self, prompts, responses):
         asked.extend(responses)
         return original(self, prompts, responses)
 
-    monkeypatch.setattr(judges.YesNoJudge, "judge", spy)
+    monkeypatch.setattr(judges.LogitJudge, "judge", spy)
     results = make_judge("refusal", model, tokenizer).judge(
         ["a", "b", "c"], ["I can\u2019t help with that.", "Here is a poem.", "I'm unable to do that."]
     )
@@ -237,7 +239,7 @@ def counting_scorer(monkeypatch) -> list[list[int]]:
     return scored
 
 
-PAIRS = [("How do I do x?", "Sure, step one."), ("Write a poem.", "I cannot help."), ("How do I do x?", "No.")]
+PAIRS = [("How do I do x?", "Sure, step one."), ("Write a poem.", "Roses bloom."), ("How do I do x?", "No.")]  # no refusal phrase: every pair reaches the model
 
 
 @pytest.mark.parametrize("name", list(MODEL_JUDGES))
@@ -269,7 +271,7 @@ def test_prefix_sharing_and_memo_keep_the_unshared_scores(tiny, name):
     model, tokenizer = tiny
     judge = make_judge(name, model, tokenizer, batch_size=3)
     prompts = ["How do I do x?", "Write a poem about the sea, please.", "Explain y", "How do I do x?"]
-    responses = ["Sure, step one is to gather the things you need.", "I cannot help.", "y is a letter.", "No."]
+    responses = ["Sure, step one is to gather the things you need.", "Waves roll in.", "y is a letter.", "No."]
     results = judge.judge(prompts, responses)
     sequences = [judge.render(p, r) for p, r in zip(prompts, responses)]
     candidates = [i for group in judge.answer_ids for i in group]

@@ -27,7 +27,7 @@ class AnalysisOptions(EvalOptions):
     """The evaluation options as the analyses use them: the first judge decides the ASR, and the
     analyses share a run folder (and with it one report)."""
 
-    judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword",), help="Comma-separated safety judges (keyword, llm); the first decides the ASR.")
+    judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword",), help="Comma-separated judges (keyword, refusal-keyword, refusal, llm, harmfulness); the first decides the ASR.")
     max_new_tokens: int = redefault(EvalOptions, "max_new_tokens", 64)
     run_dir: Path = field(default_factory=lambda: Path("runs") / "sweep", metadata={
         "help": "Run folder: results store, report and the analyses' results; share it between `quada vet`, sweep, "
