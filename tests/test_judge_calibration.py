@@ -51,7 +51,7 @@ def test_a_tuned_threshold_comes_from_the_tuning_half_and_a_new_threshold_is_a_n
     model, tokenizer = tiny_model("qwen2", seed=0)
     judge = make_judge("refusal", model, tokenizer)
     result = calibrate(judge, str(labelled), "refusal")
-    assert result.threshold == 0.5 and result.tuned_threshold is not None and result.tuned is not None
+    assert result.threshold == judge.threshold and result.tuned_threshold is not None and result.tuned is not None
     other = make_judge("refusal", model, tokenizer, threshold=result.tuned_threshold)
     assert other.identity != judge.identity
     assert cached(other.identity, str(labelled)) is None

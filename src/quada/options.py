@@ -106,7 +106,8 @@ class EvalOptions:
     })
     max_new_tokens: int = field(default=128, metadata={"help": "Most tokens per response."})
     stop_on_refusal: bool = field(default=False, metadata={
-        "help": "End a response at its first refusal phrase: faster, exact for the keyword judge only.",
+        "help": "End a response at its first refusal phrase: faster; exact for the keyword and refusal judges, "
+        "nearly so for llm (whose pre-check reads a refusal phrase in the first 200 characters as 'no').",
     })
     seed: int = field(default=0, metadata={"help": "Seed of the prompt subsets, the approximations' noise and the bootstrap."})
     corpus: str = field(default=DEFAULT_CORPUS, metadata={
@@ -173,6 +174,9 @@ class VetConfig(EvalOptions):
     limit: int | None = redefault(EvalOptions, "limit", 96)
     max_new_tokens: int = redefault(EvalOptions, "max_new_tokens", 64)
     judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword", "refusal-keyword", "llm"))
+    # The refusal judges and the harm judge's pre-check read a refusal phrase as the end of the matter,
+    # so a response cut at its first refusal phrase is judged as the whole one would be.
+    stop_on_refusal: bool = redefault(EvalOptions, "stop_on_refusal", True)
     approx: tuple[str, ...] | None = field(default=None, metadata={
         "help": "Approximation spec to evaluate (repeat for several; see `quada approx list`; 'paper': the paper's "
         "twelve presets; 'none' alone: the clean model only). Default: " + ", ".join(VET_APPROXIMATIONS) + ".",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from quada.approx import spec_label
 from quada.eval.metrics import Estimate
+from quada.judge_calibration import JudgeInfo, judge_info_from_json
+from quada.report.calibration import asr_column
 from quada.report.format import percent_interval
 from quada.report.render import Section, write_report
 
@@ -58,10 +60,13 @@ def merge_cells(path: Path, new: list[dict]) -> list[dict]:
     return [c for c in saved if key(c) not in replaced] + new
 
 
-def summary_table(cells: Sequence[AttackCell]) -> tuple[list[str], list[list[str]]]:
-    """One row per cell; an ASR column per judge that any cell used."""
+def summary_table(cells: Sequence[AttackCell], info: dict[str, JudgeInfo] | None = None) -> tuple[list[str], list[list[str]]]:
+    """One row per cell; an ASR column per judge that any cell used, named with the judge's measure and
+    held-out kappa when ``info`` has it."""
+    info = info or {}
     judges = list(dict.fromkeys(j for c in cells for j in c.asr))
-    columns = ["model", "approximation", "attack", "behaviours", *(f"ASR {j} % [95% CI]" for j in judges),
+    columns = ["model", "approximation", "attack", "behaviours",
+               *(asr_column(j, info) if j in info else f"ASR {j} % [95% CI]" for j in judges),
                "forward passes", "seconds", "GCG target reached %"]
     rows = [[
         c.model, spec_label(c.approx), c.attack, f"{c.n} {c.benchmark}",
@@ -73,8 +78,9 @@ def summary_table(cells: Sequence[AttackCell]) -> tuple[list[str], list[list[str
 
 def write_attack_report(run_dir: Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` of ``run_dir`` from its ``attack.json``."""
-    cells = [cell_from_json(c) for c in json.loads((run_dir / RESULTS_FILE).read_text())["cells"]]
-    columns, rows = summary_table(cells)
+    saved = json.loads((run_dir / RESULTS_FILE).read_text())
+    cells = [cell_from_json(c) for c in saved["cells"]]
+    columns, rows = summary_table(cells, {name: judge_info_from_json(i) for name, i in saved.get("judges", {}).items()})
     models = ", ".join(dict.fromkeys(c.model for c in cells))
     section = Section(
         "Attack success per attack, approximation and model",

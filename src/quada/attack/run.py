@@ -43,7 +43,8 @@ from quada.attack.templates import template_prompt
 from quada.attack.transfer import transfer_prompt
 from quada.data import Prompt, load_benchmark, subset
 from quada.eval.engine import Approximation, Engine, approximated, check_specs_fit
-from quada.eval.judges import check_judge_model, make_judge
+from quada.eval.judges import attack_outcomes, check_judge_model, make_judge
+from quada.judge_calibration import judge_infos
 from quada.eval.metrics import estimate
 from quada.models import load
 from quada.runs import jsonable, open_run_dir, progress_bar, write_json
@@ -217,13 +218,14 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
         # The judge model may be large: free the subject first.
         del model
         engine.release_model()
-        labels = {}
+        labels, judges = {}, {}
         for judge_name in config.judges:
-            judge = make_judge(judge_name, model_source=config.judge_model, device=config.device)
+            judge = judges[judge_name] = make_judge(judge_name, model_source=config.judge_model, device=config.device)
             task = bar.add_task(f"judge {judge_name}", total=sum(len(g) for *_, g in runs))
             for approximation, name, _, _, generations in runs:
                 verdicts = engine.judged(judge, generations, lambda n, task=task: bar.advance(task, n))
-                labels[approximation, name, judge_name] = [v.label for v in verdicts]
+                labels[approximation, name, judge_name] = attack_outcomes(judge_name, [v.label for v in verdicts])
+        info = judge_infos(judges, config.calibrate, bar)
         fingerprint = engine.fingerprint
     cells = [
         AttackCell(
@@ -237,7 +239,8 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
     ]
     path = config.run_dir / RESULTS_FILE
     saved = merge_cells(path, [jsonable(asdict(c)) for c in cells])
-    write_json(path, {"config": jsonable(asdict(config)), "cells": saved})
+    write_json(path, {"config": jsonable(asdict(config)), "cells": saved,
+                      "judges": {name: asdict(i) for name, i in info.items()}})
     md, html = write_attack_report(config.run_dir)
     return AttackResult(config, cells, md, html)
 

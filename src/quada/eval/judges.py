@@ -463,6 +463,8 @@ JUDGES = tuple(JUDGE_CLASSES)
 # The harmfulness judge gives a mean grade instead.
 SAFETY_JUDGES = (KeywordJudge.name, RefusalKeywordJudge.name, RefusalJudge.name, ComplianceJudge.name)
 ASR_NAMES = {"refusal": "no-refusal ASR", "harm": "harm ASR"}
+# Judges whose score is a grade that the reports give as a mean (HS), with its AUROC against human labels.
+GRADED_JUDGES = (HarmfulnessJudge.name,)
 
 
 def attack_outcomes(name: str, labels: Sequence[bool]) -> list[bool]:

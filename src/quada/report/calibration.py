@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from quada.eval.judges import ASR_NAMES
+from quada.eval.judges import ASR_NAMES, GRADED_JUDGES
 
 from quada.judge_calibration import Calibration, JudgeInfo, judge_info_from_json
 
@@ -55,6 +55,8 @@ def judge_label(name: str, info: dict[str, JudgeInfo]) -> str:
     judge = info.get(name)
     if judge is None or judge.calibration is None:
         return f"{name}; not calibrated"
+    if name in GRADED_JUDGES:  # a grade is read as a number: how well it ranks, not its cut
+        return f"{name}; held-out AUROC {interval_text(judge.calibration.held_out.auroc)} against human labels"
     return f"{name}; held-out kappa {interval_text(judge.calibration.held_out.kappa)}"
 
 
