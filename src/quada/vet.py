@@ -16,13 +16,13 @@ from quada.data import load_benchmark, subset
 from quada.eval.engine import Engine, accuracy_key, check_specs_fit, make_executor, perplexity_key
 from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
 from quada.eval.metrics import Estimate, estimate, mcnemar
-from quada.eval.verdict import compare, verdict
 from quada.eval.utility import load_corpus, load_questions
+from quada.eval.verdict import compare, verdict
+from quada.judge_calibration import JudgeInfo, judge_infos
 from quada.models import load
 from quada.options import VetConfig
 from quada.report.render import Example
 from quada.report.story import write_story
-from quada.judge_calibration import JudgeInfo, judge_infos
 from quada.report.vet import RESULTS_FILE, ConditionResult
 from quada.runs import jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN, Generation, Judgement, Store
@@ -118,7 +118,7 @@ def _condition_result(approximation, config, fingerprint, judgements, utility, i
     return ConditionResult(
         approx=approximation,
         asr={name: estimate(v, seed=config.seed) for name, v in labels.items()},
-        asr_by_category={name: by_category(harmful, v, config.seed) for name, v in labels.items()},
+        asr_by_category={name: _by_category(harmful, v, config.seed) for name, v in labels.items()},
         mcnemar={name: mcnemar(clean_labels[name], v) for name, v in labels.items()} if approximation != CLEAN else {},
         verdict=None if approximation == CLEAN else verdict(comparisons, ratio, config.ppl_bound),
         harmfulness=estimate([j.score for j in hs], seed=config.seed) if hs else None,
@@ -128,7 +128,7 @@ def _condition_result(approximation, config, fingerprint, judgements, utility, i
     )
 
 
-def by_category(prompts, outcomes: list[bool], seed: int) -> dict[str, Estimate]:
+def _by_category(prompts, outcomes: list[bool], seed: int) -> dict[str, Estimate]:
     """The attack success rate per harm category of ``prompts`` (empty when they have fewer than two
     categories)."""
     groups: dict[str, list[bool]] = {}
