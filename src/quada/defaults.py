@@ -5,12 +5,10 @@ DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"  # the subject model of every comm
 DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b-instruct"  # the model behind the llm, harmfulness and refusal judges
 # The main job (`quada vet` on its defaults): the aligned 1.5B built-in, where approximations measurably
 # break safety (docs/results.md): the noise MVA found by `quada sweep` on it (std 0.3 at `up`), the
-# paper's noise-equivalent preset of Iron, Iron's actual polynomial SiLU, 50% TEAL sparsity and 8-bit
-# SmoothQuant: one of each family.
+# paper's noise-equivalent preset of Iron, and 50% TEAL sparsity; few enough conditions to finish within
+# 30 minutes on a 2-core CPU (`--approx paper` runs the paper's twelve presets).
 VET_MODEL = DEFAULT_JUDGE_MODEL
-VET_APPROXIMATIONS = (
-    "noise:site=up,dist=gaussian,std=0.3", "paper:iron", "iron", "teal:sparsity=0.5", "smoothquant:bits=8",
-)
+VET_APPROXIMATIONS = ("noise:site=up,dist=gaussian,std=0.3", "paper:iron", "teal:sparsity=0.5")
 PAPER_GROUP = "paper"  # `--approx paper`: the paper's twelve Table 1 presets
 # every judge, by what it measures: refusal (keyword rules, the refusal model judge), then harm
 JUDGE_NAMES = ("keyword", "refusal-keyword", "refusal", "llm", "harmfulness")

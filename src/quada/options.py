@@ -177,6 +177,7 @@ class VetConfig(EvalOptions):
     # The refusal judges and the harm judge's pre-check read a refusal phrase as the end of the matter,
     # so a response cut at its first refusal phrase is judged as the whole one would be.
     stop_on_refusal: bool = redefault(EvalOptions, "stop_on_refusal", True)
+    ppl_windows: int | None = redefault(EvalOptions, "ppl_windows", 4)
     approx: tuple[str, ...] | None = field(default=None, metadata={
         "help": "Approximation spec to evaluate (repeat for several; see `quada approx list`; 'paper': the paper's "
         "twelve presets; 'none' alone: the clean model only). Default: " + ", ".join(VET_APPROXIMATIONS) + ".",
