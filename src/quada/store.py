@@ -165,7 +165,33 @@ def _table_of(kind: type) -> _Table:
     return TABLES[kind]
 
 
-class Store:
+class Database:
+    """An SQLite connection (``_db``) with all-or-nothing write transactions, closed on leaving a
+    ``with`` block."""
+
+    _db: sqlite3.Connection
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Store(Database):
     """An SQLite results database at ``path`` (created with its folders if missing)."""
 
     def __init__(self, path: str | Path):
@@ -227,25 +253,6 @@ class Store:
                 for table in (GENERATIONS, JUDGEMENTS):
                     self._db.execute(table.create_sql())
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def get(self, key: GenerationKey | JudgementKey) -> Generation | Judgement | None:
         """The stored row for ``key``, or ``None``."""

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
 from quada.attack.gcg import GcgStep
 from quada.seeds import derived_seed
+from quada.store import Database
 
 KEY_COLUMNS = ("model", "approx", "attack", "behaviour", "seed")
 SCHEMA = (
@@ -72,7 +72,7 @@ class AttackPrompt:
     details: Mapping[str, Any] | None = None
 
 
-class AttackRecords:
+class AttackRecords(Database):
     """The attack tables of the results store at ``path``."""
 
     def __init__(self, path: str | Path):
@@ -82,25 +82,6 @@ class AttackRecords:
         with self._transaction():
             for statement in SCHEMA:
                 self._db.execute(statement)
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> AttackRecords:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def prompt(self, key: AttackKey) -> AttackPrompt | None:
         """The stored adversarial prompt of ``key``, or None."""
