@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from quada.eval.judges import ASR_NAMES, GRADED_JUDGES
-
 from quada.judge_calibration import Calibration, JudgeInfo, judge_info_from_json
 
 if TYPE_CHECKING:
