@@ -43,7 +43,7 @@ benchmark-vet: models
 	$(BIN)/python benchmarks/vet.py --limit 64
 
 benchmark-judge: models
-	$(BIN)/python benchmarks/judge.py --limit 48
+	$(BIN)/python benchmarks/judge.py --store runs/vet/results.sqlite --limit 96
 
 benchmark-approx: models
 	$(BIN)/python benchmarks/approx_overhead.py
