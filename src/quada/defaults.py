@@ -12,6 +12,5 @@ VET_APPROXIMATIONS = ("noise:site=up,dist=gaussian,std=0.3", "paper:iron", "teal
 PAPER_GROUP = "paper"  # `--approx paper`: the paper's twelve Table 1 presets
 # every judge, by what it measures: refusal (keyword rules, the refusal model judge), then harm
 JUDGE_NAMES = ("keyword", "refusal-keyword", "refusal", "llm", "harmfulness")
-REFUSAL_JUDGES = ("refusal-keyword", "refusal")  # the judges whose label is "refused" (over-refusal)
 DEFAULT_CORPUS = "pydoc-topics"  # the offline perplexity corpus
 PAPER_WINDOW = 1024  # tokens per perplexity window, as in the source paper

@@ -25,7 +25,6 @@ from quada.defaults import (
     DEFAULT_MODEL,
     PAPER_GROUP,
     PAPER_WINDOW,
-    REFUSAL_JUDGES,
     VET_APPROXIMATIONS,
     VET_MODEL,
 )
@@ -44,6 +43,15 @@ def check_judges(names: Iterable[str]) -> None:
     for judge in names:
         if judge not in JUDGES:
             raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
+
+
+def check_refusal_judge(name: str) -> None:
+    """Fail unless ``name`` is a judge whose label is "refused" (it measures over-refusal)."""
+    from quada.eval.judges import JUDGE_CLASSES
+
+    refusal_judges = [n for n, judge in JUDGE_CLASSES.items() if judge.measure == "refusal" and not judge.label_is_attack]
+    if name not in refusal_judges:
+        raise QuadaError(f"unknown refusal judge {name!r}; choose one of {', '.join(refusal_judges)}")
 
 
 def check_asr_judge(judges: tuple[str, ...]) -> None:
@@ -206,8 +214,7 @@ class VetConfig(EvalOptions):
         self.approx = tuple(map(str, self.approximations))
         if not self.judges:
             raise QuadaError("no safety judge: give --judges at least one of keyword, llm, harmfulness")
-        if self.refusal_judge not in REFUSAL_JUDGES:
-            raise QuadaError(f"unknown refusal judge {self.refusal_judge!r}; choose one of {', '.join(REFUSAL_JUDGES)}")
+        check_refusal_judge(self.refusal_judge)
         check_counts(self, "benign_limit")
         if self.questions is not None and self.questions < 0:
             raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")

@@ -15,7 +15,7 @@ from quada.approx import spec_label
 from quada.data import load_benchmark, subset
 from quada.eval.engine import Engine, accuracy_key, check_specs_fit, make_executor, perplexity_key
 from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
-from quada.eval.metrics import Estimate, estimate, mcnemar
+from quada.eval.metrics import Estimate, estimate
 from quada.eval.utility import load_corpus, load_questions
 from quada.eval.verdict import compare, verdict
 from quada.judge_calibration import JudgeInfo, judge_infos
@@ -111,16 +111,17 @@ def _condition_result(approximation, config, fingerprint, judgements, utility, i
     ppl_key = perplexity_key(fingerprint, approximation, config)
     mc_key = accuracy_key(fingerprint, approximation, config)
     perplexity, clean_perplexity = utility.values.get(ppl_key), utility.values.get(perplexity_key(fingerprint, CLEAN, config))
-    comparisons = [
-        compare(name, info[name].measure, info[name].kappa, clean_labels[name], labels[name], config.seed) for name in safety
-    ]
+    comparisons = {} if approximation == CLEAN else {
+        name: compare(name, info[name].measure, info[name].kappa, clean_labels[name], labels[name], config.seed)
+        for name in safety
+    }
     ratio = perplexity / clean_perplexity if perplexity and clean_perplexity else None
     return ConditionResult(
         approx=approximation,
         asr={name: estimate(v, seed=config.seed) for name, v in labels.items()},
         asr_by_category={name: _by_category(harmful, v, config.seed) for name, v in labels.items()},
-        mcnemar={name: mcnemar(clean_labels[name], v) for name, v in labels.items()} if approximation != CLEAN else {},
-        verdict=None if approximation == CLEAN else verdict(comparisons, ratio, config.ppl_bound),
+        mcnemar={name: c.mcnemar for name, c in comparisons.items()},
+        verdict=None if approximation == CLEAN else verdict(list(comparisons.values()), ratio, config.ppl_bound),
         harmfulness=estimate([j.score for j in hs], seed=config.seed) if hs else None,
         over_refusal=estimate([j.label for j in judgements[approximation, config.refusal_judge, BENIGN]], seed=config.seed),
         perplexity=perplexity,

@@ -279,3 +279,17 @@ def test_prefix_sharing_and_memo_keep_the_unshared_scores(tiny, name):
     expected = [judge.decide(answer_group_probabilities(row, judge.answer_ids)) for row in plain]
     assert [r.label for r in results] == [r.label for r in expected]
     assert [r.score for r in results] == pytest.approx([r.score for r in expected], abs=1e-5)
+
+
+def test_the_command_line_names_every_judge_and_only_refusal_labels_judge_over_refusal():
+    from quada.defaults import JUDGE_NAMES
+    from quada.errors import QuadaError
+    from quada.eval.judges import JUDGES
+    from quada.options import check_refusal_judge
+
+    assert sorted(JUDGE_NAMES) == sorted(JUDGES)
+    for name in ("refusal-keyword", "refusal"):
+        check_refusal_judge(name)
+    for name in ("keyword", "llm", "harmfulness"):
+        with pytest.raises(QuadaError, match="choose one of refusal-keyword, refusal"):
+            check_refusal_judge(name)

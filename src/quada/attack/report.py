@@ -62,11 +62,11 @@ def merge_cells(path: Path, new: list[dict]) -> list[dict]:
 
 def summary_table(cells: Sequence[AttackCell], info: dict[str, JudgeInfo] | None = None) -> tuple[list[str], list[list[str]]]:
     """One row per cell; an ASR column per judge that any cell used, named with the judge's measure and
-    held-out kappa when ``info`` has it."""
+    its held-out kappa (from ``info``; "not calibrated" without it)."""
     info = info or {}
     judges = list(dict.fromkeys(j for c in cells for j in c.asr))
     columns = ["model", "approximation", "attack", "behaviours",
-               *(asr_column(j, info) if j in info else f"ASR {j} % [95% CI]" for j in judges),
+               *(asr_column(j, info) for j in judges),
                "forward passes", "seconds", "GCG target reached %"]
     rows = [[
         c.model, spec_label(c.approx), c.attack, f"{c.n} {c.benchmark}",

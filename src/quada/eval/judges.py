@@ -467,6 +467,11 @@ ASR_NAMES = {"refusal": "no-refusal ASR", "harm": "harm ASR"}
 GRADED_JUDGES = (HarmfulnessJudge.name,)
 
 
+def asr_name(name: str) -> str:
+    """What the ASR by the judge ``name`` counts: "no-refusal ASR" or "harm ASR"."""
+    return ASR_NAMES[JUDGE_CLASSES[name].measure]
+
+
 def attack_outcomes(name: str, labels: Sequence[bool]) -> list[bool]:
     """The attack outcomes behind stored ``labels`` of the judge ``name``: not refused (a refusal
     judge) or harmful (a harm judge)."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from quada.eval.judges import ASR_NAMES
-from quada.eval.metrics import Estimate, estimate, mcnemar
+from quada.eval.metrics import Estimate, McNemarResult, estimate, mcnemar
 
 BREAKS_MODEL = "breaks the model"
 BREAKS_SAFETY = "breaks safety"
@@ -40,7 +40,11 @@ class Comparison:
     clean: Estimate
     approximated: Estimate
     difference: Estimate  # paired: approximated minus clean, per prompt
-    p_value: float
+    mcnemar: McNemarResult
+
+    @property
+    def p_value(self) -> float:
+        return self.mcnemar.p_value
 
 
 def compare(judge: str, measure: str, kappa: float | None, clean: Sequence[bool], approximated: Sequence[bool],
@@ -49,7 +53,7 @@ def compare(judge: str, measure: str, kappa: float | None, clean: Sequence[bool]
     the bootstrap interval of the per-prompt difference and McNemar's p-value."""
     differences = [float(a) - float(c) for c, a in zip(clean, approximated, strict=True)]
     return Comparison(judge, measure, kappa, estimate(clean, seed=seed), estimate(approximated, seed=seed),
-                      estimate(differences, seed=seed), mcnemar(clean, approximated).p_value)
+                      estimate(differences, seed=seed), mcnemar(clean, approximated))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from quada.eval.judges import ASR_NAMES, GRADED_JUDGES
+from quada.eval.judges import GRADED_JUDGES, asr_name
 from quada.judge_calibration import Calibration, JudgeInfo, judge_info_from_json
 
 if TYPE_CHECKING:
@@ -61,8 +61,7 @@ def judge_label(name: str, info: dict[str, JudgeInfo]) -> str:
 
 def asr_column(name: str, info: dict[str, JudgeInfo]) -> str:
     """The header of a judge's ASR column: which ASR it is (no refusal or harm), by which judge."""
-    measure = info[name].measure if name in info else "refusal"
-    return f"{ASR_NAMES[measure]} % [95% CI] ({judge_label(name, info)})"
+    return f"{asr_name(name)} % [95% CI] ({judge_label(name, info)})"
 
 
 def saved_asr_header(saved: dict) -> str:

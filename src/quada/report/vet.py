@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from quada.approx import spec_label
-from quada.eval.judges import ASR_NAMES, SAFETY_JUDGES
+from quada.eval.judges import SAFETY_JUDGES, asr_name
 from quada.eval.metrics import Estimate, McNemarResult
 from quada.eval.verdict import Verdict
 from quada.judge_calibration import JudgeInfo, judge_info_from_json
@@ -142,7 +142,7 @@ def report_sections(saved: dict, run_dir: Path) -> list[Section]:
         ),
         *(
             Section(
-                f"{ASR_NAMES[info[j].measure] if j in info else 'ASR'} per harm category ({judge_label(j, info)})",
+                f"{asr_name(j)} per harm category ({judge_label(j, info)})",
                 text="Percent of the category's prompts; categories hold few prompts each, so read large differences only.",
                 columns=table[0],
                 rows=table[1],
