@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-results_app = typer.Typer(help="The results store: export stored generations and judgements, merge stores.", no_args_is_help=True)
+results_app = typer.Typer(help="The results store: export stored generations and judgements, merge stores, aggregate `quada align` runs over seeds.", no_args_is_help=True)
 judge_app = typer.Typer(help="Judges: how far they agree with each other and with human labels.", no_args_is_help=True)
 app.add_typer(approx_app, name="approx")
 app.add_typer(results_app, name="results")
@@ -168,6 +168,22 @@ def results_merge_command(
         for path in stores:
             added = store.merge_from(path)
             console.print(f"{added} new row{'' if added == 1 else 's'} from {path}", soft_wrap=True)
+
+
+@results_app.command("arms")
+def results_arms_command(
+    arm: list[str] = typer.Option(..., "--arm", help="NAME=RUN: the --out folder of a finished `quada align` run in arm NAME; repeat for every training seed of every arm (e.g. --arm quada=runs/q-s0 --arm dpo=runs/d-s0). The base model is the arm 'original'."),
+    reference: str = typer.Option("original", help="The arm the others are compared with, prompt by prompt."),
+    out: Path = typer.Option(Path("runs") / "arms", "--out", "-o", help="Folder for arms.json and the report (replaced whole)."),
+) -> None:
+    """Aggregate `quada align` runs over training seeds: per arm and condition the ASR and over-refusal (mean, sd, range), perplexity, and each arm's paired difference from the reference with a two-stage bootstrap interval."""
+    from quada.defense.arms import arms_report, parse_arms
+    from quada.report.arms import measure_name, measure_table
+
+    result = arms_report(parse_arms(arm), reference, out)
+    measure = result.saved["judges"][0]
+    print_table(console, f"{measure_name(measure)} over seeds", *measure_table(result.saved, measure))
+    console.print(f"report: {result.report_html} (and {result.report_md.name}); numbers: {out / 'arms.json'}")
 
 
 @judge_app.command("agreement")

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 import quada.models
 from quada.cli import app
 from quada.defense.align import AlignConfig, align
-from quada.defense.pairs import PreferencePair, write_pairs
+from quada.defense.pairs import PreferencePair, kind_quotas, load_pairs, pair_ids_sha256, stratified_pairs, write_pairs
 from quada.errors import QuadaError
 from quada.models import load
 from quada.testing import write_tiny_run_inputs
@@ -131,6 +131,8 @@ def test_evaluation_prompts_must_not_be_training_prompts(inputs, tmp_path):
         (["align", "--pairs", "PAIRS", "--judges", "harmfulness"], "the first judge decides the ASR"),
         (["align", "--pairs", "PAIRS", "--benchmark", "HARMFUL", "--benign", "BENIGN", "--judges", "keyword,llm",
           "--judge-model", "no-such-judge"], "unknown model 'no-such-judge'"),
+        (["align", "--pairs", "PAIRS", "--max-pairs", "0"], "--max-pairs must be at least 1"),
+        (["align", "--pairs", "PAIRS", "--pairs-seed", "-1"], "--pairs-seed: seed must be a whole number from 0"),
         (["pairs", "--seed", "-5"], "seed must be a whole number from 0"),
         (["pairs", "--source", "pku", "--seed", "-5"], "seed must be a whole number from 0"),
         (["pairs", "--source", "elsewhere"], "unknown --source"),
@@ -195,3 +197,60 @@ def test_the_pairs_command_reads_a_local_pku_file(tmp_path):
     assert result.exit_code == 0, result.output
     pairs = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert [p["chosen"] for p in pairs] == ["safe"] * 3 and all(p["harmful"] for p in pairs)
+
+
+def kinds_file(counts: dict[str, int]) -> list[PreferencePair]:
+    """Pairs of the given kinds, interleaved as a pairs file may hold them."""
+    pairs = [PreferencePair(f"{kind}-{i}", f"request {kind} {i}", "No.", "Sure.", True, kind)
+             for kind, count in counts.items() for i in range(count)]
+    return sorted(pairs, key=lambda p: int(p.id.rsplit("-", 1)[1]))
+
+
+def test_a_stratified_subset_keeps_each_kinds_share_and_the_exact_size():
+    pairs = kinds_file({"self:perturbed": 60, "self:compliant": 30, "self:benign": 10})
+    chosen = stratified_pairs(pairs, 10, seed=0)
+    assert len(chosen) == 10
+    assert [sum(p.source == k for p in chosen) for k in ("self:perturbed", "self:compliant", "self:benign")] == [6, 3, 1]
+    assert chosen == [p for p in pairs if p in chosen]  # in file order
+    assert stratified_pairs(pairs, 10, seed=0) == chosen
+    assert stratified_pairs(list(reversed(pairs)), 10, seed=0) == list(reversed(chosen))  # independent of file order
+    assert stratified_pairs(pairs, 10, seed=1) != chosen
+    assert stratified_pairs(pairs, 100, seed=3) == pairs and stratified_pairs(pairs, None, seed=3) == pairs
+
+
+def test_kind_quotas_round_by_largest_remainder_and_keep_every_kind_when_they_can():
+    assert kind_quotas({"a": 5, "b": 3, "c": 2}, 7) == {"a": 4, "b": 2, "c": 1}  # 3.5, 2.1, 1.4
+    assert kind_quotas({"a": 98, "b": 1, "c": 1}, 5) == {"a": 3, "b": 1, "c": 1}  # 4.9, 0.05, 0.05
+    assert kind_quotas({"a": 98, "b": 1, "c": 1}, 2) == {"a": 2, "b": 0, "c": 0}  # fewer pairs than kinds
+
+
+def test_max_pairs_trains_on_a_recorded_subset_and_a_resumed_run_keeps_it(inputs, tmp_path):
+    import shutil
+
+    record = train_only(inputs, tmp_path / "run", max_pairs=4, pairs_seed=2).training
+    chosen = stratified_pairs(load_pairs(inputs / "pairs" / "pairs.jsonl"), 4, 2)
+    assert record["pairs"] == 4 and record["max_pairs"] == 4 and record["pairs_seed"] == 2
+    assert record["pair_ids_sha256"] == pair_ids_sha256(chosen)
+    saved = json.loads((tmp_path / "run" / "model" / "training.json").read_text())
+    assert saved["pair_ids_sha256"] == record["pair_ids_sha256"]
+    shutil.rmtree(tmp_path / "run" / "model")
+    with pytest.raises(QuadaError, match="started with other pairs"):
+        train_only(inputs, tmp_path / "run", max_pairs=4, pairs_seed=3)
+
+
+def test_finished_runs_aggregate_into_arms(inputs, tmp_path, cli):
+    """The arms command reads back exactly what `quada align` evaluated, for the aligned and the original model."""
+    evaluation = dict(skip_eval=False, sweep=False, benchmark=str(inputs / "harmful.txt"), benign=str(inputs / "benign.txt"),
+                      approx=(NOISE,), judges=("keyword",), max_new_tokens=4, corpus=str(inputs / "corpus.txt"),
+                      ppl_window=128, ppl_windows=1, calibrate=False, before_dir=tmp_path / "before")
+    training = {"max_steps": 1, "tau": 1, "per_device_train_batch_size": 4}
+    result = train_only(inputs, tmp_path / "run", training=training, **evaluation)
+    done = cli("results", "arms", "--arm", f"quada={tmp_path / 'run'}", "--out", tmp_path / "arms")
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "arms" / "arms.json").read_text())
+    for arm, label in (("quada", "QuadA"), ("original", "original")):
+        for condition in result.results[label]:
+            rate = saved["rates"]["keyword"][condition.approx][arm]
+            assert rate["per_seed"] == [condition.asr["keyword"].value]
+            assert saved["rates"]["over-refusal"][condition.approx][arm]["mean"] == condition.over_refusal.value
+            assert saved["perplexity"][condition.approx][arm] == condition.perplexity

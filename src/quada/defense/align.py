@@ -32,7 +32,7 @@ import torch
 
 from quada.chat import messages
 from quada.defense.options import CHECKPOINT_DIR, AlignConfig
-from quada.defense.pairs import PreferencePair, load_pairs
+from quada.defense.pairs import PreferencePair, load_pairs, pair_ids_sha256, stratified_pairs
 from quada.defense.quada import HARMFUL_COLUMN, QuadATrainer
 from quada.errors import QuadaError
 from quada.eval.engine import check_specs_fit
@@ -44,7 +44,7 @@ from quada.runs import atomic_folder, atomic_write_text, jsonable, open_run_dir,
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 DATA_DIR = "data"
-DATA_PAIRS_MARK = "pairs.sha256"  # which pairs file the run folder trains on
+DATA_PAIRS_MARK = "pairs.sha256"  # which pairs file (and --max-pairs subset) the run folder trains on
 TRAINING_FILE = "training.json"  # inside the model folder: what trained it and how it went
 
 
@@ -77,17 +77,25 @@ def training_data(config: AlignConfig, pairs: list[PreferencePair]):
     from datasets import Dataset, load_from_disk
 
     folder = config.out_dir / DATA_DIR
-    digest = file_sha256(config.pairs)
+    mark = data_mark(config, pairs)
     if not (folder / DATA_PAIRS_MARK).is_file():
         with atomic_folder(folder) as tmp:
             Dataset.from_list(preference_rows(pairs, config.prompt_format)).save_to_disk(str(tmp))
-            (tmp / DATA_PAIRS_MARK).write_text(f"{digest} {config.prompt_format}")
-    if (folder / DATA_PAIRS_MARK).read_text() != f"{digest} {config.prompt_format}":
+            (tmp / DATA_PAIRS_MARK).write_text(mark)
+    if (folder / DATA_PAIRS_MARK).read_text() != mark:
         raise QuadaError(
-            f"the run folder {config.out_dir} was started with other pairs or another prompt format; "
+            f"the run folder {config.out_dir} was started with other pairs (another file or --max-pairs subset) or "
+            "another prompt format; "
             "choose a new --out (or delete that folder to start over)"
         )
     return load_from_disk(str(folder))
+
+
+def data_mark(config: AlignConfig, pairs: list[PreferencePair]) -> str:
+    """What the training data was made from: the pairs file, the prompt format and, for a --max-pairs
+    subset, the digest of its ids (a run folder without a subset keeps the mark it always had)."""
+    mark = f"{file_sha256(config.pairs)} {config.prompt_format}"
+    return mark if config.max_pairs is None else f"{mark} {pair_ids_sha256(pairs)}"
 
 
 def check_disjoint(pairs: list[PreferencePair], *prompt_sets: str) -> None:
@@ -139,6 +147,9 @@ def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
         "pairs_file": str(config.pairs),
         "pairs_sha256": file_sha256(config.pairs),
         "pairs": len(pairs),
+        "max_pairs": config.max_pairs,
+        "pairs_seed": config.pairs_seed,
+        "pair_ids_sha256": pair_ids_sha256(pairs),
         "harmful_pairs": sum(p.harmful for p in pairs),
         "prompt_format": config.prompt_format,
         "plain_dpo": config.plain_dpo,
@@ -244,7 +255,7 @@ def evaluation_subjects(config: AlignConfig, record: dict) -> dict[str, tuple[st
 
 def align(config: AlignConfig, progress: bool = True) -> AlignResult:
     """Train (or resume, or reuse a finished model), then evaluate before/after and report."""
-    pairs = load_pairs(config.pairs)
+    pairs = stratified_pairs(load_pairs(config.pairs), config.max_pairs, config.pairs_seed)
     harmful, benign = config.eval_sets()
     if not config.skip_eval:
         check_disjoint(pairs, harmful, benign)

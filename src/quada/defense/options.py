@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from quada.analysis.options import SweepConfig
 from quada.devices import DEVICE_HELP
-from quada.errors import QuadaError
+from quada.errors import QuadaError, check_seed
 from quada.options import EvalOptions, VetConfig, check_counts, redefault
 
 if TYPE_CHECKING:
@@ -37,6 +37,13 @@ class AlignConfig(EvalOptions):
         "help": "Pairs file from `quada pairs` (JSONL with prompt, chosen, rejected, harmful). Its split.json, if "
         "beside it, names the held-out evaluation prompts.",
         "aliases": ("-p",),
+    })
+    max_pairs: int | None = field(default=None, metadata={
+        "help": "Train on a seeded subset of this many pairs, each kind of pair (its source) keeping its share of the "
+        "file; default: every pair.",
+    })
+    pairs_seed: int = field(default=0, metadata={
+        "help": "Seed of the --max-pairs subset, apart from --seed, so that training seeds can vary on one subset.",
     })
     out_dir: Path = field(default_factory=lambda: Path("runs") / "align", metadata={
         "help": "Run folder: checkpoints, adapter, model (with its card), evaluations and report. Rerun with the same "
@@ -84,7 +91,11 @@ class AlignConfig(EvalOptions):
         self.pairs, self.out_dir = Path(self.pairs), Path(self.out_dir)
         self.before_dir = None if self.before_dir is None else Path(self.before_dir)
         self.baseline = None if self.baseline is None else Path(self.baseline)
-        check_counts(self, "benign_limit", "sweep_limit")
+        check_counts(self, "benign_limit", "sweep_limit", "max_pairs")
+        try:
+            check_seed(self.pairs_seed)
+        except QuadaError as err:
+            raise QuadaError(f"--pairs-seed: {err}") from None
         if self.plain_dpo:
             self.training = {**self.training, "perturb_layers": "none", "reg_lambda": 0.0}
         self.quada = self.training_config()  # validates the training fields now, before any work

@@ -105,6 +105,55 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     return pairs
 
 
+def kind_quotas(counts: dict[str, int], n: int) -> dict[str, int]:
+    """How many of ``n`` pairs each kind gets: its share ``n * count / total`` rounded by largest
+    remainder (Hamilton's method: the floors, then one more for the largest remainders, ties by kind
+    name), so the quotas add up to exactly ``n``. When ``n`` is at least the number of kinds, a kind
+    whose share rounded to nothing still gets one pair, taken from the kind furthest above its
+    share (among those with two or more), so that no kind drops out of training."""
+    total = sum(counts.values())
+    floors = {kind: divmod(n * count, total) for kind, count in counts.items()}  # exact integer shares
+    quotas = {kind: whole for kind, (whole, _) in floors.items()}
+    by_remainder = sorted(counts, key=lambda kind: (-floors[kind][1], kind))
+    for kind in by_remainder[: n - sum(quotas.values())]:
+        quotas[kind] += 1
+    if n >= len(counts):
+        for kind in sorted(k for k, quota in quotas.items() if quota == 0):
+            # Surplus over the exact share, in units of 1/total: quota * total - n * count.
+            donor = max((k for k, quota in quotas.items() if quota > 1),
+                        key=lambda k: (quotas[k] * total - n * counts[k], k))
+            quotas[donor] -= 1
+            quotas[kind] = 1
+    return quotas
+
+
+def stratified_pairs(pairs: Sequence[PreferencePair], n: int | None, seed: int) -> list[PreferencePair]:
+    """A seeded subset of ``n`` pairs, stratified by kind (``source``), in file order.
+
+    Each kind gets its :func:`kind_quotas` share; within a kind, the pairs ranked first by the
+    SHA-256 of ``"{seed}:{id}"`` are taken, so the subset depends on the pairs, ``n`` and ``seed``
+    but not on the order of the file. ``n=None`` or ``n >= len(pairs)`` keeps every pair.
+    """
+    if n is None or n >= len(pairs):
+        return list(pairs)
+    counts: dict[str, int] = {}
+    for pair in pairs:
+        counts[pair.source] = counts.get(pair.source, 0) + 1
+    quotas = kind_quotas(counts, n)
+    ranked = sorted(range(len(pairs)), key=lambda i: hashlib.sha256(f"{seed}:{pairs[i].id}".encode()).hexdigest())
+    chosen = []
+    for index in ranked:
+        if quotas[pairs[index].source] > 0:
+            quotas[pairs[index].source] -= 1
+            chosen.append(index)
+    return [pairs[i] for i in sorted(chosen)]
+
+
+def pair_ids_sha256(pairs: Sequence[PreferencePair]) -> str:
+    """The SHA-256 of the pairs' ids, one a line in their order: which pairs a run trained on."""
+    return hashlib.sha256("".join(f"{p.id}\n" for p in pairs).encode()).hexdigest()
+
+
 # --------------------------------------------------------------------------- PKU-SafeRLHF
 
 
