@@ -3,26 +3,33 @@ import json
 import pytest
 
 import quada.eval.engine
+from quada.attack.sources import many_shot_examples
 from quada.data import Prompt, load_benchmark
 from quada.defense.pairs import (
+    GENERIC_KINDS,
     HELDOUT_BENIGN,
     HELDOUT_HARMFUL,
     PAIRS_FILE,
     SPLIT_FILE,
     WRITTEN_REFUSALS,
+    GenericPairsConfig,
     PreferencePair,
     SelfPairsConfig,
     Split,
     benign_pairs,
+    generic_pairs,
     harmful_pairs,
     load_pairs,
     load_pku_saferlhf,
+    many_shot_pairs,
+    many_shot_prompts,
     self_pairs,
     split_prompts,
     write_pairs,
 )
 from quada.errors import QuadaError
-from quada.eval.judges import refusal_phrase
+from quada.eval.judges import keyword_verdict, refusal_phrase
+from quada.store import CLEAN, Generation, Store
 from quada.testing import tiny_model
 
 REFUSAL = "I'm sorry, but I cannot help with that request at all."
@@ -166,3 +173,123 @@ def test_self_pairs_options_are_checked(tmp_path):
         SelfPairsConfig(attempts=0)
     with pytest.raises(QuadaError, match="unknown approximation"):
         SelfPairsConfig(perturbation="warp-drive")
+
+
+def test_generic_pairs_take_own_or_written_refusals_against_the_rejected_answers():
+    items = prompts(3)
+    clean = {"p-00": REFUSAL, "p-01": REFUSAL, "p-02": COMPLIANCE}
+    unaligned = {"p-00": COMPLIANCE, "p-01": REFUSAL}
+    pairs = {p.id: p for p in harmful_pairs(items, clean, [unaligned], True, ("generic:unaligned", "generic:compliant"))}
+    assert set(pairs) == {"p-00:unaligned", "p-02:compliant"}  # the unaligned model's refusal is no pair
+    assert (pairs["p-00:unaligned"].chosen, pairs["p-00:unaligned"].rejected) == (REFUSAL, COMPLIANCE)
+    assert pairs["p-02:compliant"].chosen in WRITTEN_REFUSALS and pairs["p-02:compliant"].rejected == COMPLIANCE
+    assert [p.source for p in pairs.values()] == ["generic:unaligned", "generic:compliant"]
+
+    shots = prompts(3, "m")
+    dataset = {"m-00": COMPLIANCE, "m-01": COMPLIANCE, "m-02": REFUSAL}
+    shot_pairs = {p.id: p for p in many_shot_pairs(shots, dataset, {"m-00": REFUSAL, "m-01": COMPLIANCE, "m-02": REFUSAL})}
+    assert set(shot_pairs) == {"m-00:own-refusal", "m-01:written-refusal"}
+    assert (shot_pairs["m-00:own-refusal"].chosen, shot_pairs["m-00:own-refusal"].rejected) == (REFUSAL, COMPLIANCE)
+    assert shot_pairs["m-01:written-refusal"].chosen in WRITTEN_REFUSALS
+    assert all(p.harmful and p.source in GENERIC_KINDS for p in shot_pairs.values())
+    (benign,) = benign_pairs(prompts(1, "b"), {"b-00": COMPLIANCE}, None, "generic:benign")
+    assert (benign.id, benign.source) == ("b-00:benign", "generic:benign")
+
+
+def test_many_shot_prompts_leave_out_held_out_questions():
+    examples = many_shot_examples()
+    question = examples[0]["user"]
+    kept, answers = many_shot_prompts([Prompt("advbench-7", f"  {question}\n")])
+    assert "manyshot-000" not in answers
+    assert len(kept) == sum(e["user"].strip() != question.strip() for e in examples) > 300
+    assert all(p.text.strip() != question.strip() for p in kept)
+    assert answers["manyshot-001"] == examples[1]["assistant"] and kept[0].text == examples[1]["user"]
+
+
+@pytest.fixture(scope="module")
+def rejected_model_dir(tmp_path_factory):
+    """A tiny model of another architecture: the stand-in for the unaligned rejected model."""
+    root = tmp_path_factory.mktemp("rejected-model")
+    model, tokenizer = tiny_model("llama", seed=3)
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def fake_clean_generate(calls):
+    """Fails under any hook; the rejected (llama) model complies, the target answers only benign prompts."""
+
+    def generate(model, tokenizer, texts, settings, progress=True):
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "an approximation is on"
+        calls.append((model.config.model_type, len(texts)))
+        unaligned = model.config.model_type == "llama"
+        return [COMPLIANCE if unaligned or text.startswith("Benign") else REFUSAL for text in texts]
+
+    return generate
+
+
+@pytest.fixture
+def generic_inputs(tmp_path):
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("\n".join(f"Harmful request {i}" for i in range(12)))
+    benign = tmp_path / "benign.txt"
+    benign.write_text("\n".join(f"Benign question {i}?" for i in range(6)))
+    return harmful, benign
+
+
+def test_generic_pairs_are_clean_hold_out_evaluation_prompts_and_resume(model_dir, rejected_model_dir, generic_inputs,
+                                                                     tmp_path, monkeypatch):
+    harmful, benign = generic_inputs
+    calls = []
+    monkeypatch.setattr(quada.eval.engine, "generate", fake_clean_generate(calls))
+    config = GenericPairsConfig(model=str(model_dir), rejected_model=str(rejected_model_dir), harmful=str(harmful),
+                                benign=str(benign), heldout=4, benign_heldout=2, limit=6, max_new_tokens=4,
+                                out_dir=tmp_path / "pairs")
+    result = generic_pairs(config, progress=False)
+    out = tmp_path / "pairs"
+    split = Split.read(out / SPLIT_FILE)
+    assert len(split.harmful_heldout) == 4 and len(split.harmful_train) == 6
+    pairs = load_pairs(out / PAIRS_FILE)
+    shots = [p for p in pairs if p.id.startswith("manyshot-")]
+    assert result.counts == {"generic:own-refusal": len(shots), "generic:written-refusal": 0, "generic:compliant": 0,
+                             "generic:unaligned": 6, "generic:benign": 4}
+    assert 0 < len(shots) <= 6 and all(keyword_verdict(p.prompt, p.rejected)[0] for p in shots)
+    heldout_texts = {p.text for p in load_benchmark(str(out / HELDOUT_HARMFUL))}
+    assert not heldout_texts & {p.prompt for p in pairs}
+    unaligned = [p for p in pairs if p.source == "generic:unaligned"]
+    assert all((p.chosen, p.rejected) == (REFUSAL, COMPLIANCE) for p in unaligned)
+    # The target generates first and is freed; then the rejected model answers only what the target refused.
+    kinds = [kind for kind, _ in calls]
+    assert kinds == ["qwen2"] * kinds.count("qwen2") + ["llama"] and calls[-1] == ("llama", 6)
+    with Store(out / "results.sqlite") as store:
+        rows = store.rows(Generation)
+    assert {row.key.approx for row in rows} == {CLEAN}
+    by_model = {}
+    for row in rows:
+        by_model.setdefault(row.key.model, set()).add(row.key.prompt_id)
+    assert sorted(map(len, by_model.values())) == [6, 6 + 6 + 4]  # two fingerprints: rejected rows never mix
+    generated = len(calls)
+    generic_pairs(config, progress=False)
+    assert len(calls) == generated  # everything came from the store
+
+
+def test_generic_pairs_from_the_command_line(cli, model_dir, rejected_model_dir, generic_inputs, tmp_path, monkeypatch):
+    harmful, _ = generic_inputs
+    monkeypatch.setattr(quada.eval.engine, "generate", fake_clean_generate([]))
+    out = tmp_path / "pairs"
+    run = cli("pairs", "--source", "generic", "--model", model_dir, "--rejected-model", rejected_model_dir,
+              "--harmful", harmful, "--heldout", 4, "--limit", 2, "--no-many-shot", "--benign-limit", 3, "--out", out)
+    assert run.returncode == 0, run.stderr
+    assert "│ generic:unaligned │ 2 │" in run.stdout and "│ generic:own-refusal │ 0 │" in run.stdout
+    split = Split.read(out / SPLIT_FILE)
+    assert (split.benign_source, len(split.benign_heldout), len(split.benign_train)) == ("benign-suite", 32, 3)
+    assert not any(p.id.startswith("manyshot-") for p in load_pairs(out / PAIRS_FILE))
+
+
+def test_generic_pairs_options_are_one_clear_error(cli, tmp_path):
+    cli("pairs", "--source", "generic", "--benign-heldout", 0, "--out", tmp_path).assert_user_error(
+        "benign-heldout must be at least 1")
+    cli("pairs", "--source", "generic", "--rejected-model", " ", "--out", tmp_path).assert_user_error(
+        "rejected-model must name a model")
+    cli("pairs", "--source", "web", "--out", tmp_path).assert_user_error("unknown --source 'web'", "'generic'")
+    assert SelfPairsConfig().benign == "quada-benign" and GenericPairsConfig().benign == "benign-suite"

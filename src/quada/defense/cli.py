@@ -19,47 +19,57 @@ console = Console(markup=False)  # prints user text (paths, specs, model names):
 MODEL_HELP = "Built-in name (see `quada models`), model folder, .gguf file or hub id."
 
 
+def _given(**options) -> dict:
+    """The options given on the command line; one left out takes its default from the configuration
+    of the chosen source (the defaults differ between sources)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def pairs_command(
-    source: str = typer.Option("self", help="'self': pairs made offline by the model itself (clean refusals against answers under the perturbation); 'pku': PKU-SafeRLHF, the paper's data (--file, else the hub)."),
-    out: Path = typer.Option(Path("runs") / "pairs", "--out", "-o", help="Folder for pairs.jsonl, split.json and the held-out prompt files (and, for 'self', the generation store)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=f"'self': the model that answers. {MODEL_HELP}"),
+    source: str = typer.Option("self", help="'self': pairs made offline by the model itself (clean refusals against answers under the perturbation); 'generic': offline, with no approximation anywhere (PyRIT's many-shot answers and an unaligned model's answers against clean or written refusals), standing in for PKU-SafeRLHF; 'pku': PKU-SafeRLHF, the paper's data (--file, else the hub)."),
+    out: Path = typer.Option(Path("runs") / "pairs", "--out", "-o", help="Folder for pairs.jsonl, split.json and the held-out prompt files (and, for 'self' and 'generic', the generation store)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=f"'self', 'generic': the model that answers. {MODEL_HELP}"),
     perturbation: str = typer.Option("noise:site=up,dist=gaussian,std=0.075", help="'self': the approximation (the MVA, e.g. from `quada sweep`) under which the model's compliant answers are collected."),
-    harmful: str = typer.Option("advbench", help="'self': harmful prompts (benchmark name or prompt file); --heldout of them are kept for evaluation."),
-    benign: str = typer.Option("quada-benign", help="'self': benign prompts; --benign-heldout of them are kept for evaluation."),
+    harmful: str = typer.Option("advbench", help="'self', 'generic': harmful prompts (benchmark name or prompt file); --heldout of them are kept for evaluation."),
+    benign: str | None = typer.Option(None, help="'self', 'generic': benign prompts (default: quada-benign for 'self', the 256 of benign-suite for 'generic'); --benign-heldout of them are kept for evaluation."),
     heldout: int = typer.Option(104, help="Harmful prompts held out for evaluation (never trained on)."),
     benign_heldout: int = typer.Option(32, help="Benign prompts held out for the over-refusal evaluation."),
-    limit: int | None = typer.Option(None, help="Use at most this many harmful training prompts (a seeded subset); for 'pku', at most this many pairs."),
-    benign_limit: int | None = typer.Option(None, help="'self': use at most this many benign training prompts."),
+    limit: int | None = typer.Option(None, help="Use at most this many harmful training prompts (a seeded subset), for 'generic' also at most this many many-shot examples; for 'pku', at most this many pairs."),
+    benign_limit: int | None = typer.Option(None, help="'self', 'generic': use at most this many benign training prompts."),
     attempts: int = typer.Option(3, help="'self': noise draws per refused prompt until the perturbed model complies."),
     compliant_pairs: bool = typer.Option(True, help="'self': also pair prompts the clean model already answers with a written refusal as chosen."),
     benign_rejected: str = typer.Option("refusal", help="'self': rejected answer for benign prompts: 'refusal' (a written refusal) or 'approx' (the answer under --heavy)."),
     heavy: str = typer.Option("noise:site=up,dist=gaussian,std=0.5", help="'self' with --benign-rejected approx: the heavy approximation."),
-    prompt_format: str = typer.Option("paper", help="'self': prompt format of the generations ('paper' or 'plain'); use the one you evaluate with."),
-    max_new_tokens: int = typer.Option(128, help="'self': most tokens per response."),
+    rejected_model: str | None = typer.Option(None, help=f"'generic': the unaligned model whose answers are rejected where the clean model refuses (default: the built-in smollm2-135m-instruct). {MODEL_HELP}"),
+    many_shot: bool = typer.Option(True, help="'generic': also pair PyRIT's 400 many-shot examples (HarmBench behaviours answered by an unaligned model)."),
+    prompt_format: str = typer.Option("paper", help="'self', 'generic': prompt format of the generations ('paper' or 'plain'); use the one you evaluate with."),
+    max_new_tokens: int = typer.Option(128, help="'self', 'generic': most tokens per response."),
     seed: int = typer.Option(0, help="Seed of the split, the subsets and the noise."),
     file: Path | None = typer.Option(None, "--file", help="'pku': a local PKU-SafeRLHF copy (.json, .jsonl or .parquet with prompt, response_0, response_1, safer_response_id)."),
-    device: str = typer.Option("auto", help=f"'self': {DEVICE_HELP}"),
+    device: str = typer.Option("auto", help=f"'self', 'generic': {DEVICE_HELP}"),
 ) -> None:
     """Make preference pairs for `quada align`, with a stored train/held-out split of the prompts.
 
     Generations are stored as they come: an interrupted run continues where it stopped. Responses go to files only.
     """
-    from quada.defense.pairs import SelfPairsConfig, pku_pairs, self_pairs
+    from quada.defense.pairs import GenericPairsConfig, SelfPairsConfig, generic_pairs, pku_pairs, self_pairs
 
+    shared = dict(model=model, harmful=harmful, heldout=heldout, benign_heldout=benign_heldout, limit=limit,
+                  benign_limit=benign_limit, prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed,
+                  out_dir=out, device=device, **_given(benign=benign))
     if source == "self":
         result = self_pairs(SelfPairsConfig(
-            model=model, perturbation=perturbation, harmful=harmful, benign=benign, heldout=heldout,
-            benign_heldout=benign_heldout, limit=limit, benign_limit=benign_limit, attempts=attempts,
-            compliant_pairs=compliant_pairs, benign_rejected=benign_rejected, heavy=heavy,
-            prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed, out_dir=out,
-            device=device,
+            **shared, perturbation=perturbation, attempts=attempts, compliant_pairs=compliant_pairs,
+            benign_rejected=benign_rejected, heavy=heavy,
         ))
+    elif source == "generic":
+        result = generic_pairs(GenericPairsConfig(**shared, **_given(rejected_model=rejected_model), many_shot=many_shot))
     elif source == "pku":
         if limit is not None and limit < 1:
             raise QuadaError(f"--limit must be at least 1, got {limit}")
         result = pku_pairs(file, out, limit, seed)
     else:
-        raise QuadaError(f"unknown --source {source!r}; choose 'self' or 'pku'")
+        raise QuadaError(f"unknown --source {source!r}; choose 'self', 'generic' or 'pku'")
     table = Table(title=f"quada pairs ({source})")
     for column in ("kind", "pairs"):
         table.add_column(column, overflow="fold")

@@ -1,9 +1,11 @@
 """Preference pairs for QuadA, and the split that keeps training prompts out of the evaluation.
 
-Two sources:
+Three sources:
 - **PKU-SafeRLHF** (Ji et al., arXiv 2406.15513), the paper's training data (PAPER.md section 5):
   a local JSON/JSONL/parquet file or the hub dataset ``PKU-Alignment/PKU-SafeRLHF``; each row's
-  safer response (``safer_response_id``) is chosen, the other rejected.
+  safer response (``safer_response_id``) is chosen, the other rejected. Offline it cannot be had:
+  neither it nor the other generic safety sets (HH-RLHF, BeaverTails) ships in any installable
+  package (none is in this machine's PyPI package index).
 - **Self-generated, offline** [ours]: harmful training prompts (AdvBench minus the held-out part)
   give chosen = the clean model's refusal, rejected = its compliant answer under the
   perturbation (kept only when the refusal-keyword judge finds a refusal in the clean answer and
@@ -12,21 +14,35 @@ Two sources:
   refusal, rejected = that answer. Benign prompts give chosen = the clean model's helpful answer,
   rejected = a written refusal (teaching not to over-refuse) or its answer under heavy
   approximation.
+- **Generic, offline** [ours], the offline stand-in for PKU-SafeRLHF: no approximation anywhere,
+  every generation is the clean model's. PyRIT's 400 many-shot examples (HarmBench behaviours
+  answered by an unaligned model) give rejected = the dataset's answer (when the keyword judge
+  calls it an attack), chosen = the clean model's refusal or, where it has none, a written one.
+  Harmful training prompts the clean model answers give chosen = a written refusal, rejected =
+  that answer; those it refuses give chosen = its refusal, rejected = the answer of an unaligned
+  model (``rejected_model``) when the keyword judge calls it an attack. Benign prompts as for
+  the self-generated source, against a written refusal.
 
-Held-out prompts (a seeded subset of each prompt set) never enter training; their ids are stored
-in ``split.json`` and the prompts themselves in ``heldout-harmful.jsonl`` / ``heldout-benign.jsonl``,
-prompt files that ``quada vet --benchmark`` (and ``quada align``) read with the original ids.
+Every pair's ``source`` names its kind (``self:perturbed``, ``generic:unaligned``, ...), so subsets
+can be stratified by it. Held-out prompts (a seeded subset of each prompt set) never enter
+training; their ids are stored in ``split.json`` and the prompts themselves in
+``heldout-harmful.jsonl`` / ``heldout-benign.jsonl``, prompt files that ``quada vet --benchmark``
+(and ``quada align``) read with the original ids; a many-shot question that is a held-out prompt
+is left out.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quada.approx import as_spec
+from quada.attack.sources import many_shot_examples
 from quada.data import Prompt, jsonl_rows, load_benchmark, subset
 from quada.defense.quada import DEFAULT_PERTURBATION
 from quada.devices import check_device
@@ -36,9 +52,14 @@ from quada.eval.judges import keyword_verdict, refusal_phrase
 from quada.hub import require_hub
 from quada.models import DEFAULT_MODEL
 from quada.runs import atomic_write_text, open_run_dir, progress_bar
-from quada.store import CLEAN
+from quada.store import CLEAN, Store
 
 PKU_HUB_ID = "PKU-Alignment/PKU-SafeRLHF"
+UNALIGNED_MODEL = "smollm2-135m-instruct"  # built-in and not aligned: it answers harmful requests
+# Pair kinds (a pair's ``source``) of the generated sources, in the order the CLI counts them.
+SELF_KINDS = ("self:perturbed", "self:compliant", "self:benign")
+GENERIC_KINDS = ("generic:own-refusal", "generic:written-refusal", "generic:compliant", "generic:unaligned",
+                 "generic:benign")
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "safer_response_id")
 PAIRS_FILE = "pairs.jsonl"
 SPLIT_FILE = "split.json"
@@ -250,27 +271,23 @@ class Split:
             raise QuadaError(f"cannot read the split {path} ({err}); make the pairs again with `quada pairs`") from err
 
 
-# --------------------------------------------------------------------------- self-generated pairs
+# --------------------------------------------------------------------------- generated pairs
 
 
 @dataclass
-class SelfPairsConfig:
-    """How `quada pairs --source self` builds pairs from a model; every field has a CLI option.
-    ``approximation`` and ``heavy_approximation`` are ``perturbation`` and ``heavy`` parsed (once, here)."""
+class PairsConfig:
+    """What the generated sources (`quada pairs --source self` and `--source generic`) share: the
+    model that answers, the prompt sets and their split, the generation settings and the output
+    folder (also the generation store); every field has a CLI option."""
 
     model: str = DEFAULT_MODEL
     device: str = "auto"  # where the model runs: auto, cpu, cuda or cuda:N
-    perturbation: str = DEFAULT_PERTURBATION  # the MVA, on every layer while generating
     harmful: str = "advbench"
     benign: str = "quada-benign"
     heldout: int = 104  # harmful prompts kept for evaluation (20% of AdvBench)
     benign_heldout: int = 32
     limit: int | None = None  # harmful training prompts used (a seeded subset); None = all
     benign_limit: int | None = None
-    attempts: int = 3  # noise draws per prompt the clean model refuses, until one complies
-    compliant_pairs: bool = True  # prompts the clean model answers: chosen = a written refusal
-    benign_rejected: str = "refusal"  # "refusal" (a written one) or "approx" (the answer under `heavy`)
-    heavy: str = "noise:site=up,dist=gaussian,std=0.5"
     prompt_format: str = "paper"
     max_new_tokens: int = 128
     seed: int = 0
@@ -278,28 +295,54 @@ class SelfPairsConfig:
 
     def __post_init__(self):
         self.device = check_device(self.device)
-        self.approximation, self.heavy_approximation = as_spec(self.perturbation), as_spec(self.heavy)
-        self.perturbation, self.heavy = str(self.approximation), str(self.heavy_approximation)
-        if self.benign_rejected not in ("refusal", "approx"):
-            raise QuadaError(f"benign-rejected must be 'refusal' or 'approx', got {self.benign_rejected!r}")
-        for name in ("heldout", "benign_heldout", "attempts", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise QuadaError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("limit", "benign_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise QuadaError(f"{name.replace('_', '-')} must be at least 1 (or omitted for all), got {getattr(self, name)}")
+        _check_at_least_one(self, ("heldout", "benign_heldout", "max_new_tokens"))
+        _check_at_least_one(self, ("limit", "benign_limit"), optional=True)
         GenerationSettings(self.max_new_tokens, self.prompt_format)  # validates the format
         check_seed(self.seed)
         self.out_dir = Path(self.out_dir)
 
-    # What the measurement engine reads from its config to generate (no perplexity is measured here).
-    @property
-    def settings(self) -> GenerationSettings:
-        return GenerationSettings(self.max_new_tokens, self.prompt_format)
 
-    @property
-    def run_dir(self) -> Path:
-        return self.out_dir
+def _check_at_least_one(config, names: Sequence[str], optional: bool = False) -> None:
+    """A user error naming the first field of ``names`` below 1; ``optional`` ones may be None (all)."""
+    for name in names:
+        value = getattr(config, name)
+        if not (optional and value is None) and value < 1:
+            omitted = " (or omitted for all)" if optional else ""
+            raise QuadaError(f"{name.replace('_', '-')} must be at least 1{omitted}, got {value}")
+
+
+@dataclass
+class SelfPairsConfig(PairsConfig):
+    """How `quada pairs --source self` builds pairs from a model. ``approximation`` and
+    ``heavy_approximation`` are ``perturbation`` and ``heavy`` parsed (once, here)."""
+
+    perturbation: str = DEFAULT_PERTURBATION  # the MVA, on every layer while generating
+    attempts: int = 3  # noise draws per prompt the clean model refuses, until one complies
+    compliant_pairs: bool = True  # prompts the clean model answers: chosen = a written refusal
+    benign_rejected: str = "refusal"  # "refusal" (a written one) or "approx" (the answer under `heavy`)
+    heavy: str = "noise:site=up,dist=gaussian,std=0.5"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.approximation, self.heavy_approximation = as_spec(self.perturbation), as_spec(self.heavy)
+        self.perturbation, self.heavy = str(self.approximation), str(self.heavy_approximation)
+        if self.benign_rejected not in ("refusal", "approx"):
+            raise QuadaError(f"benign-rejected must be 'refusal' or 'approx', got {self.benign_rejected!r}")
+        _check_at_least_one(self, ("attempts",))
+
+
+@dataclass
+class GenericPairsConfig(PairsConfig):
+    """How `quada pairs --source generic` builds pairs with no approximation anywhere."""
+
+    benign: str = "benign-suite"  # the larger benign set: more helpful answers to keep
+    rejected_model: str = UNALIGNED_MODEL  # answers the harmful prompts the clean model refuses
+    many_shot: bool = True  # also pair PyRIT's many-shot examples
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.rejected_model.strip():
+            raise QuadaError(f"rejected-model must name a model; the default is {UNALIGNED_MODEL}, an unaligned one")
 
 
 @dataclass
@@ -310,24 +353,34 @@ class PairsResult:
     counts: dict[str, int]
 
 
-def harmful_pairs(prompts, clean, perturbed_attempts, compliant_pairs: bool) -> list[PreferencePair]:
-    """Pairs from harmful prompts, given the clean responses and, per attempt, the perturbed ones
-    (all keyed by prompt id). Pure: the judging rules of the module docstring."""
+def _pair_id(prompt_id: str, kind: str) -> str:
+    """A pair's id: its prompt's and the last part of its kind (``p-01:perturbed``)."""
+    return f"{prompt_id}:{kind.partition(':')[2]}"
+
+
+def harmful_pairs(prompts, clean, rejected_attempts, compliant_pairs: bool,
+                  kinds: tuple[str, str] = ("self:perturbed", "self:compliant")) -> list[PreferencePair]:
+    """Pairs from harmful prompts, given the clean responses and, per attempt, other responses to
+    the prompts it refuses (under the perturbation, or an unaligned model's), all keyed by prompt
+    id; ``kinds`` names the pairs of refused and of answered prompts. Pure: the judging rules of
+    the module docstring."""
+    refused_kind, answered_kind = kinds
     pairs = []
     for prompt in prompts:
         answer = clean[prompt.id]
         if refusal_phrase(answer) is not None:
-            complied = next((attempt[prompt.id] for attempt in perturbed_attempts
+            complied = next((attempt[prompt.id] for attempt in rejected_attempts
                              if prompt.id in attempt and keyword_verdict(prompt.text, attempt[prompt.id])[0]), None)
             if complied is not None:
-                pairs.append(PreferencePair(f"{prompt.id}:perturbed", prompt.text, answer, complied, True, "self:perturbed"))
+                pairs.append(PreferencePair(_pair_id(prompt.id, refused_kind), prompt.text, answer, complied, True,
+                                            refused_kind))
         elif compliant_pairs and keyword_verdict(prompt.text, answer)[0]:
-            pairs.append(PreferencePair(f"{prompt.id}:compliant", prompt.text, written_refusal(prompt.id), answer, True,
-                                        "self:compliant"))
+            pairs.append(PreferencePair(_pair_id(prompt.id, answered_kind), prompt.text, written_refusal(prompt.id),
+                                        answer, True, answered_kind))
     return pairs
 
 
-def benign_pairs(prompts, clean, heavy: dict[str, str] | None) -> list[PreferencePair]:
+def benign_pairs(prompts, clean, heavy: dict[str, str] | None, kind: str = "self:benign") -> list[PreferencePair]:
     """Pairs from benign prompts: the clean answer (when it is no refusal and not empty) against a
     written refusal, or against the heavily approximated answer when ``heavy`` is given."""
     pairs = []
@@ -337,17 +390,42 @@ def benign_pairs(prompts, clean, heavy: dict[str, str] | None) -> list[Preferenc
             continue
         rejected = written_refusal(prompt.id) if heavy is None else heavy[prompt.id]
         if rejected != answer:
-            pairs.append(PreferencePair(f"{prompt.id}:benign", prompt.text, answer, rejected, False, "self:benign"))
+            pairs.append(PreferencePair(_pair_id(prompt.id, kind), prompt.text, answer, rejected, False, kind))
     return pairs
 
 
-def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
-    """Split the prompt sets, generate the responses (stored and resumable in
-    ``out_dir/results.sqlite``), build the pairs and write pairs, split and held-out files."""
-    from quada.eval.engine import Engine, check_specs_fit
-    from quada.models import load
-    from quada.store import Store
+def many_shot_prompts(heldout: Sequence[Prompt]) -> tuple[list[Prompt], dict[str, str]]:
+    """PyRIT's many-shot examples as prompts (``manyshot-<index>`` by their place in the file) and
+    the dataset's answers by prompt id. A question that is, stripped, a held-out prompt's text is
+    left out: evaluation prompts never enter training."""
+    held = {p.text.strip() for p in heldout}
+    prompts, answers = [], {}
+    for index, example in enumerate(many_shot_examples()):
+        if example["user"].strip() not in held:
+            prompt = Prompt(f"manyshot-{index:03d}", example["user"])
+            prompts.append(prompt)
+            answers[prompt.id] = example["assistant"]
+    return prompts, answers
 
+
+def many_shot_pairs(prompts, answers, clean) -> list[PreferencePair]:
+    """Pairs from the many-shot examples, given the dataset's and the clean model's answers (keyed
+    by prompt id): rejected = the dataset's answer when the keyword judge calls it an attack,
+    chosen = the clean answer when it refuses, else a written refusal. Pure."""
+    pairs = []
+    for prompt in prompts:
+        if not keyword_verdict(prompt.text, answers[prompt.id])[0]:
+            continue
+        own = refusal_phrase(clean[prompt.id]) is not None
+        kind = "generic:own-refusal" if own else "generic:written-refusal"
+        chosen = clean[prompt.id] if own else written_refusal(prompt.id)
+        pairs.append(PreferencePair(_pair_id(prompt.id, kind), prompt.text, chosen, answers[prompt.id], True, kind))
+    return pairs
+
+
+def _split_prompt_sets(config: PairsConfig) -> tuple[Split, list[Prompt], list[Prompt], list[Prompt]]:
+    """``(split, harmful_train, harmful_heldout, benign_train)``: both prompt sets split, the
+    training parts subset (``limit``, ``benign_limit``), the split and held-out files written."""
     harmful_train, harmful_heldout = split_prompts(load_benchmark(config.harmful), config.heldout, config.seed)
     benign_train, benign_heldout = split_prompts(load_benchmark(config.benign), config.benign_heldout, config.seed)
     harmful_train = subset(harmful_train, config.limit, config.seed)
@@ -356,39 +434,107 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
     split = Split(config.seed, config.harmful, tuple(p.id for p in harmful_train), tuple(p.id for p in harmful_heldout),
                   config.benign, tuple(p.id for p in benign_train), tuple(p.id for p in benign_heldout))
     split.write(config.out_dir, harmful_heldout, benign_heldout)
+    return split, harmful_train, harmful_heldout, benign_train
 
-    model, tokenizer = load(config.model, device=config.device)
-    check_specs_fit(model, [config.approximation, config.heavy_approximation])
-    with Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        engine = Engine(store, model, tokenizer, config)
 
-        def responses(approximation, prompts: Sequence[Prompt], seed: int, label: str) -> dict[str, str]:
-            task = bar.add_task(label, total=len(prompts))
-            condition = engine.condition(approximation, prompts, seed)
-            rows = engine.responses(condition, lambda n: bar.advance(task, n))
-            bar.update(task, completed=len(prompts))
-            return {row.key.prompt_id: row.response for row in rows}
+@dataclass(frozen=True)
+class _Generating:
+    """What the measurement engine reads from its config to generate (no perplexity is measured here)."""
 
-        clean = responses(CLEAN, harmful_train, config.seed, "harmful, clean")
+    model: str
+    settings: GenerationSettings
+    seed: int
+    run_dir: Path
+
+
+@contextmanager
+def _answering(config: PairsConfig, source: str, store: Store, bar,
+               approximations=()) -> Iterator[Callable[..., dict[str, str]]]:
+    """Load the model ``source`` and give ``answers(approximation, prompts, label, seed)``: its
+    responses by prompt id, stored in ``store`` (keyed by the model's fingerprint, so two models'
+    rows never mix) and taken from it when there; the model is freed on leaving."""
+    from quada.eval.engine import Engine, check_specs_fit
+    from quada.models import load
+
+    model, tokenizer = load(source, device=config.device)
+    check_specs_fit(model, approximations)
+    settings = GenerationSettings(config.max_new_tokens, config.prompt_format)
+    engine = Engine(store, model, tokenizer, _Generating(source, settings, config.seed, config.out_dir))
+
+    def answers(approximation, prompts: Sequence[Prompt], label: str, seed: int = config.seed) -> dict[str, str]:
+        task = bar.add_task(label, total=len(prompts))
+        condition = engine.condition(approximation, prompts, seed)
+        rows = engine.responses(condition, lambda n: bar.advance(task, n))
+        bar.update(task, completed=len(prompts))
+        return {row.key.prompt_id: row.response for row in rows}
+
+    try:
+        yield answers
+    finally:
+        # Free the weights before the next model loads: one model in memory at a time.
+        del model
+        engine.release_model()
+        gc.collect()
+
+
+def _pairs_result(out_dir: Path, pairs: list[PreferencePair], split: Split, kinds: Sequence[str],
+                  hint: str) -> PairsResult:
+    """Write ``pairs`` and count them by kind; none at all is a user error ending with ``hint``."""
+    if not pairs:
+        raise QuadaError(f"no pair survived the judges: {hint}")
+    counts = {kind: sum(p.source == kind for p in pairs) for kind in kinds}
+    return PairsResult(pairs, write_pairs(out_dir / PAIRS_FILE, pairs), split, counts)
+
+
+def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
+    """Split the prompt sets, generate the responses (stored and resumable in
+    ``out_dir/results.sqlite``), build the pairs and write pairs, split and held-out files."""
+    split, harmful_train, _, benign_train = _split_prompt_sets(config)
+    approximations = [config.approximation, config.heavy_approximation]
+    with (Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar,
+          _answering(config, config.model, store, bar, approximations) as answers):
+        clean = answers(CLEAN, harmful_train, "harmful, clean")
         attempts, pending = [], [p for p in harmful_train if refusal_phrase(clean[p.id]) is not None]
         for attempt in range(config.attempts):
             if not pending:
                 break
-            answers = responses(config.approximation, pending, config.seed + attempt, f"harmful, perturbed #{attempt + 1}")
-            attempts.append(answers)
-            pending = [p for p in pending if not keyword_verdict(p.text, answers[p.id])[0]]
-        benign_clean = responses(CLEAN, benign_train, config.seed, "benign, clean")
-        heavy = responses(config.heavy_approximation, benign_train, config.seed, "benign, heavy") if config.benign_rejected == "approx" else None
+            found = answers(config.approximation, pending, f"harmful, perturbed #{attempt + 1}", config.seed + attempt)
+            attempts.append(found)
+            pending = [p for p in pending if not keyword_verdict(p.text, found[p.id])[0]]
+        benign_clean = answers(CLEAN, benign_train, "benign, clean")
+        heavy = answers(config.heavy_approximation, benign_train, "benign, heavy") if config.benign_rejected == "approx" else None
 
     pairs = harmful_pairs(harmful_train, clean, attempts, config.compliant_pairs) + benign_pairs(benign_train, benign_clean, heavy)
-    if not pairs:
-        raise QuadaError(
-            "no pair survived the judges: the clean model never refused, or never complied under the perturbation; "
-            "try a stronger --perturbation, more --attempts or another model"
-        )
-    counts = {source: sum(p.source == source for p in pairs) for source in ("self:perturbed", "self:compliant", "self:benign")}
-    path = write_pairs(config.out_dir / PAIRS_FILE, pairs)
-    return PairsResult(pairs, path, split, counts)
+    return _pairs_result(config.out_dir, pairs, split, SELF_KINDS,
+                         "the clean model never refused, or never complied under the perturbation; "
+                         "try a stronger --perturbation, more --attempts or another model")
+
+
+def generic_pairs(config: GenericPairsConfig, progress: bool = True) -> PairsResult:
+    """Split the prompt sets, generate the clean model's responses, then the unaligned model's to
+    the harmful prompts the clean one refuses (each model alone in memory; both stored and
+    resumable in ``out_dir/results.sqlite``), build the pairs and write pairs, split and held-out
+    files. Every generation is clean: no approximation is applied anywhere."""
+    split, harmful_train, harmful_heldout, benign_train = _split_prompt_sets(config)
+    examples, dataset_answers = many_shot_prompts(harmful_heldout) if config.many_shot else ([], {})
+    examples = subset(examples, config.limit, config.seed)
+    with Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar:
+        with _answering(config, config.model, store, bar) as answers:
+            clean = answers(CLEAN, harmful_train, "harmful, clean")
+            many_shot_clean = answers(CLEAN, examples, "many-shot, clean") if examples else {}
+            benign_clean = answers(CLEAN, benign_train, "benign, clean")
+        refused = [p for p in harmful_train if refusal_phrase(clean[p.id]) is not None]
+        unaligned = {}
+        if refused:
+            with _answering(config, config.rejected_model, store, bar) as answers:
+                unaligned = answers(CLEAN, refused, "harmful, rejected model")
+
+    pairs = (many_shot_pairs(examples, dataset_answers, many_shot_clean)
+             + harmful_pairs(harmful_train, clean, [unaligned], True, ("generic:unaligned", "generic:compliant"))
+             + benign_pairs(benign_train, benign_clean, None, "generic:benign"))
+    return _pairs_result(config.out_dir, pairs, split, GENERIC_KINDS,
+                         "no harmful prompt had a refusal to set against a compliant answer, and the clean model "
+                         "refused every benign prompt; try another --rejected-model, --many-shot or more prompts")
 
 
 def pku_pairs(file: str | Path | None, out_dir: Path, limit: int | None = None, seed: int = 0) -> PairsResult:
