@@ -11,7 +11,11 @@ Ways, each timed on the whole workload after a warm-up:
 - shared prefix: the ids that open all items of a call run once, batches reuse their cache;
 - quada: shared prefix plus the judge's memo (an input scored once is never scored again), at
   each of ``--batch-sizes``.
-Prints seconds, the speed-up against the baseline, and whether every label equals the baseline's.
+Prints seconds, the speed-up against the baseline, whether every label equals the baseline's, and
+the scores of any item whose label differs. The judge models run in bf16, where the batch a row runs
+in already moves its score by a few hundredths (on the main job's store, the baseline at batch 1
+against batch 8: up to 0.03); an item that close to the threshold can flip under any change of the
+computation.
 
     python benchmarks/judge.py --store runs/vet/results.sqlite --limit 48
     python benchmarks/judge.py --limit 48            # AdvBench prompts, made-up responses
@@ -127,6 +131,7 @@ def main(
     calls = stored_workload(store, limit) if store else made_up_workload(limit, conditions, unchanged, seed)
     new_judge, label = load_judge(judge, judge_model, tiny)
     baseline_judge = new_judge(sizes[0])
+    at_threshold = f", threshold {baseline_judge.threshold}" if hasattr(baseline_judge, "threshold") else ""
     items = [(p, r) for prompts, responses in calls for p, r in zip(prompts, responses)]
     distinct = len({tuple(baseline_judge.render(p, r)) for p, r in items})
     new_judge(sizes[0]).judge(calls[0][0][:1], calls[0][1][:1])  # warm-up
@@ -151,6 +156,9 @@ def main(
         same = sum(a.label == b.label for a, b in zip(results, baseline))
         diff = max(abs(a.score - b.score) for a, b in zip(results, baseline))
         print(f"{name:36s} {seconds:8.1f} {t_base / seconds:8.2f}x  {same}/{len(items)}{'':13s}{diff:.2g}", flush=True)
+        for a, b in zip(baseline, results):
+            if a.label != b.label:
+                print(f"{'':38s}a label differs: score {a.score:.4f} -> {b.score:.4f}{at_threshold}")
 
 
 if __name__ == "__main__":
