@@ -120,13 +120,17 @@ def test_pku_saferlhf_errors_name_the_fix(tmp_path, monkeypatch):
         load_pku_saferlhf(tmp_path / "pku.jsonl")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs-model")
-    model, tokenizer = tiny_model("qwen2", seed=2)
+def saved_tiny_model(root, arch: str, seed: int):
+    """A tiny random model saved in ``root``, loadable by path like any model folder."""
+    model, tokenizer = tiny_model(arch, seed=seed)
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return saved_tiny_model(tmp_path_factory.mktemp("pairs-model"), "qwen2", seed=2)
 
 
 def fake_generate(calls):
@@ -209,11 +213,7 @@ def test_many_shot_prompts_leave_out_held_out_questions():
 @pytest.fixture(scope="module")
 def rejected_model_dir(tmp_path_factory):
     """A tiny model of another architecture: the stand-in for the unaligned rejected model."""
-    root = tmp_path_factory.mktemp("rejected-model")
-    model, tokenizer = tiny_model("llama", seed=3)
-    model.save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return saved_tiny_model(tmp_path_factory.mktemp("rejected-model"), "llama", seed=3)
 
 
 def fake_clean_generate(calls):
