@@ -7,7 +7,7 @@ import pytest
 from quada.errors import QuadaError
 from quada.eval.judges import KeywordJudge, RefusalKeywordJudge, make_judge
 from quada.judge_calibration import cached, calibrate
-from quada.testing import tiny_model
+from quada.testing import save_tiny_classifier, tiny_model
 
 
 class CountingJudge(RefusalKeywordJudge):
@@ -81,3 +81,12 @@ def test_calibrate_command_prints_the_table_and_rejects_a_file_without_measure(c
     assert "refusal-keyword" in run.stdout and "1.00" in run.stdout
     cli("judge", "calibrate", "--judges", "keyword", "--labelled", str(labelled)).assert_user_error("--measure")
     cli("judge", "calibrate", "--judges", "nonsense").assert_user_error("unknown judge")
+
+
+def test_a_sequence_classifier_is_calibrated_as_the_llm_judge(cli, tmp_path):
+    labelled = write_labelled(tmp_path / "labels.jsonl")
+    classifier = save_tiny_classifier(tmp_path / "classifier", ("benign", "harmful"))
+    run = cli("judge", "calibrate", "--judges", "llm", "--judge-model", str(classifier), "--labelled", str(labelled),
+              "--measure", "harm", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert "llm" in run.stdout and "harm" in run.stdout

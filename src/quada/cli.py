@@ -215,7 +215,7 @@ def judge_calibrate_command(
         "(and optional id, category). Default: each judge's own (pyrit-refusal for refusal judges, pyrit-objective for harm judges).",
     ),
     measure: str | None = typer.Option(None, help="What a file's labels mean: refusal (1 = refused) or harm (1 = harmful)."),
-    judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL, help="Model behind the llm, harmfulness and refusal judges."),
+    judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL, help="Model behind the llm, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     by_category: bool = typer.Option(False, help="Also print the held-out figures per harm category."),
 ) -> None:

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import platformdirs
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from quada.defaults import DEFAULT_MODEL
 from quada.devices import BALANCED, check_device, resolve_device
@@ -253,13 +260,21 @@ def _looks_like_a_path(source: str) -> bool:
     )
 
 
+def is_sequence_classifier(config) -> bool:
+    """Whether a model configuration names a sequence-classification head (``...ForSequenceClassification``)."""
+    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or ()))
+
+
 def load(
-    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "auto"
+    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "auto",
+    classifier_ok: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode on ``device`` (``auto``: a CUDA GPU when there is
     one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``; or ``balanced``: spread over every visible
     GPU by accelerate); the tokenizer pads on the left for generation.
 
+    The model is a causal LM; a sequence classifier (see :func:`is_sequence_classifier`) loads with
+    its classification head where ``classifier_ok`` (judges) and is a user error elsewhere.
     A hub id is fetched only once the hub answers (see :mod:`quada.hub`), so a machine without
     network fails in a second; in offline mode (``HF_HUB_OFFLINE=1``) it is read from the local cache."""
     target = resolve_device(device)  # an absent device fails before any conversion or download
@@ -270,7 +285,15 @@ def load(
         require_hub(f"model {source!r}", instead)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map="auto" if balanced else None)
+        head = AutoModelForCausalLM
+        if is_sequence_classifier(AutoConfig.from_pretrained(where)):
+            if not classifier_ok:
+                raise QuadaError(
+                    f"{source} is a sequence classifier, not a causal language model: it can judge (--judge-model) "
+                    "but not generate; give a chat model"
+                )
+            head = AutoModelForSequenceClassification
+        model = head.from_pretrained(where, dtype=dtype, device_map="auto" if balanced else None)
     except OSError as err:
         if isinstance(where, str):
             raise QuadaError(f"could not load {source!r} from the Hugging Face hub or its cache ({err}). {instead}") from err

@@ -108,7 +108,7 @@ class EvalOptions:
         "help": "Comma-separated judges of the harmful responses: keyword, refusal-keyword, refusal (no-refusal ASR), "
         "llm (harm ASR), harmfulness (mean HS).",
     })
-    judge_model: str = field(default=DEFAULT_JUDGE_MODEL, metadata={"help": "Model behind the llm, harmfulness and refusal judges."})
+    judge_model: str = field(default=DEFAULT_JUDGE_MODEL, metadata={"help": "Model behind the llm, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."})
     prompt_format: str = field(default="paper", metadata={
         "help": "'paper' (the source paper's system prompt and 'Instruction: ' prefix) or 'plain'.",
     })

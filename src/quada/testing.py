@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     GemmaConfig,
     LlamaConfig,
     PreTrainedModel,
@@ -83,6 +84,21 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def save_tiny_classifier(folder: Path, labels: tuple[str, ...] = ("safe", "unsafe"), seed: int = 0) -> Path:
+    """A tiny random Qwen2-style sequence classifier with the label names ``labels``, saved with
+    its tokenizer in ``folder`` (a judge model given by path)."""
+    tokenizer = tiny_tokenizer()
+    config = tiny_config("qwen2", vocab_size=len(tokenizer))
+    config.pad_token_id = tokenizer.pad_token_id
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def write_tiny_run_inputs(root: Path, harmful: list[str], benign: list[str], layers: int = 2) -> Path:
