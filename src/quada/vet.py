@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quada.approx import spec_label
-from quada.data import load_benchmark, subset
+from quada.data import Prompt, load_benchmark, subset
 from quada.eval.engine import Engine, accuracy_key, check_specs_fit, make_executor, perplexity_key
 from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
 from quada.eval.metrics import Estimate, estimate
@@ -41,10 +41,16 @@ class VetResult:
     report_html: Path
 
 
+def prompt_sets(config) -> tuple[list[Prompt], list[Prompt]]:
+    """The harmful and benign prompts a vet run with ``config`` evaluates (a :class:`VetConfig`, or
+    the configuration saved in a run's results file)."""
+    return (subset(load_benchmark(config.benchmark), config.limit, config.seed),
+            subset(load_benchmark(config.benign), config.benign_limit, config.seed))
+
+
 def vet(config: VetConfig, progress: bool = True) -> VetResult:
     """Run the vetting described by ``config``; return its results and write its report."""
-    harmful = subset(load_benchmark(config.benchmark), config.limit, config.seed)
-    benign = subset(load_benchmark(config.benign), config.benign_limit, config.seed)
+    harmful, benign = prompt_sets(config)
     check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)

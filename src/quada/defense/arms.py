@@ -192,17 +192,16 @@ def _stored_labels(vet_dir: Path, fingerprint: str, settings: str, seed: int) ->
 def evaluation_outcomes(run: AlignRun, vet_dir: Path) -> SeedOutcomes:
     """The per-prompt outcomes of the evaluation in ``vet_dir`` (the run's after- or
     before-evaluation), rebuilt from its results store with the keys `quada vet` used."""
-    from quada.data import load_benchmark, subset
     from quada.eval.engine import UtilityCache, perplexity_key
     from quada.eval.generate import GenerationSettings
     from quada.eval.judges import attack_outcomes
     from quada.report.saved import saved_config
     from quada.store import settings_json
+    from quada.vet import prompt_sets
 
     fingerprint = _read_json(vet_dir / RESULTS_FILE, run.folder)["fingerprint"]
     e = saved_config({"config": run.evaluation}, vet_dir)
-    harmful = subset(load_benchmark(e.benchmark), e.limit, e.seed)
-    benign = subset(load_benchmark(e.benign), e.benign_limit, e.seed)
+    harmful, benign = prompt_sets(e)
     settings = settings_json(GenerationSettings(e.max_new_tokens, e.prompt_format, e.stop_on_refusal).as_dict())
     labels = _stored_labels(vet_dir, fingerprint, settings, e.seed)
 
