@@ -211,6 +211,21 @@ def test_the_ablation_switches_do_what_they_say(tmp_path, pairs_dataset):
     assert logs and all(log["loss"] == log["dpo_loss"] for log in logs)
 
 
+def test_the_regularizer_pulls_harmful_prompts_first_layer_activations_together(tmp_path, pairs_dataset):
+    def cosines(reg_lambda):
+        model, tokenizer = tiny_model("qwen2", seed=0)
+        args = config(tmp_path / str(reg_lambda), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3,
+                      reg_lambda=reg_lambda)
+        trainer = QuadATrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tokenizer)
+        trainer.train()
+        return [h["regularizer"] for h in trainer.state.log_history if "regularizer" in h]
+
+    without, weighted = cosines(0.0), cosines(50.0)
+    assert without[0] == pytest.approx(weighted[0])  # the same start: same weights, data and noise
+    # Trained with the term, the same batches (and noise draws) end with more similar activations.
+    assert all(w > u for w, u in zip(weighted[2:], without[2:]))
+
+
 def test_fresh_noise_every_forward_but_a_rerun_draws_the_same(tmp_path, pairs_dataset):
     def losses(run):
         model, tokenizer = tiny_model("qwen2", seed=0)
