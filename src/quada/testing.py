@@ -86,6 +86,14 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int 
     return model.eval(), tokenizer
 
 
+def save_tiny_model(folder: Path, arch: str = "qwen2", seed: int = 0, layers: int = 2) -> Path:
+    """:func:`tiny_model` saved with its tokenizer in ``folder``, loadable by path like any model folder."""
+    model, tokenizer = tiny_model(arch, seed=seed, layers=layers)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_tiny_classifier(folder: Path, labels: tuple[str, ...] = ("safe", "unsafe"), seed: int = 0) -> Path:
     """A tiny random Qwen2-style sequence classifier with the label names ``labels``, saved with
     its tokenizer in ``folder`` (a judge model given by path)."""
@@ -104,9 +112,7 @@ def save_tiny_classifier(folder: Path, labels: tuple[str, ...] = ("safe", "unsaf
 def write_tiny_run_inputs(root: Path, harmful: list[str], benign: list[str], layers: int = 2) -> Path:
     """Everything a run needs, as files under ``root``: a saved tiny Qwen2-style model folder
     (``model``), ``harmful.txt`` and ``benign.txt`` prompt files and a perplexity ``corpus.txt``."""
-    model, tokenizer = tiny_model("qwen2", seed=3, layers=layers)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model", "qwen2", seed=3, layers=layers)
     (root / "harmful.txt").write_text("\n".join(harmful))
     (root / "benign.txt").write_text("\n".join(benign))
     (root / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 30)

@@ -30,7 +30,7 @@ from quada.defense.pairs import (
 from quada.errors import QuadaError
 from quada.eval.judges import keyword_verdict, refusal_phrase
 from quada.store import CLEAN, Generation, Store
-from quada.testing import tiny_model
+from quada.testing import save_tiny_model
 
 REFUSAL = "I'm sorry, but I cannot help with that request at all."
 COMPLIANCE = "Here is a detailed plan with many concrete steps that you can follow right away today."
@@ -120,17 +120,9 @@ def test_pku_saferlhf_errors_name_the_fix(tmp_path, monkeypatch):
         load_pku_saferlhf(tmp_path / "pku.jsonl")
 
 
-def saved_tiny_model(root, arch: str, seed: int):
-    """A tiny random model saved in ``root``, loadable by path like any model folder."""
-    model, tokenizer = tiny_model(arch, seed=seed)
-    model.save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return saved_tiny_model(tmp_path_factory.mktemp("pairs-model"), "qwen2", seed=2)
+    return save_tiny_model(tmp_path_factory.mktemp("pairs-model"), "qwen2", seed=2)
 
 
 def fake_generate(calls):
@@ -213,7 +205,7 @@ def test_many_shot_prompts_leave_out_held_out_questions():
 @pytest.fixture(scope="module")
 def rejected_model_dir(tmp_path_factory):
     """A tiny model of another architecture: the stand-in for the unaligned rejected model."""
-    return saved_tiny_model(tmp_path_factory.mktemp("rejected-model"), "llama", seed=3)
+    return save_tiny_model(tmp_path_factory.mktemp("rejected-model"), "llama", seed=3)
 
 
 def fake_clean_generate(calls):
