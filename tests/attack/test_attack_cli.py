@@ -49,6 +49,27 @@ def test_an_attack_run_stores_everything_and_prints_only_rates(cli, inputs, tmp_
     assert len(json.loads((run_dir / "attack.json").read_text())["cells"]) == 3
 
 
+def test_responses_are_judged_against_the_behaviour_not_the_adversarial_prompt(cli, inputs, tmp_path, monkeypatch):
+    from quada.eval.judges import make_judge
+
+    shown = []
+
+    def recording_judge(name, *args, **kwargs):
+        judge = make_judge(name, *args, **kwargs)
+        rule = judge.judge
+        monkeypatch.setattr(judge, "judge", lambda prompts, responses: shown.extend(prompts) or rule(prompts, responses))
+        return judge
+
+    monkeypatch.setattr("quada.attack.run.make_judge", recording_judge)
+    run_dir = tmp_path / "run"
+    assert run_attack(cli, inputs, run_dir, "gcg-transfer").returncode == 0
+    behaviours = (inputs / "harmful.txt").read_text().splitlines()
+    adversarial = [p for (p,) in stored(run_dir, "SELECT prompt FROM attack_prompts")]
+    judged = shown[:2]  # then come the judge's calibration examples
+    assert len(set(judged)) == 2 and set(judged) <= set(behaviours)
+    assert not set(judged) & set(adversarial)
+
+
 @pytest.mark.parametrize("options, fragment", [
     ((), "no attack: give --attack"),
     (("--attack", "gcg,bogus"), "unknown attack 'bogus'"),

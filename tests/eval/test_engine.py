@@ -157,3 +157,33 @@ def test_a_parsed_spec_is_never_parsed_again_and_text_is_refused(tiny, tmp_path,
             engine.condition(str(NOISE), PROMPTS)
         with pytest.raises(TypeError, match="parse the spec"):
             engine.perplexity(str(NOISE))
+
+
+class RecordingJudge:
+    """A rule judge that records the requests it was shown and calls every response an attack."""
+
+    identity = "recording v1"
+
+    def __init__(self):
+        self.shown = []
+
+    def judge(self, prompts, responses):
+        self.shown += prompts
+        return make_judge("keyword").judge(["-"] * len(responses), ["Sure, step one."] * len(responses))
+
+
+def test_responses_judged_against_other_requests_are_stored_apart(tiny, tmp_path):
+    model, tokenizer = tiny
+    judge = RecordingJudge()
+    requests = [f"behaviour {p.id}" for p in PROMPTS]
+    with Store(tmp_path / "results.sqlite") as store:
+        engine = Engine(store, model, tokenizer, Options(tmp_path))
+        generations = engine.responses(engine.condition(CLEAN, PROMPTS))
+        on_prompts = engine.judged(judge, generations)
+        assert sorted(judge.shown) == sorted(p.text for p in PROMPTS)
+        on_requests = engine.judged(judge, generations, requests=requests)
+        assert judge.shown[len(PROMPTS):] == requests  # in the generations' order, not served from the first verdicts
+        assert {j.key.judge for j in on_requests} != {j.key.judge for j in on_prompts}
+        assert engine.judged(judge, generations, requests=requests) == on_requests and len(judge.shown) == 2 * len(PROMPTS)
+        with pytest.raises(ValueError, match="requests for"):
+            engine.judged(judge, generations, requests=requests[1:])

@@ -200,7 +200,7 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
     open_run_dir(config.run_dir)
     model, tokenizer = load(config.model, device=config.device)
     check_specs_fit(model, config.approximations)
-    runs: list[tuple[str, str, str, list[AttackPrompt], list[Generation]]] = []
+    runs: list[tuple[str, str, str, list[Prompt], list[AttackPrompt], list[Generation]]] = []
     with Store(config.run_dir / "results.sqlite") as store, AttackRecords(store.path) as records, \
             progress_bar(progress) as bar:
         engine = Engine(store, model, tokenizer, config)
@@ -214,7 +214,7 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
                 prompts = [Prompt(attack_prompt_id(b.id, identity), f.prompt, b.category) for b, f in zip(behaviours, found)]
                 generations = engine.responses(engine.condition(approximation, prompts), advance)
                 bar.update(task, completed=2 * len(behaviours))
-                runs.append((str(approximation), name, identity, found, generations))
+                runs.append((str(approximation), name, identity, behaviours, found, generations))
         # The judge model may be large: free the subject first.
         del model
         engine.release_model()
@@ -222,8 +222,11 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
         for judge_name in config.judges:
             judge = judges[judge_name] = make_judge(judge_name, model_source=config.judge_model, device=config.device)
             task = bar.add_task(f"judge {judge_name}", total=sum(len(g) for *_, g in runs))
-            for approximation, name, _, _, generations in runs:
-                verdicts = engine.judged(judge, generations, lambda n, task=task: bar.advance(task, n))
+            for approximation, name, _, behaviours, _, generations in runs:
+                # Judged against the behaviour, not the adversarial prompt (as HarmBench and
+                # JailbreakBench judge): the question is whether the response does what was asked.
+                verdicts = engine.judged(judge, generations, lambda n, task=task: bar.advance(task, n),
+                                         requests=[b.text for b in behaviours])
                 labels[approximation, name, judge_name] = attack_outcomes(judge_name, [v.label for v in verdicts])
         info = judge_infos(judges, config.calibrate, bar)
         fingerprint = engine.fingerprint
@@ -235,7 +238,7 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
             forward_passes=sum(f.forward_passes for f in found), seconds=sum(f.seconds for f in found),
             target_reached=_share(found, "reached"),
         )
-        for approximation, name, identity, found, _ in runs
+        for approximation, name, identity, _, found, _ in runs
     ]
     path = config.run_dir / RESULTS_FILE
     saved = merge_cells(path, [jsonable(asdict(c)) for c in cells])

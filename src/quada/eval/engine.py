@@ -41,6 +41,9 @@ from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, sett
 
 GENERATION_CHUNK = 64  # prompts generated and committed together (one batch composition)
 JUDGEMENT_CHUNK = 16
+# Appended to a judge's identity in the store when it judged responses against requests other than
+# the prompts they answered (Engine.judged's ``requests``).
+AGAINST_REQUEST = " | against the request"
 
 Approximation = Spec | str  # a parsed spec, or CLEAN for the unmodified model; str() is its store key
 Unit = TypeVar("Unit")
@@ -278,14 +281,22 @@ class Engine:
         return self.cached(accuracy_key(self.fingerprint, str(approximation), self.config), approximation,
                            lambda model, tokenizer: multiple_choice(model, tokenizer, questions).correct)
 
-    def judged(self, judge: Judge, generations: Sequence[Generation], on_chunk=_ignore) -> list[Judgement]:
-        """Stored-or-computed verdicts of ``judge`` on ``generations``, in their order."""
-        keys = [g.key.judged_by(judge.identity) for g in generations]
-        by_key = {g.key.judged_by(judge.identity): g for g in generations}
+    def judged(self, judge: Judge, generations: Sequence[Generation], on_chunk=_ignore,
+               requests: Sequence[str] | None = None) -> list[Judgement]:
+        """Stored-or-computed verdicts of ``judge`` on ``generations``, in their order.
+
+        The judge reads each response against the prompt it answered, or against ``requests`` (one
+        per generation) when given: an attack's behaviour behind its adversarial prompt. Verdicts
+        against requests are stored apart (:data:`AGAINST_REQUEST`), never mixed with the others."""
+        if requests is not None and len(requests) != len(generations):
+            raise ValueError(f"{len(requests)} requests for {len(generations)} generations")
+        identity = judge.identity if requests is None else judge.identity + AGAINST_REQUEST
+        keys = [g.key.judged_by(identity) for g in generations]
+        asked = dict(zip(keys, [g.prompt for g in generations] if requests is None else requests))
+        by_key = dict(zip(keys, generations))
 
         def compute(chunk):
-            pairs = [by_key[k] for k in chunk]
-            results = judge.judge([g.prompt for g in pairs], [g.response for g in pairs])
+            results = judge.judge([asked[k] for k in chunk], [by_key[k].response for k in chunk])
             on_chunk(len(chunk))
             return [Judgement(k, r.label, r.score, r.raw) for k, r in zip(chunk, results)]
 
