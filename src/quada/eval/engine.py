@@ -292,11 +292,12 @@ class Engine:
             raise ValueError(f"{len(requests)} requests for {len(generations)} generations")
         identity = judge.identity if requests is None else judge.identity + AGAINST_REQUEST
         keys = [g.key.judged_by(identity) for g in generations]
-        asked = dict(zip(keys, [g.prompt for g in generations] if requests is None else requests))
-        by_key = dict(zip(keys, generations))
+        texts = [g.prompt for g in generations] if requests is None else requests
+        pending = {k: (text, g.response) for k, text, g in zip(keys, texts, generations)}
 
         def compute(chunk):
-            results = judge.judge([asked[k] for k in chunk], [by_key[k].response for k in chunk])
+            asked, responses = zip(*(pending[k] for k in chunk))
+            results = judge.judge(list(asked), list(responses))
             on_chunk(len(chunk))
             return [Judgement(k, r.label, r.score, r.raw) for k, r in zip(chunk, results)]
 
