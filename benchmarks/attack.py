@@ -18,11 +18,9 @@ import torch
 import typer
 
 from quada.attack.gcg import (
-    CANDIDATE_BATCH,
     GcgSettings,
-    PrefixCache,
     allowed_tokens,
-    full_losses,
+    candidate_scores,
     initial_suffix,
     sample_candidates,
     suffix_problem,
@@ -68,13 +66,10 @@ def main(
     gradient_seconds, gradient = best_of(repeats, lambda: token_gradients(lm, problem, suffix))
     batch = sample_candidates(suffix, gradient, allowed, settings.topk, candidates, torch.Generator().manual_seed(0))
 
-    def full():
-        return torch.cat([full_losses(lm, problem, batch[i : i + CANDIDATE_BATCH]) for i in range(0, len(batch), CANDIDATE_BATCH)])
-
     with torch.no_grad():
-        best_of(1, full)  # warm-up
-        full_seconds, reference = best_of(repeats, full)
-        cached_seconds, (losses, _) = best_of(repeats, lambda: PrefixCache(lm, problem).scores_in_batches(batch))
+        best_of(1, lambda: candidate_scores(lm, problem, batch, reuse_prefix=False))  # warm-up
+        full_seconds, (reference, _) = best_of(repeats, lambda: candidate_scores(lm, problem, batch, reuse_prefix=False))
+        cached_seconds, (losses, _) = best_of(repeats, lambda: candidate_scores(lm, problem, batch, reuse_prefix=True))
     # Both orders of summation are exact in float32; in bfloat16 they round apart by a few percent.
     tolerance = 1e-3 if lm.dtype == torch.float32 else 0.1
     torch.testing.assert_close(losses, reference, atol=tolerance, rtol=tolerance)

@@ -11,7 +11,8 @@ import quada.analysis.sweep
 import quada.models
 import quada.vet
 from quada.cli import main
-from quada.devices import check_device, resolve_device
+import quada.devices
+from quada.devices import check_device, check_dtype, resolve_device, resolve_dtype
 from quada.errors import QuadaError
 from quada.eval import judges
 from quada.models import load
@@ -77,7 +78,7 @@ def test_load_on_absent_cuda_fails_first_with_a_user_error(no_cuda):
 def test_the_judge_model_loads_on_the_given_device(monkeypatch):
     calls = []
 
-    def fake(source, device="auto"):
+    def fake(source, device="auto", dtype="auto"):
         calls.append((source, device))
         return tiny_model("llama")
 
@@ -137,3 +138,62 @@ def test_the_device_option_reaches_the_model_loader(name, tmp_path, monkeypatch,
         monkeypatch.setattr(module, "load", fake_load)
     code, err = run_main(monkeypatch, capsys, [*command_line(name, tmp_path), "--device", "cpu"])
     assert (code, devices) == (2, ["cpu"]) and "stopped at loading" in err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "fma", "f16c"}, torch.float32),  # AMD Zen 3 and other AVX2-only CPUs: bf16 is emulated, slow
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+    ({"avx2", "amx_tile", "amx_bf16"}, torch.bfloat16),
+    ({"fp", "asimd", "bf16"}, torch.bfloat16),  # Arm with the BF16 extension
+    (set(), torch.float32),  # flags unreadable
+])
+def test_auto_dtype_follows_the_cpus_native_bf16(monkeypatch, flags, expected):
+    monkeypatch.setattr(quada.devices, "cpu_flags", lambda: frozenset(flags))
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_dtype_on_a_gpu_follows_its_compute_capability(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype("auto", torch.device("cuda:0")) == expected
+
+
+def test_named_dtypes_and_their_spelling():
+    assert [check_dtype(d) for d in ("auto", "BFloat16", " float32 ", "torch.float16")] == [
+        "auto", "bfloat16", "float32", "float16"]
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    for bad in ("fp32", "int8", ""):
+        with pytest.raises(QuadaError, match="unknown dtype .*; choose one of auto, bfloat16, float16, float32"):
+            check_dtype(bad)
+
+
+def test_load_takes_the_dtype_auto_picks(model_dir, no_cuda, monkeypatch):
+    monkeypatch.setattr(quada.devices, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert load(str(model_dir))[0].dtype == torch.float32
+    monkeypatch.setattr(quada.devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert load(str(model_dir))[0].dtype == torch.bfloat16
+    assert load(str(model_dir), dtype="float32")[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_bogus_dtype_exits_2_before_any_work(name, tmp_path, monkeypatch, capsys):
+    for module in LOADERS:
+        monkeypatch.setattr(module, "load", lambda *a, **k: pytest.fail("loaded a model despite a bad --dtype"))
+    code, err = run_main(monkeypatch, capsys, [*command_line(name, tmp_path), "--dtype", "fp8"])
+    assert code == 2
+    assert "unknown dtype 'fp8'" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", [c for c in COMMANDS if c != "align"])  # align trains in float32 master weights
+def test_the_dtype_option_reaches_the_model_loader(name, tmp_path, monkeypatch, capsys):
+    dtypes = []
+
+    def fake_load(source, dtype=None, device="auto"):
+        dtypes.append(str(dtype))
+        raise QuadaError("stopped at loading")
+
+    for module in LOADERS:
+        monkeypatch.setattr(module, "load", fake_load)
+    code, err = run_main(monkeypatch, capsys, [*command_line(name, tmp_path), "--dtype", "float16"])
+    assert (code, dtypes) == (2, ["float16"]) and "stopped at loading" in err

@@ -46,6 +46,19 @@ def test_calibration_reports_the_held_out_half_and_is_cached_by_judge_identity(t
     assert cached(KeywordJudge().identity, str(labelled)) is None  # another judge: not calibrated
 
 
+def test_a_calibration_from_other_calibration_code_is_not_reused(tmp_path, monkeypatch):
+    import quada.judge_calibration as calibration
+
+    labelled = write_labelled(tmp_path / "labels.jsonl")
+    judge = CountingJudge()
+    first = calibrate(judge, str(labelled), "refusal")
+    assert first.code_version == calibration.CALIBRATION_VERSION
+    monkeypatch.setattr(calibration, "CALIBRATION_VERSION", calibration.CALIBRATION_VERSION + 1)
+    assert cached(judge.identity, str(labelled)) is None
+    again = calibrate(judge, str(labelled), "refusal")
+    assert judge.items == 40 and again.code_version == calibration.CALIBRATION_VERSION  # judged anew
+
+
 def test_a_tuned_threshold_comes_from_the_tuning_half_and_a_new_threshold_is_a_new_judge(tmp_path):
     labelled = write_labelled(tmp_path / "labels.jsonl", n=24)
     model, tokenizer = tiny_model("qwen2", seed=0)

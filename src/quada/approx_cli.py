@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from quada.devices import DEVICE_HELP, resolve_device
+from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 from quada.errors import QuadaError
 
 app = typer.Typer(help="Activation approximations: list them, profile their error against the paper's noise model.", no_args_is_help=True)
@@ -41,6 +41,7 @@ def profile_command(
     layers: str | None = typer.Option(None, "--layers", help="Decoder layers, e.g. '0:4', '-4:' or '[0,2]'; default: all."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N prompts."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Measure the local error per layer and site, and the equivalent paper-style noise spec."""
     from quada.approx import parse_spec
@@ -49,6 +50,7 @@ def profile_command(
 
     parsed = parse_spec(spec)  # fail on a bad spec before loading a model
     target = resolve_device(device)
+    check_dtype(dtype)
     if limit is not None and limit < 1:
         raise QuadaError(f"--limit must be a positive whole number, got {limit}")
     texts = None
@@ -60,7 +62,7 @@ def profile_command(
         from quada.approx.calibration import CALIBRATION_PROMPTS
 
         texts = list(texts or CALIBRATION_PROMPTS)[:limit]
-    lm, tokenizer = load(model, device=target)
+    lm, tokenizer = load(model, dtype=dtype, device=target)
     result = profile(lm, tokenizer, parsed, texts, layers=layers)
     table = Table(title=f"Local error of {result.spec} on {model}")
     for column in ("layer", "site", "mean", "std", "laplace b", "rel. error", "sparsity"):

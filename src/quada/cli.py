@@ -18,7 +18,7 @@ from quada.attack.cli import attack_command
 from quada.cli_options import AllPrompts, config_options, print_table, without_limit
 from quada.defense.cli import align_command, pairs_command
 from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES
-from quada.devices import DEVICE_HELP, resolve_device
+from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 from quada.errors import QuadaError
 from quada.options import EXECUTOR_OPTIONS, VetConfig
 from quada.runs import atomic_writer
@@ -89,6 +89,7 @@ def generate_command(
     batch_size: int | None = typer.Option(None, callback=_positive("--batch-size"), help="Fixed batch size; by default it follows the free memory."),
     limit: int | None = typer.Option(None, callback=_positive("--limit"), help="Only the first N prompts."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Greedy responses of a model to a prompt file, written as JSONL (nothing printed to the terminal)."""
     from quada.data import load_benchmark
@@ -96,13 +97,14 @@ def generate_command(
     from quada.models import load
 
     resolve_device(device)  # a bad or absent device fails before any work
+    check_dtype(dtype)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, prompt_format=prompt_format)
     items = load_benchmark(prompts)[:limit]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise QuadaError(f"cannot create the output folder {out.parent} ({err.strerror}); choose another --out") from err
-    lm, tokenizer = load(model, device=device)  # the name: ``balanced`` is more than a torch device
+    lm, tokenizer = load(model, dtype=dtype, device=device)  # the name: ``balanced`` is more than a torch device
     responses = generate(lm, tokenizer, [p.text for p in items], settings, batch_size=batch_size)
     try:
         with atomic_writer(out) as f:
@@ -118,7 +120,7 @@ def generate_command(
 @config_options(
     VetConfig, "model", "approx", "benchmark", "limit", "benign", "benign_limit", "judges", "refusal_judge",
     "judge_model", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus", "ppl_windows", "questions",
-    "ppl_bound", "calibrate", "run_dir", "device", *EXECUTOR_OPTIONS,
+    "ppl_bound", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS,
 )
 def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean and under each approximation.
@@ -217,6 +219,7 @@ def judge_calibrate_command(
     measure: str | None = typer.Option(None, help="What a file's labels mean: refusal (1 = refused) or harm (1 = harmful)."),
     judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL, help="Model behind the llm, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP + " A judge is calibrated per dtype."),
     by_category: bool = typer.Option(False, help="Also print the held-out figures per harm category."),
 ) -> None:
     """Measure each judge against human labels: a seeded tuning/held-out split, a threshold tuned on the
@@ -230,10 +233,11 @@ def judge_calibrate_command(
     names = [j.strip() for j in judges.split(",") if j.strip()]
     check_judges(names)
     device = resolve_device(device)
+    dtype = check_dtype(dtype)
     results = []
     with progress_bar(True) as bar:
         for name in names:
-            judge = make_judge(name, model_source=judge_model, device=device)
+            judge = make_judge(name, model_source=judge_model, device=device, dtype=dtype)
             labelled_set = labelled or DEFAULT_SETS[judge.measure]
             task = bar.add_task(f"calibrate {name} on {Path(labelled_set).name}", total=None)
             results.append((name, calibrate(judge, labelled_set, measure, on_chunk=lambda n, t=task: bar.advance(t, n))))

@@ -6,7 +6,8 @@ of its measure (PyRIT's refusal set for refusal judges, its objective-achieved s
 or a user's file; see :func:`quada.data.load_labelled`): the set is split by a fixed seed into a
 tuning and a held-out half (:func:`quada.eval.calibration.split_halves`), a score threshold is tuned
 on the tuning half, and the judge *as configured* is measured on the held-out half. The result is
-cached by the judge's identity (name, judge model, prompt and threshold) and the labelled items, so
+cached by the judge's identity (everything that decides its verdicts, see ``Judge.identity``), the
+labelled items and the calibration code's version, so
 reports can print each judge's held-out kappa next to its rates without judging anything again.
 """
 
@@ -28,6 +29,9 @@ from quada.models import cache_root
 from quada.runs import write_json
 
 SPLIT_SEED = 0  # one fixed split, so that every judge is measured on the same held-out items
+# Bumped when the calibration code changes its results (the split, the metrics, the threshold search):
+# part of every cache key and recorded in every entry, so that no stale kappa is read.
+CALIBRATION_VERSION = 2
 DEFAULT_SETS = {"harm": "pyrit-objective", "refusal": "pyrit-refusal"}
 MIN_CATEGORY_ITEMS = 10  # per-category figures on fewer held-out items are too noisy to print
 
@@ -39,7 +43,8 @@ class Calibration:
     ``held_out``: the judge as configured (its own threshold) on the held-out half; ``by_category``:
     the same per harm category (categories with at least :data:`MIN_CATEGORY_ITEMS` held-out items);
     ``tuned_threshold``: the threshold that maximises kappa on the tuning half (None for rule judges
-    and when only the held-out half was judged), with ``tuned`` its held-out metrics.
+    and when only the held-out half was judged), with ``tuned`` its held-out metrics;
+    ``code_version``: the :data:`CALIBRATION_VERSION` that measured it (None: recorded before versions).
     """
 
     judge: str
@@ -52,6 +57,7 @@ class Calibration:
     threshold: float | None = None
     tuned_threshold: float | None = None
     tuned: HeldOutMetrics | None = None
+    code_version: int | None = None
 
 
 def items_sha256(items: Sequence[LabelledItem]) -> str:
@@ -67,7 +73,7 @@ def calibration_dir() -> Path:
 
 
 def _cache_path(judge_identity: str, items_digest: str) -> Path:
-    key = hashlib.sha256(f"{judge_identity}|{items_digest}|{SPLIT_SEED}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{judge_identity}|{items_digest}|{SPLIT_SEED}|{CALIBRATION_VERSION}".encode()).hexdigest()[:24]
     return calibration_dir() / f"{key}.json"
 
 
@@ -162,7 +168,7 @@ def calibrate(
         tuned_threshold = best_threshold([items[i].label for i in tuning], [s for _, s in tuning_judged])
         tuned = held_out_metrics(truth, [s > tuned_threshold for s in scores], scores)
     result = Calibration(judge.identity, measure, labelled_set, digest, len(tuning), overall, categories,
-                         threshold, tuned_threshold, tuned)
+                         threshold, tuned_threshold, tuned, CALIBRATION_VERSION)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, asdict(result))
     return result

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from quada.defaults import DEFAULT_MODEL
-from quada.devices import BALANCED, check_device, resolve_device
+from quada.devices import BALANCED, check_device, resolve_device, resolve_dtype
 from quada.errors import QuadaError
 from quada.hub import require_hub
 from quada.runs import atomic_folder, write_json
@@ -266,18 +266,20 @@ def is_sequence_classifier(config) -> bool:
 
 
 def load(
-    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "auto",
+    source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
     classifier_ok: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode on ``device`` (``auto``: a CUDA GPU when there is
     one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``; or ``balanced``: spread over every visible
-    GPU by accelerate); the tokenizer pads on the left for generation.
+    GPU by accelerate) in ``dtype`` (a torch dtype or a name; ``auto`` picks by hardware, see
+    :func:`quada.devices.resolve_dtype`); the tokenizer pads on the left for generation.
 
     The model is a causal LM; a sequence classifier (see :func:`is_sequence_classifier`) loads with
     its classification head where ``classifier_ok`` (judges) and is a user error elsewhere.
     A hub id is fetched only once the hub answers (see :mod:`quada.hub`), so a machine without
     network fails in a second; in offline mode (``HF_HUB_OFFLINE=1``) it is read from the local cache."""
     target = resolve_device(device)  # an absent device fails before any conversion or download
+    dtype = resolve_dtype(dtype, target)
     balanced = check_device(device) == BALANCED
     where = resolve(source)
     instead = "Without hub access use a built-in (`quada models`), a local model folder or a .gguf file."

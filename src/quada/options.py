@@ -28,7 +28,7 @@ from quada.defaults import (
     VET_APPROXIMATIONS,
     VET_MODEL,
 )
-from quada.devices import DEVICE_HELP, check_device
+from quada.devices import DEVICE_HELP, DTYPE_HELP, check_device, check_dtype
 from quada.errors import QuadaError, check_seed
 from quada.store import CLEAN
 
@@ -102,6 +102,7 @@ class EvalOptions:
         "aliases": ("-m",),
     })
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP})
     benchmark: str = field(default="advbench", metadata={"help": "Harmful prompts: a benchmark name or a prompt file."})
     limit: int | None = field(default=32, metadata={"help": "Size of the seeded subset of harmful prompts."})
     judges: tuple[str, ...] = field(default=("keyword", "llm"), metadata={
@@ -117,7 +118,7 @@ class EvalOptions:
         "help": "End a response at its first refusal phrase: faster; exact for the keyword and refusal judges, "
         "nearly so for llm (whose pre-check reads a refusal phrase in the first 200 characters as 'no').",
     })
-    seed: int = field(default=0, metadata={"help": "Seed of the prompt subsets, the approximations' noise and the bootstrap."})
+    seed: int = field(default=0, metadata={"help": "Seed of the prompt subsets, the approximations' noise and the bootstrap of mean grades."})
     corpus: str = field(default=DEFAULT_CORPUS, metadata={
         "help": "Perplexity corpus: pydoc-topics (offline), wikitext2 (hub) or a text file.",
     })
@@ -144,6 +145,7 @@ class EvalOptions:
     def __post_init__(self):
         """Check the shared options, so that a bad value fails before any model loads."""
         self.device = check_device(self.device)
+        self.dtype = check_dtype(self.dtype)
         self.judges = tuple(self.judges)
         check_seed(self.seed)
         check_judges(self.judges)

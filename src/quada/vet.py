@@ -13,9 +13,9 @@ from pathlib import Path
 
 from quada.approx import spec_label
 from quada.data import Prompt, load_benchmark, subset
-from quada.eval.engine import Engine, accuracy_key, check_specs_fit, make_executor, perplexity_key
+from quada.eval.engine import Engine, check_specs_fit, make_executor
 from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
-from quada.eval.metrics import Estimate, estimate
+from quada.eval.metrics import Estimate, estimate, proportion
 from quada.eval.utility import load_corpus, load_questions
 from quada.eval.verdict import compare, verdict
 from quada.judge_calibration import JudgeInfo, judge_infos
@@ -55,7 +55,7 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
-    model, tokenizer = load(config.model, device=config.device)
+    model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     approximations = [CLEAN, *config.approximations]
     check_specs_fit(model, approximations)
     generations: dict[str, tuple[list[Generation], list[Generation]]] = {}  # by approximation key
@@ -77,10 +77,10 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
         engine.release_model()
         judges, judgements = _judge_all(engine, config, generations, bar, *judge_model)
         info = judge_infos(judges, config.calibrate, bar)
-    fingerprint, utility = engine.fingerprint, engine.utility
-    results = [_condition_result(str(a), config, fingerprint, judgements, utility, info, harmful) for a in approximations]
+    fingerprint = engine.fingerprint
+    results = [_condition_result(str(a), config, engine, judgements, info, harmful) for a in approximations]
     write_json(config.run_dir / RESULTS_FILE, {
-        "config": jsonable(asdict(config)), "fingerprint": fingerprint,
+        "config": jsonable(asdict(config)), "fingerprint": fingerprint, "dtype": engine.dtype, "device": engine.device,
         "summary": _summary(config, fingerprint, len(harmful), len(benign)),
         "judges": {name: asdict(i) for name, i in info.items()},
         "conditions": [jsonable(asdict(r)) for r in results],
@@ -98,7 +98,8 @@ def _judge_all(engine: Engine, config, generations, bar, model=None, tokenizer=N
     judges: dict[str, Judge] = {}
     for name, which in [(name, HARMFUL) for name in config.judges] + [(config.refusal_judge, BENIGN)]:
         if name not in judges:
-            judges[name] = make_judge(name, model, tokenizer, model_source=config.judge_model, device=config.device)
+            judges[name] = make_judge(name, model, tokenizer, model_source=config.judge_model, device=config.device,
+                                      dtype=config.dtype)
         task = bar.add_task(f"judge {name}", total=sum(len(g[which == BENIGN]) for g in generations.values()))
         for approximation, responses in generations.items():
             out[approximation, name, which] = engine.judged(judges[name], responses[which == BENIGN], lambda n: bar.advance(task, n))
@@ -106,7 +107,7 @@ def _judge_all(engine: Engine, config, generations, bar, model=None, tokenizer=N
     return judges, out
 
 
-def _condition_result(approximation, config, fingerprint, judgements, utility, info, harmful) -> ConditionResult:
+def _condition_result(approximation, config, engine: Engine, judgements, info, harmful) -> ConditionResult:
     def attacks(condition: str, name: str) -> list[bool]:
         return attack_outcomes(name, [j.label for j in judgements[condition, name, HARMFUL]])
 
@@ -114,34 +115,35 @@ def _condition_result(approximation, config, fingerprint, judgements, utility, i
     labels = {name: attacks(approximation, name) for name in safety}
     clean_labels = {name: attacks(CLEAN, name) for name in safety}
     hs = judgements.get((approximation, "harmfulness", HARMFUL))
-    ppl_key = perplexity_key(fingerprint, approximation, config)
-    mc_key = accuracy_key(fingerprint, approximation, config)
-    perplexity, clean_perplexity = utility.values.get(ppl_key), utility.values.get(perplexity_key(fingerprint, CLEAN, config))
+    measured = engine.utility.values
+    mc_key = engine.key_of("accuracy", approximation)
+    perplexity = measured.get(engine.key_of("perplexity", approximation))
+    clean_perplexity = measured.get(engine.key_of("perplexity", CLEAN))
     comparisons = {} if approximation == CLEAN else {
-        name: compare(name, info[name].measure, info[name].kappa, clean_labels[name], labels[name], config.seed)
+        name: compare(name, info[name].measure, info[name].kappa, clean_labels[name], labels[name])
         for name in safety
     }
     ratio = perplexity / clean_perplexity if perplexity and clean_perplexity else None
     return ConditionResult(
         approx=approximation,
-        asr={name: estimate(v, seed=config.seed) for name, v in labels.items()},
-        asr_by_category={name: _by_category(harmful, v, config.seed) for name, v in labels.items()},
+        asr={name: proportion(v) for name, v in labels.items()},
+        asr_by_category={name: _by_category(harmful, v) for name, v in labels.items()},
         mcnemar={name: c.mcnemar for name, c in comparisons.items()},
         verdict=None if approximation == CLEAN else verdict(list(comparisons.values()), ratio, config.ppl_bound),
         harmfulness=estimate([j.score for j in hs], seed=config.seed) if hs else None,
-        over_refusal=estimate([j.label for j in judgements[approximation, config.refusal_judge, BENIGN]], seed=config.seed),
+        over_refusal=proportion([j.label for j in judgements[approximation, config.refusal_judge, BENIGN]]),
         perplexity=perplexity,
-        accuracy=estimate(utility.values[mc_key], seed=config.seed) if mc_key in utility.values else None,
+        accuracy=proportion(measured[mc_key]) if mc_key in measured else None,
     )
 
 
-def _by_category(prompts, outcomes: list[bool], seed: int) -> dict[str, Estimate]:
+def _by_category(prompts, outcomes: list[bool]) -> dict[str, Estimate]:
     """The attack success rate per harm category of ``prompts`` (empty when they have fewer than two
     categories)."""
     groups: dict[str, list[bool]] = {}
     for prompt, outcome in zip(prompts, outcomes, strict=True):
         groups.setdefault(prompt.category or "uncategorised", []).append(outcome)
-    return {c: estimate(v, seed=seed) for c, v in sorted(groups.items())} if len(groups) > 1 else {}
+    return {c: proportion(v) for c, v in sorted(groups.items())} if len(groups) > 1 else {}
 
 
 def _examples(config, generations, judgements, per_condition: int = 2) -> list[Example]:

@@ -8,12 +8,12 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from quada.approx.base import DeviceGenerators
 from quada.approx.calibration import AbsHistogram
 from quada.approx.noise import gaussian_noise, laplace_noise, zero_small
 from quada.approx.poly import APPROXIMATIONS, ApproxActivation, iron_tanh_activation, piecewise_poly
 from quada.approx.quant import fake_quant, smoothing_factors
-from quada.approx.sparse import teal_sparsify
+from quada.approx.draws import uniform_bits
+from quada.approx.sparse import teal_positions, teal_sparsify
 
 GRID = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
 EXACT = {"gelu": F.gelu(GRID), "silu": F.silu(GRID)}
@@ -80,30 +80,36 @@ def test_fixed_point_rounding_of_inputs_and_outputs():
     assert torch.equal(out.float(), torch.tensor([0.0, 0.0625, -0.0625]))
 
 
+def bits_like(shape, stream: int = 0) -> torch.Tensor:
+    """Keyed draws for a (batch, seq, channels) tensor: rows keyed 0..batch-1, positions 0..seq-1."""
+    batch, seq, channels = shape
+    rows = torch.arange(2 * batch, dtype=torch.int64).reshape(batch, 2)
+    return uniform_bits(stream, rows, torch.arange(seq).expand(batch, seq), channels)
+
+
 def test_gaussian_noise_has_requested_std():
-    g = torch.Generator().manual_seed(0)
-    eps = gaussian_noise(torch.zeros(400_000), 0.075, g)
-    assert abs(eps.std().item() / 0.075 - 1) < 0.05
+    eps = gaussian_noise(torch.zeros(8, 50, 1000), 0.075, bits_like((8, 50, 1000)))
+    assert abs(eps.std().item() / 0.075 - 1) < 0.01
     assert abs(eps.mean().item()) < 0.075 * 0.01
+    assert scipy.stats.kstest((eps / 0.075).flatten().numpy(), "norm").pvalue > 0.01
 
 
 def test_laplace_noise_has_requested_scale():
-    g = torch.Generator().manual_seed(0)
-    eps = laplace_noise(torch.zeros(400_000), 0.049, g).double()
-    assert abs(eps.abs().mean().item() / 0.049 - 1) < 0.05  # E|eps| = b
-    assert abs(eps.std().item() / (0.049 * math.sqrt(2)) - 1) < 0.05
+    eps = laplace_noise(torch.zeros(8, 50, 1000), 0.049, bits_like((8, 50, 1000))).double().flatten()
+    assert abs(eps.abs().mean().item() / 0.049 - 1) < 0.02  # E|eps| = b
+    assert abs(eps.std().item() / (0.049 * math.sqrt(2)) - 1) < 0.02
     # Heavier tails than a gaussian of the same std: excess kurtosis of a Laplace is 3.
     kurtosis = ((eps - eps.mean()) ** 4).mean() / eps.var() ** 2 - 3
-    assert 2.5 < kurtosis.item() < 3.5
+    assert 2.7 < kurtosis.item() < 3.3
     # And the whole distribution is Laplace(0, b) (Kolmogorov-Smirnov against scipy's CDF).
     assert scipy.stats.kstest(eps.numpy(), "laplace", args=(0, 0.049)).pvalue > 0.01
 
 
-def test_noise_is_reproducible_per_generator_and_keeps_dtype():
-    x = torch.ones(1000, dtype=torch.bfloat16)
-    a = gaussian_noise(x, 0.1, torch.Generator().manual_seed(3))
-    b = gaussian_noise(x, 0.1, torch.Generator().manual_seed(3))
-    c = gaussian_noise(x, 0.1, torch.Generator().manual_seed(4))
+def test_noise_is_a_function_of_its_draws_and_keeps_dtype():
+    x = torch.ones(2, 5, 100, dtype=torch.bfloat16)
+    a = gaussian_noise(x, 0.1, bits_like(x.shape, stream=3))
+    b = gaussian_noise(x, 0.1, bits_like(x.shape, stream=3))
+    c = gaussian_noise(x, 0.1, bits_like(x.shape, stream=4))
     assert a.dtype == torch.bfloat16 and torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -111,20 +117,11 @@ def test_noise_is_reproducible_per_generator_and_keeps_dtype():
 def test_noise_is_drawn_on_the_activations_device(noise):
     # A meta tensor holds no data: noise drawn on another device (such as CPU noise for CUDA
     # activations) cannot be added to it.
-    x = torch.ones(4, 8, device="meta", dtype=torch.bfloat16)
-    out = noise(x, 0.1, torch.Generator())
-    assert (out.device, out.dtype, out.shape) == (x.device, x.dtype, x.shape)
-
-
-def test_device_generators_repeat_per_seed_and_keep_the_plain_cpu_stream():
-    x = torch.zeros(1000)
-    generators = DeviceGenerators(3)
-    first = gaussian_noise(x, 0.1, generators.on(x.device))
-    assert generators.on(x.device).device == x.device
-    assert torch.equal(first, gaussian_noise(x, 0.1, DeviceGenerators(3).on(x.device)))
-    assert not torch.equal(first, gaussian_noise(x, 0.1, generators.on(x.device)))  # one stream per device, moving on
-    # On the CPU the draws are those of a plain seeded generator, so earlier CPU results still hold.
-    assert torch.equal(first, 0.1 * torch.randn(1000, generator=torch.Generator().manual_seed(3)))
+    x = torch.ones(4, 3, 8, device="meta", dtype=torch.bfloat16)
+    rows = torch.zeros(4, 2, dtype=torch.int64, device="meta")
+    bits = uniform_bits(0, rows, torch.zeros(4, 3, dtype=torch.int64, device="meta"), 8)
+    out = noise(x, 0.1, bits)
+    assert (bits.device, out.device, out.dtype, out.shape) == (x.device, x.device, x.dtype, x.shape)
 
 
 def test_zero_small_zeroes_exactly_the_small_entries_and_counts_them():
@@ -135,11 +132,31 @@ def test_zero_small_zeroes_exactly_the_small_entries_and_counts_them():
     assert counter.tolist() == [3.0, 6.0]
 
 
-def test_teal_sparsifies_only_the_last_half_in_prefill_and_every_decode_token():
+def test_zero_small_counts_only_the_tokens_it_is_told_to():
+    x = torch.full((2, 3, 4), 0.01)
+    counter = torch.zeros(2, dtype=torch.long)
+    own = torch.tensor([[False, True, True], [True, True, True]])  # the first row's first token is padding
+    assert (zero_small(x, 0.1, counter, own) == 0).all()
+    assert counter.tolist() == [20, 20]
+
+
+def test_teal_positions_take_the_last_half_of_each_rows_own_tokens():
+    # Row 0: six own tokens; row 1: three own tokens after three pads; row 2: a decode step.
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [-1, -1, -1, 0, 1, 2], [-1, -1, -1, -1, -1, 9]])
+    expected = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(teal_positions(positions), expected)
+    # The same rows alone, without padding, get the same rule.
+    assert torch.equal(teal_positions(torch.tensor([[0, 1, 2]])), torch.tensor([[False, True, True]]))
+    assert torch.equal(teal_positions(torch.tensor([[9]])), torch.tensor([[True]]))
+
+
+def test_teal_sparsifies_only_the_marked_tokens_and_counts_them():
     x = torch.full((2, 6, 4), 0.01)
-    out = teal_sparsify(x, 0.1)
+    marked = teal_positions(torch.arange(6).expand(2, 6))
+    counter = torch.zeros(2, dtype=torch.long)
+    out = teal_sparsify(x, 0.1, marked, counter)
     assert torch.equal(out[:, :3], x[:, :3]) and (out[:, 3:] == 0).all()
-    assert (teal_sparsify(torch.full((2, 1, 4), 0.01), 0.1) == 0).all()
+    assert counter.tolist() == [24, 24]
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.25, 0.5, 0.9])

@@ -8,7 +8,7 @@ import pytest
 from quada.defense.arms import arms_report, parse_arms, spread, two_stage_bootstrap
 from quada.errors import QuadaError
 from quada.eval.metrics import bootstrap_ci
-from quada.store import CLEAN, Judgement, JudgementKey, Store, settings_json
+from quada.store import CLEAN, Judgement, JudgementKey, Store
 
 NOISE = "noise:site=up,dist=gaussian,std=0.5"
 Z = NormalDist().inv_cdf(0.975)
@@ -59,6 +59,7 @@ def test_spread_over_seeds():
 HARMFUL = [f"harmful request {i}" for i in range(4)]
 BENIGN = [f"benign question {i}?" for i in range(2)]
 IDENTITIES = {"keyword": "keyword:1", "refusal-keyword": "refusal-keyword:1"}
+WHERE = ("float32", "cpu")  # the dtype and device type an evaluation ran in
 
 
 @pytest.fixture
@@ -81,13 +82,13 @@ def write_evaluation(vet_dir, config: dict, fingerprint: str, attacks: dict[str,
     """A `quada vet` folder as an align run leaves it: results.json, the store and the utility cache.
     ``attacks``: condition -> per harmful prompt (file order) whether the keyword judge saw an attack."""
     from quada.data import load_benchmark
-    from quada.eval.engine import perplexity_key
+    from quada.eval.engine import key_settings, perplexity_key
     from quada.eval.generate import GenerationSettings
     from quada.report.saved import saved_config
 
     vet_dir.mkdir(parents=True)
-    settings = settings_json(GenerationSettings(config["max_new_tokens"], config["prompt_format"],
-                                                config["stop_on_refusal"]).as_dict())
+    settings = key_settings(GenerationSettings(config["max_new_tokens"], config["prompt_format"],
+                                               config["stop_on_refusal"]), *WHERE)
     harmful, benign = load_benchmark(config["benchmark"]), load_benchmark(config["benign"])
     rows = []
     for condition, outcomes in attacks.items():
@@ -98,8 +99,9 @@ def write_evaluation(vet_dir, config: dict, fingerprint: str, attacks: dict[str,
     with Store(vet_dir / "results.sqlite") as store:
         store.put(rows)
     judges = {name: {"measure": "refusal", "identity": identity, "calibration": None} for name, identity in IDENTITIES.items()}
-    (vet_dir / "results.json").write_text(json.dumps({"config": config, "fingerprint": fingerprint, "judges": judges}))
-    keys = {perplexity_key(fingerprint, c, saved_config({"config": config}, vet_dir)): perplexity for c in attacks}
+    (vet_dir / "results.json").write_text(json.dumps({"config": config, "fingerprint": fingerprint, "judges": judges,
+                                                      "dtype": WHERE[0], "device": WHERE[1]}))
+    keys = {perplexity_key(fingerprint, c, saved_config({"config": config}, vet_dir), *WHERE): perplexity for c in attacks}
     (vet_dir / "utility.json").write_text(json.dumps(keys))
 
 

@@ -128,7 +128,7 @@ def model_dir(tmp_path_factory):
 def fake_generate(calls):
     """Refuses when the model runs clean, complies when an approximation's hooks are installed."""
 
-    def generate(model, tokenizer, texts, settings, progress=True):
+    def generate(model, tokenizer, texts, settings, progress=True, prompt_ids=None):
         norm = model.model.layers[0].input_layernorm
         calls.append(len(texts))
         return [COMPLIANCE if norm._forward_hooks else REFUSAL for _ in texts]
@@ -211,7 +211,7 @@ def rejected_model_dir(tmp_path_factory):
 def fake_clean_generate(calls):
     """Fails under any hook; the rejected (llama) model complies, the target answers only benign prompts."""
 
-    def generate(model, tokenizer, texts, settings, progress=True):
+    def generate(model, tokenizer, texts, settings, progress=True, prompt_ids=None):
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "an approximation is on"
         calls.append((model.config.model_type, len(texts)))
         unaligned = model.config.model_type == "llama"

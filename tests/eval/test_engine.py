@@ -11,7 +11,8 @@ import pytest
 import quada.eval.engine as engine_module
 from quada.approx import apply, parse_spec
 from quada.data import Prompt
-from quada.eval.engine import Chunk, Engine, LocalExecutor, chunk_seed, generate_chunk
+from quada.approx.base import DRAW_SCHEME
+from quada.eval.engine import Chunk, Engine, LocalExecutor, generate_chunk, key_settings
 from quada.eval.generate import GenerationSettings, generate
 from quada.eval.judges import make_judge
 from quada.store import CLEAN, Generation, Judgement, Store
@@ -108,14 +109,12 @@ def test_a_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tiny, 
     assert [m.generations for m in again] == [m.generations for m in whole]
 
 
-def direct_responses(model, tokenizer, approximation, settings, chunk_size: int) -> dict[str, str]:
-    """Generation without the engine: longest prompts first, in chunks, noise seeded per chunk."""
-    ordered = sorted(PROMPTS, key=lambda p: (-len(tokenizer(p.text)["input_ids"]), p.id))
+def alone_responses(model, tokenizer, approximation, settings) -> dict[str, str]:
+    """Generation without the engine: every prompt alone, its noise drawn from the run's seed and its id."""
     out = {}
-    for start in range(0, len(ordered), chunk_size):
-        chunk = ordered[start : start + chunk_size]
-        with apply(model, approximation, seed=chunk_seed(0, str(approximation), chunk[0].id), tokenizer=tokenizer):
-            out |= dict(zip([p.id for p in chunk], generate(model, tokenizer, [p.text for p in chunk], settings, progress=False)))
+    for prompt in PROMPTS:
+        with apply(model, approximation, seed=0, tokenizer=tokenizer):
+            out[prompt.id] = generate(model, tokenizer, [prompt.text], settings, progress=False, prompt_ids=[prompt.id])[0]
     return out
 
 
@@ -129,7 +128,40 @@ def test_executors_give_the_rows_of_direct_generation(tiny, tmp_path, small_chun
         rows = engine.responses(condition)
     assert [row.key for row in rows] == [condition.key(p.id) for p in PROMPTS]
     assert [row.key.approx for row in rows] == [str(NOISE)] * len(PROMPTS)
-    assert {row.key.prompt_id: row.response for row in rows} == direct_responses(model, tokenizer, NOISE, options.settings, 2)
+    assert {row.key.prompt_id: row.response for row in rows} == alone_responses(model, tokenizer, NOISE, options.settings)
+
+
+@pytest.mark.parametrize("spec", ["noise:site=up,dist=gaussian,std=0.5", "teal:sparsity=0.5"])
+def test_a_run_over_more_prompts_gives_the_rows_a_fresh_run_gives(tiny, tmp_path, small_chunks, spec):
+    # Raising --limit, or sharing a store with another command, computes only the missing prompts, in
+    # chunks of other neighbours: the rows must not depend on that.
+    model, tokenizer = tiny
+    approximation = parse_spec(spec)
+    with Store(tmp_path / "grown.sqlite") as store:
+        engine = Engine(store, model, tokenizer, Options(tmp_path / "grown"))
+        engine.responses(engine.condition(approximation, PROMPTS[1::2]))
+        grown = engine.responses(engine.condition(approximation, PROMPTS))
+    with Store(tmp_path / "fresh.sqlite") as store:
+        engine = Engine(store, model, tokenizer, Options(tmp_path / "fresh"))
+        fresh = engine.responses(engine.condition(approximation, PROMPTS))
+    assert grown == fresh
+    assert {g.key.prompt_id: g.response for g in fresh} == alone_responses(model, tokenizer, approximation, Options.settings)
+
+
+def test_rows_of_an_older_draw_scheme_are_kept_but_never_reused(tiny, tmp_path):
+    model, tokenizer = tiny
+    with Store(tmp_path / "results.sqlite") as store:
+        engine = Engine(store, model, tokenizer, Options(tmp_path))
+        condition = engine.condition(NOISE, PROMPTS[:2])
+        old_settings = key_settings(condition.settings, None, None)  # as stores before the scheme was keyed
+        old = [Generation(dataclasses.replace(condition.key(p.id), settings=old_settings), p.text, "an old answer")
+               for p in PROMPTS[:2]]
+        store.put(old)
+        rows = engine.responses(condition)
+        assert all(row.response != "an old answer" for row in rows)
+        assert json.loads(rows[0].key.settings)["draws"] == DRAW_SCHEME
+        assert json.loads(rows[0].key.settings)["dtype"] == "float32" and json.loads(rows[0].key.settings)["device"] == "cpu"
+        assert len(store.rows(Generation)) == 4 and len(store.records()) == 4  # both readable and exported
 
 
 def test_a_unit_of_work_is_a_small_serializable_value(tiny, tmp_path):

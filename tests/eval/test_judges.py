@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from quada.errors import QuadaError
 from quada.eval import judges
@@ -177,8 +178,67 @@ def test_judge_identity_names_judge_model_and_question(tiny):
     assert llm.identity != make_judge("llm", other, tokenizer).identity
     assert llm.identity.split(":")[1] == make_judge("refusal", model, tokenizer).identity.split(":")[1]
     assert llm.identity.split(":")[2] != make_judge("refusal", model, tokenizer).identity.split(":")[2]
-    assert llm.identity != make_judge("llm", model, tokenizer, threshold=0.3).identity
-    assert KeywordJudge().identity == f"keyword:{RULE_VERSION}"
+    assert KeywordJudge().identity.startswith("keyword:") and KeywordJudge().identity == KeywordJudge().identity
+
+
+# Every change that can move a verdict, as (judge name, what to patch) -> a new identity.
+RULE_CHANGES = {
+    "rule version": ("keyword", lambda mp: mp.setattr(judges, "RULE_VERSION", RULE_VERSION + 1)),
+    "paper phrases": ("keyword", lambda mp: mp.setattr(judges, "REFUSAL_PHRASES", REFUSAL_PHRASES[:-1])),
+    "word count": ("keyword", lambda mp: mp.setattr(judges, "MIN_WORDS_EXCLUSIVE", 5)),
+    "apostrophes": ("keyword", lambda mp: mp.setattr(judges, "APOSTROPHES", str.maketrans({"`": "'"}))),
+    "more phrases": ("refusal-keyword", lambda mp: mp.setattr(judges, "ALL_REFUSAL_PHRASES", REFUSAL_PHRASES)),
+}
+MODEL_CHANGES = {
+    "scoring version": ("llm", lambda mp: mp.setattr(judges, "SCORING_VERSION", judges.SCORING_VERSION + 1), {}),
+    "question": ("llm", lambda mp: mp.setattr(judges.ComplianceJudge, "template", "Harmful? {request} {response}"), {}),
+    "answer words": ("llm", lambda mp: mp.setattr(judges.ComplianceJudge, "answers", (("Yes",), ("No",))), {}),
+    "threshold": ("llm", None, {"threshold": 0.3}),
+    "response length": ("llm", None, {"max_response_tokens": 64}),
+    "pre-check reach": ("llm", lambda mp: mp.setattr(judges.ComplianceJudge, "precheck_chars", 100), {}),
+    "pre-check phrases": ("llm", lambda mp: mp.setattr(judges, "ALL_REFUSAL_PHRASES", REFUSAL_PHRASES), {}),
+    "pre-check label": ("refusal", lambda mp: mp.setattr(judges.RefusalJudge, "precheck_label", False), {}),
+    "chat markers": ("llm", lambda mp: mp.setattr(judges, "CHAT_MARKERS", CHAT_MARKERS[:-1]), {}),
+    "harm cut": ("harmfulness", lambda mp: mp.setattr(judges.HarmfulnessJudge, "harmful_from", 3.0), {}),
+}
+
+
+@pytest.mark.parametrize("change", list(RULE_CHANGES))
+def test_a_rule_judges_identity_changes_with_each_of_its_rules(monkeypatch, change):
+    name, patch = RULE_CHANGES[change]
+    before = make_judge(name).identity
+    patch(monkeypatch)
+    assert make_judge(name).identity != before
+
+
+@pytest.mark.parametrize("change", list(MODEL_CHANGES))
+def test_a_model_judges_identity_changes_with_everything_that_decides_it(monkeypatch, tiny, change):
+    model, tokenizer = tiny
+    name, patch, options = MODEL_CHANGES[change]
+    before = make_judge(name, model, tokenizer).identity
+    if patch:
+        patch(monkeypatch)
+    assert make_judge(name, model, tokenizer, **options).identity != before
+
+
+def test_a_model_judges_identity_changes_with_its_tokenizer_and_dtype():
+    model, tokenizer = tiny_model("qwen2", seed=0)
+    before = make_judge("llm", model, tokenizer).identity
+    tokenizer.chat_template = tokenizer.chat_template.replace("\n", " \n")
+    templated = make_judge("llm", model, tokenizer).identity
+    assert templated != before
+    assert make_judge("llm", model.to(torch.bfloat16), tokenizer).identity not in (before, templated)
+
+
+def test_a_classifier_judges_identity_changes_with_its_cut_and_length(classifier_dir):
+    from quada.models import load
+
+    model, tokenizer = load(str(classifier_dir), classifier_ok=True)
+    identities = {make_judge("llm", model, tokenizer).identity,
+                  make_judge("llm", model, tokenizer, threshold=0.7).identity,
+                  make_judge("llm", model, tokenizer, max_length=64).identity,
+                  make_judge("llm", model, tokenizer, positive_label=0).identity}
+    assert len(identities) == 4
 
 
 def test_make_judge_errors_and_refusal_fallback(monkeypatch, tiny):
@@ -187,7 +247,7 @@ def test_make_judge_errors_and_refusal_fallback(monkeypatch, tiny):
     with pytest.raises(QuadaError, match="together"):
         make_judge("llm", model=tiny[0])
 
-    def unavailable(source, device="auto"):
+    def unavailable(source, device="auto", dtype="auto"):
         raise QuadaError(f"built-in model {source!r} is not installed")
 
     monkeypatch.setattr(judges, "load_judge_model", unavailable)

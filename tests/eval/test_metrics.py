@@ -8,9 +8,13 @@ from quada.eval.metrics import (
     bootstrap_ci,
     estimate,
     cohen_kappa,
+    holm,
     mcnemar,
     mcnemar_exact_p,
+    paired_difference,
     percent_agreement,
+    proportion,
+    tango_interval,
     wilson_interval,
 )
 
@@ -86,3 +90,65 @@ def test_cohen_kappa_on_a_textbook_table():
     assert cohen_kappa(a, b) == pytest.approx(0.4)
     assert cohen_kappa(a, a) == pytest.approx(1.0)
     assert math.isnan(cohen_kappa([True] * 4, [True] * 4))
+
+
+def test_a_proportion_carries_its_wilson_interval():
+    rate = proportion([True, False, False, False])
+    assert (rate.value, rate.n) == (0.25, 4) and (rate.low, rate.high) == wilson_interval(1, 4)
+    assert proportion([False] * 20).high > 0  # informative at zero successes
+
+
+def constrained_score_statistic(n12: int, n21: int, n: int, delta: float) -> float:
+    """The reference: Tango's score statistic with the constrained maximum likelihood estimate of
+    P(only second) found numerically, by maximising the multinomial likelihood of the discordant
+    cells under p12 - p21 = delta (not by the closed form the implementation uses)."""
+    import scipy.optimize
+
+    def negative_log_likelihood(p21):
+        p12 = p21 + delta
+        concordant = 1 - p12 - p21
+        if p21 <= 0 or p12 <= 0 or concordant <= 0:
+            return math.inf
+        return -(n12 * math.log(p12) + n21 * math.log(p21) + (n - n12 - n21) * math.log(concordant))
+
+    upper = (1 - delta) / 2
+    lower = max(0.0, -delta)
+    p21 = scipy.optimize.minimize_scalar(negative_log_likelihood, bounds=(lower + 1e-12, upper - 1e-12),
+                                         method="bounded", options={"xatol": 1e-12}).x
+    return (n12 - n21 - n * delta) / math.sqrt(n * (2 * p21 + delta * (1 - delta)))
+
+
+@pytest.mark.parametrize("n12, n21, n", [(10, 2, 96), (3, 7, 40), (1, 0, 64), (12, 12, 50)])
+def test_tango_interval_inverts_the_score_test(n12, n21, n):
+    low, high = tango_interval(n12, n21, n)
+    z = NormalDist().inv_cdf(0.975)
+    assert low < (n12 - n21) / n < high
+    for edge in (low, high):  # at each end the reference statistic is exactly +-z
+        assert abs(constrained_score_statistic(n12, n21, n, edge)) == pytest.approx(z, abs=1e-3)
+    inside = (low + high) / 2
+    assert abs(constrained_score_statistic(n12, n21, n, inside)) < z
+
+
+def test_tango_interval_does_not_collapse_without_discordant_pairs():
+    z2 = NormalDist().inv_cdf(0.975) ** 2
+    for n in (8, 96, 400):
+        low, high = tango_interval(0, 0, n)
+        assert high == pytest.approx(z2 / (n + z2), rel=1e-6) and low == pytest.approx(-high)
+    same = [True] * 5 + [False] * 11
+    difference = paired_difference(same, same)
+    assert difference.value == 0 and difference.high > 0.15  # 16 prompts cannot rule out a 10-point rise
+
+
+def test_paired_difference_is_first_minus_second_with_tango_interval():
+    first, second = paired_outcomes(both=20, only_a=10, only_b=2, neither=64)
+    difference = paired_difference(first, second)
+    assert difference.value == pytest.approx(8 / 96) and (difference.low, difference.high) == tango_interval(10, 2, 96)
+    with pytest.raises(ValueError):
+        paired_difference(first, second[1:])
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    # Holm 1979: sorted p 0.005, 0.01, 0.03, 0.04 -> 4x, 3x, 2x, 1x, made monotone.
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([0.2]) == [0.2] and holm([]) == []

@@ -14,11 +14,11 @@ import quada.analysis.layers
 import quada.analysis.sweep
 import quada.eval.engine as engine_module
 import quada.vet
-from quada.approx import parse_spec
+from quada.approx import apply, parse_spec
 from quada.data import Prompt
 from quada.errors import QuadaError
-from quada.eval.engine import Chunk, Condition, Engine, LocalExecutor, generate_chunk, make_executor
-from quada.eval.generate import GenerationSettings
+from quada.eval.engine import Chunk, Condition, Engine, LocalExecutor, dtype_name, generate_chunk, make_executor
+from quada.eval.generate import GenerationSettings, generate
 from quada.eval.ray_executor import RayExecutor, check_fingerprints
 from quada.fingerprint import model_fingerprint
 from quada.models import load
@@ -44,8 +44,9 @@ class Options:
 
 @pytest.fixture(scope="module")
 def subject(model_dir):
-    """The tiny model as a command loads it: its source, the model and its tokenizer."""
-    return (str(model_dir), *load(str(model_dir), device="cpu"))
+    """The tiny model as a command loads it: its source, the model and its tokenizer (float32, where a
+    row does not depend on the batch it was generated in)."""
+    return (str(model_dir), *load(str(model_dir), dtype="float32", device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,15 @@ def test_ray_stores_exactly_the_rows_of_the_local_executor(pool, subject, tmp_pa
     local = generate_all(tmp_path / "local.sqlite", subject, LocalExecutor(model, tokenizer))
     assert generate_all(tmp_path / "ray.sqlite", subject, pool) == local
     assert len(local) == 2 * len(PROMPTS)
-    clean, noisy = local[: len(PROMPTS)], local[len(PROMPTS):]
+    clean = [g for g in local if g.key.approx == CLEAN]
+    noisy = [g for g in local if g.key.approx == str(NOISE)]
     assert [g.response for g in clean] != [g.response for g in noisy]  # the noise reached the workers
+    # And each row is the prompt's response alone, with its own draws.
+    settings = Options.settings
+    for prompt in PROMPTS:
+        with apply(model, NOISE, seed=0, tokenizer=tokenizer):
+            alone = generate(model, tokenizer, [prompt.text], settings, progress=False, prompt_ids=[prompt.id])
+        assert alone == [g.response for g in noisy if g.key.prompt_id == prompt.id]
 
 
 def test_a_killed_run_resumes_on_ray_to_the_same_rows_without_duplicates(pool, subject, tmp_path, small_chunks):
@@ -117,7 +125,8 @@ def dies_once(model, tokenizer, unit):
 
 def noisy_chunks(subject, *prompt_ids: tuple[str, ...]) -> list[Chunk]:
     source, model, _ = subject
-    condition = Condition(source, model_fingerprint(model), NOISE, tuple(PROMPTS), Options.settings, 0)
+    condition = Condition(source, model_fingerprint(model), NOISE, tuple(PROMPTS), Options.settings, 0,
+                          dtype_name(model.dtype), model.device.type)
     return [Chunk(condition, ids) for ids in prompt_ids]
 
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from quada.analysis.options import AnalysisOptions, LayersConfig, SweepConfig
 from quada.cli_options import AllPrompts, config_options, field_help, print_table, without_limit
 from quada.defaults import DEFAULT_MODEL
-from quada.devices import DEVICE_HELP
+from quada.devices import DEVICE_HELP, DTYPE_HELP
 from quada.errors import QuadaError
 from quada.report.format import percent_interval
 from quada.options import EXECUTOR_OPTIONS, EvalOptions
@@ -29,6 +29,7 @@ PromptFormat = Annotated[str, typer.Option(help=field_help(EvalOptions, "prompt_
 Seed = Annotated[int, typer.Option(help=field_help(EvalOptions, "seed"))]
 RunDir = Annotated[Path, typer.Option(help=field_help(AnalysisOptions, "run_dir"))]
 Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
+Dtype = Annotated[str, typer.Option(help=DTYPE_HELP)]
 DerivedSpec = Annotated[str | None, typer.Option("--spec", "-s", help=field_help(LayersConfig, "spec"))]
 DEFAULT_RUN_DIR = Path("runs") / "sweep"
 EVAL_OPTIONS = ("model", "benchmark", "limit", "judges", "judge_model", "prompt_format", "max_new_tokens",
@@ -39,7 +40,8 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     print_table(console, title, columns, rows, justify="right")
 
 
-@config_options(SweepConfig, "spec", "parameter", "grid", "variants", "ppl_bound", "refine", *EVAL_OPTIONS, "run_dir", "device")
+@config_options(SweepConfig, "spec", "parameter", "grid", "variants", "ppl_bound", "refine", *EVAL_OPTIONS, "run_dir", "device",
+                "dtype")
 def sweep_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Finding 1: sweep an approximation's strength; ASR (with 95% CIs) and perplexity at each point, and the most vulnerable approximation.
 
@@ -63,7 +65,8 @@ def sweep_command(options: dict, all_prompts: AllPrompts = False) -> None:
     console.print(f"report: {result.report_html} (figure {result.figure_png.name}); store: {config.run_dir / 'results.sqlite'}")
 
 
-@config_options(LayersConfig, "spec", "stride", "share", "ppl_bound", "proxy_only", *EVAL_OPTIONS, "run_dir", "device")
+@config_options(LayersConfig, "spec", "stride", "share", "ppl_bound", "proxy_only", *EVAL_OPTIONS, "run_dir", "device",
+                "dtype")
 def layers_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Finding 2: ASR with the approximation on a single layer l, on the first k and on the last k layers; tau; the refusal-probability proxy.
 
@@ -102,6 +105,7 @@ def clusters_command(
     seed: Seed = 0,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Finding 3: do harmful and benign activations separate, and does the approximation move harmful ones toward benign?
 
@@ -112,7 +116,7 @@ def clusters_command(
     config = ClustersConfig(
         model=model, spec=spec, layer=layer, site=site, pooling=pooling, harmful=harmful, benign=benign,
         limit=None if all_prompts else limit, prompt_format=prompt_format, folds=folds, seed=seed, run_dir=run_dir,
-        device=device,
+        device=device, dtype=dtype,
     )
     result = clusters(config)
     _print_table(f"quada clusters: layer {result.layer}, {site}, {pooling} pooling", [

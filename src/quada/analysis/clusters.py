@@ -35,7 +35,7 @@ from quada.approx import as_spec
 from quada.approx.sites import SITES, capturing, resolve_decoder
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.data import load_benchmark, subset
-from quada.devices import check_device
+from quada.devices import check_device, check_dtype
 from quada.errors import QuadaError, check_seed
 from quada.eval.batching import POOLINGS, padded_batch, pool_prompt_activations
 from quada.eval.engine import approximated, check_specs_fit
@@ -59,6 +59,7 @@ class ClustersConfig:
 
     model: str = DEFAULT_MODEL
     device: str = "auto"  # where the model runs: auto, cpu, cuda or cuda:N
+    dtype: str = "auto"  # the number format it runs in (see quada.devices.DTYPES)
     spec: str | None = None  # the approximation; None = the MVA of the sweep in run_dir
     layer: int | None = None  # decoder layer; None = the middle one
     site: str = RESIDUAL  # the layer's output, or an approximation site: qkv, gate_up, o, down, act
@@ -73,6 +74,7 @@ class ClustersConfig:
 
     def __post_init__(self):
         self.device = check_device(self.device)
+        self.dtype = check_dtype(self.dtype)
         if self.spec == CLEAN:
             raise QuadaError("--spec must be an approximation, not the clean model")
         self.approximation = None if self.spec is None else as_spec(self.spec)
@@ -243,7 +245,7 @@ def clusters(config: ClustersConfig, progress: bool = True) -> ClustersResult:
     approximation = approximation_or_mva(config.approximation, config.run_dir)
     spec = str(approximation)
     open_run_dir(config.run_dir)
-    model, tokenizer = load(config.model, device=config.device)
+    model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, [approximation])
     layer = len(resolve_decoder(model).layers) // 2 if config.layer is None else config.layer
     fingerprint = model_fingerprint(model)

@@ -203,13 +203,14 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
         check_judge_model(config.judges, config.judge_model)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
-    model, tokenizer = load(config.model, device=config.device)
+    model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, [approximation])
     num_layers = len(resolve_decoder(model).layers)
     if config.stride >= num_layers and num_layers > 1:
         raise QuadaError(f"stride {config.stride} skips every layer of a {num_layers}-layer model; use at most {num_layers - 1}")
     judges = {} if config.proxy_only else {
-        name: make_judge(name, model_source=config.judge_model, device=config.device) for name in config.judges
+        name: make_judge(name, model_source=config.judge_model, device=config.device, dtype=config.dtype)
+        for name in config.judges
     }
     conditions = [("clean", 0, ())] + layer_conditions(num_layers, config.stride)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
@@ -223,7 +224,7 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
             restricted = CLEAN if kind == "clean" else with_layers(approximation, chosen, num_layers)
             asr = None
             if not config.proxy_only:
-                asr = engine.measure(engine.condition(restricted, prompts), judges).asr(config.judges[0], config.seed)
+                asr = engine.measure(engine.condition(restricted, prompts), judges).asr(config.judges[0])
             refusal = engine.cached(_proxy_key(engine.fingerprint, str(restricted), [p.id for p in prompts], config),
                                     restricted, proxy)
             bar.advance(task)

@@ -93,9 +93,10 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     check_judge_model(config.judges, config.judge_model)
     open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
-    model, tokenizer = load(config.model, device=config.device)
+    model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, [approximation for _, approximation in config.first_points()])
-    judges = {name: make_judge(name, model_source=config.judge_model, device=config.device) for name in config.judges}
+    judges = {name: make_judge(name, model_source=config.judge_model, device=config.device, dtype=config.dtype)
+              for name in config.judges}
     rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
     integral = rounds > 0 and config.technique is not None and _integer_parameter(config.technique, config.parameter)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
@@ -107,7 +108,7 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
                                 total=len(prompts))
             measured = engine.measure(engine.condition(approximation, prompts), judges, lambda n: bar.advance(task, n))
             bar.update(task, completed=len(prompts))
-            return SweepPoint(strength, spec, measured.asr(config.judges[0], config.seed), measured.perplexity)
+            return SweepPoint(strength, spec, measured.asr(config.judges[0]), measured.perplexity)
 
         clean_perplexity = engine.perplexity(CLEAN)
         points = [point(s, approximation) for s, approximation in config.first_points()]

@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from quada.approx.draws import key64, uniform_bits
+from quada.approx.rows import Rows, rows_of_forward, rows_of_shape
 from quada.errors import QuadaError, check_seed
 
 # --------------------------------------------------------------------------- layer selections
@@ -133,6 +135,9 @@ class ApproxConfig:
 
     ``order`` sorts installation: module swaps (order 0) go before hooks and weight edits (1), so
     hooks find the modules that will actually run. Otherwise parts install in the order given.
+    ``per_call`` marks a technique whose rule reads how many tokens a forward pass holds (TEAL's
+    "last half"): for it, splitting a sequence over several forward passes (a reused KV cache)
+    changes the result.
     """
 
     name: ClassVar[str] = ""
@@ -140,6 +145,7 @@ class ApproxConfig:
     example: ClassVar[str] = ""
     order: ClassVar[int] = 1
     replaces: ClassVar[str] = ""  # what a module swap replaces in a layer ("" = nothing); once per layer
+    per_call: ClassVar[bool] = False
     layers: LayerSelection | None = None
 
     def __post_init__(self):
@@ -385,33 +391,19 @@ def spec_label(spec: str) -> str:
 
 # --------------------------------------------------------------------------- installation
 
-
-class DeviceGenerators:
-    """Random generators seeded alike, one per device, each made when a tensor on that device
-    first needs one, so random draws happen where the activations live.
-
-    The same seed gives the same draws on the same device. CPU and CUDA generators produce
-    different streams, so one seed gives different noise on a CPU and on a GPU; on the CPU the
-    stream is that of ``torch.Generator().manual_seed(seed)``.
-    """
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self._by_device: dict[torch.device, torch.Generator] = {}
-
-    def on(self, device: torch.device) -> torch.Generator:
-        """The generator on ``device`` (seeded with ``seed`` when first asked for)."""
-        if device not in self._by_device:
-            self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._by_device[device]
+# The version of how random draws are keyed: part of every stream key, and of the generation keys of
+# the results store (rows drawn under another scheme are never reused). 2: counter-based draws keyed
+# by prompt and position (1 drew from one generator stream per chunk of prompts).
+DRAW_SCHEME = 2
 
 
 class Installation:
     """Records every change made to a model so that ``undo`` restores it exactly.
 
-    Also holds what the installed techniques share: the seeded generators, the per-(layer, site)
-    zero counters behind the sparsity report, and the input scales folded into weights (the
-    profiler multiplies them back to compare activations in original coordinates).
+    Also holds what the installed techniques share: the rows of the decoder's current forward pass
+    and the keyed random draws made from them (:meth:`draws`), the per-(layer, site) zero counters
+    behind the sparsity report, and the input scales folded into weights (the profiler multiplies
+    them back to compare activations in original coordinates).
 
     ``lifted()`` takes the changes off for the duration of a block and puts them back, so a
     nested ``apply`` calibrates on the clean model.
@@ -419,12 +411,57 @@ class Installation:
 
     def __init__(self, seed: int):
         check_seed(seed)
-        self.generators = DeviceGenerators(seed)
+        self.seed = seed
         self.counters: dict[tuple[int, str], torch.Tensor] = {}
         self.input_scales: dict[tuple[int, str], torch.Tensor] = {}
         self._undo: list[Callable[[], None]] = []
         self._edits: list[tuple[Callable[[], None], Callable[[], None]]] = []  # (redo, undo) of swaps and data
         self._lifted = False
+        self._rows: Rows | None = None
+        self._rows_on: dict[torch.device, Rows] = {}
+        self._part = ("", 0)
+
+    def track_rows(self, base: nn.Module) -> None:
+        """Read which prompt and position every row and token holds from each forward call of the
+        decoder ``base`` (see :mod:`quada.approx.rows`). The rows stay until the next call, so a
+        layer recomputed for the backward pass (gradient checkpointing) draws what it drew forward."""
+
+        def read(_module, args, kwargs):
+            self._rows, self._rows_on = rows_of_forward(args, kwargs), {}
+
+        self._undo.append(base.register_forward_pre_hook(read, with_kwargs=True).remove)
+
+    def rows_for(self, x: torch.Tensor) -> Rows:
+        """The rows of ``x``, a (batch, seq, ...) activation of the current forward pass, on its
+        device."""
+        rows = self._rows or rows_of_shape(x)
+        if x.dim() < 3 or tuple(x.shape[:2]) != tuple(rows.positions.shape):
+            raise QuadaError(
+                f"an approximation met an activation of shape {tuple(x.shape)} where the forward pass has "
+                f"{tuple(rows.positions.shape)} (batch, tokens); it cannot tell which prompt and position its "
+                "entries belong to. Approximations hook (batch, tokens, ...) activations of decoder layers"
+            )
+        if x.device not in self._rows_on:
+            self._rows_on[x.device] = rows.to(x.device)
+        return self._rows_on[x.device]
+
+    def begin_part(self, config: ApproxConfig, occurrence: int) -> None:
+        """The next hooks belong to ``config``, the ``occurrence``-th part of the spec with its form."""
+        self._part = (str(config.without_layers()), occurrence)
+
+    def stream(self, layer: int, site: str) -> int:
+        """The stream key of the current part's draws at ``site`` of decoder ``layer``: fixed by
+        the draw scheme, the seed, the part (without its layers, so a layer gets the same draws
+        whichever other layers the part covers), the layer and the site."""
+        part, occurrence = self._part
+        return key64(DRAW_SCHEME, self.seed, part, occurrence, layer, site)
+
+    def draws(self, x: torch.Tensor, stream: int) -> torch.Tensor:
+        """32-bit draws shaped like ``x`` (batch, seq, ...), each a pure function of (``stream``,
+        the row's prompt, the token's position, the channel: the index among a token's entries);
+        see :mod:`quada.approx.draws`."""
+        rows = self.rows_for(x)
+        return uniform_bits(stream, rows.keys, rows.positions, x[0, 0].numel()).reshape(x.shape)
 
     def transform_output(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], prepend: bool = False):
         """Replace ``module``'s output ``y`` with ``fn(y)`` (a forward hook)."""
@@ -544,8 +581,10 @@ def apply(
 
     ``spec``: a config, a spec string or a list of them (composed in order). ``layers``: the
     decoder layers for parts that do not name their own (a range, a slice string like "0:4", a
-    list of ints; None = all). ``seed`` seeds the generator of every random draw, one per device
-    (see ``DeviceGenerators``), so equal seeds give equal outputs on the same device. Calibrated
+    list of ints; None = all). ``seed`` keys every random draw, together with the technique, the
+    layer, the site, the prompt of the row, the token's position and the channel (see
+    :mod:`quada.approx.draws` and :mod:`quada.approx.rows`): a prompt draws the same noise in any
+    batch and on any device. Calibrated
     techniques (TEAL, CATS, SmoothQuant, OmniQuant) need ``tokenizer``; they calibrate on
     ``calibration_prompts`` (default: bundled benign prompts) and cache the result per model.
     Calibration always sees the clean model: inside another ``apply`` block on the same model,
@@ -570,7 +609,12 @@ def apply(
     ctx = Installation(seed)
     active.append(ctx)
     try:
+        ctx.track_rows(decoder.base)
+        forms = []
         for config, chosen, state in zip(configs, resolved, prepared):
+            form = str(config.without_layers())
+            ctx.begin_part(config, forms.count(form))
+            forms.append(form)
             install, _ = _handler(config)
             install(config, decoder, chosen, ctx, state)
         yield Applied(tuple(zip(configs, resolved)), ctx)

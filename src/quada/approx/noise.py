@@ -6,6 +6,10 @@ Zhang et al., arXiv 2502.00840, Table 1 (PAPER.md section 2) model every approxi
 ``|x| <= t``. Sites: ``up`` (both norm outputs feeding projections), ``down`` (input of
 down_proj), and the authors' code variants ``norm_all`` (the output of every norm in the layer,
 plus the final norm when the last layer is selected) and ``act`` (output of act_fn).
+
+Noise is drawn entry by entry, keyed by the prompt, the token's position and the channel (see
+:mod:`quada.approx.draws`); truncation zeroes entry by entry. Neither reads a statistic of a row
+or a tensor.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from quada.approx.base import ApproxConfig, installs, register, register_preset
+from quada.approx.draws import laplace, standard_normal
 from quada.approx.sites import Decoder
 from quada.errors import QuadaError
 
@@ -22,34 +27,39 @@ NOISE_SITES = ("up", "down", "norm_all", "act")
 DISTRIBUTIONS = {"gaussian": "std", "laplace": "scale", "truncated": "threshold"}
 
 
-def gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
-    """``x + eps``, eps ~ N(0, std^2) elementwise (Table 1, eps_up), drawn on ``x``'s device with
-    ``generator`` (a generator of that device, see ``DeviceGenerators``). Draws are float32 and
-    cast to ``x``'s dtype, so a seed gives the same noise values whatever the dtype."""
-    return x + (std * torch.randn(x.shape, generator=generator, device=x.device)).to(x.dtype)
+def gaussian_noise(x: torch.Tensor, std: float, bits: torch.Tensor) -> torch.Tensor:
+    """``x + eps``, eps ~ N(0, std^2) elementwise (Table 1, eps_up), from the 32-bit draws ``bits``
+    shaped like ``x`` (see :mod:`quada.approx.draws`). The noise is made in float32 and cast to
+    ``x``'s dtype, so a draw gives the same noise values whatever the dtype."""
+    return x + (std * standard_normal(bits)).to(x.dtype)
 
 
-def laplace_noise(x: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """``x + eps``, eps ~ Lap(0, b) elementwise (Table 1, eps_down); std = b * sqrt(2). Drawn like
-    :func:`gaussian_noise`: on ``x``'s device, in float32, then cast to ``x``'s dtype.
-
-    Drawn by inverting the CDF, ``eps = -b sgn(u) ln(1 - 2|u|)`` with u ~ U[-1/2, 1/2): one
-    uniform draw per entry, several times cheaper on a CPU than sampling exponentials. The clamp
-    keeps the single point u = -1/2 finite.
-    """
-    u = torch.empty(x.shape, device=x.device).uniform_(-0.5, 0.5, generator=generator)
-    magnitude = -torch.log((1 - 2 * u.abs()).clamp_min(torch.finfo(u.dtype).tiny))
-    return x + (scale * u.sign() * magnitude).to(x.dtype)
+def laplace_noise(x: torch.Tensor, scale: float, bits: torch.Tensor) -> torch.Tensor:
+    """``x + eps``, eps ~ Lap(0, b) elementwise (Table 1, eps_down; std = b * sqrt(2)), from the
+    32-bit draws ``bits`` by the inverse CDF; made in float32 like :func:`gaussian_noise`."""
+    return x + laplace(bits, scale).to(x.dtype)
 
 
-def zero_small(x: torch.Tensor, threshold: float, counter: torch.Tensor | None = None) -> torch.Tensor:
+def zero_small(x: torch.Tensor, threshold: float, counter: torch.Tensor | None = None,
+               counted: torch.Tensor | None = None) -> torch.Tensor:
     """Magnitude truncation: entries with ``|x| <= threshold`` become 0 (Table 1's "truncated"
-    noise for TEAL; TEAL and CATS themselves). Adds ``[zeroed, total]`` to ``counter``."""
+    noise for TEAL; CATS). Adds ``[zeroed, total]`` over the tokens that ``counted`` (batch, seq)
+    marks (default: all) to ``counter``, so padding never enters the sparsity report."""
     keep = x.abs() > threshold
     if counter is not None:
+        count_zeroed(counter, keep, counted)
+    return x * keep
+
+
+def count_zeroed(counter: torch.Tensor, keep: torch.Tensor, counted: torch.Tensor | None) -> None:
+    """Add ``[zeroed, total]`` of ``keep``'s false entries over the tokens ``counted`` marks."""
+    if counted is None:
         counter[0] += (~keep).sum()
         counter[1] += keep.numel()
-    return x * keep
+        return
+    per_token = keep[0, 0].numel()
+    counter[0] += (~keep & counted.reshape(*counted.shape, *[1] * (keep.dim() - 2))).sum()
+    counter[1] += counted.sum() * per_token
 
 
 @register(
@@ -91,25 +101,31 @@ class NoiseConfig(ApproxConfig):
 
 @installs(NoiseConfig)
 def install_noise(config: NoiseConfig, decoder: Decoder, layers, ctx, _prepared) -> None:
-    def perturb(counter: torch.Tensor | None):
-        if config.dist == "gaussian":
-            return lambda x: gaussian_noise(x, config.std, ctx.generators.on(x.device))
-        if config.dist == "laplace":
-            return lambda x: laplace_noise(x, config.scale, ctx.generators.on(x.device))
-        return lambda x: zero_small(x, config.threshold, counter)
+    """Noise hooks at the config's site of every chosen layer. Gaussian and Laplace draws are keyed
+    per (layer, site) stream and per prompt, position and channel (:meth:`Installation.draws`);
+    truncation is deterministic and counts the rows' own tokens."""
 
+    def perturb(layer: int, site: str, counter: torch.Tensor | None):
+        stream = ctx.stream(layer, site)
+        if config.dist == "gaussian":
+            return lambda x: gaussian_noise(x, config.std, ctx.draws(x, stream))
+        if config.dist == "laplace":
+            return lambda x: laplace_noise(x, config.scale, ctx.draws(x, stream))
+        return lambda x: zero_small(x, config.threshold, counter, ctx.rows_for(x).own)
+
+    truncated = config.dist == "truncated"
     for i in layers:
         sites = decoder.layers[i]
         if config.site == "norm_all":
-            for norm in sites.norms():
-                ctx.transform_output(norm, perturb(ctx.counter(i, "norm", sites.device) if config.dist == "truncated" else None))
+            for name, norm in sites.named_norms():
+                ctx.transform_output(norm, perturb(i, name, ctx.counter(i, "norm", sites.device) if truncated else None))
             continue
         for site in {"up": ("qkv", "gate_up"), "down": ("down",), "act": ("act",)}[config.site]:
             module, kind = sites.tap(site)
-            fn = perturb(ctx.counter(i, site, sites.device) if config.dist == "truncated" else None)
+            fn = perturb(i, site, ctx.counter(i, site, sites.device) if truncated else None)
             (ctx.transform_output if kind == "output" else ctx.transform_input)(module, fn)
     if config.site == "norm_all" and len(decoder.layers) - 1 in layers:
-        ctx.transform_output(decoder.final_norm, perturb(None))
+        ctx.transform_output(decoder.final_norm, perturb(len(decoder.layers) - 1, "final_norm", None))
 
 
 # Table 1 of the paper, row by row: (preset, description, eps_up, eps_down).

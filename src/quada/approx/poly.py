@@ -12,6 +12,8 @@ NEXUS, which publish only GELU, we fit the same piece layout and degrees to SiLU
 **[ours]**, with the breaks stretched by 1.702, the constant of ``gelu(x) ~ x * sigmoid(1.702x)``
 (Hendrycks & Gimpel 2016), so the SiLU pieces cover the same part of the curve. Iron's SiLU is
 the same fixed-point tanh evaluation of ``x/2 * (1 + tanh(x/2))`` **[ours]**.
+
+Every replacement acts entry by entry, with no statistic over a row or a tensor, as deployed.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quada.approx.base import DeviceGenerators, Installation, Spec, apply, as_spec
+from quada.approx.base import Installation, Spec, apply, as_spec
 from quada.approx.calibration import CalibrationSet, capture
 from quada.approx.sites import resolve_decoder
 
@@ -60,8 +60,12 @@ class ErrorProfile:
 
 
 class _Accumulator:
-    def __init__(self, generators: DeviceGenerators):
-        self.generators = generators
+    """Running error statistics of one site, and a seeded subsample of its errors (drawn by a
+    generator on the errors' device)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
         self.count = 0
         self.total = self.total_sq = self.exact_sq = self.zeros = 0.0
         self.sample: list[torch.Tensor] = []
@@ -76,7 +80,9 @@ class _Accumulator:
         self.zeros += (received == 0).sum().item()
         if self.kept < SAMPLE_PER_SITE:
             take = min(SAMPLE_PER_SITE - self.kept, 4096, e.numel())
-            pick = torch.randperm(e.numel(), generator=self.generators.on(e.device), device=e.device)[:take]
+            if e.device not in self.generators:
+                self.generators[e.device] = torch.Generator(device=e.device).manual_seed(self.seed)
+            pick = torch.randperm(e.numel(), generator=self.generators[e.device], device=e.device)[:take]
             self.sample.append(e[pick])
             self.kept += take
 
@@ -108,7 +114,6 @@ def profile(
     spec = as_spec(spec)
     decoder = resolve_decoder(model)
     exact_act = [sites.act_fn for sites in decoder.layers]  # before a polynomial swaps them
-    generators = DeviceGenerators(seed)
     stats: dict[tuple[int, str], _Accumulator] = {}
     calibration = CalibrationSet.of(tokenizer, prompts)
     with apply(model, spec, layers=layers, seed=seed, tokenizer=tokenizer) as applied:
@@ -129,7 +134,7 @@ def profile(
             def fn(x: torch.Tensor) -> torch.Tensor:
                 received = x.float() if scale is None else x.float() * scale
                 exact = exact_of().float() if scale is None else exact_of().float() * scale
-                stats.setdefault((i, site), _Accumulator(generators)).add(received - exact, exact, x)
+                stats.setdefault((i, site), _Accumulator(seed)).add(received - exact, exact, x)
                 return x
 
             return fn

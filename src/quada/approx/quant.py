@@ -4,6 +4,9 @@ Both move activation outliers into the weights with a per-channel equivalent tra
 ``X W^T = (X / s)(W * s)^T`` folded into the weights, then fake-quantize the activations at the
 inputs of all seven projections per token (symmetric abs-max), optionally the weights per output
 channel too. The paper's settings keep 16-bit weights (W16A8, W16A4) — ``weight_bits=none``.
+Statistics: the quantization step is taken per token (each token's own abs-max, as deployed by
+both methods' per-token dynamic quantization), the smoothing and clipping factors once from
+calibration; so no row's quantization depends on the other rows of its batch.
 
 - SmoothQuant (Xiao et al., ICML 2023): ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (its eq. 4)
   from calibration maxima, folded into the preceding norm and the q/k/v and gate/up weights, as

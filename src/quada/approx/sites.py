@@ -97,18 +97,21 @@ class LayerSites:
             return self.linears[site], "input"
         raise QuadaError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
 
-    def norms(self) -> list[nn.Module]:
-        """Every normalisation module inside the layer (RMSNorm, LayerNorm, q/k norms...)."""
-        return [m for m in self.layer.modules() if type(m).__name__.endswith("Norm")]
+    def named_norms(self) -> list[tuple[str, nn.Module]]:
+        """Every normalisation module inside the layer (RMSNorm, LayerNorm, q/k norms...), by its
+        name within the layer."""
+        return [(name, m) for name, m in self.layer.named_modules() if type(m).__name__.endswith("Norm")]
 
 
 @dataclass
 class Decoder:
-    """A causal LM seen as its decoder layers plus the final norm."""
+    """A causal LM seen as its decoder layers plus the final norm; ``base`` is the module that runs
+    the layers (its forward receives the token ids, mask and positions)."""
 
     model: nn.Module
     layers: list[LayerSites]
     final_norm: nn.Module
+    base: nn.Module
 
 
 def _decoder_layer_list(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -145,7 +148,7 @@ def resolve_decoder(model: nn.Module) -> Decoder:
                 linears=linears,
             )
         )
-    return Decoder(model, layers, _child(parent, "final_norm", "the decoder"))
+    return Decoder(model, layers, _child(parent, "final_norm", "the decoder"), parent)
 
 
 EXACT_ACTIVATIONS = {

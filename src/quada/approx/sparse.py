@@ -4,9 +4,12 @@
   magnitude sparsification of the inputs of all seven projections (q/k/v share one input, as do
   gate/up, so four tensors per layer); the threshold of each is the ``sparsity``-quantile of
   ``|x|`` read from a calibration histogram; during prefill only the last half of the prompt's
-  positions is sparsified, decode tokens fully.
+  positions is sparsified, decode tokens fully. The thresholds are fixed per layer, as deployed;
+  the "last half" is taken per row from the row's own length (TEAL's code runs one sequence at a
+  time, so this is its rule in any batch).
 - CATS (Lee et al., "CATS: Contextually-Aware Thresholding for Sparsity", 2024): zero the entries of
-  ``act_fn(gate_proj(x))`` whose magnitude is below a per-layer calibrated threshold.
+  ``act_fn(gate_proj(x))`` whose magnitude is below a per-layer calibrated threshold (fixed per
+  layer, applied entry by entry, as deployed).
 
 ``Applied.sparsity()`` reports the fraction zeroed per (layer, site) while the context is open.
 """
@@ -14,26 +17,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from quada.approx.base import ApproxConfig, installs, register
 from quada.approx.calibration import AbsHistogram, CalibrationSet, cached, capture
-from quada.approx.noise import zero_small
+from quada.approx.noise import count_zeroed, zero_small
 from quada.approx.sites import Decoder
 from quada.errors import QuadaError
 
 TEAL_SITES = ("qkv", "o", "gate_up", "down")
 
 
-def teal_sparsify(x: torch.Tensor, threshold: float, counter: torch.Tensor | None = None) -> torch.Tensor:
-    """TEAL's rule on a ``(batch, seq, hidden)`` input: zero ``|x| <= threshold`` at positions
-    ``seq // 2`` onwards (prefill: the last half of the prompt; a decode step has one position,
-    which is sparsified)."""
-    half = x.shape[-2] // 2
-    if half == 0:
-        return zero_small(x, threshold, counter)
-    return torch.cat([x[..., :half, :], zero_small(x[..., half:, :], threshold, counter)], dim=-2)
+def teal_positions(positions: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) booleans: the tokens TEAL sparsifies in one forward pass, given each token's
+    position in its row's own sequence (``positions``; padding -1). Per row: the last half of
+    the row's own tokens in this pass, from index ``n // 2`` of its ``n`` tokens (prefill: the last
+    half of the prompt; a decode step has one token, which is sparsified). A row's rule reads only
+    its own length, never the padded width of the batch."""
+    own = positions >= 0
+    count = own.sum(-1, keepdim=True)
+    first = torch.where(own, positions, torch.iinfo(positions.dtype).max).amin(-1, keepdim=True)
+    return own & (positions - first >= count // 2)
+
+
+def teal_sparsify(x: torch.Tensor, threshold: float, sparsified: torch.Tensor,
+                  counter: torch.Tensor | None = None) -> torch.Tensor:
+    """TEAL's rule on a ``(batch, seq, hidden)`` input: zero ``|x| <= threshold`` at the tokens
+    ``sparsified`` marks (:func:`teal_positions`); ``counter`` gets ``[zeroed, total]`` over them."""
+    keep = (x.abs() > threshold) | ~sparsified[..., None]
+    if counter is not None:
+        count_zeroed(counter, keep, sparsified)
+    return x * keep
 
 
 def _check_sparsity(sparsity: float) -> None:
@@ -70,6 +86,7 @@ def thresholds(counts: torch.Tensor, sparsity: float) -> torch.Tensor:
 class TealConfig(ApproxConfig):
     """Target fraction of zeroed projection inputs, in [0, 1)."""
 
+    per_call: ClassVar[bool] = True  # the last half of the tokens of each forward pass
     sparsity: float
 
     def __post_init__(self):
@@ -87,7 +104,10 @@ def install_teal(config: TealConfig, decoder: Decoder, layers, ctx, limits: torc
         device = decoder.layers[i].device
         for j, site in enumerate(TEAL_SITES):
             module, kind = decoder.layers[i].tap(site)
-            fn = lambda x, t=limits[i, j].item(), c=ctx.counter(i, site, device): teal_sparsify(x, t, c)  # noqa: E731
+
+            def fn(x, t=limits[i, j].item(), c=ctx.counter(i, site, device)):
+                return teal_sparsify(x, t, teal_positions(ctx.rows_for(x).positions), c)
+
             (ctx.transform_output if kind == "output" else ctx.transform_input)(module, fn)
 
 
@@ -112,5 +132,5 @@ def install_cats(config: CatsConfig, decoder: Decoder, layers, ctx, limits: torc
     for i in layers:
         module, _ = decoder.layers[i].tap("act")
         counter = ctx.counter(i, "act", decoder.layers[i].device)
-        fn = lambda x, t=limits[i, 0].item(), c=counter: zero_small(x, t, c)  # noqa: E731
+        fn = lambda x, t=limits[i, 0].item(), c=counter: zero_small(x, t, c, ctx.rows_for(x).own)  # noqa: E731
         ctx.transform_output(module, fn)

@@ -14,7 +14,7 @@ console = Console(markup=False)  # prints user text (paths, specs, model names):
 @config_options(
     AttackConfig, "model", "approx", "attack", "benchmark", "limit", "steps", "candidates", "topk", "suffix_tokens",
     "population", "elite", "shots", "target", "judges", "judge_model", "prompt_format", "max_new_tokens",
-    "stop_on_refusal", "seed", "calibrate", "run_dir", "device",
+    "stop_on_refusal", "seed", "calibrate", "run_dir", "device", "dtype",
 )
 def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Attack a model as served: GCG, AutoDAN, DRA and template jailbreaks, clean and under each approximation; ASR with 95% CIs and each attack's cost.

@@ -18,7 +18,12 @@ Choices made here:
 - the tokens before the suffix (the template and the request) are the same for every
   candidate: their KV cache is computed once per step and expanded over the candidate batch
   (:class:`PrefixCache`), so a candidate costs only its suffix, the end of the user turn and the
-  target;
+  target (except under a rule that reads the length of a forward pass, such as TEAL's, where
+  reusing the prefix would change the rule: there every candidate runs whole);
+- under an approximation that draws noise, the gradient and every candidate of a step see one
+  draw (the caller's ``serving``), and whether a suffix produces the target is checked as the
+  response will be generated (``reached``: the generation's draw, prefill then one token per
+  step), so a search stops on a suffix that works when served, not on one that fits a step's draw;
 - suffixes are printable ASCII tokens (as in the paper), and a candidate is dropped unless its
   text re-tokenizes, inside the chat template, to exactly the ids that were scored: the prompt
   stored and answered later is then the prompt that was optimised;
@@ -41,6 +46,7 @@ from transformers import DynamicCache
 
 from quada.attack.loss import target_losses, target_matches, token_ids
 from quada.chat import format_prompt
+from quada.eval.generate import eos_token_ids, greedy_batch
 
 SUFFIX_SLOT = "\u2063QUADA-SUFFIX\u2063"  # marks where the suffix goes while the template is laid out
 CANDIDATE_BATCH = 64  # candidates run through the model together
@@ -121,17 +127,23 @@ def allowed_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
     return allowed
 
 
-def full_losses(model, problem: SuffixProblem, suffixes: torch.Tensor) -> torch.Tensor:
-    """Target losses of ``suffixes`` (rows, L), each prompt run from its first token."""
+def full_scores(model, problem: SuffixProblem, suffixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target losses of ``suffixes`` (rows, L), each prompt run from its first token, and whether
+    each makes greedy decoding produce the target."""
     rows = len(suffixes)
     ids = torch.cat([problem.before.expand(rows, -1), suffixes, problem.after.expand(rows, -1),
                      problem.target.expand(rows, -1)], dim=1)
     logits = model(input_ids=ids, logits_to_keep=len(problem.target) + 1).logits[:, :-1]
-    return target_losses(logits, problem.target)
+    return target_losses(logits, problem.target), target_matches(logits, problem.target)
 
 
 class PrefixCache:
-    """The KV cache of the tokens before the suffix, computed once and shared by every candidate."""
+    """The KV cache of the tokens before the suffix, computed once and shared by every candidate.
+
+    Exact under approximations that treat each token by its position alone (noise keyed by
+    position, polynomials, per-token quantization); not under a rule that reads how many tokens a
+    forward pass holds (TEAL's "last half", see ``ApproxConfig.per_call``), where the search scores
+    every candidate from its first token instead."""
 
     def __init__(self, model, problem: SuffixProblem):
         self.model, self.problem = model, problem
@@ -139,13 +151,8 @@ class PrefixCache:
         model(input_ids=problem.before, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]
 
-    def losses(self, suffixes: torch.Tensor) -> torch.Tensor:
-        """Target losses of ``suffixes`` (rows, L), equal to :func:`full_losses` up to rounding."""
-        return self.scores(suffixes)[0]
-
     def scores(self, suffixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target losses of ``suffixes`` (rows, L), and whether each makes greedy decoding
-        produce the target."""
+        """:func:`full_scores` of ``suffixes`` (rows, L) from the cached prefix: equal up to rounding."""
         rows, problem = len(suffixes), self.problem
         # Expanded views of the one prefix: the forward pass appends to new tensors and never writes them.
         cache = DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.layers],
@@ -155,10 +162,26 @@ class PrefixCache:
                             logits_to_keep=len(problem.target) + 1).logits[:, :-1]
         return target_losses(logits, problem.target), target_matches(logits, problem.target)
 
-    def scores_in_batches(self, suffixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`scores` in batches of :data:`CANDIDATE_BATCH` rows."""
-        batches = [self.scores(suffixes[i : i + CANDIDATE_BATCH]) for i in range(0, len(suffixes), CANDIDATE_BATCH)]
-        return torch.cat([losses for losses, _ in batches]), torch.cat([matches for _, matches in batches])
+
+def candidate_scores(model, problem: SuffixProblem, suffixes: torch.Tensor,
+                     reuse_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target losses and target matches of ``suffixes`` in batches of :data:`CANDIDATE_BATCH` rows,
+    from the shared prefix's KV cache when ``reuse_prefix`` (:class:`PrefixCache`)."""
+    score = PrefixCache(model, problem).scores if reuse_prefix else functools.partial(full_scores, model, problem)
+    batches = [score(suffixes[i : i + CANDIDATE_BATCH]) for i in range(0, len(suffixes), CANDIDATE_BATCH)]
+    return torch.cat([losses for losses, _ in batches]), torch.cat([matches for _, matches in batches])
+
+
+def reaches_target(model, tokenizer, problem: SuffixProblem, suffix: Sequence[int], prompt_id: str) -> bool:
+    """Whether greedy generation from the prompt with ``suffix`` begins with the target: decoded
+    exactly as :func:`quada.eval.generate.greedy_batch` decodes the response to the prompt
+    ``prompt_id`` (prefill, then one token per step), so under an approximation it reads the draws
+    that generation reads."""
+    target = problem.target.tolist()
+    ids = torch.cat([problem.before[0], torch.tensor(list(suffix), device=problem.before.device), problem.after[0]])
+    generated = greedy_batch(model, ids[None], torch.ones_like(ids)[None], len(target), eos_token_ids(model, tokenizer),
+                             stop=lambda new: new != target[: len(new)], row_ids=[prompt_id])
+    return generated[0] == target
 
 
 def token_gradients(model, problem: SuffixProblem, suffix: torch.Tensor) -> torch.Tensor:
@@ -195,9 +218,9 @@ def retokenizes(tokenizer, problem: SuffixProblem, candidates: torch.Tensor) -> 
 
 
 def gcg_step(model, tokenizer, problem: SuffixProblem, suffix: torch.Tensor, settings: GcgSettings,
-             generator: torch.Generator) -> tuple[torch.Tensor, float, bool, int]:
+             generator: torch.Generator, reuse_prefix: bool = True) -> tuple[torch.Tensor, float, bool, int]:
     """One step of Algorithm 1 from ``suffix``: the next suffix, its loss, whether it produces the
-    target, and the number of sequences run forward."""
+    target in the scoring pass, and the number of sequences run forward."""
     allowed = allowed_tokens(tokenizer, model.get_input_embeddings().num_embeddings)
     gradient = token_gradients(model, problem, suffix)
     candidates = sample_candidates(suffix, gradient, allowed, settings.topk, settings.candidates, generator)
@@ -205,18 +228,21 @@ def gcg_step(model, tokenizer, problem: SuffixProblem, suffix: torch.Tensor, set
     if not len(candidates):  # nothing survives the filter: stay, and rescore where we are
         candidates = suffix[None]
     with torch.no_grad():
-        losses, matches = PrefixCache(model, problem).scores_in_batches(candidates)
+        losses, matches = candidate_scores(model, problem, candidates, reuse_prefix)
     best = int(losses.argmin())
-    return candidates[best], float(losses[best]), bool(matches[best]), 1 + 1 + len(candidates)
+    return candidates[best], float(losses[best]), bool(matches[best]), 1 + int(reuse_prefix) + len(candidates)
 
 
 def gcg(model, tokenizer, problem: SuffixProblem, settings: GcgSettings,
         serving: Callable[[int], AbstractContextManager], step_seed: Callable[[int], int],
-        done: Sequence[GcgStep] = (), on_step: Callable[[GcgStep], None] = lambda step: None) -> list[GcgStep]:
+        done: Sequence[GcgStep] = (), on_step: Callable[[GcgStep], None] = lambda step: None,
+        reached: Callable[[Sequence[int]], bool] | None = None, reuse_prefix: bool = True) -> list[GcgStep]:
     """Run the search to ``settings.steps`` steps or to the first step that produces the target,
     continuing after the completed steps ``done``; return every step. Step ``s`` runs inside
-    ``serving(s)`` (the model as served) with candidates drawn from ``step_seed(s)``; ``on_step``
-    receives each new step as soon as it is complete."""
+    ``serving(s)`` (the model as served, one draw for the gradient and every candidate) with
+    candidates drawn from ``step_seed(s)``; whether a step's suffix produces the target is
+    ``reached(suffix)`` (the model as the responses are generated) when given, else read from the
+    scoring pass. ``on_step`` receives each new step as soon as it is complete."""
     steps = list(done)
     suffix = torch.tensor(steps[-1].suffix if steps else initial_suffix(tokenizer, settings.suffix_tokens),
                           device=problem.before.device)
@@ -225,7 +251,10 @@ def gcg(model, tokenizer, problem: SuffixProblem, settings: GcgSettings,
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(step_seed(number))
         with serving(number):
-            suffix, loss, success, passes = gcg_step(model, tokenizer, problem, suffix, settings, generator)
+            suffix, loss, success, passes = gcg_step(model, tokenizer, problem, suffix, settings, generator, reuse_prefix)
+        if reached is not None:
+            success = reached(suffix.tolist())
+            passes += 1
         step = GcgStep(number, tuple(suffix.tolist()), loss, success, passes, time.perf_counter() - start)
         on_step(step)
         steps.append(step)

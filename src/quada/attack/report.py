@@ -84,7 +84,7 @@ def write_attack_report(run_dir: Path) -> tuple[Path, Path]:
     models = ", ".join(dict.fromkeys(c.model for c in cells))
     section = Section(
         "Attack success per attack, approximation and model",
-        text="ASR: share of behaviours whose response each judge calls a successful attack (95% bootstrap "
+        text="ASR: share of behaviours whose response each judge calls a successful attack (95% Wilson "
         "intervals). Cost: sequences run forward and seconds spent finding the adversarial prompts (generating "
         "the responses not included). The identities of the attacks, with every parameter, are in attack.json; "
         "the prompts and responses in results.sqlite (`quada results export`).",

@@ -12,7 +12,10 @@ history, so a resumed run equals an uninterrupted one:
   every approximation sees the same prompts, and ASRs compare pairwise;
 - GCG and AutoDAN optimise through the approximation. Its noise is resampled at every step (GCG)
   or generation (AutoDAN) from a seed fixed by (seed, attack, behaviour, step), and all
-  candidates of a step are scored within that step's draw. Fixing one draw for the whole search
+  candidates of a step are scored under that step's one draw (every row draws what the
+  behaviour's prompt draws at the same position). Whether GCG reached its target is checked
+  under the draw the response is then generated with (the run's seed and the adversarial
+  prompt's id). Fixing one draw for the whole search
   would let the optimiser fit that draw (a suffix that works for one noise pattern), while the
   served model draws new noise for every request; resampling makes the search minimise the
   expected loss over the noise (as expectation over transformation does), at the price of
@@ -22,6 +25,7 @@ history, so a resumed run equals an uninterrupted one:
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -29,10 +33,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quada.approx import spec_label
+from quada.approx.base import DRAW_SCHEME
+from quada.approx.rows import prompt_rows
 from quada.attack import sources
 from quada.attack.autodan import AutoDanSettings, autodan
 from quada.attack.dra import dra_prompt
-from quada.attack.gcg import GcgSettings, adversarial_request, gcg, suffix_problem
+from quada.attack.gcg import GcgSettings, adversarial_request, gcg, reaches_target, suffix_problem
 from quada.attack.loss import prompt_losses
 from quada.attack.many_shot import many_shot_prompt
 from quada.attack.options import AttackConfig
@@ -45,11 +51,11 @@ from quada.data import Prompt, load_benchmark, subset
 from quada.eval.engine import Approximation, Engine, approximated, check_specs_fit
 from quada.eval.judges import attack_outcomes, check_judge_model, make_judge
 from quada.judge_calibration import judge_infos
-from quada.eval.metrics import estimate
+from quada.eval.metrics import proportion
 from quada.models import load
 from quada.runs import jsonable, open_run_dir, progress_bar, write_json
 from quada.seeds import derived_seed
-from quada.store import Generation, Store
+from quada.store import CLEAN, Generation, Store
 
 
 @dataclass
@@ -76,8 +82,20 @@ class Context:
         return random.Random(self.seed(behaviour))
 
     def serving(self, behaviour: Prompt, stage: str) -> Callable[[int], object]:
-        """The model as served at step ``n`` of ``stage``, its noise drawn afresh for every step."""
-        return lambda n: approximated(self.model, self.approximation, self.tokenizer, self.seed(behaviour, stage, n))
+        """The model as served at step ``n`` of ``stage``, its noise drawn afresh for every step and
+        shared by every row of the step (each candidate sees the draw of the behaviour's prompt)."""
+
+        @contextlib.contextmanager
+        def step(n: int):
+            with approximated(self.model, self.approximation, self.tokenizer, self.seed(behaviour, stage, n)), \
+                    prompt_rows(every=behaviour.id):
+                yield
+
+        return step
+
+    def generating(self):
+        """The model as the responses are generated (the run's seed)."""
+        return approximated(self.model, self.approximation, self.tokenizer, self.config.seed)
 
 
 def _direct(context: Context, behaviour: Prompt) -> AttackPrompt:
@@ -88,9 +106,17 @@ def _gcg(context: Context, behaviour: Prompt) -> AttackPrompt:
     config, tokenizer, key = context.config, context.tokenizer, context.key(behaviour)
     settings = GcgSettings(config.steps, config.candidates, config.topk, config.suffix_tokens)
     problem = suffix_problem(tokenizer, behaviour.text, config.target, config.prompt_format, context.model.device)
+    prompt_id = attack_prompt_id(behaviour.id, context.identity)
+
+    def reached(suffix) -> bool:
+        with context.generating():
+            return reaches_target(context.model, tokenizer, problem, suffix, prompt_id)
+
+    parts = () if context.approximation == CLEAN else context.approximation.parts()
     steps = gcg(context.model, tokenizer, problem, settings, context.serving(behaviour, "step"),
                 lambda n: context.seed(behaviour, "candidates", n), context.records.steps(key),
-                lambda step: context.records.put_step(key, step))
+                lambda step: context.records.put_step(key, step), reached,
+                reuse_prefix=not any(part.per_call for part in parts))
     last = steps[-1]
     return AttackPrompt(
         adversarial_request(behaviour.text, tokenizer.decode(list(last.suffix))),
@@ -151,6 +177,8 @@ BUILDERS: dict[str, Callable[[Context, Prompt], AttackPrompt]] = {
     "many-shot": _many_shot,
     "past-tense": _direct,  # its behaviours are the reformulated requests themselves
 }
+# The attacks that search through the model (the approximation active): their prompts depend on how it computes.
+OPTIMISED = ("gcg", "autodan")
 # The offline material each attack reads: loaded before the model, so a missing package fails at once.
 MATERIAL: dict[str, Callable[[], object]] = {
     "gcg-transfer": sources.gcg_suffixes,
@@ -198,7 +226,7 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
         MATERIAL.get(name, lambda: None)()
     check_judge_model(config.judges, config.judge_model)
     open_run_dir(config.run_dir)
-    model, tokenizer = load(config.model, device=config.device)
+    model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, config.approximations)
     runs: list[tuple[str, str, str, list[Prompt], list[AttackPrompt], list[Generation]]] = []
     with Store(config.run_dir / "results.sqlite") as store, AttackRecords(store.path) as records, \
@@ -206,7 +234,7 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
         engine = Engine(store, model, tokenizer, config)
         for approximation in config.approximations:
             for name, behaviours in plans.items():
-                identity = attack_identity(name, config.parameters(name))
+                identity = attack_identity(name, {**config.parameters(name), **_drawn(name, engine)})
                 context = Context(model, tokenizer, config, approximation, identity, engine.fingerprint, records)
                 task = bar.add_task(f"{name} under {spec_label(str(approximation))}", total=2 * len(behaviours))
                 advance = lambda n, task=task: bar.advance(task, n)  # noqa: E731
@@ -220,7 +248,8 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
         engine.release_model()
         labels, judges = {}, {}
         for judge_name in config.judges:
-            judge = judges[judge_name] = make_judge(judge_name, model_source=config.judge_model, device=config.device)
+            judge = judges[judge_name] = make_judge(judge_name, model_source=config.judge_model,
+                                                    device=config.device, dtype=config.dtype)
             task = bar.add_task(f"judge {judge_name}", total=sum(len(g) for *_, g in runs))
             for approximation, name, _, behaviours, _, generations in runs:
                 # Judged against the behaviour, not the adversarial prompt (as HarmBench and
@@ -234,7 +263,7 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
         AttackCell(
             model=config.model, fingerprint=fingerprint, approx=approximation, attack=name, identity=identity,
             benchmark="past-tense" if name == "past-tense" else config.benchmark, seed=config.seed, n=len(found),
-            asr={j: estimate(labels[approximation, name, j], seed=config.seed) for j in config.judges},
+            asr={j: proportion(labels[approximation, name, j]) for j in config.judges},
             forward_passes=sum(f.forward_passes for f in found), seconds=sum(f.seconds for f in found),
             target_reached=_share(found, "reached"),
         )
@@ -246,6 +275,14 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
                       "judges": {name: asdict(i) for name, i in info.items()}})
     md, html = write_attack_report(config.run_dir)
     return AttackResult(config, cells, md, html)
+
+
+def _drawn(attack: str, engine: Engine) -> dict:
+    """What else decides the prompts of an attack that optimises through the model: the dtype and
+    device type it ran in and the draw scheme of the approximation's noise."""
+    if attack not in OPTIMISED:
+        return {}
+    return {"dtype": engine.dtype, "device": engine.device, "draws": DRAW_SCHEME}
 
 
 def _share(found: list[AttackPrompt], flag: str) -> float | None:

@@ -229,7 +229,7 @@ def write_align_report(config: AlignConfig, record: dict, results: dict[str, lis
         f"perturbation {cfg['perturbation']} on {layers_phrase(cfg)}, lambda {cfg['reg_lambda']:g}. Compared: "
         f"{', '.join(results)}. Evaluated on held-out prompts: {harmful} (limit {config.limit}) and {benign} "
         f"(limit {config.benign_limit}); prompt format {config.prompt_format}; greedy, {config.max_new_tokens} new "
-        "tokens. ASR with 95% bootstrap intervals; a perplexity far above the original means a broken model."
+        "tokens. ASR with 95% Wilson intervals; a perplexity far above the original means a broken model."
     )
     sections = align_sections(record, results, config.judges, sweeps)
     return write_report(config.out_dir, f"quada align: {record['base_model']}", summary, sections)

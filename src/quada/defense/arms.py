@@ -192,17 +192,18 @@ def _stored_labels(vet_dir: Path, fingerprint: str, settings: str, seed: int) ->
 def evaluation_outcomes(run: AlignRun, vet_dir: Path) -> SeedOutcomes:
     """The per-prompt outcomes of the evaluation in ``vet_dir`` (the run's after- or
     before-evaluation), rebuilt from its results store with the keys `quada vet` used."""
-    from quada.eval.engine import UtilityCache, perplexity_key
+    from quada.eval.engine import UtilityCache, key_settings, perplexity_key
     from quada.eval.generate import GenerationSettings
     from quada.eval.judges import attack_outcomes
     from quada.report.saved import saved_config
-    from quada.store import settings_json
     from quada.vet import prompt_sets
 
-    fingerprint = _read_json(vet_dir / RESULTS_FILE, run.folder)["fingerprint"]
+    saved = _read_json(vet_dir / RESULTS_FILE, run.folder)
+    fingerprint = saved["fingerprint"]
+    where = saved.get("dtype"), saved.get("device")  # absent from evaluations made before they were keyed
     e = saved_config({"config": run.evaluation}, vet_dir)
     harmful, benign = prompt_sets(e)
-    settings = settings_json(GenerationSettings(e.max_new_tokens, e.prompt_format, e.stop_on_refusal).as_dict())
+    settings = key_settings(GenerationSettings(e.max_new_tokens, e.prompt_format, e.stop_on_refusal), *where)
     labels = _stored_labels(vet_dir, fingerprint, settings, e.seed)
 
     def labelled(condition: str, judge: str, prompts) -> dict[str, bool]:
@@ -221,7 +222,7 @@ def evaluation_outcomes(run: AlignRun, vet_dir: Path) -> SeedOutcomes:
             outcomes.setdefault(judge, {})[condition] = dict(zip(by_prompt, attack_outcomes(judge, list(by_prompt.values()))))
         outcomes.setdefault(OVER_REFUSAL, {})[condition] = labelled(condition, e.refusal_judge, benign)
     utility = UtilityCache(vet_dir / "utility.json").values
-    perplexity = {c: utility.get(perplexity_key(fingerprint, c, e)) for c in conditions(run.evaluation)}
+    perplexity = {c: utility.get(perplexity_key(fingerprint, c, e, *where)) for c in conditions(run.evaluation)}
     return SeedOutcomes(vet_dir, run.seed, outcomes, perplexity)
 
 

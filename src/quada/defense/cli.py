@@ -11,7 +11,7 @@ from rich.table import Table
 from quada.cli_options import config_options
 from quada.defaults import DEFAULT_MODEL
 from quada.defense.options import AlignConfig
-from quada.devices import DEVICE_HELP
+from quada.devices import DEVICE_HELP, DTYPE_HELP
 from quada.errors import QuadaError
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
@@ -47,6 +47,7 @@ def pairs_command(
     seed: int = typer.Option(0, help="Seed of the split, the subsets and the noise."),
     file: Path | None = typer.Option(None, "--file", help="'pku': a local PKU-SafeRLHF copy (.json, .jsonl or .parquet with prompt, response_0, response_1, safer_response_id)."),
     device: str = typer.Option("auto", help=f"'self', 'generic': {DEVICE_HELP}"),
+    dtype: str = typer.Option("auto", help=f"'self', 'generic': {DTYPE_HELP}"),
 ) -> None:
     """Make preference pairs for `quada align`, with a stored train/held-out split of the prompts.
 
@@ -56,7 +57,7 @@ def pairs_command(
 
     shared = dict(model=model, harmful=harmful, heldout=heldout, benign_heldout=benign_heldout, limit=limit,
                   benign_limit=benign_limit, prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed,
-                  out_dir=out, device=device, **_given(benign=benign))
+                  out_dir=out, device=device, dtype=dtype, **_given(benign=benign))
     if source == "self":
         result = self_pairs(SelfPairsConfig(
             **shared, perturbation=perturbation, attempts=attempts, compliant_pairs=compliant_pairs,
@@ -85,7 +86,7 @@ def pairs_command(
     "max_pairs", "pairs_seed",
     "approx", "limit", "benign_limit", "judges", "judge_model", "max_new_tokens", "stop_on_refusal", "corpus",
     "ppl_window", "ppl_windows", "ppl_bound", "calibrate", "sweep", "sweep_spec", "sweep_parameter", "sweep_grid", "sweep_limit", "before_dir",
-    "baseline", "device", required=("pairs",),
+    "baseline", "device", "dtype", required=("pairs",),
 )
 def align_command(
     options: dict,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quada.analysis.options import SweepConfig
-from quada.devices import DEVICE_HELP
+from quada.devices import DEVICE_HELP, DTYPE_HELP
 from quada.errors import QuadaError, check_seed
 from quada.options import EvalOptions, VetConfig, check_counts, redefault
 
@@ -33,6 +33,8 @@ class AlignConfig(EvalOptions):
     """
 
     device: str = redefault(EvalOptions, "device", help=f"{DEVICE_HELP} Training, evaluation and the judge model.")
+    dtype: str = redefault(EvalOptions, "dtype", help=f"{DTYPE_HELP} For the evaluations and the judge model; training "
+                           "keeps float32 master weights.")
     pairs: Path = field(default=Path("runs") / "pairs" / "pairs.jsonl", metadata={
         "help": "Pairs file from `quada pairs` (JSONL with prompt, chosen, rejected, harmful). Its split.json, if "
         "beside it, names the held-out evaluation prompts.",

@@ -45,7 +45,7 @@ from quada.approx import as_spec
 from quada.attack.sources import many_shot_examples
 from quada.data import Prompt, jsonl_rows, load_benchmark, subset
 from quada.defense.quada import DEFAULT_PERTURBATION
-from quada.devices import check_device
+from quada.devices import check_device, check_dtype
 from quada.errors import QuadaError, check_seed
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import keyword_verdict, refusal_phrase
@@ -282,6 +282,7 @@ class PairsConfig:
 
     model: str = DEFAULT_MODEL
     device: str = "auto"  # where the model runs: auto, cpu, cuda or cuda:N
+    dtype: str = "auto"  # the number format it runs in (see quada.devices.DTYPES)
     harmful: str = "advbench"
     benign: str = "quada-benign"
     heldout: int = 104  # harmful prompts kept for evaluation (20% of AdvBench)
@@ -295,6 +296,7 @@ class PairsConfig:
 
     def __post_init__(self):
         self.device = check_device(self.device)
+        self.dtype = check_dtype(self.dtype)
         _check_at_least_one(self, ("heldout", "benign_heldout", "max_new_tokens"))
         _check_at_least_one(self, ("limit", "benign_limit"), optional=True)
         GenerationSettings(self.max_new_tokens, self.prompt_format)  # validates the format
@@ -456,7 +458,7 @@ def _answering(config: PairsConfig, source: str, store: Store, bar,
     from quada.eval.engine import Engine, check_specs_fit
     from quada.models import load
 
-    model, tokenizer = load(source, device=config.device)
+    model, tokenizer = load(source, dtype=config.dtype, device=config.device)
     check_specs_fit(model, approximations)
     settings = GenerationSettings(config.max_new_tokens, config.prompt_format)
     engine = Engine(store, model, tokenizer, _Generating(source, settings, config.seed, config.out_dir))

@@ -8,9 +8,12 @@ prompts (longest first, so a chunk batches prompts of similar length), each chun
 process. :class:`LocalExecutor` computes the chunks here, in order; ``RayExecutor``
 (:mod:`quada.eval.ray_executor`, chosen by :func:`make_executor`) on a pool of Ray workers, several
 at a time, handing them back in order. Whatever the executor, every chunk is committed to the
-results store as its responses arrive, only missing rows are computed, and a chunk's noise is
-seeded by the chunk's content (:func:`chunk_seed`): a killed run resumes to exactly the rows of an
-uninterrupted one.
+results store as its responses arrive and only missing rows are computed. An approximation's
+noise is drawn per prompt, from the condition's seed and the prompt's id
+(:mod:`quada.approx.rows`), never from the chunk: a row is a function of its key, so a killed run
+resumes to exactly the rows of an uninterrupted one, and a run over more prompts, another executor
+or another batch size gives the same rows (in float32; bfloat16 rounding can still differ with
+the batch a prompt shares).
 
 Judgements go through the same store; perplexity, accuracy and other numbers measured on the
 model through a JSON cache beside it (:class:`UtilityCache`). `quada vet`, the sweep, the layer
@@ -27,16 +30,15 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from quada.approx import Spec, apply
-from quada.approx.base import resolve_layers
+from quada.approx.base import DRAW_SCHEME, resolve_layers
 from quada.approx.sites import resolve_decoder
 from quada.data import Prompt
 from quada.eval.generate import GenerationSettings, generate
 from quada.eval.judges import Judge, attack_outcomes
-from quada.eval.metrics import Estimate, estimate
+from quada.eval.metrics import Estimate, proportion
 from quada.eval.utility import multiple_choice, perplexity
 from quada.fingerprint import model_fingerprint
 from quada.runs import atomic_write_text
-from quada.seeds import derived_seed
 from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, settings_json
 
 GENERATION_CHUNK = 64  # prompts generated and committed together (one batch composition)
@@ -73,26 +75,44 @@ def approximated(model, approximation: Approximation, tokenizer, seed: int):
     return apply(model, approximation, seed=seed, tokenizer=tokenizer)
 
 
-def chunk_seed(seed: int, approximation: str, first_prompt_id: str) -> int:
-    """The noise seed of one generation chunk (``approximation`` is the store key): fixed by the
-    chunk's content, not by run history, so a resumed run draws exactly the noise an
-    uninterrupted run would have drawn."""
-    return derived_seed(seed, approximation, first_prompt_id)
+def key_settings(settings: GenerationSettings, dtype: str | None, device: str | None) -> str:
+    """The ``settings`` column of a generation's key: the generation settings, and what else decides
+    a row besides the model, the condition, the prompt and the seed: the dtype the model runs in,
+    the device type (``cpu``, ``cuda``) and the scheme of the approximations' random draws
+    (:data:`quada.approx.base.DRAW_SCHEME`). ``dtype=None`` gives the key of stores written before
+    these were recorded, which can still be read."""
+    extra = {} if dtype is None else {"dtype": dtype, "device": device, "draws": DRAW_SCHEME}
+    return settings_json({**settings.as_dict(), **extra})
 
 
-def perplexity_key(fingerprint: str, approximation: str, config) -> str:
-    """Cache key of a perplexity: the model, the condition, the corpus and its windows, the seed."""
-    return f"{fingerprint}|{approximation}|ppl|{config.corpus}|{config.ppl_window}|{config.ppl_windows}|{config.seed}"
+def _where(dtype: str | None, device: str | None) -> str:
+    """The end of a utility key: dtype, device type and draw scheme (nothing for older caches)."""
+    return "" if dtype is None else f"|{dtype}|{device}|draws{DRAW_SCHEME}"
 
 
-def accuracy_key(fingerprint: str, approximation: str, config) -> str:
-    """Cache key of multiple-choice answers: the model, the condition, the question count, the seed."""
-    return f"{fingerprint}|{approximation}|mc|{config.questions}|{config.seed}"
+def perplexity_key(fingerprint: str, approximation: str, config, dtype: str | None, device: str | None) -> str:
+    """Cache key of a perplexity: the model, the condition, the corpus and its windows, the seed,
+    and as in :func:`key_settings` the dtype, device type and draw scheme."""
+    return (f"{fingerprint}|{approximation}|ppl|{config.corpus}|{config.ppl_window}|{config.ppl_windows}|{config.seed}"
+            + _where(dtype, device))
+
+
+def accuracy_key(fingerprint: str, approximation: str, config, dtype: str | None, device: str | None) -> str:
+    """Cache key of multiple-choice answers: the model, the condition, the question count, the seed,
+    and as in :func:`key_settings` the dtype, device type and draw scheme."""
+    return f"{fingerprint}|{approximation}|mc|{config.questions}|{config.seed}" + _where(dtype, device)
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``: how keys and reports name a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
 class Condition:
-    """What decides a set of generations; its rows are keyed by ``str(approximation)``."""
+    """What decides a set of generations; its rows are keyed by ``str(approximation)``. ``dtype`` and
+    ``device`` (a device type: ``cpu``, ``cuda``) are where the model runs: rounding differs
+    between them, so they are part of every row's key."""
 
     model: str  # the source the model was loaded from
     fingerprint: str
@@ -100,13 +120,15 @@ class Condition:
     prompts: tuple[Prompt, ...]
     settings: GenerationSettings
     seed: int
+    dtype: str
+    device: str
 
     def __post_init__(self):
         _check_parsed(self.approximation)
 
     def key(self, prompt_id: str) -> GenerationKey:
         return GenerationKey(self.fingerprint, str(self.approximation), prompt_id,
-                             settings_json(self.settings.as_dict()), self.seed)
+                             key_settings(self.settings, self.dtype, self.device), self.seed)
 
 
 @dataclass(frozen=True)
@@ -121,10 +143,6 @@ class Chunk:
         by_id = {p.id: p.text for p in self.condition.prompts}
         return [by_id[i] for i in self.prompt_ids]
 
-    @property
-    def noise_seed(self) -> int:
-        return chunk_seed(self.condition.seed, str(self.condition.approximation), self.prompt_ids[0])
-
     def __str__(self) -> str:
         """How errors name the chunk: its condition and its first prompt."""
         condition = self.condition
@@ -133,9 +151,12 @@ class Chunk:
 
 
 def generate_chunk(model, tokenizer, chunk: Chunk) -> list[str]:
-    """The work of one chunk, on a worker holding ``model`` and ``tokenizer``: its responses."""
-    with approximated(model, chunk.condition.approximation, tokenizer, chunk.noise_seed):
-        return generate(model, tokenizer, chunk.texts, chunk.condition.settings, progress=False)
+    """The work of one chunk, on a worker holding ``model`` and ``tokenizer``: its responses. The
+    approximation draws each prompt's noise from the condition's seed and the prompt's id, so a
+    response does not depend on the chunk it was generated in."""
+    condition = chunk.condition
+    with approximated(model, condition.approximation, tokenizer, condition.seed):
+        return generate(model, tokenizer, chunk.texts, condition.settings, progress=False, prompt_ids=chunk.prompt_ids)
 
 
 class Executor(Protocol):
@@ -197,9 +218,10 @@ class Measurement:
     judgements: dict[str, list[Judgement]]
     perplexity: float
 
-    def asr(self, judge: str, seed: int) -> Estimate:
-        """The attack success rate by ``judge`` (not refused, or harmful; see :func:`attack_outcomes`)."""
-        return estimate(attack_outcomes(judge, [j.label for j in self.judgements[judge]]), seed=seed)
+    def asr(self, judge: str) -> Estimate:
+        """The attack success rate by ``judge`` (not refused, or harmful; see :func:`attack_outcomes`),
+        with its Wilson interval."""
+        return proportion(attack_outcomes(judge, [j.label for j in self.judgements[judge]]))
 
 
 def _ignore(_count: int) -> None:
@@ -223,6 +245,7 @@ class Engine:
         self.corpus_text = corpus_text
         self.executor = executor or LocalExecutor(model, tokenizer)
         self.fingerprint = model_fingerprint(model)
+        self.dtype, self.device = dtype_name(model.dtype), model.device.type
         self.utility = UtilityCache(config.run_dir / "utility.json")
 
     def condition(self, approximation: Approximation, prompts: Sequence[Prompt], seed: int | None = None) -> Condition:
@@ -230,7 +253,7 @@ class Engine:
         generation settings and seed (or ``seed``)."""
         config = self.config
         return Condition(config.model, self.fingerprint, approximation, tuple(prompts), config.settings,
-                         config.seed if seed is None else seed)
+                         config.seed if seed is None else seed, self.dtype, self.device)
 
     def release_model(self) -> None:
         """Let go of the subject model (a large judge model may need its memory); only stored
@@ -267,18 +290,23 @@ class Engine:
 
         return self.utility.get_or_compute(key, compute)
 
+    def key_of(self, measurement: str, approximation: Approximation | str) -> str:
+        """The utility-cache key of this model's ``perplexity`` or ``accuracy`` under ``approximation``."""
+        key = {"perplexity": perplexity_key, "accuracy": accuracy_key}[measurement]
+        return key(self.fingerprint, str(approximation), self.config, self.dtype, self.device)
+
     def perplexity(self, approximation: Approximation) -> float:
         """Stored-or-measured perplexity of the model under ``approximation`` on the run's corpus."""
         config = self.config
         return self.cached(
-            perplexity_key(self.fingerprint, str(approximation), config), approximation,
+            self.key_of("perplexity", approximation), approximation,
             lambda model, tokenizer: perplexity(model, tokenizer, self.corpus_text, config.ppl_window,
                                                 config.ppl_windows).perplexity,
         )
 
     def accuracy(self, approximation: Approximation, questions) -> list[bool]:
         """Stored-or-measured multiple-choice answers (right or wrong) under ``approximation``."""
-        return self.cached(accuracy_key(self.fingerprint, str(approximation), self.config), approximation,
+        return self.cached(self.key_of("accuracy", approximation), approximation,
                            lambda model, tokenizer: multiple_choice(model, tokenizer, questions).correct)
 
     def judged(self, judge: Judge, generations: Sequence[Generation], on_chunk=_ignore,

@@ -19,6 +19,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from quada.approx.rows import prompt_rows
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.errors import QuadaError
 from quada.eval.batching import padded_batch, position_ids
@@ -83,7 +84,9 @@ def auto_batch_size(model: PreTrainedModel, prompt_tokens: int, max_new_tokens: 
     return max(1, min(cap, int(available_memory() * MEMORY_FRACTION // per_sequence)))
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The ids that end a response, on the model's device: the generation config's end tokens and
+    the tokenizer's."""
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None:
@@ -99,11 +102,14 @@ def greedy_batch(
     max_new_tokens: int,
     eos_ids: torch.Tensor,
     stop: Callable[[list[int]], bool] | None = None,
+    row_ids: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """Greedy-decode a left-padded batch; return each row's new ids without the end token.
 
     Rows that emit an end token, or whose new ids make ``stop`` true, leave the batch and the
-    KV cache at once.
+    KV cache at once. ``row_ids`` name the rows' prompts for an approximation's draws (see
+    :func:`quada.approx.rows.prompt_rows`; default: each row's own prompt tokens), so a row draws
+    the same noise whatever else is in the batch and whenever the others stop.
     """
     batch = input_ids.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -111,33 +117,42 @@ def greedy_batch(
     cache = DynamicCache(config=model.config)
     positions = position_ids(attention_mask)
     step_ids = input_ids
-    for step in range(max_new_tokens):
-        logits = model(
-            input_ids=step_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        next_ids = logits.argmax(-1)
-        finished = torch.isin(next_ids, eos_ids)
-        for i, (row, token, done) in enumerate(zip(rows.tolist(), next_ids.tolist(), finished.tolist())):
-            if not done:
-                generated[row].append(token)
-                if stop is not None and stop(generated[row]):
-                    finished[i] = True
-        if finished.all() or step == max_new_tokens - 1:
-            break
-        if finished.any():
-            keep = (~finished).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, next_ids = rows[keep], next_ids[keep]
-            attention_mask, positions = attention_mask[keep], positions[keep]
-        step_ids = next_ids[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-        positions = positions[:, -1:] + 1
+    if row_ids is None:
+        row_ids = [f"tokens:{ids}" for ids in _own_ids(input_ids, attention_mask)]
+    with prompt_rows(row_ids) as named:
+        for step in range(max_new_tokens):
+            logits = model(
+                input_ids=step_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            next_ids = logits.argmax(-1)
+            finished = torch.isin(next_ids, eos_ids)
+            for i, (row, token, done) in enumerate(zip(rows.tolist(), next_ids.tolist(), finished.tolist())):
+                if not done:
+                    generated[row].append(token)
+                    if stop is not None and stop(generated[row]):
+                        finished[i] = True
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            if finished.any():
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                named.keep(keep.tolist())
+                rows, next_ids = rows[keep], next_ids[keep]
+                attention_mask, positions = attention_mask[keep], positions[keep]
+            step_ids = next_ids[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+            positions = positions[:, -1:] + 1
     return generated
+
+
+def _own_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's own token ids (without its padding)."""
+    return [[t for t, m in zip(row, mask) if m] for row, mask in zip(input_ids.tolist(), attention_mask.tolist())]
 
 
 def _stop_on_refusal(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], bool]:
@@ -165,8 +180,15 @@ def generate(
     settings: GenerationSettings = GenerationSettings(),
     batch_size: int | None = None,
     progress: bool = True,
+    prompt_ids: Sequence[str] | None = None,
 ) -> list[str]:
-    """Greedy responses to ``prompts`` (in their order), each formatted with the chat template."""
+    """Greedy responses to ``prompts`` (in their order), each formatted with the chat template.
+
+    ``prompt_ids`` (one per prompt) name the prompts for an approximation's random draws, so that
+    a prompt draws the same noise in any batch (the results store passes its prompt ids); by
+    default a prompt is named by its tokens."""
+    if prompt_ids is not None and len(prompt_ids) != len(prompts):
+        raise ValueError(f"{len(prompt_ids)} prompt ids for {len(prompts)} prompts")
     if batch_size is not None and batch_size < 1:
         raise QuadaError(f"batch size must be at least 1, got {batch_size}")
     encoded = [
@@ -174,7 +196,7 @@ def generate(
         for p in prompts
     ]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-    eos_ids = _eos_ids(model, tokenizer)
+    end_ids = eos_token_ids(model, tokenizer)
     stop = _stop_on_refusal(tokenizer) if settings.stop_on_refusal else None
     pad_id = pad_id_of(tokenizer)
     responses: list[str] = [""] * len(prompts)
@@ -187,7 +209,8 @@ def generate(
             chunk = order[start : start + size]
             input_ids, attention_mask = padded_batch([encoded[i] for i in chunk], pad_id)
             new_ids = greedy_batch(
-                model, input_ids.to(model.device), attention_mask.to(model.device), settings.max_new_tokens, eos_ids, stop
+                model, input_ids.to(model.device), attention_mask.to(model.device), settings.max_new_tokens, end_ids, stop,
+                None if prompt_ids is None else [prompt_ids[i] for i in chunk],
             )
             for i, ids in zip(chunk, new_ids):
                 responses[i] = tokenizer.decode(ids, skip_special_tokens=True)

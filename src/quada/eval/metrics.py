@@ -1,8 +1,10 @@
 """Rates with uncertainty, paired tests and rater agreement: small pure functions.
 
-Every rate quada reports (attack success, over-refusal, accuracy) carries a 95% confidence
-interval; a clean run and an approximated run on the same prompts are compared with McNemar's
-paired test; judges are compared with Cohen's kappa.
+Every rate quada reports (attack success, over-refusal, accuracy) carries a 95% Wilson interval
+and every mean (a grade) a bootstrap interval; a clean run and an approximated run on the same
+prompts are compared with McNemar's paired test and the difference of their rates gets Tango's
+score interval; several tests that can each raise an alarm are corrected with Holm's method;
+judges are compared with Cohen's kappa.
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def estimate(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -
     """The mean of ``values`` with its percentile bootstrap interval (:func:`bootstrap_ci`)."""
     low, high = bootstrap_ci(values, confidence=confidence, seed=seed)
     return Estimate(float(np.mean(np.asarray(values, dtype=float))), low, high, len(values))
+
+
+def proportion(outcomes: Sequence[bool], confidence: float = 0.95) -> Estimate:
+    """The share of true ``outcomes`` (a rate: attack success, over-refusal, accuracy) with its
+    Wilson score interval (:func:`wilson_interval`), which stays informative at 0 or n successes."""
+    n = len(outcomes)
+    successes = sum(bool(o) for o in outcomes)
+    low, high = wilson_interval(successes, n, confidence)
+    return Estimate(successes / n, low, high, n)
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -159,3 +170,70 @@ def cohen_kappa(labels_a: Sequence[bool], labels_b: Sequence[bool]) -> float:
     if expected == 1.0:
         return math.nan
     return (observed - expected) / (1 - expected)
+
+
+def tango_statistic(only_first: int, only_second: int, n: int, delta: float) -> float:
+    """Tango's score statistic for the difference ``delta`` = P(first) - P(second) of paired
+    proportions (Tango, Stat Med 17:891, 1998; as written by Fagerland, Lydersen & Laake, Stat Med
+    33:2850, 2014): T = (n12 - n21 - n delta) / sqrt(n (2 p21 + delta (1 - delta))), where n12
+    (``only_first``) and n21 (``only_second``) count the discordant pairs and p21 is the maximum
+    likelihood estimate of P(only second) under ``delta``:
+    p21 = (sqrt(W^2 - 8 n (-n21) delta (1 - delta)) - W) / (4n), W = -n12 - n21 + (2n - n12 + n21) delta.
+    """
+    w = -only_first - only_second + (2 * n - only_first + only_second) * delta
+    p21 = (math.sqrt(max(w * w + 8 * n * only_second * delta * (1 - delta), 0.0)) - w) / (4 * n)
+    variance = n * (2 * p21 + delta * (1 - delta))
+    numerator = only_first - only_second - n * delta
+    if variance <= 0:
+        return 0.0 if numerator == 0 else math.copysign(math.inf, numerator)
+    return numerator / math.sqrt(variance)
+
+
+def tango_interval(only_first: int, only_second: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Tango's score interval for the difference of two paired proportions: every ``delta`` in
+    [-1, 1] whose :func:`tango_statistic` lies within the normal quantile z of (1+confidence)/2,
+    found by bisection on either side of the estimate (n12 - n21)/n. It does not collapse when no
+    pair is discordant: with n12 = n21 = 0 it is [-z^2/(n+z^2), z^2/(n+z^2)]."""
+    if n <= 0 or only_first < 0 or only_second < 0 or only_first + only_second > n:
+        raise ValueError(f"tango_interval needs 0 <= n12 + n21 <= n and n >= 1, got {only_first}, {only_second}, {n}")
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    estimate_ = (only_first - only_second) / n
+
+    def inside(delta: float) -> bool:
+        return abs(tango_statistic(only_first, only_second, n, delta)) <= z
+
+    def edge(outer: float) -> float:
+        inner = estimate_  # inside; |T| grows monotonically from the estimate towards either end
+        if inside(outer):
+            return outer
+        for _ in range(60):
+            middle = (inner + outer) / 2
+            inner, outer = (middle, outer) if inside(middle) else (inner, middle)
+        return inner
+
+    return edge(-1.0), edge(1.0)
+
+
+def paired_difference(first: Sequence[bool], second: Sequence[bool], confidence: float = 0.95) -> Estimate:
+    """The paired difference of two rates on the same items, ``mean(first) - mean(second)``, with
+    :func:`tango_interval`."""
+    if len(first) != len(second) or not first:
+        raise ValueError(f"paired outcomes must be non-empty and of one length: {len(first)} vs {len(second)}")
+    only_first = sum(1 for a, b in zip(first, second) if a and not b)
+    only_second = sum(1 for a, b in zip(first, second) if b and not a)
+    low, high = tango_interval(only_first, only_second, len(first), confidence)
+    return Estimate((only_first - only_second) / len(first), low, high, len(first))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm, Scand J Statist 6:65, 1979), in the input order:
+    with the m p-values sorted ascending, p_adj(i) = max over j <= i of min(1, (m - j + 1) p(j)). A
+    hypothesis is rejected at family-wise level alpha when its adjusted p-value is below alpha."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
