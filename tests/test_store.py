@@ -234,7 +234,7 @@ def test_merging_refuses_a_newer_or_missing_store(tmp_path):
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
     with Store(tmp_path / "merged.sqlite") as store:
-        with pytest.raises(QuadaError, match="schema version 2, newer"):
+        with pytest.raises(QuadaError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
             store.merge_from(newer)
         with pytest.raises(QuadaError, match="no results store at"):
             store.merge_from(tmp_path / "absent.sqlite")

@@ -12,34 +12,54 @@ keeps every committed batch through a process crash), the key is the primary key
 ``INSERT OR IGNORE`` (a repeated batch adds nothing), and ``Store.fill`` computes only the keys
 that are missing. No timestamps are stored, so rows are identical however the run was split.
 
+Numbers measured on the model (perplexity, multiple-choice answers, the refusal proxy) are stored
+beside them as JSON values keyed by a string that names what decides them (the model, the
+condition, the corpus and its windows, ...), so two runs in one folder add to one another's values
+instead of overwriting them, and the store stays the single record of a run.
+
 Stores of runs made elsewhere (other machines, other Ray clusters) combine with
 :meth:`Store.merge_from`: it adds the rows a store lacks and refuses a store that disagrees with it
 on a key, so a merged store still holds one answer per key.
 
-The schema version lives in SQLite's ``user_version``; a database written by a newer quada is
-refused rather than misread, and a damaged one (SQLite's ``quick_check`` on opening) is refused
-and left as it is.
+The schema version lives in SQLite's ``user_version``: version 1 had no measurements table and is
+upgraded in place when opened for writing (read as it is otherwise); a database written by a newer
+quada is refused rather than misread. A file is first inspected on a read-only connection
+(SQLite's ``quick_check``, the schema), so a damaged, foreign or newer database is refused before
+anything writes to it, and left as it is. Damage or a full disk that appears during a run ends it
+with the same kind of message, the rows committed before kept.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import os
 import sqlite3
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from quada.errors import QuadaError
 from quada.fingerprint import package_versions
-from quada.runs import atomic_writer
+from quada.runs import atomic_writer, writes_in_place
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the measurements table
 CLEAN = "none"  # the approximation spec of the unmodified model
 EXPORT_FORMATS = ("csv", "json")
+STDOUT = "-"  # the export target that means standard output
 DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes
+# Failures of the file or the disk under a store in use (primary result codes), as opposed to bugs.
+FILE_FAILURE_CODES = {
+    sqlite3.SQLITE_FULL: "the disk is full",
+    sqlite3.SQLITE_IOERR: "the disk failed to read or write it",
+    sqlite3.SQLITE_READONLY: "it cannot be written (read-only file or folder)",
+    sqlite3.SQLITE_CANTOPEN: "it cannot be opened",
+    sqlite3.SQLITE_BUSY: "another process holds it locked for too long",
+}
 
 
 def settings_json(settings: Mapping[str, Any]) -> str:
@@ -89,6 +109,22 @@ class Judgement:
 
 
 @dataclass(frozen=True)
+class MeasurementKey:
+    """What decides a number measured on the model: one string naming the model, the condition and
+    the measurement's settings (see :func:`quada.eval.engine.perplexity_key`)."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A number (or list) measured on the model, as canonical JSON text."""
+
+    key: MeasurementKey
+    value: str
+
+
+@dataclass(frozen=True)
 class _Table:
     """How one row type maps to one SQL table: key columns, then value columns."""
 
@@ -132,8 +168,9 @@ GENERATIONS = _Table("generations", GenerationKey, Generation, (("prompt", str, 
 JUDGEMENTS = _Table(
     "judgements", JudgementKey, Judgement, (("label", bool, "INTEGER"), ("score", float, "REAL"), ("raw", str, "TEXT"))
 )
-TABLES = {table.key_type: table for table in (GENERATIONS, JUDGEMENTS)} | {
-    table.row_type: table for table in (GENERATIONS, JUDGEMENTS)
+MEASUREMENTS = _Table("measurements", MeasurementKey, Measurement, (("value", str, "TEXT"),))
+TABLES = {table.key_type: table for table in (GENERATIONS, JUDGEMENTS, MEASUREMENTS)} | {
+    table.row_type: table for table in (GENERATIONS, JUDGEMENTS, MEASUREMENTS)
 }
 
 
@@ -143,25 +180,56 @@ _RECORD_SOURCES = [(c, "g") for c in GENERATIONS.key_columns] + [
 RECORD_COLUMNS = [column for column, _ in _RECORD_SOURCES]
 
 
+def _primary_code(err: BaseException) -> int | None:
+    """SQLite's primary result code of ``err`` (``None`` for errors raised by Python code)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return None if code is None or not isinstance(err, sqlite3.Error) else code & 0xFF
+
+
 def _is_damage(err: BaseException) -> bool:
     """Whether SQLite reports a corrupt database file or a file that is no database at all."""
-    code = getattr(err, "sqlite_errorcode", None)  # absent on errors raised by Python code
-    return isinstance(err, sqlite3.DatabaseError) and code is not None and code & 0xFF in DAMAGE_CODES
+    return _primary_code(err) in DAMAGE_CODES
 
 
 def readable_store(path: str | Path) -> Path:
     """``path``, checked as a store to read from: a file (never created here) that opens as a quada
-    results store, neither damaged nor foreign nor newer than this quada."""
+    results store, neither damaged nor foreign nor newer than this quada; nothing is written to it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise QuadaError(f"no results store at {path}; give the results.sqlite of a run folder")
-    Store(path).close()
+    Store(path, readonly=True).close()
     return path
+
+
+def _file_uri(path: Path, mode: str) -> str:
+    """The SQLite URI of ``path`` opened in ``mode`` (``ro``, ``rw`` or ``rwc``, which creates it)."""
+    return f"{path.resolve().as_uri()}?mode={mode}"
+
+
+def _reports_file_failures(method):
+    """A :class:`Store` method whose SQLite failures of the file or the disk (damage, a full disk,
+    lost write access) are user errors naming the store, not tracebacks."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as err:
+            if _is_damage(err):
+                raise self._damage_error(str(err)) from err
+            if _primary_code(err) in FILE_FAILURE_CODES:
+                raise QuadaError(
+                    f"the results store {self.path} failed: {FILE_FAILURE_CODES[_primary_code(err)]} ({err}). "
+                    "The rows committed before are kept; fix the cause and run the command again to continue"
+                ) from err
+            raise
+
+    return guarded
 
 
 def _table_of(kind: type) -> _Table:
     if kind not in TABLES:
-        raise TypeError(f"the store holds generations and judgements, not {kind.__name__}")
+        raise TypeError(f"the store holds generations, judgements and measurements, not {kind.__name__}")
     return TABLES[kind]
 
 
@@ -177,7 +245,8 @@ class Database:
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # a failing disk may have ended it already
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
@@ -192,24 +261,29 @@ class Database:
 
 
 class Store(Database):
-    """An SQLite results database at ``path`` (created with its folders if missing)."""
+    """An SQLite results database at ``path`` (created with its folders if missing), or with
+    ``readonly`` an existing one, read as it is: neither upgraded nor switched to WAL mode."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path).expanduser()
         self._db: sqlite3.Connection | None = None
         try:
+            if (self.path.is_file() and self.path.stat().st_size > 0) or readonly:
+                self._inspect()  # before any connection that can write
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._check_intact()
-            self._open_schema()
+            # A store read as it is keeps its schema and journal mode; one used for writing runs in WAL mode.
+            self._db = sqlite3.connect(_file_uri(self.path, "rw" if readonly else "rwc"), uri=True, timeout=30,
+                                       isolation_level=None)
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._open_schema()
         except BaseException as err:
             if self._db is not None:
                 self._db.close()
             if _is_damage(err):
                 raise self._damage_error(str(err)) from err
-            if isinstance(err, sqlite3.DatabaseError):
+            if isinstance(err, sqlite3.Error):
                 raise QuadaError(
                     f"cannot use {self.path} as a results database ({err}); give a writable path to a "
                     "new file or to a database written by quada"
@@ -221,11 +295,20 @@ class Store(Database):
             raise
         self._versions = json.dumps(package_versions(), sort_keys=True)
 
-    def _check_intact(self) -> None:
-        """Refuse a damaged database before any work is stored in it (the check only reads)."""
-        problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
-        if problems != ["ok"]:
-            raise self._damage_error(problems[0])
+    def _inspect(self) -> None:
+        """Refuse a damaged, foreign or newer database on a read-only connection, so that nothing is
+        written to a file that is refused. Without a write-ahead log beside it the file is the whole
+        database, and it is read as immutable: SQLite then creates no companion files either."""
+        immutable = "&immutable=1" if not Path(f"{self.path}-wal").exists() else ""
+        self._db = sqlite3.connect(_file_uri(self.path, "ro") + immutable, uri=True, isolation_level=None)
+        try:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise self._damage_error(problems[0])
+            self._schema_version()
+        finally:
+            self._db.close()
+            self._db = None
 
     def _damage_error(self, detail: str) -> QuadaError:
         """The user error for a damaged store file: it is kept, and a fresh store goes elsewhere."""
@@ -235,26 +318,40 @@ class Store(Database):
             "another --run-dir (--db for the results and judge commands)"
         )
 
+    def _schema_version(self) -> int:
+        """The schema version of the open database (0: a new, empty one); a newer schema or a
+        database with tables of its own is refused."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise QuadaError(
+                f"results database {self.path} has schema version {version}, newer than this quada "
+                f"understands ({SCHEMA_VERSION}); upgrade quada or use another database file"
+            )
+        if version == 0 and self._db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]:
+            raise QuadaError(f"{self.path} is an SQLite database but not a quada results store; choose another file")
+        return version
+
     def _open_schema(self) -> None:
-        """Create the tables in a new database; refuse a newer schema or a foreign database."""
+        """Create the tables of a new database, or add those an older schema lacks."""
         with self._transaction():
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise QuadaError(
-                    f"results database {self.path} has schema version {version}, newer than this quada "
-                    f"understands ({SCHEMA_VERSION}); upgrade quada or use another database file"
-                )
-            if version == 0:
-                tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
-                if tables:
-                    raise QuadaError(
-                        f"{self.path} is an SQLite database but not a quada results store; choose another file"
-                    )
-                for table in (GENERATIONS, JUDGEMENTS):
-                    self._db.execute(table.create_sql())
+            version = self._schema_version()
+            if version < SCHEMA_VERSION:
+                if version == 0:
+                    for table in (GENERATIONS, JUDGEMENTS):
+                        self._db.execute(table.create_sql())
+                self._db.execute(MEASUREMENTS.create_sql())
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def get(self, key: GenerationKey | JudgementKey) -> Generation | Judgement | None:
+    @_reports_file_failures
+    def _has_measurements(self, schema: str = "main") -> bool:
+        """Whether the database ``schema`` (``main`` or an attached one) has the measurements table
+        (a store of schema 1 read as it is has none)."""
+        return self._db.execute(
+            f"SELECT count(*) FROM {schema}.sqlite_master WHERE type = 'table' AND name = 'measurements'"
+        ).fetchone()[0] > 0
+
+    @_reports_file_failures
+    def get(self, key: GenerationKey | JudgementKey | MeasurementKey) -> Generation | Judgement | Measurement | None:
         """The stored row for ``key``, or ``None``."""
         table = _table_of(type(key))
         where = " AND ".join(f"{c} = ?" for c in table.key_columns)
@@ -264,6 +361,7 @@ class Store(Database):
         ).fetchone()
         return table.from_record(record) if record else None
 
+    @_reports_file_failures
     def get_many(self, keys: Iterable[GenerationKey | JudgementKey]) -> dict:
         """``{key: row}`` for those ``keys`` that are stored."""
         found = {}
@@ -273,10 +371,12 @@ class Store(Database):
                 found[key] = row
         return found
 
+    @_reports_file_failures
     def missing(self, keys: Iterable[GenerationKey | JudgementKey]) -> list:
         """The ``keys`` not yet stored, deduplicated, in their given order."""
         return [key for key in dict.fromkeys(keys) if self.get(key) is None]
 
+    @_reports_file_failures
     def put(self, rows: Iterable[Generation | Judgement]) -> int:
         """Store ``rows`` in one transaction; rows whose key is stored already are ignored.
 
@@ -296,6 +396,24 @@ class Store(Database):
                 added += cursor.rowcount
         return added
 
+    def measurement(self, key: str) -> Any:
+        """The stored measurement ``key`` (a JSON value), or ``None``."""
+        row = self.get(MeasurementKey(key)) if self._has_measurements() else None
+        return None if row is None else json.loads(row.value)
+
+    def measurements(self) -> dict[str, Any]:
+        """Every stored measurement by key."""
+        rows = self.rows(Measurement) if self._has_measurements() else []
+        return {row.key.key: json.loads(row.value) for row in rows}
+
+    def put_measurement(self, key: str, value: Any) -> Any:
+        """Store ``value`` (a JSON value) as the measurement ``key`` unless one is stored already, and
+        return the stored one: when two runs measure the same key, the first to commit is kept and
+        both go on with it."""
+        self.put([Measurement(MeasurementKey(key), json.dumps(value, sort_keys=True))])
+        return self.measurement(key)
+
+    @_reports_file_failures
     def fill(
         self,
         keys: Sequence[GenerationKey | JudgementKey],
@@ -310,6 +428,7 @@ class Store(Database):
         """
         return self.fill_chunks(keys, lambda chunks: map(compute, chunks), chunk_size)
 
+    @_reports_file_failures
     def fill_chunks(
         self,
         keys: Sequence[GenerationKey | JudgementKey],
@@ -330,21 +449,24 @@ class Store(Database):
         found = self.get_many(keys)
         return [found[key] for key in keys]
 
+    @_reports_file_failures
     def merge_from(self, path: str | Path) -> int:
-        """Add every generation and judgement of the store at ``path`` that this store lacks, in one
-        transaction, and return how many were added (merging again adds none). A store that holds
-        another value for a key this store has (another response to the same prompt under the same
-        condition) is refused whole: the rows of both stay as they were."""
+        """Add every generation, judgement and measurement of the store at ``path`` that this store
+        lacks, in one transaction, and return how many were added (merging again adds none). A store
+        that holds another value for a key this store has (another response to the same prompt under
+        the same condition) is refused whole: the rows of both stay as they were. The store at
+        ``path`` is only read."""
         source = readable_store(path)
         if source.resolve() == self.path.resolve():
             raise QuadaError(f"{source} is the store being merged into; give the stores of other runs")
-        self._db.execute("ATTACH DATABASE ? AS incoming", (str(source),))
+        self._db.execute("ATTACH DATABASE ? AS incoming", (_file_uri(source, "rw"),))  # no c: never created
         try:
+            tables = [GENERATIONS, JUDGEMENTS] + ([MEASUREMENTS] if self._has_measurements("incoming") else [])
             with self._transaction():
-                for table in (GENERATIONS, JUDGEMENTS):
+                for table in tables:
                     self._check_agreement(table, source)
                 added = 0
-                for table in (GENERATIONS, JUDGEMENTS):
+                for table in tables:
                     columns = ", ".join(table.columns)
                     added += self._db.execute(f"INSERT OR IGNORE INTO main.{table.name} ({columns}) "
                                               f"SELECT {columns} FROM incoming.{table.name}").rowcount
@@ -368,8 +490,9 @@ class Store(Database):
                 "(other versions or hardware); nothing of it was merged. Keep such runs in separate stores"
             )
 
+    @_reports_file_failures
     def rows(self, kind: type) -> list:
-        """Every stored ``Generation`` or ``Judgement`` (``kind``), sorted by key."""
+        """Every stored ``Generation``, ``Judgement`` or ``Measurement`` (``kind``), sorted by key."""
         table = _table_of(kind)
         columns = table.key_columns + table.value_columns
         records = self._db.execute(
@@ -377,6 +500,7 @@ class Store(Database):
         ).fetchall()
         return [table.from_record(r) for r in records]
 
+    @_reports_file_failures
     def records(self) -> list[dict]:
         """Every generation joined with each of its judgements (judge columns empty when it has
         none), sorted by key: the flat table of :data:`RECORD_COLUMNS` that :meth:`export` writes."""
@@ -388,29 +512,56 @@ class Store(Database):
         )
         return [dict(zip(RECORD_COLUMNS, record)) for record in cursor.fetchall()]
 
+    @_reports_file_failures
     def export(self, path: str | Path, fmt: str | None = None) -> int:
-        """Write :meth:`records` to ``path`` as CSV or JSON (``fmt``, else from the suffix).
+        """Write :meth:`records` to ``path`` (:data:`STDOUT`, ``-``, for standard output) as CSV or
+        JSON (``fmt``, else from the suffix).
 
-        Returns the number of records written. Responses may contain harmful text: the file is
-        the place for them, not the terminal.
+        Returns the number of records written. Responses may contain harmful text: the file or a
+        pipe is the place for them, so a terminal is refused.
         """
+        to_stdout = str(path) == STDOUT
         path = Path(path).expanduser()
-        fmt = (fmt or path.suffix.lstrip(".")).lower()
+        fmt = (fmt or ("" if to_stdout else path.suffix.lstrip("."))).lower()
+        if not fmt:
+            raise QuadaError(f"{path} has no .csv or .json suffix to tell the export format; give --format csv or --format json")
         if fmt not in EXPORT_FORMATS:
             raise QuadaError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        if sys.stdout.isatty() if to_stdout else _is_terminal(path):
+            raise QuadaError(
+                "the export holds the model's responses, which may be harmful, and is not printed to a terminal; "
+                "write it to a file with --out FILE, or pipe it (e.g. --out - | gzip > results.csv.gz)"
+            )
         records = self.records()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_writer(path, newline="") as f:
+            if not to_stdout:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            with nullcontext(sys.stdout) if to_stdout else atomic_writer(path, newline="") as f:
                 if fmt == "json":
                     for record in records:
                         record["versions"] = json.loads(record["versions"])
                         record["label"] = None if record["label"] is None else bool(record["label"])
                     json.dump(records, f, indent=1, ensure_ascii=False)
+                    f.write("\n")
                 else:
                     writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS)
                     writer.writeheader()
                     writer.writerows(records)
+                f.flush()
         except OSError as err:
             raise QuadaError(f"cannot write {path} ({err.strerror}); choose a writable location") from err
         return len(records)
+
+
+def _is_terminal(path: Path) -> bool:
+    """Whether ``path`` leads to a terminal (``/dev/stdout`` of an interactive shell, ``/dev/tty``)."""
+    if not writes_in_place(path) or not path.exists():
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.isatty(fd)
+    finally:
+        os.close(fd)

@@ -77,8 +77,9 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
         engine.release_model()
         judges, judgements = _judge_all(engine, config, generations, bar, *judge_model)
         info = judge_infos(judges, config.calibrate, bar)
+        measurements = store.measurements()
     fingerprint = engine.fingerprint
-    results = [_condition_result(str(a), config, engine, judgements, info, harmful) for a in approximations]
+    results = [_condition_result(str(a), config, engine, measurements, judgements, info, harmful) for a in approximations]
     write_json(config.run_dir / RESULTS_FILE, {
         "config": jsonable(asdict(config)), "fingerprint": fingerprint, "dtype": engine.dtype, "device": engine.device,
         "summary": _summary(config, fingerprint, len(harmful), len(benign)),
@@ -107,7 +108,7 @@ def _judge_all(engine: Engine, config, generations, bar, model=None, tokenizer=N
     return judges, out
 
 
-def _condition_result(approximation, config, engine: Engine, judgements, info, harmful) -> ConditionResult:
+def _condition_result(approximation, config, engine: Engine, measured, judgements, info, harmful) -> ConditionResult:
     def attacks(condition: str, name: str) -> list[bool]:
         return attack_outcomes(name, [j.label for j in judgements[condition, name, HARMFUL]])
 
@@ -115,7 +116,6 @@ def _condition_result(approximation, config, engine: Engine, judgements, info, h
     labels = {name: attacks(approximation, name) for name in safety}
     clean_labels = {name: attacks(CLEAN, name) for name in safety}
     hs = judgements.get((approximation, "harmfulness", HARMFUL))
-    measured = engine.utility.values
     mc_key = engine.key_of("accuracy", approximation)
     perplexity = measured.get(engine.key_of("perplexity", approximation))
     clean_perplexity = measured.get(engine.key_of("perplexity", CLEAN))

@@ -98,11 +98,12 @@ def write_evaluation(vet_dir, config: dict, fingerprint: str, attacks: dict[str,
                                         IDENTITIES["refusal-keyword"]), label, 1.0, "") for p, label in zip(benign, refused)]
     with Store(vet_dir / "results.sqlite") as store:
         store.put(rows)
+        for condition in attacks:
+            store.put_measurement(perplexity_key(fingerprint, condition, saved_config({"config": config}, vet_dir), *WHERE),
+                                  perplexity)
     judges = {name: {"measure": "refusal", "identity": identity, "calibration": None} for name, identity in IDENTITIES.items()}
     (vet_dir / "results.json").write_text(json.dumps({"config": config, "fingerprint": fingerprint, "judges": judges,
                                                       "dtype": WHERE[0], "device": WHERE[1]}))
-    keys = {perplexity_key(fingerprint, c, saved_config({"config": config}, vet_dir), *WHERE): perplexity for c in attacks}
-    (vet_dir / "utility.json").write_text(json.dumps(keys))
 
 
 def fake_run(root, prompts, seed: int, after: dict[str, list[bool]], before: dict[str, list[bool]] | None = None,

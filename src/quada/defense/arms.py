@@ -184,7 +184,7 @@ def _stored_labels(vet_dir: Path, fingerprint: str, settings: str, seed: int) ->
     """{(condition, prompt id, judge identity): label} of one model's evaluation in ``vet_dir``."""
     from quada.store import Judgement, Store, readable_store
 
-    with Store(readable_store(vet_dir / "results.sqlite")) as store:
+    with Store(readable_store(vet_dir / "results.sqlite"), readonly=True) as store:
         return {(j.key.approx, j.key.prompt_id, j.key.judge): j.label for j in store.rows(Judgement)
                 if j.key.model == fingerprint and j.key.settings == settings and j.key.seed == seed}
 
@@ -192,7 +192,7 @@ def _stored_labels(vet_dir: Path, fingerprint: str, settings: str, seed: int) ->
 def evaluation_outcomes(run: AlignRun, vet_dir: Path) -> SeedOutcomes:
     """The per-prompt outcomes of the evaluation in ``vet_dir`` (the run's after- or
     before-evaluation), rebuilt from its results store with the keys `quada vet` used."""
-    from quada.eval.engine import UtilityCache, key_settings, perplexity_key
+    from quada.eval.engine import key_settings, perplexity_key, stored_measurements
     from quada.eval.generate import GenerationSettings
     from quada.eval.judges import attack_outcomes
     from quada.report.saved import saved_config
@@ -221,8 +221,8 @@ def evaluation_outcomes(run: AlignRun, vet_dir: Path) -> SeedOutcomes:
             by_prompt = labelled(condition, judge, harmful)
             outcomes.setdefault(judge, {})[condition] = dict(zip(by_prompt, attack_outcomes(judge, list(by_prompt.values()))))
         outcomes.setdefault(OVER_REFUSAL, {})[condition] = labelled(condition, e.refusal_judge, benign)
-    utility = UtilityCache(vet_dir / "utility.json").values
-    perplexity = {c: utility.get(perplexity_key(fingerprint, c, e, *where)) for c in conditions(run.evaluation)}
+    measurements = stored_measurements(vet_dir)
+    perplexity = {c: measurements.get(perplexity_key(fingerprint, c, e, *where)) for c in conditions(run.evaluation)}
     return SeedOutcomes(vet_dir, run.seed, outcomes, perplexity)
 
 

@@ -15,9 +15,9 @@ resumes to exactly the rows of an uninterrupted one, and a run over more prompts
 or another batch size gives the same rows (in float32; bfloat16 rounding can still differ with
 the batch a prompt shares).
 
-Judgements go through the same store; perplexity, accuracy and other numbers measured on the
-model through a JSON cache beside it (:class:`UtilityCache`). `quada vet`, the sweep, the layer
-analysis and the preference pairs all measure through :class:`Engine`.
+Judgements go through the same store, and so do perplexity, accuracy and other numbers measured on
+the model (the store's measurements, keyed by :func:`perplexity_key` and the like). `quada vet`, the
+sweep, the layer analysis and the preference pairs all measure through :class:`Engine`.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from quada.approx import Spec, apply
 from quada.approx.base import DRAW_SCHEME, resolve_layers
 from quada.approx.sites import resolve_decoder
 from quada.data import Prompt
+from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings, generate
 from quada.eval.judges import Judge, attack_outcomes
 from quada.eval.metrics import Estimate, proportion
 from quada.eval.utility import multiple_choice, perplexity
 from quada.fingerprint import model_fingerprint
-from quada.runs import atomic_write_text
-from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, settings_json
+from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, readable_store, settings_json
 
 GENERATION_CHUNK = 64  # prompts generated and committed together (one batch composition)
 JUDGEMENT_CHUNK = 16
@@ -193,19 +193,30 @@ def make_executor(config, model, tokenizer) -> Executor:
                        gpus_per_worker=config.gpus_per_worker, address=config.ray_address)
 
 
-class UtilityCache:
-    """Perplexity and accuracy per (model, condition, measurement), kept in a JSON file that is
-    replaced atomically after each new value."""
+LEGACY_UTILITY_FILE = "utility.json"  # where run folders kept their measurements before the store held them
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.values = json.loads(path.read_text()) if path.exists() else {}
 
-    def get_or_compute(self, key: str, compute: Callable[[], float | list]) -> float | list:
-        if key not in self.values:
-            self.values[key] = compute()
-            atomic_write_text(self.path, json.dumps(self.values, indent=1, sort_keys=True))
-        return self.values[key]
+def legacy_measurements(run_dir: Path) -> dict[str, Any]:
+    """The measurements a run folder of an earlier quada kept in its ``utility.json`` (none if it has
+    no such file), by the keys the store uses."""
+    path = run_dir / LEGACY_UTILITY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise QuadaError(f"cannot read the measurements of an earlier run in {path} ({err}); move the file aside") from err
+    if not isinstance(values, dict):
+        raise QuadaError(f"{path} does not hold measurements by key; move the file aside")
+    return values
+
+
+def stored_measurements(run_dir: Path) -> dict[str, Any]:
+    """Every measurement of the run folder ``run_dir``: its store's, over those an earlier quada
+    kept beside it. The store is only read."""
+    values = legacy_measurements(run_dir)
+    with Store(readable_store(run_dir / "results.sqlite"), readonly=True) as store:
+        return values | store.measurements()
 
 
 @dataclass
@@ -231,8 +242,8 @@ def _ignore(_count: int) -> None:
 class Engine:
     """Stored, resumable measurements of one subject model under any condition, in one run folder.
 
-    Generations and judgements go through the results store, numbers measured on the model
-    through the utility cache, each keyed by everything that decides it; so `quada vet`, the
+    Generations, judgements and numbers measured on the model go through the results store, each
+    keyed by everything that decides it; so `quada vet`, the
     sweeps and the layer analysis share one another's work in a run folder and a killed run
     resumes where it stopped. ``config`` provides ``model``, ``settings``, ``seed`` and ``run_dir``,
     and for perplexity ``corpus``, ``ppl_window`` and ``ppl_windows``, for accuracy ``questions``.
@@ -246,7 +257,8 @@ class Engine:
         self.executor = executor or LocalExecutor(model, tokenizer)
         self.fingerprint = model_fingerprint(model)
         self.dtype, self.device = dtype_name(model.dtype), model.device.type
-        self.utility = UtilityCache(config.run_dir / "utility.json")
+        for key, value in legacy_measurements(config.run_dir).items():  # a run folder of an earlier quada
+            store.put_measurement(key, value)
 
     def condition(self, approximation: Approximation, prompts: Sequence[Prompt], seed: int | None = None) -> Condition:
         """The condition of ``prompts`` under ``approximation`` on this model, with the run's
@@ -280,18 +292,17 @@ class Engine:
         return [found[p.id] for p in condition.prompts]
 
     def cached(self, key: str, approximation: Approximation, measure: Callable[[Any, Any], Any]) -> Any:
-        """The cached value of ``key``, else ``measure(model, tokenizer)`` under ``approximation``
-        (seeded with the run's seed), cached."""
+        """The stored measurement ``key``, else ``measure(model, tokenizer)`` under ``approximation``
+        (seeded with the run's seed), stored."""
         _check_parsed(approximation)
-
-        def compute():
-            with approximated(self.model, approximation, self.tokenizer, self.config.seed):
-                return measure(self.model, self.tokenizer)
-
-        return self.utility.get_or_compute(key, compute)
+        stored = self.store.measurement(key)
+        if stored is not None:
+            return stored
+        with approximated(self.model, approximation, self.tokenizer, self.config.seed):
+            return self.store.put_measurement(key, measure(self.model, self.tokenizer))
 
     def key_of(self, measurement: str, approximation: Approximation | str) -> str:
-        """The utility-cache key of this model's ``perplexity`` or ``accuracy`` under ``approximation``."""
+        """The store key of this model's ``perplexity`` or ``accuracy`` under ``approximation``."""
         key = {"perplexity": perplexity_key, "accuracy": accuracy_key}[measurement]
         return key(self.fingerprint, str(approximation), self.config, self.dtype, self.device)
 
