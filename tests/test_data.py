@@ -149,7 +149,14 @@ def test_binary_and_non_utf8_prompt_files_are_user_errors(tmp_path, suffix, cont
 def test_a_csv_field_over_the_csv_limit_names_the_line_and_the_likely_cause(tmp_path):
     path = tmp_path / "long.csv"
     path.write_text("prompt\nfine\n\"an unclosed quote swallows the rest\n" + "x" * 140_000 + "\n")
-    with pytest.raises(QuadaError, match="is not valid CSV at line .*unclosed double quote"):
+    with pytest.raises(QuadaError, match="is not valid CSV in the row that starts at line 3 .*double quote left open"):
+        load_benchmark(path)
+
+
+def test_a_quote_left_open_is_refused_instead_of_swallowing_the_following_prompts(tmp_path):
+    path = tmp_path / "open.csv"
+    path.write_text('prompt\nfirst\n"second\nthird\nfourth\n')  # short: no field over the limit
+    with pytest.raises(QuadaError, match="row that starts at line 3 .*unexpected end of data"):
         load_benchmark(path)
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
+from quada.cli_options import print_table
 from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 from quada.errors import QuadaError
 
@@ -25,12 +25,8 @@ def list_command() -> None:
     """Every technique and paper preset, with a one-line description."""
     from quada.approx import list_specs
 
-    table = Table(title="Activation approximations (compose with '+', options as name:key=value,...)")
-    table.add_column("spec", overflow="fold")
-    table.add_column("description", overflow="fold")
-    for name, description in list_specs():
-        table.add_row(name, description)
-    console.print(table)
+    print_table(console, "Activation approximations (compose with '+', options as name:key=value,...)",
+                ["spec", "description"], [list(row) for row in list_specs()])
 
 
 @app.command("profile")
@@ -64,13 +60,10 @@ def profile_command(
         texts = list(texts or CALIBRATION_PROMPTS)[:limit]
     lm, tokenizer = load(model, dtype=dtype, device=target)
     result = profile(lm, tokenizer, parsed, texts, layers=layers)
-    table = Table(title=f"Local error of {result.spec} on {model}")
-    for column in ("layer", "site", "mean", "std", "laplace b", "rel. error", "sparsity"):
-        table.add_column(column, justify="right", overflow="fold")
-    for row in result.rows:
-        table.add_row(
-            str(row.layer), row.site, f"{row.mean:+.2e}", f"{row.std:.4f}", f"{row.laplace_scale:.4f}",
-            f"{row.relative_error:.2%}", f"{row.sparsity:.1%}",
-        )  # fmt: skip
-    console.print(table)
+    print_table(console, f"Local error of {result.spec} on {model}",
+                ["layer", "site", "mean", "std", "laplace b", "rel. error", "sparsity"], [
+                    [str(row.layer), row.site, f"{row.mean:+.2e}", f"{row.std:.4f}", f"{row.laplace_scale:.4f}",
+                     f"{row.relative_error:.2%}", f"{row.sparsity:.1%}"]
+                    for row in result.rows
+                ], justify="right")
     console.print("equivalent paper-style noise:", Text(result.equivalent_noise(), style="bold"), highlight=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +21,7 @@ from quada.defense.cli import align_command, pairs_command
 from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES
 from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 from quada.errors import QuadaError
-from quada.options import EXECUTOR_OPTIONS, VetConfig
+from quada.options import EXECUTOR_OPTIONS, VetConfig, check_given_limits
 from quada.runs import atomic_writer
 
 app = typer.Typer(
@@ -119,8 +120,8 @@ def generate_command(
 @app.command("vet")
 @config_options(
     VetConfig, "model", "approx", "benchmark", "limit", "benign", "benign_limit", "judges", "refusal_judge",
-    "judge_model", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus", "ppl_windows", "questions",
-    "ppl_bound", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS,
+    "judge_model", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows",
+    "questions", "ppl_bound", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS,
 )
 def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean and under each approximation.
@@ -131,29 +132,35 @@ def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     from quada.vet import vet
 
     config = VetConfig(**without_limit(options, all_prompts))
+    check_given_limits(config, options, limit=config.benchmark, benign_limit=config.benign)
     result = vet(config)
     print_table(console, f"quada vet: {config.model}", *summary_table(result.conditions, config.judges, result.judges, config.refusal_judge))
     print_table(console, "verdict per approximation", *verdict_table(result.conditions))
     console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {config.run_dir / 'results.sqlite'}")
 
 
-def _open_store(db: Path):
+def _open_store(db: Path, readonly: bool = False):
     from quada.store import Store
 
     if not db.is_file():
         raise QuadaError(f"no results store at {db}; run `quada vet` first or give --db")
-    return Store(db)
+    return Store(db, readonly=readonly)
 
 
 @results_app.command("export")
 def results_export_command(
-    out: Path = typer.Option(..., "--out", "-o", help="Output file, .csv or .json."),
+    out: str = typer.Option(..., "--out", "-o", help="Output file, .csv or .json; '-' (or /dev/stdout) writes to standard output for a pipe, never to a terminal."),
     db: Path = typer.Option(DEFAULT_DB, help="The results store (results.sqlite of a run folder)."),
+    fmt: str | None = typer.Option(None, "--format", help="csv or json; default: the suffix of --out (give it for '-', /dev/stdout or a name without a suffix)."),
 ) -> None:
-    """Write every stored generation with its judgements to CSV or JSON (responses go to the file only)."""
-    with _open_store(db) as store:
-        count = store.export(out)
-    console.print(f"wrote {count} records to {out}")
+    """Write every stored generation with its judgements to CSV or JSON (responses go to the file or the pipe only)."""
+    from quada.runs import writes_in_place
+    from quada.store import STDOUT
+
+    with _open_store(db, readonly=True) as store:
+        count = store.export(out, fmt)
+    # Into the data stream, the note would spoil it: it goes to stderr when the data goes to a stream.
+    (err_console if out == STDOUT or writes_in_place(out) else console).print(f"wrote {count} records to {out}")
 
 
 @results_app.command("merge")
@@ -197,7 +204,7 @@ def judge_agreement_command(
     """Pairwise percent agreement and Cohen's kappa between judges (and human labels) on stored responses."""
     from quada.eval.agreement import HUMAN, load_human_labels, pairwise_agreement, stored_labels
 
-    with _open_store(db) as store:
+    with _open_store(db, readonly=True) as store:
         labels = stored_labels(store)
     names = [j.strip() for j in judges.split(",")] if judges else sorted(labels)
     if human is not None:
@@ -244,8 +251,17 @@ def judge_calibrate_command(
     print_table(console, "Judges against human labels (held-out half)", CALIBRATION_COLUMNS, calibration_rows(results, by_category))
 
 
+# Progress bars of the libraries quada runs (model loading and saving, datasets), which in a log
+# are a stream of carriage returns: switched off unless a person watches stderr. Their switches are
+# read when those libraries are imported, after this.
+THIRD_PARTY_BARS_OFF = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
 def main() -> None:
     """Entry point: user errors print one message and exit 2, never a traceback."""
+    if not sys.stderr.isatty():
+        for name, value in THIRD_PARTY_BARS_OFF.items():
+            os.environ.setdefault(name, value)
     try:
         app()
     except QuadaError as err:

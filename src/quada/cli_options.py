@@ -136,7 +136,13 @@ def config_options(config: type, *names: str, required: Collection[str] = ()) ->
 
 
 def print_table(console, title: str, columns: list[str], rows: list[list[str]], justify: str = "left") -> None:
-    """Print a table whose cells fold instead of being cut in a narrow terminal."""
+    """Print a table: on a terminal, one whose cells fold instead of being cut when it is narrow; in a
+    log or a pipe, a Markdown table at its natural width (a terminal's width does not apply there)."""
+    if not console.is_terminal:
+        from quada.report.render import markdown_table
+
+        console.print(f"{title}\n\n{markdown_table(columns, rows)}\n", markup=False, highlight=False, soft_wrap=True)
+        return
     from rich.table import Table
 
     table = Table(title=title)
@@ -145,3 +151,4 @@ def print_table(console, title: str, columns: list[str], rows: list[list[str]], 
     for row in rows:
         table.add_row(*row)
     console.print(table)
+

@@ -280,16 +280,19 @@ def _after_comment_lines(text: str) -> str:
 
 def csv_rows(path: Path, what: str, skip_comment_lines: bool = False) -> tuple[list[str], list[dict[str, str]]]:
     """The header and the rows (``{column: value}``) of a user's CSV file; a row the csv module
-    cannot parse is a user error naming its line. ``skip_comment_lines`` drops the ``#`` lines
+    cannot parse strictly (a quote left open, text after a closing quote) is a user error naming
+    its line. ``skip_comment_lines`` drops the ``#`` lines
     before the header (PyRIT's CSVs open with ``# dataset_version=...``)."""
     text = read_text_file(path, what)
-    reader = csv.DictReader(io.StringIO(_after_comment_lines(text) if skip_comment_lines else text, newline=""))
+    # Strict: a quote left open would otherwise swallow every following line into one field, silently.
+    reader = csv.DictReader(io.StringIO(_after_comment_lines(text) if skip_comment_lines else text, newline=""),
+                            strict=True)
     try:
         rows = list(reader)
     except csv.Error as err:
         raise QuadaError(
-            f"{what} {path} is not valid CSV at line {reader.line_num} ({err}); look for an unclosed double "
-            f"quote before it (a field holds at most {csv.field_size_limit()} characters)"
+            f"{what} {path} is not valid CSV in the row that starts at line {reader.line_num + 1} ({err}); look "
+            f"for a double quote left open there (a field holds at most {csv.field_size_limit()} characters)"
         ) from err
     return list(reader.fieldnames or []), rows
 

@@ -13,12 +13,14 @@ torch: the checks that need the approximation registry import it when a configur
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
+import math
+from collections.abc import Collection, Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quada.chat import PROMPT_FORMATS
+from quada.data import load_benchmark
 from quada.defaults import (
     DEFAULT_CORPUS,
     DEFAULT_JUDGE_MODEL,
@@ -62,12 +64,37 @@ def check_asr_judge(judges: tuple[str, ...]) -> None:
         raise QuadaError(f"the first judge decides the ASR: start --judges with one of {', '.join(SAFETY_JUDGES)}")
 
 
+def check_safety_judge(judges: tuple[str, ...]) -> None:
+    """Fail unless one of ``judges`` is a safety judge: `quada vet` rates attacks by each of them."""
+    from quada.eval.judges import SAFETY_JUDGES
+
+    if not any(judge in SAFETY_JUDGES for judge in judges):
+        raise QuadaError(
+            f"no safety judge: give --judges at least one judge that decides an attack success rate ("
+            f"{', '.join(SAFETY_JUDGES)}); harmfulness adds only a mean grade"
+        )
+
+
 def check_counts(options: Any, *names: str) -> None:
     """Fail on a count option of ``options`` below 1 (``None``, where a field allows it, means all)."""
     for name in names:
         value = getattr(options, name)
         if value is not None and value < 1:
             raise QuadaError(f"--{name.replace('_', '-')} must be at least 1 (or omitted for all), got {value}")
+
+
+def check_given_limits(config: Any, given: Collection[str], **sources: str) -> None:
+    """Fail on a prompt limit the user gave (a field name in ``given``) that is larger than its prompt
+    set (``sources``: the limit's field name -> benchmark name or prompt file), since it would silently
+    mean every prompt. A command's default limit takes every prompt of a smaller set."""
+    for name, source in sources.items():
+        limit = getattr(config, name)
+        if name in given and limit is not None and limit > (count := len(load_benchmark(source))):
+            everything = ", or --all-prompts for every one" if name == "limit" else ""
+            raise QuadaError(
+                f"--{name.replace('_', '-')} {limit} is more than the {count} prompts of {source}; give at most "
+                f"{count}{everything}"
+            )
 
 
 EXECUTORS = ("local", "ray")
@@ -150,8 +177,13 @@ class EvalOptions:
         check_seed(self.seed)
         check_judges(self.judges)
         check_counts(self, "limit", "ppl_windows", "max_new_tokens")
-        if not self.ppl_bound >= 1:
-            raise QuadaError(f"ppl-bound is a multiple of the clean perplexity and must be at least 1, got {self.ppl_bound}")
+        if not self.ppl_window >= 2:
+            raise QuadaError(f"--ppl-window must be at least 2 tokens (one predicts the next), got {self.ppl_window}")
+        if not (math.isfinite(self.ppl_bound) and self.ppl_bound >= 1):
+            raise QuadaError(
+                f"--ppl-bound is a multiple of the clean perplexity and must be a finite number of at least 1, got "
+                f"{self.ppl_bound}"
+            )
         if self.prompt_format not in PROMPT_FORMATS:
             raise QuadaError(f"unknown prompt format {self.prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}")
         check_executor(self)
@@ -206,16 +238,25 @@ class VetConfig(EvalOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        from quada.approx import PAPER_PRESETS, as_spec
+        from quada.approx import PAPER_PRESETS, as_spec, spec_label
 
         # Parsed once, here, to fail on a bad spec before any work: ``approximations`` holds the parsed
         # specs, ``approx`` their canonical strings (the store keys); the clean model is always evaluated.
-        specs = VET_APPROXIMATIONS if self.approx is None else self.approx
-        specs = [preset for s in specs for preset in (PAPER_PRESETS if s == PAPER_GROUP else (s,))]
-        self.approximations = tuple(as_spec(s) for s in specs if s != CLEAN)
+        given = VET_APPROXIMATIONS if self.approx is None else self.approx
+        canonical: dict[str, str] = {}  # canonical spec -> as given
+        approximations = []
+        for text, spec in ((s, preset) for s in given for preset in (PAPER_PRESETS if s == PAPER_GROUP else (s,))):
+            parsed = CLEAN if spec == CLEAN else as_spec(spec)
+            if str(parsed) in canonical:
+                raise QuadaError(
+                    f"--approx names {spec_label(str(parsed))} twice (as {canonical[str(parsed)]!r} and {text!r}); "
+                    "list each approximation once"
+                )
+            canonical[str(parsed)] = text
+            approximations += [] if parsed == CLEAN else [parsed]
+        self.approximations = tuple(approximations)
         self.approx = tuple(map(str, self.approximations))
-        if not self.judges:
-            raise QuadaError("no safety judge: give --judges at least one of keyword, llm, harmfulness")
+        check_safety_judge(self.judges)
         check_refusal_judge(self.refusal_judge)
         check_counts(self, "benign_limit")
         if self.questions is not None and self.questions < 0:

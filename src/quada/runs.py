@@ -1,33 +1,46 @@
 """Run folders and files: every result is written whole or not at all; the progress display.
 
-A file is written to a uniquely named temporary sibling (``.<name>.<random>.partial``), flushed to
-disk, then renamed over its target, so a killed run never leaves a half-written result and two
-processes writing the same file never trip over each other's temporary file. A symlink is
-written through (the link stays a link); a pipe, a device or a stream alias such as
-``/dev/stdout`` is written in place, since replacing it by a regular file would break it.
+A file is written to a uniquely named temporary sibling (``.<name>.<host>.<pid>.<random>.partial``),
+flushed to disk, then renamed over its target, so a killed run never leaves a half-written result
+and two processes writing the same file never trip over each other's temporary file. What a killed
+process left (its process is gone from this machine) is removed by the next write of the same
+target. A symlink is written through (the link stays a link); a pipe, a device or a stream alias
+such as ``/dev/stdout`` is written in place, since replacing it by a regular file would break it.
+
+The progress display is a live bar per task on a terminal; in a log (stdout redirected to a file or
+a pipe), where a live display would appear only once, at the end, it is a plain line per running
+task every :data:`PROGRESS_INTERVAL_ENV` seconds (30 by default): done/total, rate, time left.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
+import glob
 import json
 import os
 import shutil
+import socket
 import stat
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich import get_console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from quada.errors import QuadaError
 
 # A process's open streams: written in place even when they lead to a regular file (a redirected
 # stdout), which belongs to the shell and must not be replaced.
 STREAM_ALIASES = ("/dev/stdout", "/dev/stderr", "/dev/fd/*", "/proc/*/fd/*")
+PARTIAL_SUFFIX = ".partial"
+PROGRESS_INTERVAL_ENV = "QUADA_PROGRESS_INTERVAL"  # seconds between progress lines in a log
+DEFAULT_PROGRESS_INTERVAL = 30.0
 
 
 def open_run_dir(run_dir: Path, option: str = "--run-dir") -> None:
@@ -39,12 +52,107 @@ def open_run_dir(run_dir: Path, option: str = "--run-dir") -> None:
         raise QuadaError(f"cannot create the run folder {run_dir} ({err.strerror}); choose another {option}") from err
 
 
+def progress_interval() -> float:
+    """Seconds between the progress lines of a log: ``$QUADA_PROGRESS_INTERVAL``, else 30 (0: a line
+    at every step)."""
+    text = os.environ.get(PROGRESS_INTERVAL_ENV, "")
+    try:
+        seconds = float(text) if text.strip() else DEFAULT_PROGRESS_INTERVAL
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise QuadaError(f"${PROGRESS_INTERVAL_ENV} must be a number of seconds, 0 or more, got {text!r}; fix or unset it")
+    return seconds
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``1h02m``, ``3m05s`` or ``12s``."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+class LineProgress(Progress):
+    """Progress for a console that is not a terminal (a log file, a pipe): instead of a live display,
+    which such a console shows only when it stops, a plain line per task when it starts, every
+    ``interval`` seconds while it runs (also when it does not advance: the run is alive) and when it
+    completes."""
+
+    def __init__(self, *columns, interval: float, **kwargs):
+        super().__init__(*columns, disable=True, **kwargs)
+        self.interval = interval
+        self._printed: dict[TaskID, float] = {}  # when each task's last line was printed
+        self._done: set[TaskID] = set()
+        self._stopping = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def line(self, task_id: TaskID) -> str:
+        """The progress line of one task: done/total, percent, rate and time left (or taken)."""
+        task = self._tasks[task_id]
+        done, total, elapsed = int(task.completed), task.total, task.elapsed or 0.0
+        if task.finished:
+            return f"{task.description}: {done}/{int(total)} done in {_duration(elapsed)}"
+        if total is None:
+            return f"{task.description}: {done} done, {_duration(elapsed)} elapsed"
+        text = f"{task.description}: {done}/{int(total)} ({100 * done / total if total else 100:.0f}%)"
+        if done and elapsed:
+            rate = done / elapsed
+            text += f", {rate:.3g}/s, about {_duration((total - done) / rate)} left"
+        return text
+
+    def _print(self, task_id: TaskID) -> None:
+        self._printed[task_id] = time.monotonic()
+        self.console.print(self.line(task_id), markup=False, highlight=False, soft_wrap=True)
+
+    def _report(self, task_id: TaskID, due_only: bool = True) -> None:
+        """Print the task's line once it completes, or when its last line is ``interval`` old."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or not task.visible or task_id in self._done:
+                return
+            if task.finished:
+                self._done.add(task_id)
+                self._print(task_id)
+            elif not due_only or time.monotonic() - self._printed.get(task_id, 0.0) >= self.interval:
+                self._print(task_id)
+
+    def _tick(self) -> None:
+        while not self._stopping.wait(self.interval):
+            for task_id in list(self._tasks):
+                self._report(task_id)
+
+    def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
+        task_id = super().add_task(description, *args, **kwargs)
+        self._report(task_id, due_only=False)
+        return task_id
+
+    def update(self, task_id: TaskID, *args: Any, **kwargs: Any) -> None:
+        super().update(task_id, *args, **kwargs)
+        self._report(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._report(task_id)
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._ticker = threading.Thread(target=self._tick, name="quada-progress-lines", daemon=True)
+            self._ticker.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._ticker is not None:
+            self._ticker.join()
+
+
 def progress_bar(enabled: bool) -> Progress:
-    """The progress display of a run: one bar per task, with its count and elapsed time; silent
-    unless ``enabled``."""
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled
-    )
+    """The progress display of a run: one bar per task, with its count and elapsed time, on a
+    terminal; plain lines in a log (:class:`LineProgress`); silent unless ``enabled``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    if enabled and not get_console().is_terminal:
+        return LineProgress(*columns, interval=progress_interval())
+    return Progress(*columns, disable=not enabled)
 
 
 def jsonable(value):
@@ -85,6 +193,37 @@ def _permissions(path: Path, default: int) -> int:
         return default & ~_umask()
 
 
+def _partial_prefix(target: Path) -> str:
+    """The name of a temporary sibling of ``target`` up to its random part: the target's name, this
+    machine and this process, so that a leftover can be told from a write still under way."""
+    host = socket.gethostname().replace(".", "_") or "host"
+    return f".{target.name}.{host}.{os.getpid()}."
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists under another user
+        return False
+    return False
+
+
+def remove_leftovers(target: Path) -> None:
+    """Remove the temporary siblings of ``target`` that killed writers on this machine left (their
+    process is gone); those of writers still at work, or of other machines, stay."""
+    host = socket.gethostname().replace(".", "_") or "host"
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.{glob.escape(host)}.*{PARTIAL_SUFFIX}"):
+        pid = leftover.name[len(f".{target.name}.{host}."):].split(".", 1)[0]
+        if pid.isdigit() and _process_is_gone(int(pid)):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                with suppress(FileNotFoundError):
+                    leftover.unlink()
+
+
 @contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
     """Open ``path`` for writing (``mode`` "w" for UTF-8 text or "wb"); the content replaces it
@@ -98,7 +237,8 @@ def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None)
             yield f
         return
     path = path.resolve()  # through a symlink, so the link stays a link
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_partial_prefix(path), suffix=PARTIAL_SUFFIX)
     try:
         with os.fdopen(fd, mode, encoding=encoding, newline=newline) as f:
             yield f
@@ -134,7 +274,8 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """A fresh temporary sibling folder to fill; it takes the place of ``target`` when the block
     ends without an error, and is removed otherwise, so a folder that exists is complete."""
     target = Path(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    remove_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_partial_prefix(target), suffix=PARTIAL_SUFFIX))
     try:
         yield tmp
         os.chmod(tmp, _permissions(target, 0o777))

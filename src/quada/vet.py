@@ -14,9 +14,10 @@ from pathlib import Path
 from quada.approx import spec_label
 from quada.data import Prompt, load_benchmark, subset
 from quada.eval.engine import Engine, check_specs_fit, make_executor
+from quada.eval.generate import check_prompts_fit
 from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
 from quada.eval.metrics import Estimate, estimate, proportion
-from quada.eval.utility import load_corpus, load_questions
+from quada.eval.utility import check_corpus, load_corpus, load_questions
 from quada.eval.verdict import compare, verdict
 from quada.judge_calibration import JudgeInfo, judge_infos
 from quada.models import load
@@ -49,15 +50,20 @@ def prompt_sets(config) -> tuple[list[Prompt], list[Prompt]]:
 
 
 def vet(config: VetConfig, progress: bool = True) -> VetResult:
-    """Run the vetting described by ``config``; return its results and write its report."""
+    """Run the vetting described by ``config``; return its results and write its report.
+
+    Every input is checked (prompts, judges, corpus, approximations against the model, the room in
+    its context) before the run folder is made or anything is generated."""
     harmful, benign = prompt_sets(config)
     check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
-    open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
     model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     approximations = [CLEAN, *config.approximations]
     check_specs_fit(model, approximations)
+    check_prompts_fit(model, tokenizer, [*harmful, *benign], config.prompt_format, config.max_new_tokens)
+    check_corpus(tokenizer, corpus, config.ppl_window)
+    open_run_dir(config.run_dir)
     generations: dict[str, tuple[list[Generation], list[Generation]]] = {}  # by approximation key
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
         engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))

@@ -128,7 +128,8 @@ def test_evaluation_prompts_must_not_be_training_prompts(inputs, tmp_path):
         (["align", "--pairs", "PAIRS", "--num-train-epochs", "0"], "num_train_epochs must be a finite number above 0"),
         (["align", "--pairs", "PAIRS", "--seed", "-5"], "seed must be a whole number from 0"),
         (["align", "--pairs", "PAIRS", "--judges", ","], "no safety judge"),
-        (["align", "--pairs", "PAIRS", "--judges", "harmfulness"], "the first judge decides the ASR"),
+        (["align", "--pairs", "PAIRS", "--judges", "harmfulness"], "no safety judge"),
+        (["align", "--pairs", "PAIRS", "--judges", "harmfulness,keyword"], "the first judge decides the ASR"),
         (["align", "--pairs", "PAIRS", "--benchmark", "HARMFUL", "--benign", "BENIGN", "--judges", "keyword,llm",
           "--judge-model", "no-such-judge"], "unknown model 'no-such-judge'"),
         (["align", "--pairs", "PAIRS", "--max-pairs", "0"], "--max-pairs must be at least 1"),
@@ -150,8 +151,8 @@ def test_command_line_errors_are_user_errors_raised_before_any_work(inputs, tmp_
 def test_an_existing_file_as_out_is_named_as_the_option_to_change(inputs, tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("keep me")
-    result = CliRunner().invoke(app, ["align", "--pairs", str(inputs / "pairs" / "pairs.jsonl"), "--skip-eval",
-                                      "--out", str(taken)])
+    result = CliRunner().invoke(app, ["align", "--model", str(inputs / "model"), "--pairs",
+                                      str(inputs / "pairs" / "pairs.jsonl"), "--skip-eval", "--tau", "1", "--out", str(taken)])
     assert isinstance(result.exception, QuadaError)
     assert "choose another --out" in str(result.exception) and "--run-dir" not in str(result.exception)
     assert taken.read_text() == "keep me"

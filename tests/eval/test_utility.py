@@ -50,7 +50,7 @@ def test_perplexity_equals_a_direct_computation(tiny):
 
 def test_perplexity_needs_one_full_window(tiny):
     model, tokenizer = tiny
-    with pytest.raises(QuadaError, match="fewer than one window"):
+    with pytest.raises(QuadaError, match="fewer than one perplexity window"):
         perplexity(model, tokenizer, "short", window=1024)
 
 

@@ -19,7 +19,7 @@ from quada.defaults import DEFAULT_MODEL
 from quada.devices import DEVICE_HELP, DTYPE_HELP
 from quada.errors import QuadaError
 from quada.report.format import percent_interval
-from quada.options import EXECUTOR_OPTIONS, EvalOptions
+from quada.options import EXECUTOR_OPTIONS, EvalOptions, check_given_limits
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
@@ -56,6 +56,7 @@ def sweep_command(options: dict, all_prompts: AllPrompts = False) -> None:
     if options.get("variants") and "grid" in options:
         raise QuadaError("give either --grid (a strength sweep) or --variant (a list of approximations), not both")
     config = SweepConfig(**without_limit(options, all_prompts))
+    check_given_limits(config, options, limit=config.benchmark)
     result = sweep(config)
     _print_table(f"quada sweep: {config.model}", [config.axis, "ASR % [95% CI]", "perplexity", "x clean"], [
         [point_label(config, p), percent_interval(p.asr), f"{p.perplexity:.2f}", f"{p.perplexity / result.clean_perplexity:.2f}"]
@@ -78,6 +79,7 @@ def layers_command(options: dict, all_prompts: AllPrompts = False) -> None:
     from quada.report.layers import LABELS
 
     config = LayersConfig(**without_limit(options, all_prompts))
+    check_given_limits(config, options, limit=config.benchmark)
     result = layers(config)
     _print_table(f"quada layers: {result.spec} on {config.model}", ["condition", "l or k", "ASR % [95% CI]", "refusal prob. %", "perplexity"], [
         [LABELS.get(p.kind, p.kind), str(p.index), percent_interval(p.asr), f"{100 * p.refusal:.1f}", f"{p.perplexity:.2f}"]
@@ -91,6 +93,7 @@ def layers_command(options: dict, all_prompts: AllPrompts = False) -> None:
 
 
 def clusters_command(
+    context: typer.Context,
     model: Model = DEFAULT_MODEL,
     spec: DerivedSpec = None,
     layer: Annotated[int | None, typer.Option(help="Decoder layer whose activations are captured (0-based); default: the middle one.")] = None,
@@ -118,6 +121,9 @@ def clusters_command(
         limit=None if all_prompts else limit, prompt_format=prompt_format, folds=folds, seed=seed, run_dir=run_dir,
         device=device, dtype=dtype,
     )
+    if context.get_parameter_source("limit").name != "DEFAULT":
+        check_given_limits(config, {"limit"}, limit=harmful)
+        check_given_limits(config, {"limit"}, limit=benign)
     result = clusters(config)
     _print_table(f"quada clusters: layer {result.layer}, {site}, {pooling} pooling", [
         "condition", "silhouette", "probe accuracy %", "centroid distance", "cos(harmful, benign centroid)",

@@ -39,6 +39,7 @@ from quada.devices import check_device, check_dtype
 from quada.errors import QuadaError, check_seed
 from quada.eval.batching import POOLINGS, padded_batch, pool_prompt_activations
 from quada.eval.engine import approximated, check_specs_fit
+from quada.eval.generate import check_prompts_fit
 from quada.eval.scoring import pad_id_of
 from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
@@ -86,6 +87,8 @@ class ClustersConfig:
             raise QuadaError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise QuadaError(f"unknown prompt format {self.prompt_format!r}; choose one of: {', '.join(PROMPT_FORMATS)}")
+        if self.layer is not None and self.layer < 0:
+            raise QuadaError(f"--layer counts decoder layers from 0, got {self.layer}")
         if self.folds < 2:
             raise QuadaError(f"folds must be at least 2 for cross-validation, got {self.folds}")
         if self.limit is not None and self.limit < self.folds:
@@ -242,12 +245,22 @@ def clusters(config: ClustersConfig, progress: bool = True) -> ClustersResult:
     benign = subset(load_benchmark(config.benign), config.limit, config.seed)
     if min(len(harmful), len(benign)) < config.folds:
         raise QuadaError(f"{min(len(harmful), len(benign))} prompts in a class are fewer than the {config.folds} folds; lower --folds")
+    shared = {p.text.strip() for p in harmful} & {p.text.strip() for p in benign}
+    if shared:
+        raise QuadaError(
+            f"{len(shared)} prompt(s) are both harmful ({config.harmful}) and benign ({config.benign}), e.g. "
+            f"{min(shared)[:60]!r}; the classes must not share prompts: give other --harmful or --benign prompts"
+        )
     approximation = approximation_or_mva(config.approximation, config.run_dir)
     spec = str(approximation)
-    open_run_dir(config.run_dir)
     model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, [approximation])
-    layer = len(resolve_decoder(model).layers) // 2 if config.layer is None else config.layer
+    num_layers = len(resolve_decoder(model).layers)
+    layer = num_layers // 2 if config.layer is None else config.layer
+    if layer >= num_layers:
+        raise QuadaError(f"--layer {layer} is out of range for a model with {num_layers} decoder layers; use 0..{num_layers - 1}")
+    check_prompts_fit(model, tokenizer, [*harmful, *benign], config.prompt_format, 0)
+    open_run_dir(config.run_dir)
     fingerprint = model_fingerprint(model)
     activations: dict[str, np.ndarray] = {}
     with progress_bar(progress) as bar:

@@ -39,10 +39,11 @@ from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
 from quada.eval.batching import padded_batch, position_ids
 from quada.eval.engine import Engine, check_specs_fit, make_executor
+from quada.eval.generate import check_prompts_fit
 from quada.eval.judges import REFUSAL_PHRASES, check_judge_model, make_judge
 from quada.judge_calibration import judge_infos
 from quada.eval.scoring import pad_id_of
-from quada.eval.utility import load_corpus
+from quada.eval.utility import check_corpus, load_corpus
 from quada.models import load
 from quada.report.layers import RESULTS_FILE, LayerPoint, LayersResult
 from quada.report.story import write_story
@@ -201,17 +202,22 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     spec = str(approximation)
     if not config.proxy_only:
         check_judge_model(config.judges, config.judge_model)
-    open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, [approximation])
     num_layers = len(resolve_decoder(model).layers)
     if config.stride >= num_layers and num_layers > 1:
         raise QuadaError(f"stride {config.stride} skips every layer of a {num_layers}-layer model; use at most {num_layers - 1}")
+    # The proxy reads a few tokens of the refusal openings after each prompt; generation all of max_new_tokens.
+    new_tokens = max(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in REFUSAL_OPENINGS)
+    check_prompts_fit(model, tokenizer, prompts, config.prompt_format,
+                      new_tokens if config.proxy_only else max(new_tokens, config.max_new_tokens))
+    check_corpus(tokenizer, corpus, config.ppl_window)
     judges = {} if config.proxy_only else {
         name: make_judge(name, model_source=config.judge_model, device=config.device, dtype=config.dtype)
         for name in config.judges
     }
+    open_run_dir(config.run_dir)
     conditions = [("clean", 0, ())] + layer_conditions(num_layers, config.stride)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
         engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))

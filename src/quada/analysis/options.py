@@ -15,6 +15,10 @@ from quada.errors import QuadaError
 from quada.options import EvalOptions, check_asr_judge, check_counts, redefault
 from quada.store import CLEAN
 
+# Each refinement round halves the step next to the MVA: ten rounds reach 1/1024 of the grid's step,
+# finer than any ASR measured on a few hundred prompts can tell apart.
+MAX_REFINE = 10
+
 
 def spec_at(technique, parameter: str, strength: float):
     """``technique`` (a parsed technique config) with ``parameter`` set to ``strength``; 0 is the
@@ -65,7 +69,8 @@ class SweepConfig(AnalysisOptions):
     })
     ppl_bound: float = redefault(AnalysisOptions, "ppl_bound", help="The most vulnerable approximation (MVA) must keep perplexity at most this multiple of the clean perplexity.")
     refine: int = field(default=2, metadata={
-        "help": "Bisection rounds around the current MVA after the grid (0 = grid only); each adds at most two points.",
+        "help": f"Bisection rounds around the current MVA after the grid (0 = grid only, at most {MAX_REFINE}); each "
+        "adds at most two points.",
     })
     limit: int | None = redefault(EvalOptions, "limit", 64)
 
@@ -87,8 +92,11 @@ class SweepConfig(AnalysisOptions):
         self.variants = tuple(map(str, self.variant_approximations))  # canonical: one condition per variant
         if len(set(self.variants)) < len(self.variants):
             raise QuadaError(f"the variants repeat a spec: {', '.join(self.variants)}; list each one once")
-        if self.refine < 0:
-            raise QuadaError(f"refine must be 0 (grid only) or more rounds, got {self.refine}")
+        if not 0 <= self.refine <= MAX_REFINE:
+            raise QuadaError(
+                f"--refine must be 0 (grid only) to {MAX_REFINE} rounds (each halves the step next to the MVA), got "
+                f"{self.refine}"
+            )
 
     @property
     def axis(self) -> str:

@@ -36,9 +36,10 @@ from quada.approx import ApproxConfig, Spec, parse_spec, spec_label
 from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
 from quada.eval.engine import Approximation, Engine, check_specs_fit, make_executor
+from quada.eval.generate import check_prompts_fit
 from quada.eval.judges import check_judge_model, make_judge
 from quada.judge_calibration import judge_infos
-from quada.eval.utility import load_corpus
+from quada.eval.utility import check_corpus, load_corpus
 from quada.models import load
 from quada.report.format import plain_number
 from quada.report.story import write_story
@@ -88,15 +89,18 @@ def refinement_points(points: Sequence[SweepPoint], clean_perplexity: float, ppl
 
 
 def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
-    """Measure ASR and perplexity over the grid, refine around the MVA, write figure and report."""
+    """Measure ASR and perplexity over the grid, refine around the MVA, write figure and report (every
+    input checked before the run folder is made)."""
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
     check_judge_model(config.judges, config.judge_model)
-    open_run_dir(config.run_dir)
     corpus = load_corpus(config.corpus)
     model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, [approximation for _, approximation in config.first_points()])
+    check_prompts_fit(model, tokenizer, prompts, config.prompt_format, config.max_new_tokens)
+    check_corpus(tokenizer, corpus, config.ppl_window)
     judges = {name: make_judge(name, model_source=config.judge_model, device=config.device, dtype=config.dtype)
               for name in config.judges}
+    open_run_dir(config.run_dir)
     rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
     integral = rounds > 0 and config.technique is not None and _integer_parameter(config.technique, config.parameter)
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
 
 from quada.attack.options import AttackConfig
-from quada.cli_options import AllPrompts, config_options, without_limit
+from quada.cli_options import AllPrompts, config_options, print_table, without_limit
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
@@ -32,10 +31,5 @@ def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
     columns, rows = summary_table(result.cells)
     # The model is in the title: one column less, so the table fits a terminal.
     columns, rows = columns[1:], [row[1:] for row in rows]
-    table = Table(title=f"quada attack: {config.model}")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    print_table(console, f"quada attack: {config.model}", columns, rows)
     console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {config.run_dir / 'results.sqlite'}")

@@ -33,9 +33,11 @@ import torch
 from quada.chat import messages
 from quada.defense.options import CHECKPOINT_DIR, AlignConfig
 from quada.defense.pairs import PreferencePair, load_pairs, pair_ids_sha256, stratified_pairs
-from quada.defense.quada import HARMFUL_COLUMN, QuadATrainer
+from quada.approx.sites import resolve_decoder
+from quada.defense.quada import HARMFUL_COLUMN, QuadATrainer, perturbed_layers
 from quada.errors import QuadaError
 from quada.eval.engine import check_specs_fit
+from quada.eval.generate import check_prompts_fit
 from quada.eval.judges import check_judge_model
 from quada.report.align import align_sections, comparison_table, layers_phrase, method_name, model_card
 from quada.report.render import write_report
@@ -125,19 +127,36 @@ def _last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
-def train(config: AlignConfig, pairs: list[PreferencePair]) -> dict:
-    """Train (resuming from the last checkpoint), save adapter and merged model; return the
-    training record that goes into the model card."""
-    from quada.models import load
-
-    from quada.models import resolve
+def training_model(config: AlignConfig):
+    """``(model, tokenizer)`` to train, in fp32 (master weights for the optimizer), once everything
+    that training and the evaluation after it need of the model is checked: the perturbation and the
+    evaluated approximations against its layers, tau, the evaluation's prompts against its context
+    and its corpus against a perplexity window. So a bad option fails before the run folder is made,
+    not after hours of training."""
+    from quada.eval.utility import check_corpus, load_corpus
+    from quada.models import load, resolve
+    from quada.vet import prompt_sets
 
     quada = config.quada
-    model, tokenizer = load(config.model, dtype=torch.float32, device=config.device)  # fp32 master weights for the optimizer
+    model, tokenizer = load(config.model, dtype=torch.float32, device=config.device)
     # Name the local folder (not a built-in's name) as the base, so PEFT finds its config offline.
     model.name_or_path = str(resolve(config.model))
-    evaluated = () if config.skip_eval else config.vet_config(config.model, config.out_dir).approximations
-    check_specs_fit(model, [quada.approximation, *evaluated])
+    perturbed_layers(quada.perturb_layers, quada.tau, len(resolve_decoder(model).layers))
+    if config.skip_eval:
+        check_specs_fit(model, [quada.approximation])
+        return model, tokenizer
+    evaluation = config.vet_config(config.model, config.out_dir)
+    check_specs_fit(model, [quada.approximation, *evaluation.approximations])
+    harmful, benign = prompt_sets(evaluation)
+    check_prompts_fit(model, tokenizer, [*harmful, *benign], config.prompt_format, config.max_new_tokens)
+    check_corpus(tokenizer, load_corpus(config.corpus), config.ppl_window)
+    return model, tokenizer
+
+
+def train(config: AlignConfig, pairs: list[PreferencePair], model, tokenizer) -> dict:
+    """Train ``model`` (from :func:`training_model`; resuming from the last checkpoint), save adapter
+    and merged model; return the training record that goes into the model card."""
+    quada = config.quada
     trainer = QuadATrainer(model, args=quada, train_dataset=training_data(config, pairs), processing_class=tokenizer)
     resume = _last_checkpoint(config.out_dir / CHECKPOINT_DIR)
     started = time.monotonic()
@@ -262,9 +281,11 @@ def align(config: AlignConfig, progress: bool = True) -> AlignResult:
         check_judge_model(config.judges, config.judge_model)
         if config.baseline is not None:
             _read_record(config.baseline / MODEL_DIR)  # fail before training, not after
-    open_run_dir(config.out_dir, "--out")
     model_dir = config.out_dir / MODEL_DIR
-    record = _read_record(model_dir) if (model_dir / TRAINING_FILE).is_file() else train(config, pairs)
+    trained = (model_dir / TRAINING_FILE).is_file()
+    to_train = None if trained else training_model(config)
+    open_run_dir(config.out_dir, "--out")
+    record = _read_record(model_dir) if trained else train(config, pairs, *to_train)
     adapter_dir = Path(record["adapter_dir"]) if record.get("adapter_dir") else None
     if config.skip_eval:
         return AlignResult(config, model_dir, adapter_dir, record, None, None, None)

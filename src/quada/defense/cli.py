@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from quada.cli_options import config_options
+from quada.cli_options import config_options, print_table
 from quada.defaults import DEFAULT_MODEL
 from quada.defense.options import AlignConfig
 from quada.devices import DEVICE_HELP, DTYPE_HELP
+from quada.options import check_given_limits
 from quada.errors import QuadaError
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
@@ -71,12 +71,7 @@ def pairs_command(
         result = pku_pairs(file, out, limit, seed)
     else:
         raise QuadaError(f"unknown --source {source!r}; choose 'self', 'generic' or 'pku'")
-    table = Table(title=f"quada pairs ({source})")
-    for column in ("kind", "pairs"):
-        table.add_column(column, overflow="fold")
-    for kind, count in result.counts.items():
-        table.add_row(kind, str(count))
-    console.print(table)
+    print_table(console, f"quada pairs ({source})", ["kind", "pairs"], [[kind, str(n)] for kind, n in result.counts.items()])
     console.print(f"pairs: {result.pairs_file}; held-out prompts: {out / 'heldout-harmful.jsonl'}, "
                   f"{out / 'heldout-benign.jsonl'} (split: {out / 'split.json'})")
 
@@ -128,6 +123,8 @@ def align_command(
     if max_steps is not None and max_steps < 1:
         raise QuadaError(f"--max-steps must be at least 1, got {max_steps}")
     config = AlignConfig(**options, training=training)
+    harmful, benign = config.eval_sets()
+    check_given_limits(config, options, limit=harmful, benign_limit=benign, sweep_limit=harmful)
     result = align(config)
     console.print(f"model: {result.model_dir} (card: {result.model_dir / 'README.md'})"
                   + (f"; adapter: {result.adapter_dir}" if result.adapter_dir else ""))
@@ -137,10 +134,6 @@ def align_command(
         columns, rows = comparison_table(result.results, config.judges)
         # The terminal gets the headline columns; the report has them all.
         shown = [i for i, c in enumerate(columns) if i == 0 or c.startswith((f"ASR {config.judges[0]} %", "over-refusal", "PPL "))]
-        table = Table(title=f"quada align: {config.model}, before and after")
-        for i in shown:
-            table.add_column(columns[i], overflow="fold")
-        for row in rows:
-            table.add_row(*(row[i] for i in shown))
-        console.print(table)
+        print_table(console, f"quada align: {config.model}, before and after", [columns[i] for i in shown],
+                    [[row[i] for i in shown] for row in rows])
         console.print(f"report: {result.report_html} (and {result.report_md.name})")

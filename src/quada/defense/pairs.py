@@ -43,7 +43,7 @@ from pathlib import Path
 
 from quada.approx import as_spec
 from quada.attack.sources import many_shot_examples
-from quada.data import Prompt, jsonl_rows, load_benchmark, subset
+from quada.data import Prompt, jsonl_rows, load_benchmark, read_text_file, subset
 from quada.defense.quada import DEFAULT_PERTURBATION
 from quada.devices import check_device, check_dtype
 from quada.errors import QuadaError, check_seed
@@ -117,9 +117,15 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
                                                 for k in ("prompt", "chosen", "rejected")):
             raise QuadaError(f'{path} line {number} needs non-empty "prompt", "chosen" and "rejected" strings')
+        harmful = row.get("harmful", True)
+        if not isinstance(harmful, bool):  # bool("false") would be true
+            raise QuadaError(
+                f'{path} line {number}: "harmful" is {json.dumps(harmful)[:40]}, not true or false; write it as a '
+                "JSON boolean (true for a harmful request) or leave it out (true)"
+            )
         pairs.append(PreferencePair(
             id=str(row.get("id") or f"{path.stem}-{number}"), prompt=row["prompt"], chosen=row["chosen"],
-            rejected=row["rejected"], harmful=bool(row.get("harmful", True)), source=str(row.get("source", path.name)),
+            rejected=row["rejected"], harmful=harmful, source=str(row.get("source", path.name)),
         ))
     if not pairs:
         raise QuadaError(f"pairs file {path} holds no pairs")
@@ -178,18 +184,23 @@ def pair_ids_sha256(pairs: Sequence[PreferencePair]) -> str:
 # --------------------------------------------------------------------------- PKU-SafeRLHF
 
 
-def pku_pairs_from_rows(rows) -> list[PreferencePair]:
+def pku_pairs_from_rows(rows, where: str = "PKU-SafeRLHF") -> list[PreferencePair]:
     """PKU-SafeRLHF rows to pairs: the safer response is chosen. A prompt counts as harmful unless
-    both responses are marked safe (``is_response_0_safe`` / ``is_response_1_safe``, when given)."""
+    both responses are marked safe (``is_response_0_safe`` / ``is_response_1_safe``, when given).
+    ``where`` names the data in the messages."""
     pairs = []
-    for row in rows:
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise QuadaError(f"{where} row {number} is not an object; rows need {', '.join(PKU_COLUMNS)}")
         missing = [c for c in PKU_COLUMNS if c not in row]
         if missing:
-            raise QuadaError(f"a PKU-SafeRLHF row lacks {', '.join(missing)}; rows need {', '.join(PKU_COLUMNS)}")
-        safer = int(row["safer_response_id"])
-        if safer not in (0, 1):
-            raise QuadaError(f"safer_response_id must be 0 or 1, got {row['safer_response_id']!r}")
+            raise QuadaError(f"{where} row {number} lacks {', '.join(missing)}; rows need {', '.join(PKU_COLUMNS)}")
+        if str(row["safer_response_id"]).strip() not in ("0", "1"):
+            raise QuadaError(f"{where} row {number}: safer_response_id must be 0 or 1, got {row['safer_response_id']!r}")
+        safer = int(str(row["safer_response_id"]).strip())
         chosen, rejected = row[f"response_{safer}"], row[f"response_{1 - safer}"]
+        if not all(isinstance(text, str) for text in (row["prompt"], chosen, rejected)):
+            raise QuadaError(f"{where} row {number}: prompt, response_0 and response_1 must be text")
         if not chosen or not rejected or chosen == rejected:
             continue
         both_safe = bool(row.get("is_response_0_safe", False)) and bool(row.get("is_response_1_safe", False))
@@ -198,20 +209,48 @@ def pku_pairs_from_rows(rows) -> list[PreferencePair]:
     return pairs
 
 
-def load_pku_saferlhf(file: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[PreferencePair]:
-    """PKU-SafeRLHF pairs from ``file`` (.json, .jsonl or .parquet) or, without one, the hub
-    (train split); ``limit`` takes a seeded subset."""
-    from datasets import Dataset, load_dataset
+PKU_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 
+
+def read_pku_file(path: Path) -> list:
+    """The rows of a local PKU-SafeRLHF copy: parquet, JSON lines (``.jsonl``, or ``.json`` as the hub
+    ships it) or one JSON list of objects (``.json``). Read directly, so nothing is cached; a file that
+    is not what its suffix says is a user error."""
+    suffix = path.suffix.lower()
+    if suffix not in PKU_FILE_SUFFIXES:
+        raise QuadaError(f"cannot read {path}: give a .json, .jsonl or .parquet file")
+    if suffix == ".parquet":
+        import pyarrow
+        import pyarrow.parquet
+
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as err:
+            raise QuadaError(
+                f"{path} is not a parquet file that can be read ({err}); give the parquet file of the data set, or "
+                "the data as .json or .jsonl"
+            ) from err
+    if suffix == ".json":
+        try:
+            rows = json.loads(read_text_file(path, "PKU-SafeRLHF file"))
+        except json.JSONDecodeError:
+            rows = None  # not one JSON document: JSON lines, read below
+        if isinstance(rows, list):
+            return rows
+    return [row for _, row in jsonl_rows(path, "PKU-SafeRLHF file")]
+
+
+def load_pku_saferlhf(file: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[PreferencePair]:
+    """PKU-SafeRLHF pairs from ``file`` (.json, .jsonl or .parquet, see :func:`read_pku_file`) or,
+    without one, the hub (train split); ``limit`` takes a seeded subset."""
     if file is not None:
         path = Path(file).expanduser()
         if not path.is_file():
             raise QuadaError(f"PKU-SafeRLHF file {path} does not exist; check the path")
-        readers = {".json": Dataset.from_json, ".jsonl": Dataset.from_json, ".parquet": Dataset.from_parquet}
-        if path.suffix.lower() not in readers:
-            raise QuadaError(f"cannot read {path}: give a .json, .jsonl or .parquet file")
-        rows = readers[path.suffix.lower()](str(path))
+        rows, where = read_pku_file(path), str(path)
     else:
+        from datasets import load_dataset
+
         instead = (
             "Offline, give a local copy with --file (JSON, JSONL or parquet with prompt, response_0, response_1, "
             "safer_response_id) or make pairs from the model itself with --source self."
@@ -221,7 +260,8 @@ def load_pku_saferlhf(file: str | Path | None = None, limit: int | None = None, 
             rows = load_dataset(PKU_HUB_ID, split="train")
         except Exception as err:  # offline without a cached copy, or the dataset moved
             raise QuadaError(f"could not load {PKU_HUB_ID} from the hub ({type(err).__name__}). {instead}") from err
-    pairs = pku_pairs_from_rows(rows)
+        where = PKU_HUB_ID
+    pairs = pku_pairs_from_rows(rows, where)
     if not pairs:
         raise QuadaError("the PKU-SafeRLHF data holds no usable pair (every row lacked two different responses)")
     return subset(pairs, limit, seed)

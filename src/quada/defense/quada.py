@@ -216,6 +216,11 @@ class QuadAConfig(DPOConfig):
             check_number(name, getattr(self, name), 0)
         for name in COUNT_FIELDS:
             check_number(name, getattr(self, name), 1, whole=True)
+        if self.reg_lambda > 0 and self.per_device_train_batch_size < 2:
+            raise QuadaError(
+                "the regularizer compares the harmful prompts within a batch, so it needs a batch of 2 pairs or more "
+                f"(the paper: 4), got {self.per_device_train_batch_size}; raise --batch-size or set --reg-lambda 0"
+            )
         if self.max_steps != -1:  # -1: the epochs decide
             check_number("max_steps", self.max_steps, 1, whole=True)
         check_seed(self.seed)

@@ -12,19 +12,20 @@ special tokens: the text is never split on template markers.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.approx.rows import prompt_rows
 from quada.chat import PROMPT_FORMATS, format_prompt
+from quada.data import Prompt
 from quada.errors import QuadaError
 from quada.eval.batching import padded_batch, position_ids
 from quada.eval.judges import refusal_phrase
 from quada.eval.scoring import pad_id_of
+from quada.runs import progress_bar
 
 MAX_BATCH_SIZE = 64
 MEMORY_FRACTION = 0.5
@@ -82,6 +83,43 @@ def auto_batch_size(model: PreTrainedModel, prompt_tokens: int, max_new_tokens: 
     attention = heads * prompt_tokens * prompt_tokens * itemsize
     per_sequence = kv_cache + activations + attention + cfg.vocab_size * 4
     return max(1, min(cap, int(available_memory() * MEMORY_FRACTION // per_sequence)))
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The positions the model was made for (its configuration's ``max_position_embeddings``), or
+    ``None`` where the configuration does not say."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def check_room(lengths: Mapping[str, int], new_tokens: int, context: int | None) -> None:
+    """Fail when the longest prompt (``lengths``: its name and its templated token count) followed by
+    ``new_tokens`` generated tokens does not fit in ``context`` positions: generation would run
+    beyond what the model was made for, on a prompt that may be any size."""
+    if context is None or not lengths:
+        return
+    name = max(lengths, key=lengths.__getitem__)
+    longest = lengths[name]
+    if longest >= context:
+        raise QuadaError(
+            f"prompt {name} is {longest} tokens long in its chat template, which leaves no room in the model's "
+            f"context of {context} tokens; shorten it or remove it from the prompt file"
+        )
+    if longest + new_tokens > context:
+        raise QuadaError(
+            f"--max-new-tokens {new_tokens} does not fit in the model's context of {context} tokens after the "
+            f"longest prompt ({name}, {longest} tokens); give --max-new-tokens {context - longest} or less"
+        )
+
+
+def check_prompts_fit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+                      prompt_format: str, new_tokens: int) -> None:
+    """Fail before any work on a prompt that, in its chat template in ``prompt_format`` and followed by
+    ``new_tokens`` generated tokens, does not fit in the model's context (see :func:`check_room`)."""
+    lengths = {
+        p.id: len(tokenizer(format_prompt(tokenizer, p.text, prompt_format), add_special_tokens=False)["input_ids"])
+        for p in prompts
+    }
+    check_room(lengths, new_tokens, context_length(model))
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -162,17 +200,6 @@ def _stop_on_refusal(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]]
     return contains_refusal
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -195,12 +222,14 @@ def generate(
         tokenizer(format_prompt(tokenizer, p, settings.prompt_format), add_special_tokens=False)["input_ids"]
         for p in prompts
     ]
+    check_room({f"{p[:40]!r}": len(ids) for p, ids in zip(prompts, encoded)}, settings.max_new_tokens,
+               context_length(model))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     end_ids = eos_token_ids(model, tokenizer)
     stop = _stop_on_refusal(tokenizer) if settings.stop_on_refusal else None
     pad_id = pad_id_of(tokenizer)
     responses: list[str] = [""] * len(prompts)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("generating", total=len(prompts))
         start = 0
         while start < len(order):

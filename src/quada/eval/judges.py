@@ -513,7 +513,10 @@ class ClassifierJudge(Judge):
 
     score = the softmax probability of the positive label for the (request, response) text pair,
     the response cut to fit ``max_length`` tokens (default: the tokenizer's limit, at most 512);
-    label = score > ``threshold``. The positive label is
+    label = score > ``threshold``. Like the question judges, it reads the judged text as plain text:
+    chat markers and the classifier's special tokens are removed from it (:func:`sanitize`) and what
+    remains is tokenized without special-token parsing, so only the classifier's own pair template
+    adds special tokens. The positive label is
     ``positive_label`` (a label name or index) when given, else the one whose name holds a word of
     :data:`POSITIVE_LABEL_WORDS` for the measure, else index 1 of a two-label head.
     """
@@ -527,8 +530,11 @@ class ClassifierJudge(Judge):
         self.positive = positive_label_index(model.config.id2label, self.measure, positive_label)
 
     def settings(self) -> dict:
+        # The judged text is sanitized of chat_markers and read without special-token parsing (earlier
+        # verdicts read markers in it as special tokens, and their settings name neither).
         return {"scoring_version": SCORING_VERSION, "dtype": str(self.model.dtype), "tokenizer": tokenizer_digest(self.tokenizer),
-                "positive": self.positive, "threshold": self.threshold, "max_length": self.max_length}
+                "positive": self.positive, "threshold": self.threshold, "max_length": self.max_length,
+                "chat_markers": CHAT_MARKERS, "split_special_tokens": True}
 
     @functools.cached_property
     def identity(self) -> str:
@@ -539,11 +545,13 @@ class ClassifierJudge(Judge):
         _check_pairs(prompts, responses)
         results = []
         label = self.model.config.id2label[self.positive]
+        prompts = [sanitize(p, self.tokenizer) for p in prompts]
+        responses = [sanitize(r, self.tokenizer) for r in responses]
         for start in range(0, len(prompts), self.batch_size):
             batch = self.tokenizer(
-                list(prompts[start : start + self.batch_size]), list(responses[start : start + self.batch_size]),
+                prompts[start : start + self.batch_size], responses[start : start + self.batch_size],
                 truncation="only_second", max_length=self.max_length, padding=True, padding_side="right",
-                return_tensors="pt",
+                split_special_tokens=True, return_tensors="pt",
             ).to(self.model.device)
             with torch.inference_mode():
                 probabilities = torch.softmax(self.model(**batch).logits.float(), dim=-1)[:, self.positive]

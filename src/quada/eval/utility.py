@@ -79,6 +79,21 @@ def load_corpus(source: str = DEFAULT_CORPUS) -> str:
     return text
 
 
+def _short_corpus(tokens: int, window: int) -> QuadaError:
+    return QuadaError(
+        f"the corpus has {tokens} tokens, fewer than one perplexity window of {window}; give a longer text as "
+        "--corpus or a smaller --ppl-window"
+    )
+
+
+def check_corpus(tokenizer: PreTrainedTokenizerBase, text: str, window: int) -> None:
+    """Fail now, before any generation, when ``text`` holds fewer tokens than one perplexity window
+    (what :func:`perplexity` would find only when the first perplexity is measured)."""
+    tokens = len(tokenizer(text)["input_ids"])
+    if tokens < window:
+        raise _short_corpus(tokens, window)
+
+
 def token_windows(token_ids: torch.Tensor, window: int) -> torch.Tensor:
     """Cut a 1-D id tensor into ``[n_windows, window]`` non-overlapping rows, dropping the tail."""
     count = token_ids.numel() // window
@@ -115,10 +130,7 @@ def perplexity(
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     windows = token_windows(ids, window)[:max_windows]
     if len(windows) == 0:
-        raise QuadaError(
-            f"the corpus has {ids.numel()} tokens, fewer than one window of {window}; use a longer "
-            "text or a smaller window"
-        )
+        raise _short_corpus(ids.numel(), window)
     total_nll = 0.0
     for batch in windows.split(batch_size):
         batch = batch.to(model.device)

@@ -47,7 +47,9 @@ class Section:
     examples: list[Example] = field(default_factory=list)
 
 
-def _markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """A Markdown (GitHub) table; a ``|`` inside a cell is escaped."""
+
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
@@ -98,7 +100,7 @@ def write_report(out_dir: str | Path, title: str, summary: str, sections: list[S
             md += [section.text, ""]
             body.append(f"<p>{html.escape(section.text)}</p>")
         if section.rows:
-            md += [_markdown_table(section.columns, section.rows), ""]
+            md += [markdown_table(section.columns, section.rows), ""]
             body.append(_html_table(section.columns, section.rows))
         for stem, figure in section.figures.items():
             png = _png(figure)
