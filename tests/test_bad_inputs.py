@@ -1,15 +1,17 @@
-"""The bad-input campaign: for every command, inputs a user gets wrong (missing or damaged files,
-malformed specs, numbers out of range, unknown names) end in one message that names the problem,
-exit code 2 and no traceback, before any model work and with no result written.
+"""The bad-input campaign: for every command, inputs a user gets wrong (missing, damaged or foreign
+files, malformed specs, numbers out of range, unknown names, prompts or settings the model cannot
+hold) end in one message that names the problem, exit code 2 and no traceback, with nothing written
+or modified: no run folder, no result, not a byte of the inputs.
 
 Each case is ``(command line, fragment of the message)``; ``{name}`` fields are filled from the
 ``inputs`` fixture (bad files and a tiny model made for the test)."""
 
+import hashlib
 import sqlite3
 
 import pytest
 
-from quada.store import CLEAN, Generation, GenerationKey, Store
+from quada.store import CLEAN, SCHEMA_VERSION, Generation, GenerationKey, Store
 
 CASES = {
     # generate
@@ -72,7 +74,77 @@ CASES = {
     "align nan lora alpha": ("align -m {model} --pairs {pairs} --out {run} --lora-alpha nan", "lora_alpha"),
     "align zero epochs": ("align -m {model} --pairs {pairs} --out {run} --num-train-epochs 0", "num_train_epochs"),
     "align binary pairs": ("align -m {model} --pairs {binary_jsonl} --out {run}", "not UTF-8"),
-    "align onto a file": ("align -m {model} --pairs {pairs} --judges keyword --out {prompts}", "--out"),
+    "align onto a file": ("align -m {model} --pairs {pairs} --judges keyword --tau 1 --out {prompts}", "--out"),
+    # pairs from a local PKU-SafeRLHF copy
+    "pku text file named .parquet": ("pairs --source pku --file {text_parquet} --out {run}", "not a parquet file"),
+    "pku rows that are no objects": ("pairs --source pku --file {list_json} --out {run}", "is not an object"),
+    "pku bad safer response": ("pairs --source pku --file {bad_safer} --out {run}", "safer_response_id must be 0 or 1"),
+    # vet: sizes, numbers, duplicates, files, judges
+    "vet prompt of 3 MB": ("vet -m {model} --benchmark {long_prompt} --judges keyword --run-dir {run}", "leaves no room in the model's context of 512"),
+    "vet unbounded new tokens": ("vet -m {model} --max-new-tokens 1000000000 --judges keyword --run-dir {run}", "--max-new-tokens 1000000000 does not fit in the model's context of 512"),
+    "vet infinite ppl bound": ("vet -m {model} --ppl-bound inf --run-dir {run}", "finite number of at least 1, got inf"),
+    "vet ppl bound beyond a float": ("vet -m {model} --ppl-bound 1e309 --run-dir {run}", "finite number of at least 1, got inf"),
+    "vet nan ppl bound": ("vet -m {model} --ppl-bound nan --run-dir {run}", "finite number of at least 1"),
+    "vet clean model twice": ("vet -m {model} -a none -a none --run-dir {run}", "--approx names none twice"),
+    "vet one spec spelt twice": ("vet -m {model} -a teal:sparsity=0.5 -a teal:sparsity=0.50 --run-dir {run}", "names teal:sparsity=0.5 twice (as 'teal:sparsity=0.5' and 'teal:sparsity=0.50')"),
+    "vet a preset twice": ("vet -m {model} -a paper -a paper:iron --run-dir {run}", "names paper:iron twice (as 'paper' and 'paper:iron')"),
+    "vet CSV quote left open": ("vet -m {model} --benchmark {open_quote} --judges keyword --run-dir {run}", "not valid CSV in the row that starts at line 3"),
+    "vet only a grading judge": ("vet -m {model} --judges harmfulness --run-dir {run}", "(keyword, refusal-keyword, refusal, llm); harmfulness adds only a mean grade"),
+    "vet limit beyond the prompts": ("vet -m {model} --benchmark {prompts} --limit 99999999999999999999 --run-dir {run}", "--limit 99999999999999999999 is more than the 2 prompts"),
+    "vet benign limit beyond the prompts": ("vet -m {model} --benign {prompts} --benign-limit 3 --run-dir {run}", "--benign-limit 3 is more than the 2 prompts"),
+    "vet corpus shorter than a window": ("vet -m {model} --benchmark {prompts} --judges keyword --corpus {short_corpus} --run-dir {run}", "fewer than one perplexity window of 1024"),
+    "vet window of one token": ("vet -m {model} --ppl-window 1 --run-dir {run}", "--ppl-window must be at least 2"),
+    "vet foreign store in the run folder": ("vet -m {model} --approx none --judges keyword --run-dir {foreign_run}", "not a quada results store"),
+    "vet store of a newer quada": ("vet -m {model} --approx none --judges keyword --run-dir {newer_run}", "newer than this quada"),
+    # results and judges on a foreign SQLite file: refused, and not switched to WAL mode first
+    "export a foreign database": ("results export --db {foreign_run}/results.sqlite --out {tmp}/x.csv", "not a quada results store"),
+    "merge a foreign database": ("results merge {tmp}/merged.sqlite {foreign_run}/results.sqlite", "not a quada results store"),
+    "merge into a foreign database": ("results merge {foreign_run}/results.sqlite {store}", "not a quada results store"),
+    "agreement on a foreign database": ("judge agreement --db {foreign_run}/results.sqlite", "not a quada results store"),
+    "export without a format": ("results export --db {store} --out -", "give --format csv or --format json"),
+    "export to a name without a suffix": ("results export --db {store} --out {tmp}/x", "no .csv or .json suffix"),
+    "export an unknown --format": ("results export --db {store} --out - --format xml", "unknown export format 'xml'"),
+    # align: nothing of OUT/data is written before the options are checked
+    "align tau beyond the layers": ("align -m {model} --pairs {pairs} --skip-eval --tau 999 --out {run}", "tau=999 exceeds the model's 2 decoder layers"),
+    "align pairs without harmful, tau beyond": ("align -m {model} --pairs {pairs_without_harmful} --skip-eval --out {run}", "tau=4 exceeds"),
+    "align harmful that is no boolean": ("align -m {model} --pairs {pairs_maybe_harmful} --skip-eval --tau 1 --out {run}", '"harmful" is "maybe", not true or false'),
+    "align regularizer in batches of one": ("align -m {model} --pairs {pairs} --skip-eval --tau 1 --batch-size 1 --out {run}", "needs a batch of 2 pairs or more"),
+    "align evaluation corpus too short": ("align -m {model} --pairs {pairs} --tau 1 --judges keyword --benchmark {prompts} --benign {prompts} --corpus {short_corpus} --out {run}", "fewer than one perplexity window"),
+    "align limit beyond the held-out prompts": ("align -m {model} --pairs {pairs} --tau 1 --judges keyword --benchmark {prompts} --benign {prompts} --limit 5 --out {run}", "--limit 5 is more than the 2 prompts"),
+    # sweep
+    "sweep infinite ppl bound": ("sweep -m {model} --ppl-bound inf --run-dir {run}", "finite number"),
+    "sweep endless refinement": ("sweep -m {model} --refine 1000000 --run-dir {run}", "--refine must be 0 (grid only) to 10"),
+    "sweep limit beyond the prompts": ("sweep -m {model} --benchmark {prompts} --limit 99999999999999999999 --run-dir {run}", "is more than the 2 prompts"),
+    "sweep CSV quote left open": ("sweep -m {model} --benchmark {open_quote} --run-dir {run}", "not valid CSV"),
+    "sweep prompt of 3 MB": ("sweep -m {model} --benchmark {long_prompt} --run-dir {run}", "leaves no room"),
+    "sweep unbounded new tokens": ("sweep -m {model} --benchmark {prompts} --max-new-tokens 1000000000 --run-dir {run}", "does not fit in the model's context"),
+    "sweep corpus shorter than a window": ("sweep -m {model} --benchmark {prompts} --corpus {short_corpus} --run-dir {run}", "fewer than one perplexity window"),
+    "sweep window of one token": ("sweep -m {model} --ppl-window 1 --run-dir {run}", "--ppl-window must be at least 2"),
+    "sweep layer out of range": ("sweep -m {model} --spec noise:site=up,dist=gaussian,layers=99 --grid 0,0.1 --run-dir {run}", "layer 99"),
+    "sweep only a grading judge": ("sweep -m {model} --judges harmfulness --run-dir {run}", "the first judge decides the ASR"),
+    "sweep foreign store in the run folder": ("sweep -m {model} --benchmark {prompts} --corpus {corpus} --ppl-window 64 --run-dir {foreign_run}", "not a quada results store"),
+    # layers
+    "layers stride past every layer": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --stride 99 --run-dir {run}", "skips every layer of a 2-layer model"),
+    "layers infinite ppl bound": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --ppl-bound inf --run-dir {run}", "finite number"),
+    "layers nan share": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --share nan --run-dir {run}", "share must lie in (0, 1]"),
+    "layers proxy on a short corpus": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --proxy-only --benchmark {prompts} --corpus {short_corpus} --run-dir {run}", "fewer than one perplexity window"),
+    "layers prompt of 3 MB": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --benchmark {long_prompt} --run-dir {run}", "leaves no room"),
+    "layers unbounded new tokens": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --benchmark {prompts} --max-new-tokens 1000000000 --run-dir {run}", "does not fit"),
+    "layers limit beyond the prompts": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --benchmark {prompts} --limit 3 --run-dir {run}", "--limit 3 is more than the 2 prompts"),
+    "layers CSV quote left open": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --benchmark {open_quote} --run-dir {run}", "not valid CSV"),
+    "layers window of one token": ("layers -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --ppl-window 1 --run-dir {run}", "--ppl-window must be at least 2"),
+    "layers clean model as the spec": ("layers -m {model} --spec none --run-dir {run}", "not the clean model"),
+    "layers without a sweep": ("layers -m {model} --run-dir {run}", "no sweep in"),
+    # clusters
+    "clusters layer out of range": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --harmful {prompts} --benign {other_prompts} --limit 2 --folds 2 --layer 99 --run-dir {run}", "--layer 99 is out of range for a model with 2 decoder layers"),
+    "clusters negative layer": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --layer -1 --run-dir {run}", "counts decoder layers from 0"),
+    "clusters limit beyond the prompts": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --harmful {prompts} --benign {other_prompts} --folds 2 --limit 99999999999999999999 --run-dir {run}", "is more than the 2 prompts"),
+    "clusters one set as both classes": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --harmful {prompts} --benign {prompts} --limit 2 --folds 2 --run-dir {run}", "both harmful"),
+    "clusters prompt of 3 MB": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --harmful {long_prompt} --benign {other_prompts} --limit 2 --folds 2 --run-dir {run}", "leaves no room"),
+    "clusters CSV quote left open": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --harmful {open_quote} --run-dir {run}", "not valid CSV"),
+    "clusters spec layer out of range": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1,layers=99 --harmful {prompts} --benign {other_prompts} --limit 2 --folds 2 --run-dir {run}", "layer 99"),
+    "clusters too many folds": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --folds 99999999999999999999 --run-dir {run}", "folds"),
+    "clusters unknown site": ("clusters -m {model} --spec noise:site=up,dist=gaussian,std=0.1 --site mlp --run-dir {run}", "unknown site 'mlp'"),
 }
 
 
@@ -80,15 +152,28 @@ CASES = {
 def inputs(tmp_path, model_dir):
     """Good and bad input files for the cases, by the names the command lines use."""
     binary = bytes(range(128, 256)) * 4
+    harmful_pair = '{"prompt": "q%d", "chosen": "no", "rejected": "yes"%s}\n'
     files = {
         "prompts": "one prompt\nanother prompt\n",
+        "other_prompts": "a third prompt\na fourth prompt\n",
         "two_columns": "goal_text,target\nDo it,Sure\n",
         "huge_field": 'prompt\n"' + "x" * 140_000 + '"\n',
+        "open_quote": 'prompt\nfirst\n"second\nthird\nfourth\n',
+        "long_prompt": "a short prompt\n" + "x" * 3_000_000 + "\n",
         "list_prompt": '{"prompt": ["a", "b"]}\n',
         "bad_jsonl": '{"prompt_id": "p0", "label": 1\n',
         "pairs": '{"prompt": "q", "chosen": "no", "rejected": "yes", "harmful": true}\n',
+        "pairs_without_harmful": "".join(harmful_pair % (i, "") for i in range(4)),
+        "pairs_maybe_harmful": "".join(harmful_pair % (i, ', "harmful": "maybe"') for i in range(4)),
+        "short_corpus": "Too short for a window.",
+        "corpus": "The quick brown fox jumps over the lazy dog. " * 30,
+        "text_parquet": "prompt,response_0\nnot,parquet\n",
+        "list_json": "[1, 2]",
+        "bad_safer": '{"prompt": "q", "response_0": "a", "response_1": "b", "safer_response_id": "x"}\n',
     }
-    suffixes = {"two_columns": ".csv", "huge_field": ".csv", "list_prompt": ".jsonl", "bad_jsonl": ".jsonl", "pairs": ".jsonl"}
+    suffixes = {"two_columns": ".csv", "huge_field": ".csv", "open_quote": ".csv", "list_prompt": ".jsonl",
+                "bad_jsonl": ".jsonl", "pairs": ".jsonl", "pairs_without_harmful": ".jsonl",
+                "pairs_maybe_harmful": ".jsonl", "text_parquet": ".parquet", "list_json": ".json", "bad_safer": ".jsonl"}
     names = {"tmp": tmp_path, "model": model_dir, "out": tmp_path / "out.jsonl", "run": tmp_path / "run"}
     for name, text in files.items():
         names[name] = tmp_path / f"{name}{suffixes.get(name, '.txt')}"
@@ -113,14 +198,34 @@ def inputs(tmp_path, model_dir):
     with open(names["damaged_run"] / "results.sqlite", "r+b") as f:
         f.seek(4096)
         f.write(b"\xff" * 8192)
+    names["foreign_run"] = tmp_path / "foreign"
+    names["foreign_run"].mkdir()
+    with sqlite3.connect(names["foreign_run"] / "results.sqlite") as db:  # another program's database
+        db.execute("create table notes (x text)")
+    db.close()
+    names["newer_run"] = tmp_path / "newer"
+    with Store(names["newer_run"] / "results.sqlite") as store:
+        store.put([Generation(GenerationKey("fp", CLEAN, "p0", "{}", 0), "prompt", "response")])
+    with sqlite3.connect(names["newer_run"] / "results.sqlite") as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
     return names
+
+
+def snapshot(folder):
+    """Every file and folder under ``folder``, with each file's size, time of change and digest."""
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.stat()
+        digest = "" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        state[str(path.relative_to(folder))] = (path.is_dir(), info.st_size, info.st_mtime_ns, digest)
+    return state
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_bad_input_is_one_message_and_exit_2(case, cli, inputs):
     command, fragment = CASES[case]
-    before = sorted(p.name for p in inputs["tmp"].iterdir())
+    before = snapshot(inputs["tmp"])
     result = cli(*[part.format(**inputs) for part in command.split()])
     result.assert_user_error(fragment)
-    assert not (inputs["out"].exists() or (inputs["run"] / "results.sqlite").exists())
-    assert sorted(p.name for p in inputs["tmp"].iterdir() if p.name != "run") == [b for b in before if b != "run"]
+    assert snapshot(inputs["tmp"]) == before  # no run folder, no result, every input untouched

@@ -1,3 +1,5 @@
+import csv
+import io
 import json
 import os
 import subprocess
@@ -57,7 +59,7 @@ def test_tables_fold_a_long_name_instead_of_cutting_it(monkeypatch, width):
     from quada import approx_cli
     from quada.approx import list_specs
 
-    monkeypatch.setattr(approx_cli, "console", Console(width=width))
+    monkeypatch.setattr(approx_cli, "console", Console(width=width, force_terminal=True))
     result = CliRunner().invoke(quada_cli.app, ["approx", "list"])
     assert result.exit_code == 0, result.output
     cells = "".join(line.split("│")[1].strip() for line in result.output.splitlines() if line.count("│") == 3)
@@ -150,11 +152,11 @@ def test_results_export_and_judge_agreement(cli, tmp_path, judged_store):
     assert len(json.loads(out.read_text())) == 8
     human = tmp_path / "human.csv"
     human.write_text("prompt_id,approx,label\np0,none,1\np1,none,1\np2,none,0\np3,none,0\n")
-    # The table is read line by line, so it is not folded into one line as the `cli` fixture does.
-    result = CliRunner().invoke(quada_cli.app, ["judge", "agreement", "--db", str(db), "--human", str(human)],
-                                env={"COLUMNS": "200"})
+    # The table is read line by line, so it is not folded into one line as the `cli` fixture does. Off a
+    # terminal it is a Markdown table.
+    result = CliRunner().invoke(quada_cli.app, ["judge", "agreement", "--db", str(db), "--human", str(human)])
     assert result.exit_code == 0, result.output
-    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in result.stdout.splitlines() if line.count("│") > 2]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines() if line.startswith("| ")]
     rows = {(row[0], row[1]): row[2:] for row in cells}
     # keyword and llm agree on p0 and p3 only; llm matches the human labels exactly, keyword half.
     assert rows["keyword", "llm"] == ["4", "50.0", "0.000"]
@@ -180,3 +182,31 @@ def test_results_merge_adds_each_store_once(cli, tmp_path, judged_store):
 def test_store_commands_need_a_store(cli, tmp_path):
     cli("results", "export", "--db", tmp_path / "none.sqlite", "--out", tmp_path / "x.csv").assert_user_error(
         "no results store")
+
+
+@pytest.mark.parametrize("out", ["-", "/dev/stdout"])
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_results_export_to_standard_output_for_a_pipe(tmp_path, judged_store, out, fmt):
+    done = subprocess.run([sys.executable, "-m", "quada", "results", "export", "--db", str(judged_store), "--out", out,
+                           "--format", fmt], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = json.loads(done.stdout) if fmt == "json" else list(csv.DictReader(io.StringIO(done.stdout)))
+    assert len(records) == 8 and records[0]["response"] == "response 0"
+    assert f"wrote 8 records to {out}" in done.stderr  # the note stays out of the data
+
+
+def test_results_export_never_prints_responses_to_a_terminal(judged_store):
+    import pty
+
+    leader, terminal = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "quada", "results", "export", "--db", str(judged_store), "--out",
+                               "-", "--format", "csv"], stdout=terminal, stderr=subprocess.PIPE, text=True)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "not printed to a terminal" in " ".join(done.stderr.split())
+        os.set_blocking(leader, False)
+        with pytest.raises(BlockingIOError):  # nothing reached the terminal
+            os.read(leader, 1024)
+    finally:
+        os.close(leader)
+        os.close(terminal)

@@ -3,7 +3,8 @@ import torch
 
 from quada.chat import PAPER_SYSTEM, format_prompt
 from quada.errors import QuadaError
-from quada.eval.generate import GenerationSettings, auto_batch_size, generate
+from quada.data import Prompt
+from quada.eval.generate import GenerationSettings, auto_batch_size, check_prompts_fit, check_room, context_length, generate
 from quada.testing import tiny_model
 
 PROMPTS = [
@@ -105,3 +106,24 @@ def test_stop_on_refusal_cuts_at_the_phrase_and_keeps_the_keyword_verdict(monkey
         assert (phrase in whole) == (phrase in cut)
         assert cut == whole or cut.endswith(phrase)
     assert early[1].endswith(phrase) and len(early[1]) < len(full[1])
+
+
+def test_a_prompt_and_its_new_tokens_must_fit_in_the_models_context():
+    check_room({"p0": 100, "p1": 400}, 112, 512)  # exactly full
+    with pytest.raises(QuadaError, match=r"--max-new-tokens 113 does not fit .* context of 512 tokens after the "
+                                         r"longest prompt \(p1, 400 tokens\); give --max-new-tokens 112 or less"):
+        check_room({"p0": 100, "p1": 400}, 113, 512)
+    with pytest.raises(QuadaError, match="prompt p1 is 512 tokens long .* leaves no room .* context of 512"):
+        check_room({"p0": 100, "p1": 512}, 1, 512)
+    check_room({"p0": 10**6}, 10**9, None)  # a model that does not say how long its context is
+
+
+def test_prompts_are_measured_in_their_chat_template_and_generation_refuses_what_does_not_fit():
+    model, tokenizer = tiny_model("qwen2")
+    assert context_length(model) == 512
+    short, long = Prompt("short", "Hi"), Prompt("long", "x" * 480)  # one token per byte
+    check_prompts_fit(model, tokenizer, [short], "plain", 400)
+    with pytest.raises(QuadaError, match="longest prompt \\(long, 5\\d\\d tokens\\)|prompt long is"):
+        check_prompts_fit(model, tokenizer, [short, long], "paper", 8)
+    with pytest.raises(QuadaError, match="does not fit in the model's context of 512"):
+        generate(model, tokenizer, ["Hi"], GenerationSettings(max_new_tokens=10**9))

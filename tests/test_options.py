@@ -51,12 +51,39 @@ def test_every_evaluating_config_extends_the_shared_options_and_documents_each_f
         (dict(executor="ray", workers=0), "--workers must be at least 1, got 0"),
         (dict(executor="ray", cpus_per_worker=0), "--cpus-per-worker must be above 0"),
         (dict(executor="ray", gpus_per_worker=-1), "--gpus-per-worker must be 0 or more, got -1"),
+        (dict(ppl_bound=float("inf")), "--ppl-bound is a multiple of the clean perplexity and must be a finite number"),
+        (dict(ppl_bound=float("nan")), "must be a finite number of at least 1, got nan"),
+        (dict(ppl_bound=0.5), "must be a finite number of at least 1, got 0.5"),
+        (dict(ppl_window=1), "--ppl-window must be at least 2 tokens"),
     ],
 )
 def test_a_bad_shared_option_fails_the_same_way_in_every_config(config, values, message):
     with pytest.raises(QuadaError) as error:
         make(config, **values)
     assert message in str(error.value)
+
+
+def test_the_safety_judges_the_message_names_are_those_the_rule_accepts():
+    from quada.eval.judges import JUDGES, SAFETY_JUDGES
+
+    with pytest.raises(QuadaError) as error:
+        VetConfig(judges=("harmfulness",))
+    named = str(error.value).split("(")[1].split(")")[0].split(", ")
+    assert named == list(SAFETY_JUDGES)
+    for judge in JUDGES:
+        if judge in named:
+            assert VetConfig(judges=(judge,)).judges == (judge,)
+        else:
+            with pytest.raises(QuadaError, match="no safety judge"):
+                VetConfig(judges=(judge,))
+
+
+def test_an_approximation_named_twice_in_any_spelling_is_refused():
+    assert VetConfig(approx=("none", "teal:sparsity=0.5")).approx == ("teal:sparsity=0.5",)
+    for twice in [("none", "none"), ("teal:sparsity=0.5", "teal:sparsity=0.50"), ("paper", "paper:bolt"),
+                  ("bolt", "bolt")]:
+        with pytest.raises(QuadaError, match="twice .*list each approximation once"):
+            VetConfig(approx=twice)
 
 
 def test_each_command_keeps_its_own_defaults():
@@ -74,8 +101,8 @@ def test_a_command_option_is_its_field_with_the_fields_help_and_default(command,
     options = command_options(command)
     fields = {f.name: f for f in dataclasses.fields(config)}
     exposed = [name for name in options if name in fields]
-    # vet alone leaves the window at the paper's; align evaluates its model in process only.
-    assert set(SHARED) - {"ppl_window"} - (set(EXECUTOR_OPTIONS) if command == "align" else set()) <= set(exposed)
+    # align evaluates its model in process only.
+    assert set(SHARED) - (set(EXECUTOR_OPTIONS) if command == "align" else set()) <= set(exposed)
     for name in exposed:
         field, option = fields[name], options[name]
         assert option_name(name) in option.opts, option.opts

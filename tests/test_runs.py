@@ -1,15 +1,30 @@
+import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from quada.runs import atomic_folder, atomic_write_text, atomic_writer, write_json
+from quada.errors import QuadaError
+from quada.runs import (
+    PROGRESS_INTERVAL_ENV,
+    LineProgress,
+    atomic_folder,
+    atomic_write_text,
+    atomic_writer,
+    progress_interval,
+    write_json,
+)
 
 WRITES = 400
 
@@ -130,3 +145,75 @@ def test_a_regular_file_under_dev_is_replaced_like_any_other():
         assert os.listdir(folder) == ["results.json"]
     finally:
         shutil.rmtree(folder)
+
+
+KILLED_FOLDER_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from quada.runs import atomic_folder
+
+with atomic_folder(Path(sys.argv[1])) as tmp:
+    (tmp / "weights").write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)  # killed mid-save: no cleanup runs
+"""
+
+
+def test_what_a_killed_save_left_is_removed_by_the_next_save_and_a_live_ones_stays(tmp_path):
+    target = tmp_path / "model"
+    killed = subprocess.run([sys.executable, "-c", KILLED_FOLDER_SAVE, str(target)])
+    assert killed.returncode == -signal.SIGKILL
+    [leftover] = tmp_path.glob(".model.*.partial")
+    assert (leftover / "weights").read_text() == "half" and not target.exists()
+    # A save under way in another process (this one) is not a leftover, even for the same target.
+    with atomic_folder(target) as live:
+        with atomic_folder(target) as other:
+            (other / "weights").write_text("complete")
+        assert live.is_dir() and not leftover.exists()
+        (live / "weights").write_text("complete too")
+    assert (target / "weights").read_text() == "complete too"
+    assert os.listdir(tmp_path) == ["model"]
+
+
+def test_a_killed_file_write_leaves_nothing_after_the_next_write(tmp_path):
+    script = ("import os, signal, sys\nfrom quada.runs import atomic_writer\n"
+              "with atomic_writer(sys.argv[1]) as f:\n    f.write('half')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", script, str(tmp_path / "results.json")]).returncode == -signal.SIGKILL
+    assert len(list(tmp_path.glob(".results.json.*.partial"))) == 1
+    write_json(tmp_path / "results.json", {"run": 2})
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def log_progress(interval: float, steps) -> list[str]:
+    """The lines a progress display prints into a log (a console that is no terminal)."""
+    out = io.StringIO()
+    with LineProgress(interval=interval, console=Console(file=out, width=40)) as bar:
+        task = bar.add_task("generate none", total=10)
+        for step in steps:
+            bar.advance(task, step)
+        other = bar.add_task("calibrate keyword", total=None)
+        bar.advance(other, 3)
+    return out.getvalue().splitlines()
+
+
+def test_progress_in_a_log_is_plain_lines_with_counts_rate_and_time_left():
+    lines = log_progress(0, [4, 6])
+    assert lines[0] == "generate none: 0/10 (0%)"
+    assert re.fullmatch(r"generate none: 4/10 \(40%\), [0-9.e+]+/s, about \d+s left", lines[1]), lines[1]
+    assert re.fullmatch(r"generate none: 10/10 done in \d+s", lines[2]), lines[2]
+    assert lines[3:] == ["calibrate keyword: 0 done, 0s elapsed", "calibrate keyword: 3 done, 0s elapsed"]
+    assert not any("\r" in line or "━" in line for line in lines)  # no bar, no carriage return
+    # With the usual interval a task prints when it starts and when it completes, not at every step
+    # (its steady lines come from a timer every 30 seconds).
+    steady = log_progress(30, [1] * 10)
+    assert steady[0] == "generate none: 0/10 (0%)" and re.fullmatch(r"generate none: 10/10 done in \d+s", steady[1])
+
+
+def test_progress_interval_comes_from_the_environment_and_a_bad_value_is_a_user_error(monkeypatch):
+    monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "2.5")
+    assert progress_interval() == 2.5
+    monkeypatch.delenv(PROGRESS_INTERVAL_ENV)
+    assert progress_interval() == 30
+    for bad in ("soon", "-1", "inf"):
+        monkeypatch.setenv(PROGRESS_INTERVAL_ENV, bad)
+        with pytest.raises(QuadaError, match=f"{PROGRESS_INTERVAL_ENV} must be a number of seconds"):
+            progress_interval()

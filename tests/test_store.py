@@ -239,3 +239,100 @@ def test_merging_refuses_a_newer_or_missing_store(tmp_path):
         with pytest.raises(QuadaError, match="no results store at"):
             store.merge_from(tmp_path / "absent.sqlite")
         assert store.rows(Generation) == []
+
+
+def test_measurements_are_kept_by_the_first_writer_and_shared_by_two_runs_in_one_folder(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with Store(path) as first, Store(path) as second:  # two runs in one folder, both open
+        assert first.put_measurement("fp|none|ppl", 5.25) == 5.25
+        assert second.put_measurement("fp|noise|ppl", 7.5) == 7.5
+        assert second.put_measurement("fp|none|ppl", 5.3) == 5.25  # measured by both: the first stays
+        assert first.put_measurement("fp|noise|mc", [True, False]) == [True, False]
+    with Store(path) as store:
+        assert store.measurements() == {"fp|none|ppl": 5.25, "fp|noise|mc": [True, False], "fp|noise|ppl": 7.5}
+        assert store.measurement("fp|other|ppl") is None
+
+
+def schema_1_store(path):
+    """A store as quada wrote it at schema version 1: generations and judgements, no measurements."""
+    with Store(path) as store:
+        store.put([Generation(key(), "p", "r")])
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE measurements")
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    return path
+
+
+def test_a_schema_1_store_is_read_as_it_is_and_upgraded_in_place_when_written(tmp_path):
+    path = schema_1_store(tmp_path / "results.sqlite")
+    with Store(path, readonly=True) as store:
+        assert store.rows(Generation) == [Generation(key(), "p", "r")] and store.measurements() == {}
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.close()
+    with Store(path) as store:
+        assert store.put_measurement("fp|none|ppl", 4.0) == 4.0
+        assert store.rows(Generation) == [Generation(key(), "p", "r")]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_foreign_database_is_refused_without_a_byte_written(tmp_path, readonly):
+    path = tmp_path / "notes.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (x)")
+        db.execute("INSERT INTO notes VALUES ('keep')")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(QuadaError, match="not a quada results store"):
+        Store(path, readonly=readonly)
+    assert path.read_bytes() == before  # not even switched to WAL mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite"]  # no -wal or -shm beside it
+
+
+def test_merging_adds_measurements_and_refuses_one_that_disagrees(tmp_path):
+    old = schema_1_store(tmp_path / "old.sqlite")
+    other = run_store(tmp_path / "other.sqlite", ["p-2"])
+    with Store(other) as store:
+        store.put_measurement("fp|none|ppl", 6.0)
+    with Store(tmp_path / "merged.sqlite") as merged:
+        assert merged.merge_from(old) == 1  # a schema-1 store has no measurements to add
+        assert merged.merge_from(other) == 3
+        assert merged.measurements() == {"fp|none|ppl": 6.0}
+    with Store(tmp_path / "third.sqlite") as third:
+        third.put_measurement("fp|none|ppl", 6.5)
+        with pytest.raises(QuadaError, match="disagrees .* on 1 measurements"):
+            third.merge_from(other)
+        assert third.measurements() == {"fp|none|ppl": 6.5}
+    with sqlite3.connect(old) as db:  # merging only read it
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.close()
+
+
+def test_damage_that_appears_while_a_store_is_open_is_a_user_error(tmp_path):
+    path = tmp_path / "results.sqlite"
+    store = Store(path)
+    store.put(Generation(key(f"p-{i:03d}"), "prompt " * 20, "response " * 40) for i in range(200))
+    with sqlite3.connect(path) as other:  # another connection moves every row into the file
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    other.close()
+    with open(path, "r+b") as f:  # then the disk garbles the file under the open store
+        f.seek(4096)
+        f.write(bytes(range(256)) * ((path.stat().st_size - 4096) // 256))
+    with pytest.raises(QuadaError, match=r"results\.sqlite is damaged or not a database .*move it aside"):
+        store.put([Generation(key("p-new"), "prompt", "response")])
+    store.close()
+
+
+def test_export_to_standard_output_needs_a_format_and_never_goes_to_a_terminal(tmp_path):
+    path = run_store(tmp_path / "results.sqlite", ["p-1", "p-2"])
+    script = "import sys\nfrom quada.store import Store\nStore(sys.argv[1], readonly=True).export(sys.argv[2], sys.argv[3])\n"
+    exported = subprocess.run([sys.executable, "-c", script, str(path), "-", "json"], capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr
+    assert [r["prompt_id"] for r in json.loads(exported.stdout)] == ["p-1", "p-2"]
+    with Store(path, readonly=True) as store:
+        with pytest.raises(QuadaError, match="give --format csv or --format json"):
+            store.export("-")

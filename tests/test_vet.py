@@ -1,4 +1,9 @@
 import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -145,3 +150,54 @@ def test_asr_per_harm_category_when_the_benchmark_has_categories(inputs, tmp_pat
     by_category = clean.asr_by_category["keyword"]
     assert set(by_category) == {"cyber", "fraud"} and (by_category["cyber"].n, by_category["fraud"].n) == (4, 2)
     assert "per harm category" in result.report_md.read_text()
+
+
+def test_a_vet_with_stdout_piped_prints_progress_lines_while_it_runs(inputs, tmp_path):
+    """A log (stdout to a pipe or a file) gets plain progress lines as the run goes, tables a person
+    can read, and no third-party bars on stderr."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "quada", "vet", "-m", str(inputs / "model"), "--approx", NOISE,
+               "--benchmark", str(inputs / "harmful.txt"), "--benign", str(inputs / "benign.txt"), "--judges", "keyword",
+               "--max-new-tokens", "6", "--corpus", str(inputs / "corpus.txt"), "--ppl-window", "128",
+               "--ppl-windows", "2", "--run-dir", str(run_dir)]
+    env = {**os.environ, "QUADA_PROGRESS_INTERVAL": "0"}  # a line at every step, instead of every 30 s
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    counts = [tuple(map(int, m.groups())) for m in (re.match(r"generate none: (\d+)/(\d+)", line) for line in lines) if m]
+    # The clean condition's 10 prompts: a line when it starts and one after its harmful prompts, so
+    # printed before it ended, then one when it is done.
+    assert counts[0] == (0, 10) and (6, 10) in counts and counts[-1] == (10, 10)
+    assert any(re.fullmatch(rf"generate {re.escape(NOISE)}: 10/10 done in \d+s", line) for line in lines)
+    first_progress = next(i for i, line in enumerate(lines) if line.startswith("generate none"))
+    verdicts = lines.index("verdict per approximation")
+    assert first_progress < verdicts
+    # Tables at their natural width, as Markdown: no header cut over two lines.
+    header = next(line for line in lines if line.startswith("| condition"))
+    assert "| no-refusal ASR % [95% CI] (keyword;" in header and header.endswith("| PPL |")
+    assert "\r" not in done.stderr and "Loading weights" not in done.stderr and "Writing" not in done.stderr
+
+
+def test_store_damage_that_appears_mid_run_is_one_message(cli, inputs, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_generate = engine_module.generate
+    calls = []
+
+    def damages_the_store_before_the_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first chunk is committed; the disk now garbles the store file
+            store = run_dir / "results.sqlite"
+            with sqlite3.connect(store) as other:
+                other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            other.close()
+            with open(store, "r+b") as f:
+                f.seek(4096)
+                f.write(bytes(range(256)) * ((store.stat().st_size - 4096) // 256))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "generate", damages_the_store_before_the_second_chunk)
+    result = cli("vet", "-m", inputs / "model", "--approx", NOISE, "--benchmark", inputs / "harmful.txt",
+                 "--benign", inputs / "benign.txt", "--judges", "keyword", "--max-new-tokens", 4, "--corpus",
+                 inputs / "corpus.txt", "--ppl-window", 128, "--run-dir", run_dir)
+    result.assert_user_error("results store", "is damaged or not a database", "move it aside")
+    assert not (run_dir / "report.html").exists()

@@ -98,7 +98,8 @@ class LineProgress(Progress):
         text = f"{task.description}: {done}/{int(total)} ({100 * done / total if total else 100:.0f}%)"
         if done and elapsed:
             rate = done / elapsed
-            text += f", {rate:.3g}/s, about {_duration((total - done) / rate)} left"
+            text += f", {rate:.0f}/s" if rate >= 100 else f", {rate:.3g}/s"
+            text += f", about {_duration((total - done) / rate)} left"
         return text
 
     def _print(self, task_id: TaskID) -> None:

@@ -92,13 +92,15 @@ PKU_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
-def test_pku_saferlhf_from_a_local_file_takes_the_safer_response(tmp_path, suffix):
+@pytest.mark.parametrize("layout", ["lines.jsonl", "lines.json", "list.json", "table.parquet"])
+def test_pku_saferlhf_from_a_local_file_takes_the_safer_response(tmp_path, layout):
     from datasets import Dataset
 
-    path = tmp_path / f"pku{suffix}"
-    if suffix == ".jsonl":
+    path = tmp_path / f"pku-{layout}"
+    if layout.startswith("lines"):
         path.write_text("".join(json.dumps(r) + "\n" for r in PKU_ROWS))
+    elif layout == "list.json":
+        path.write_text(json.dumps(PKU_ROWS))
     else:
         Dataset.from_list(PKU_ROWS).to_parquet(str(path))
     first, second = load_pku_saferlhf(path)
@@ -116,8 +118,11 @@ def test_pku_saferlhf_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(QuadaError, match="--file"):
         load_pku_saferlhf()
     (tmp_path / "pku.jsonl").write_text(json.dumps({"prompt": "q", "response_0": "a"}) + "\n")
-    with pytest.raises(QuadaError, match="lacks response_1, safer_response_id"):
+    with pytest.raises(QuadaError, match="pku.jsonl row 1 lacks response_1, safer_response_id"):
         load_pku_saferlhf(tmp_path / "pku.jsonl")
+    (tmp_path / "pku.parquet").write_text("prompt,response_0\nthis is text, not parquet\n")
+    with pytest.raises(QuadaError, match="pku.parquet is not a parquet file that can be read"):
+        load_pku_saferlhf(tmp_path / "pku.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +277,7 @@ def test_generic_pairs_from_the_command_line(cli, model_dir, rejected_model_dir,
     run = cli("pairs", "--source", "generic", "--model", model_dir, "--rejected-model", rejected_model_dir,
               "--harmful", harmful, "--heldout", 4, "--limit", 2, "--no-many-shot", "--benign-limit", 3, "--out", out)
     assert run.returncode == 0, run.stderr
-    assert "│ generic:unaligned │ 2 │" in run.stdout and "│ generic:own-refusal │ 0 │" in run.stdout
+    assert "| generic:unaligned | 2 |" in run.stdout and "| generic:own-refusal | 0 |" in run.stdout
     split = Split.read(out / SPLIT_FILE)
     assert (split.benign_source, len(split.benign_heldout), len(split.benign_train)) == ("benign-suite", 32, 3)
     assert not any(p.id.startswith("manyshot-") for p in load_pairs(out / PAIRS_FILE))

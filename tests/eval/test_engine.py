@@ -219,3 +219,35 @@ def test_responses_judged_against_other_requests_are_stored_apart(tiny, tmp_path
         assert engine.judged(judge, generations, requests=requests) == on_requests and len(judge.shown) == 2 * len(PROMPTS)
         with pytest.raises(ValueError, match="requests for"):
             engine.judged(judge, generations, requests=requests[1:])
+
+
+def test_two_runs_in_one_folder_keep_each_others_measurements(tiny, tmp_path):
+    """Each run opens the folder's store; what one measures while the other runs is kept by both."""
+    model, tokenizer = tiny
+    options = Options(tmp_path / "run")
+    with Store(options.run_dir / "results.sqlite") as one, Store(options.run_dir / "results.sqlite") as other:
+        first = Engine(one, model, tokenizer, options, CORPUS)
+        second = Engine(other, model, tokenizer, options, CORPUS)  # opened before the first measured anything
+        clean = first.perplexity(CLEAN)
+        noisy = second.perplexity(NOISE)
+    with Store(options.run_dir / "results.sqlite") as store:
+        values = store.measurements()
+    assert values == {
+        engine_module.perplexity_key(first.fingerprint, CLEAN, options): clean,
+        engine_module.perplexity_key(first.fingerprint, str(NOISE), options): noisy,
+    }
+
+
+def test_the_measurements_of_a_run_folder_of_an_earlier_quada_are_used(tiny, tmp_path, monkeypatch):
+    """Run folders used to keep their measurements in utility.json: they are taken into the store,
+    not measured again, and read by whoever reads the folder's measurements."""
+    model, tokenizer = tiny
+    options = Options(tmp_path / "run")
+    with Store(options.run_dir / "results.sqlite") as store:
+        key = engine_module.perplexity_key(Engine(store, model, tokenizer, options, CORPUS).fingerprint, CLEAN, options)
+    (options.run_dir / engine_module.LEGACY_UTILITY_FILE).write_text(json.dumps({key: 12.5}))
+    assert engine_module.stored_measurements(options.run_dir) == {key: 12.5}
+    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    with Store(options.run_dir / "results.sqlite") as store:
+        assert Engine(store, model, tokenizer, options, CORPUS).perplexity(CLEAN) == 12.5
+        assert store.measurements() == {key: 12.5}
