@@ -94,18 +94,19 @@ def generate_command(
 ) -> None:
     """Greedy responses of a model to a prompt file, written as JSONL (nothing printed to the terminal)."""
     from quada.data import load_benchmark
-    from quada.eval.generate import GenerationSettings, generate
+    from quada.eval.generate import GenerationSettings, check_prompts_fit, generate
     from quada.models import load
 
     resolve_device(device)  # a bad or absent device fails before any work
     check_dtype(dtype)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, prompt_format=prompt_format)
     items = load_benchmark(prompts)[:limit]
+    lm, tokenizer = load(model, dtype=dtype, device=device)  # the name: ``balanced`` is more than a torch device
+    check_prompts_fit(lm, tokenizer, items, prompt_format, max_new_tokens)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise QuadaError(f"cannot create the output folder {out.parent} ({err.strerror}); choose another --out") from err
-    lm, tokenizer = load(model, dtype=dtype, device=device)  # the name: ``balanced`` is more than a torch device
     responses = generate(lm, tokenizer, [p.text for p in items], settings, batch_size=batch_size)
     try:
         with atomic_writer(out) as f:
