@@ -243,9 +243,8 @@ class Engine:
     """Stored, resumable measurements of one subject model under any condition, in one run folder.
 
     Generations, judgements and numbers measured on the model go through the results store, each
-    keyed by everything that decides it; so `quada vet`, the
-    sweeps and the layer analysis share one another's work in a run folder and a killed run
-    resumes where it stopped. ``config`` provides ``model``, ``settings``, ``seed`` and ``run_dir``,
+    keyed by everything that decides it; so `quada vet`, the sweeps and the layer analysis share
+    one another's work in a run folder and a killed run resumes where it stopped. ``config`` provides ``model``, ``settings``, ``seed`` and ``run_dir``,
     and for perplexity ``corpus``, ``ppl_window`` and ``ppl_windows``, for accuracy ``questions``.
     Generation chunks run on ``executor`` (default: this process, on ``model``).
     """
