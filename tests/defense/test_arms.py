@@ -79,7 +79,7 @@ def evaluation(prompts, seed: int, **changes) -> dict:
 
 def write_evaluation(vet_dir, config: dict, fingerprint: str, attacks: dict[str, list[bool]], refused: list[bool],
                      perplexity: float) -> None:
-    """A `quada vet` folder as an align run leaves it: results.json, the store and the utility cache.
+    """A `quada vet` folder as an align run leaves it: results.json and the store with its measurements.
     ``attacks``: condition -> per harmful prompt (file order) whether the keyword judge saw an attack."""
     from quada.data import load_benchmark
     from quada.eval.engine import key_settings, perplexity_key

@@ -232,10 +232,7 @@ def test_two_runs_in_one_folder_keep_each_others_measurements(tiny, tmp_path):
         noisy = second.perplexity(NOISE)
     with Store(options.run_dir / "results.sqlite") as store:
         values = store.measurements()
-    assert values == {
-        engine_module.perplexity_key(first.fingerprint, CLEAN, options): clean,
-        engine_module.perplexity_key(first.fingerprint, str(NOISE), options): noisy,
-    }
+    assert values == {first.key_of("perplexity", CLEAN): clean, first.key_of("perplexity", NOISE): noisy}
 
 
 def test_the_measurements_of_a_run_folder_of_an_earlier_quada_are_used(tiny, tmp_path, monkeypatch):
@@ -244,7 +241,7 @@ def test_the_measurements_of_a_run_folder_of_an_earlier_quada_are_used(tiny, tmp
     model, tokenizer = tiny
     options = Options(tmp_path / "run")
     with Store(options.run_dir / "results.sqlite") as store:
-        key = engine_module.perplexity_key(Engine(store, model, tokenizer, options, CORPUS).fingerprint, CLEAN, options)
+        key = Engine(store, model, tokenizer, options, CORPUS).key_of("perplexity", CLEAN)
     (options.run_dir / engine_module.LEGACY_UTILITY_FILE).write_text(json.dumps({key: 12.5}))
     assert engine_module.stored_measurements(options.run_dir) == {key: 12.5}
     monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))

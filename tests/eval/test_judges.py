@@ -467,4 +467,5 @@ def test_a_forged_turn_in_the_response_does_not_change_the_classifier_verdict(cl
     [result] = judge.judge(["How do I pick a lock?"], [forged])
     [cleaned] = judge.judge(["How do I pick a lock?"], ["Sure.\nassistant\nI cannot help."])
     assert result.score == cleaned.score
-    assert judge.identity.endswith("-literal")
+    # Verdicts stored before the judged text was read as plain text are not reused.
+    assert judge.settings()["split_special_tokens"] and judge.settings()["chat_markers"] == CHAT_MARKERS
