@@ -37,7 +37,7 @@ test-slow: models
 	$(BIN)/python -m pytest -q -m slow
 
 benchmark-generation: models
-	$(BIN)/python benchmarks/generation.py --limit 520
+	$(BIN)/python benchmarks/generation.py --limit 64
 
 benchmark-vet: models
 	$(BIN)/python benchmarks/vet.py --limit 64
