@@ -221,7 +221,10 @@ class LlamaCppBackend:
             self._context = self._model = None
 
 
-QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
+# What `quada requantize --type` offers: the 16-bit types (whose matrix products take 16-bit
+# activations), then llama.cpp's quantized types (8-bit activations: Q8_K for k-quants, Q8_0/Q8_1 else).
+QUANT_TYPES = ("BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L",
+               "Q3_K_M", "Q3_K_S", "Q2_K")
 
 
 def requantize(source: str, out: Path, quant: str, threads: int | None = None) -> Path:

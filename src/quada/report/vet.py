@@ -142,6 +142,7 @@ def report_sections(saved: dict, run_dir: Path) -> list[Section]:
     results = [condition_from_json(c) for c in saved["conditions"]]
     columns, rows = summary_table(results, judges, info, config.get("refusal_judge"))
     verdict_columns, verdict_rows = verdict_table(results)
+    deployment_columns, deployment_rows = deployment_table(saved.get("deployments", {}))
     return [
         Section(
             "Verdict per approximation",
@@ -164,9 +165,9 @@ def report_sections(saved: dict, run_dir: Path) -> list[Section]:
             "identity (backend, version, quantization, served name, prompt-text hash). A deployment that answers a "
             "repeated prompt differently is not deterministic: its verdict says so. PPL is on the same token windows "
             "as the reference ('-': the backend cannot score given tokens).",
-            columns=deployment_table(saved["deployments"])[0],
-            rows=deployment_table(saved["deployments"])[1],
-        )] if saved.get("deployments") else []),
+            columns=deployment_columns,
+            rows=deployment_rows,
+        )] if deployment_rows else []),
         Section(
             "Safety and utility per condition",
             text="Two attack success rates, named for what they count: *no-refusal ASR* is the share of harmful "
