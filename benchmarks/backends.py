@@ -1,11 +1,12 @@
 """Generation speed of each backend on the same prompts, in one run: quada's transformers generation
 (the reference: automatic batches, bf16), llama.cpp in process on the model's GGUF (one sequence at
-a time, as `quada vet --deployment llamacpp:...` runs it), and llama-cpp-python's OpenAI-compatible
-server on the same GGUF, started here on the loopback and asked one prompt at a time (as
-`--deployment openai:...` asks). Greedy, the same prompts, token budget and no stop on refusal, so
-every arm generates until its end of sequence or the budget. Prints each arm's time, tokens and
-tokens per second, its time ratio against transformers, how many responses equal the reference's,
-and the CPU it ran on.
+a time, as `quada vet --deployment llamacpp:...` runs it; also with one thread, and with every
+prompt as a sequence of one shared batch, which quada does not do because it changes responses),
+and llama-cpp-python's OpenAI-compatible server on the same GGUF, started here on the loopback and
+asked one prompt at a time (as `--deployment openai:...` asks). Greedy, the same prompts, token
+budget and no stop on refusal, so every arm generates until its end of sequence or the budget.
+Prints each arm's time, tokens and tokens per second, its time ratio against transformers, how
+many responses equal the reference's and llama.cpp's, and the CPU it ran on.
 
     python benchmarks/backends.py --model qwen2.5-coder-1.5b-instruct --limit 16
 """
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 
@@ -39,6 +41,52 @@ def cpu_description() -> str:
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
     return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
+def batched(gguf: Path, tokenizer, prompts, max_new_tokens: int, threads: int) -> tuple[list[str], int]:
+    """Greedy responses with every prompt a sequence of one llama.cpp batch (a shared KV cache of
+    ``len(prompts)`` sequences, one decode call per step for all unfinished ones): how a server
+    batches, and what quada's one-sequence runs are compared with. Returns the texts and the tokens."""
+    from quada.backends.llamacpp import llama_cpp_module
+
+    llama = llama_cpp_module()
+    model = llama.llama_model_load_from_file(str(gguf).encode(), llama.llama_model_default_params())
+    vocab = llama.llama_model_get_vocab(model)
+    n_vocab = llama.llama_vocab_n_tokens(vocab)
+    ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+    params = llama.llama_context_default_params()
+    params.n_ctx = params.n_batch = len(ids) * (max(map(len, ids)) + max_new_tokens)  # room for every sequence
+    params.n_seq_max = len(ids)
+    params.n_threads = params.n_threads_batch = threads
+    context = llama.llama_init_from_model(model, params)
+    batch = llama.llama_batch_init(params.n_ctx, 0, 1)
+
+    def decode(items):  # (token, position, sequence, wants logits)
+        batch.n_tokens = len(items)
+        for i, (token, position, sequence, logits) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, position, 1, logits
+            batch.seq_id[i][0] = sequence
+        assert llama.llama_decode(context, batch) == 0
+
+    decode([(t, i, s, i == len(seq) - 1) for s, seq in enumerate(ids) for i, t in enumerate(seq)])
+    rows = {s: sum(map(len, ids[: s + 1])) - 1 for s in range(len(ids))}  # each sequence's logits row
+    generated = [[] for _ in ids]
+    for step in range(max_new_tokens):
+        nexts = {}
+        for s, row in rows.items():
+            logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(context, row), shape=(n_vocab,))
+            token = int(np.argmax(logits))
+            if not llama.llama_vocab_is_eog(vocab, token):
+                generated[s].append(token)
+                nexts[s] = token
+        if not nexts or step == max_new_tokens - 1:
+            break
+        decode([(t, len(ids[s]) + len(generated[s]) - 1, s, True) for s, t in nexts.items()])
+        rows = {s: i for i, s in enumerate(nexts)}
+    llama.llama_batch_free(batch)
+    llama.llama_free(context)
+    llama.llama_model_free(model)
+    return [tokenizer.decode(g, skip_special_tokens=True) for g in generated], sum(map(len, generated))
 
 
 def start_server(gguf: Path, threads: int) -> tuple[subprocess.Popen, str]:
@@ -87,12 +135,17 @@ def main(
     arms["transformers (bf16, automatic batch)"] = (time.perf_counter() - start, tokens_of(reference), reference)
     del lm
 
-    llama = LlamaCppBackend(Deployment(LLAMACPP, str(path)), tokenizer, threads=threads)
+    for count in sorted({threads, 1}, reverse=True):
+        llama = LlamaCppBackend(Deployment(LLAMACPP, str(path)), tokenizer, threads=count)
+        start = time.perf_counter()
+        completions = [llama.complete(r, settings) for r in rendered]
+        arms[f"llama.cpp in process ({llama.identity['quant']}, one sequence, {count} threads)"] = (
+            time.perf_counter() - start, sum(c.tokens for c in completions), [c.text for c in completions])
+        llama.close()
     start = time.perf_counter()
-    completions = [llama.complete(r, settings) for r in rendered]
-    arms[f"llama.cpp in process ({llama.identity['quant']}, one sequence)"] = (
-        time.perf_counter() - start, sum(c.tokens for c in completions), [c.text for c in completions])
-    llama.close()
+    texts, tokens = batched(path, tokenizer, rendered, max_new_tokens, threads)
+    arms[f"llama.cpp in process, all {len(rendered)} prompts as sequences of one batch"] = (
+        time.perf_counter() - start, tokens, texts)
 
     if serve:
         server, url = start_server(path, threads)
@@ -109,10 +162,13 @@ def main(
     print(f"model {model}, GGUF {path.name}, {len(requests)} prompts of {prompts}, {max_new_tokens} new tokens, "
           f"prompt format {prompt_format}, {threads} threads; CPU: {cpu_description()}")
     baseline = next(iter(arms.values()))[0]
+    one_sequence = list(arms.values())[1][2]
     for label, (seconds, tokens, texts) in arms.items():
         same = sum(a == b for a, b in zip(texts, reference))
+        same_llama = sum(a == b for a, b in zip(texts, one_sequence))
         print(f"{label}: {seconds:.1f} s, {tokens} tokens, {tokens / seconds:.1f} tokens/s, "
-              f"time x{seconds / baseline:.2f} of transformers, responses equal to transformers {same}/{len(texts)}")
+              f"time x{seconds / baseline:.2f} of transformers; responses equal to transformers' {same}/{len(texts)}, "
+              f"to llama.cpp's one sequence at a time {same_llama}/{len(texts)}")
 
 
 if __name__ == "__main__":

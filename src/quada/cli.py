@@ -147,7 +147,7 @@ def requantize_command(
     out: Path = typer.Argument(..., help="The GGUF file to write."),
     quant: str = typer.Option(..., "--type", help="llama.cpp quantization type, e.g. Q3_K_M or Q2_K."),
 ) -> None:
-    """Quantize a GGUF to another llama.cpp type with llama.cpp's own quantizer (needs quada[llamacpp]), to vet it with --deployment llamacpp:OUT.
+    """Quantize a GGUF to another llama.cpp type with llama.cpp's own quantizer (needs the llamacpp extra), to vet it with --deployment llamacpp:OUT.
 
     Quantized tensors are dequantized first, so quantizing a released k-quant further compounds both errors, as any requantization of a released GGUF does.
     """
