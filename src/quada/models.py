@@ -128,6 +128,11 @@ def _sha256_of_concatenation(parts: list[Path], out: Path | None = None) -> tupl
     return digest.hexdigest(), size
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of one file, read in chunks."""
+    return _sha256_of_concatenation([path])[0]
+
+
 def _read_gguf(gguf: Path, label: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The tokenizer and the dequantized bf16 model of a GGUF file; a file the reader rejects is a user error."""
     try:

@@ -19,11 +19,11 @@ their tokens only, never in how text is decoded.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.metadata
 from collections.abc import Sequence
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -31,7 +31,7 @@ from quada.backends import LENGTH, LLAMACPP, REFUSAL, STOP, Completion, Deployme
 from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import refusal_phrase
-from quada.models import BUILTINS, gguf_file
+from quada.models import BUILTINS, file_sha256, gguf_file
 
 CONTEXT = 4096  # tokens per context: room for a prompt and its response, and for a perplexity window
 MICRO_BATCH = 512  # llama.cpp's default ubatch
@@ -57,18 +57,8 @@ def llama_cpp_module():
     return llama_cpp
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def quant_type(file_type: int) -> str:
     """The name of a GGUF ``general.file_type`` (``Q4_K_M``, ``F16``, ...)."""
-    import gguf
-
     try:
         name = gguf.LlamaFileType(file_type).name
     except ValueError:
@@ -233,8 +223,6 @@ def requantize(source: str, out: Path, quant: str, threads: int | None = None) -
     that are already quantized are dequantized first (``allow_requantize``), so quantizing a k-quant
     further compounds both errors, as any requantization of a released GGUF does. Written to a
     temporary name and renamed when complete."""
-    import gguf
-
     if quant not in QUANT_TYPES:
         raise QuadaError(f"unknown quantization type {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
     llama = llama_cpp_module()
