@@ -123,8 +123,12 @@ def test_vet_compares_a_llama_cpp_deployment_with_the_reference(cli, model_dir, 
     assert saved["conditions"][1]["verdict"]["kind"]
     report = (run / "report.md").read_text()
     assert "## Deployments" in report and deployment in report
-    # A second run finds every row stored and generates nothing.
     rows = _generations(run)
+    by_condition = {}
+    for row in rows:
+        by_condition.setdefault(row.key.approx, {})[row.key.prompt_id] = row.response
+    assert checks["same_as_clean"] == sum(by_condition["none"][p] == r for p, r in by_condition[deployment].items())
+    # A second run finds every row stored and generates nothing.
     assert len(rows) == 2 * (len(run_inputs["harmful_prompts"]) + len(run_inputs["benign_prompts"]))
     assert cli(*args).returncode == 0
     assert _generations(run) == rows

@@ -68,17 +68,18 @@ def _p_text(p: float | None) -> str:
 
 
 def deployment_table(deployments: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per deployment: what served it (the identity its responses are stored under) and
-    whether it answered a repeated prompt the same way."""
+    """One row per deployment: what served it (the identity its responses are stored under), how
+    many of its responses equal the clean model's, and whether it answered a repeated prompt the
+    same way."""
     rows = []
     for condition, d in deployments.items():
         identity = d["identity"]
         what = ", ".join(f"{k} {v}" for k, v in identity.items() if k not in ("backend", "request", "cpu"))
         repeats = d["repeats_equal"]
-        rows.append([condition, identity["backend"], what,
+        rows.append([condition, identity["backend"], what, str(d["same_as_clean"]),
                      f"{'yes' if d['deterministic'] else 'NO'} ({sum(repeats)} of {len(repeats)} prompts alike on a repeat)",
                      "-" if d["perplexity"] is None else f"{d['perplexity']:.2f}"])
-    return ["deployment", "backend", "identity", "deterministic", "PPL"], rows
+    return ["deployment", "backend", "identity", "responses equal to clean", "deterministic", "PPL"], rows
 
 
 def summary_table(
