@@ -1,8 +1,12 @@
 """Real deployments on the loopback: the tiny model as a GGUF file, llama-cpp-python's server
-running it, and a fault-injecting proxy in front of that server (see loopback.py)."""
+running it, and a fault-injecting proxy in front of that server (see loopback.py). A test here
+reaches only the loopback ports of the servers it uses (the server and proxy fixtures, and what it
+passes to ``allow``): quada talks to the deployment it was given and to nothing else."""
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import network_guard
 import pytest
 import torch
 from loopback import FaultProxy, llama_server
@@ -18,6 +22,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def allow(request, monkeypatch):
+    """Narrow the network guard to the loopback ports of this test's servers; call it with more URLs
+    or ports to allow them too."""
+    ports: list[str] = []
+
+    def add(*addresses):
+        ports.extend(str(a) if isinstance(a, int) else str(urlsplit(a).port) for a in addresses)
+        monkeypatch.setenv(network_guard.PORTS_ENV, ",".join(ports))
+
+    add(*(request.getfixturevalue(name) for name in ("server_url",) if name in request.fixturenames))
+    if "proxy" in request.fixturenames:
+        add(request.getfixturevalue("proxy").url)
+    return add
 
 
 @pytest.fixture(scope="session")

@@ -25,10 +25,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def llama_server(gguf: Path, log_dir: Path, *options: str):
-    """llama-cpp-python's server on ``gguf`` at a free loopback port, serving it as ``tiny``;
-    yields its API root. The network guard runs in the server process too."""
-    port = free_port()
+def llama_server(gguf: Path, log_dir: Path, *options: str, port: int | None = None):
+    """llama-cpp-python's server on ``gguf`` at ``port`` (default: a free loopback port), serving it
+    as ``tiny``; yields its API root. The network guard runs in the server process too."""
+    port = port or free_port()
     network_log = log_dir / f"server-{port}-network.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(GUARD_DIR), os.environ.get("PYTHONPATH")])),
            "QUADA_NETWORK_LOG": str(network_log)}

@@ -15,7 +15,7 @@ from quada.options import VetConfig
 from quada.store import Generation, Store
 from quada.vet import vet
 
-from loopback import SERVED_NAME, llama_server
+from loopback import SERVED_NAME, free_port, llama_server
 
 
 def config(model_dir, run_inputs, run, *deployments, **options) -> VetConfig:
@@ -70,19 +70,19 @@ def test_a_name_the_server_does_not_serve_is_refused_before_any_model_work(model
     assert not (tmp_path / "run" / "results.sqlite").exists()
 
 
-def test_an_unreachable_server_fails_at_once(model_dir, run_inputs, tmp_path):
-    with socket.socket() as closed:  # a port that nothing listens on
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
+def test_an_unreachable_server_fails_at_once(model_dir, run_inputs, tmp_path, allow):
+    port = free_port()  # nothing listens on it
+    allow(port)
     with pytest.raises(QuadaError, match=f"cannot reach an OpenAI-compatible server at http://127.0.0.1:{port}/v1"):
         vet(config(model_dir, run_inputs, tmp_path / "run", f"{OPENAI}:http://127.0.0.1:{port}/v1@m"), progress=False)
 
 
-def test_a_server_that_accepts_but_never_answers_fails_after_the_connect_timeout(model_dir, run_inputs, tmp_path):
+def test_a_server_that_accepts_but_never_answers_fails_after_the_connect_timeout(model_dir, run_inputs, tmp_path, allow):
     with socket.socket() as silent:  # listens (the kernel accepts connections) but never reads or answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
+        allow(port)
         with pytest.raises(QuadaError, match=r"cannot reach .*\(no answer within 5 s\)"):
             vet(config(model_dir, run_inputs, tmp_path / "run", f"{OPENAI}:http://127.0.0.1:{port}/v1@m"), progress=False)
 
@@ -139,9 +139,12 @@ def test_a_nondeterministic_server_is_reported(model_dir, run_inputs, server_url
     assert "NO (0 of 2 prompts alike" in (run / "report.md").read_text()
 
 
-def test_the_api_key_comes_from_the_environment_and_is_never_stored(model_dir, run_inputs, tiny_gguf, tmp_path, monkeypatch):
+def test_the_api_key_comes_from_the_environment_and_is_never_stored(model_dir, run_inputs, tiny_gguf, tmp_path, monkeypatch,
+                                                                    allow):
     key = "quada-test-key-7f3a"
-    with llama_server(tiny_gguf, tmp_path, "--api_key", key) as url:
+    port = free_port()
+    allow(port)
+    with llama_server(tiny_gguf, tmp_path, "--api_key", key, port=port) as url:
         with pytest.raises(QuadaError, match="refused the request \\(HTTP 401\\).* QUADA_TEST_KEY"):
             vet(config(model_dir, run_inputs, tmp_path / "run", served(url), api_key_env="QUADA_TEST_KEY"), progress=False)
         monkeypatch.setenv("QUADA_TEST_KEY", key)
@@ -150,3 +153,13 @@ def test_the_api_key_comes_from_the_environment_and_is_never_stored(model_dir, r
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
+
+
+def test_quada_reaches_only_the_deployment_it_was_given(model_dir, run_inputs, server_url, no_network, tmp_path):
+    """The network guard here admits the test server's port alone: a second port is refused and logged."""
+    with pytest.raises(OSError, match="blocked"):
+        socket.create_connection(("127.0.0.1", free_port()), timeout=1)
+    assert "127.0.0.1:" in no_network.read_text()
+    no_network.unlink()  # that attempt was this test's purpose
+    vet(config(model_dir, run_inputs, tmp_path / "run", served(server_url)), progress=False)
+    assert not no_network.exists()
