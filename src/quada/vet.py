@@ -104,9 +104,11 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
                                          config.seed, lambda n, task=task: bar.advance(task, n))
                     for prompts in (harmful, benign)
                 )
+                bar.update(task, completed=len(harmful) + len(benign))
                 checks = _deployment_checks(engine, backend, config, harmful, tokenizer, corpus)
                 served, reference = (sum(pair, []) for pair in (generations[backend.condition], generations[CLEAN]))
                 checks["same_as_clean"] = sum(a.response == b.response for a, b in zip(served, reference, strict=True))
+                checks["responses"] = len(served)
                 deployments[backend.condition] = checks
                 perplexities[backend.condition] = checks["perplexity"]
         # The judge model may be large: free the subject first, unless it judges too (it is clean again here).

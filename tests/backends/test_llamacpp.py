@@ -128,6 +128,8 @@ def test_vet_compares_a_llama_cpp_deployment_with_the_reference(cli, model_dir, 
     for row in rows:
         by_condition.setdefault(row.key.approx, {})[row.key.prompt_id] = row.response
     assert checks["same_as_clean"] == sum(by_condition["none"][p] == r for p, r in by_condition[deployment].items())
+    assert checks["responses"] == len(by_condition[deployment])
+    assert f"| {checks['same_as_clean']} of {checks['responses']} |" in report
     # A second run finds every row stored and generates nothing.
     assert len(rows) == 2 * (len(run_inputs["harmful_prompts"]) + len(run_inputs["benign_prompts"]))
     assert cli(*args).returncode == 0

@@ -67,7 +67,7 @@ def test_a_name_the_server_does_not_serve_is_refused_before_any_model_work(model
     # llama-cpp-python's server would answer any name with its own model.
     with pytest.raises(QuadaError, match="does not serve a model named 'qwen' .*'tiny'"):
         vet(config(model_dir, run_inputs, tmp_path / "run", f"{OPENAI}:{server_url}@qwen"), progress=False)
-    assert not (tmp_path / "run" / "results.sqlite").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_unreachable_server_fails_at_once(model_dir, run_inputs, tmp_path, allow):
@@ -75,6 +75,7 @@ def test_an_unreachable_server_fails_at_once(model_dir, run_inputs, tmp_path, al
     allow(port)
     with pytest.raises(QuadaError, match=f"cannot reach an OpenAI-compatible server at http://127.0.0.1:{port}/v1"):
         vet(config(model_dir, run_inputs, tmp_path / "run", f"{OPENAI}:http://127.0.0.1:{port}/v1@m"), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
 def test_a_server_that_accepts_but_never_answers_fails_after_the_connect_timeout(model_dir, run_inputs, tmp_path, allow):
@@ -85,6 +86,7 @@ def test_a_server_that_accepts_but_never_answers_fails_after_the_connect_timeout
         allow(port)
         with pytest.raises(QuadaError, match=r"cannot reach .*\(no answer within 5 s\)"):
             vet(config(model_dir, run_inputs, tmp_path / "run", f"{OPENAI}:http://127.0.0.1:{port}/v1@m"), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_429_5xx_dropped_and_cut_off_answers_are_retried_to_the_same_rows(model_dir, run_inputs, server_url, proxy, tmp_path):

@@ -69,12 +69,12 @@ def quant_type(file_type: int) -> str:
 def default_threads() -> int:
     """llama.cpp's threads: as many as torch uses here (set by ``OMP_NUM_THREADS`` or ``torch.set_num_threads``).
     The thread count does not change llama.cpp's results (each output is computed by one thread;
-    measured alike with 1 and 2 threads on the 1.5B built-in), so it is not part of the key.
+    the same responses with 1 and 2 threads on the 1.5B built-in in ``benchmarks/backends.py``), so it
+    is not part of the key.
 
     ggml runs its threads on the OpenMP runtime that torch loaded, which reads ``OMP_WAIT_POLICY``
-    once, when the process starts: its waiting threads spin, and on a CPU shared with other work
-    that made llama.cpp 5-10x slower with 2 threads here (see the README); start quada with
-    ``OMP_WAIT_POLICY=PASSIVE`` on such a machine."""
+    once, when the process starts: its waiting threads spin, taking cores that other work on a
+    shared CPU needs; start quada with ``OMP_WAIT_POLICY=PASSIVE`` on such a machine."""
     return torch.get_num_threads()
 
 

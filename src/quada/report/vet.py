@@ -76,7 +76,7 @@ def deployment_table(deployments: dict[str, dict]) -> tuple[list[str], list[list
         identity = d["identity"]
         what = ", ".join(f"{k} {v}" for k, v in identity.items() if k not in ("backend", "request", "cpu"))
         repeats = d["repeats_equal"]
-        rows.append([condition, identity["backend"], what, str(d["same_as_clean"]),
+        rows.append([condition, identity["backend"], what, f"{d['same_as_clean']} of {d['responses']}",
                      f"{'yes' if d['deterministic'] else 'NO'} ({sum(repeats)} of {len(repeats)} prompts alike on a repeat)",
                      "-" if d["perplexity"] is None else f"{d['perplexity']:.2f}"])
     return ["deployment", "backend", "identity", "responses equal to clean", "deterministic", "PPL"], rows
