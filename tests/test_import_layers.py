@@ -18,7 +18,7 @@ PACKAGE = Path(quada.__file__).parent
 LAYERS = (
     ("base", ("errors", "runs", "hub", "devices", "chat", "data", "models", "store", "fingerprint", "testing",
               "seeds", "defaults")),
-    ("measurement", ("approx", "eval", "options", "judge_calibration")),
+    ("measurement", ("approx", "eval", "backends", "options", "judge_calibration")),
     ("report", ("report",)),
     ("analysis", ("analysis", "vet", "attack")),  # vet and attack are plans of conditions, like the analyses
     ("defense", ("defense",)),

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import typer
+from rich.markup import escape
 
 from quada.analysis.options import LayersConfig, SweepConfig
 from quada.cli import app
@@ -106,7 +107,7 @@ def test_a_command_option_is_its_field_with_the_fields_help_and_default(command,
     for name in exposed:
         field, option = fields[name], options[name]
         assert option_name(name) in option.opts, option.opts
-        assert option.help == field.metadata["help"]
+        assert option.help == escape(field.metadata["help"])  # shown as plain text, not rich markup
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         if option.required or option.multiple:
             continue  # required, or repeated with the config's default (None or none)

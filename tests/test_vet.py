@@ -170,7 +170,7 @@ def test_a_vet_with_stdout_piped_prints_progress_lines_while_it_runs(inputs, tmp
     assert counts[0] == (0, 10) and (6, 10) in counts and counts[-1] == (10, 10)
     assert any(re.fullmatch(rf"generate {re.escape(NOISE)}: 10/10 done in \d+s", line) for line in lines)
     first_progress = next(i for i, line in enumerate(lines) if line.startswith("generate none"))
-    verdicts = lines.index("verdict per approximation")
+    verdicts = lines.index("verdict per approximation and deployment")
     assert first_progress < verdicts
     # Tables at their natural width, as Markdown: no header cut over two lines.
     header = next(line for line in lines if line.startswith("| condition"))

@@ -122,10 +122,11 @@ def generate_command(
 @config_options(
     VetConfig, "model", "approx", "benchmark", "limit", "benign", "benign_limit", "judges", "refusal_judge",
     "judge_model", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows",
-    "questions", "ppl_bound", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS,
+    "questions", "ppl_bound", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS, "deployment",
+    "api_key_env", "request_timeout", "retries",
 )
 def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
-    """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean and under each approximation.
+    """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean, under each approximation and as each deployment (--deployment).
 
     Results are stored as they come: an interrupted run continues where it stopped when run again. The report (report.md, report.html) goes to --run-dir; responses are never printed to the terminal.
     """
@@ -136,8 +137,24 @@ def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     check_given_limits(config, options, limit=config.benchmark, benign_limit=config.benign)
     result = vet(config)
     print_table(console, f"quada vet: {config.model}", *summary_table(result.conditions, config.judges, result.judges, config.refusal_judge))
-    print_table(console, "verdict per approximation", *verdict_table(result.conditions))
+    print_table(console, "verdict per approximation and deployment", *verdict_table(result.conditions))
     console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {config.run_dir / 'results.sqlite'}")
+
+
+@app.command("requantize")
+def requantize_command(
+    source: str = typer.Argument(..., help="A GGUF file or a built-in model name (see `quada models`)."),
+    out: Path = typer.Argument(..., help="The GGUF file to write."),
+    quant: str = typer.Option(..., "--type", help="llama.cpp quantization type, e.g. Q3_K_M or Q2_K."),
+) -> None:
+    """Quantize a GGUF to another llama.cpp type with llama.cpp's own quantizer (needs the llamacpp extra), to vet it with --deployment llamacpp:OUT.
+
+    Quantized tensors are dequantized first, so quantizing a released k-quant further compounds both errors, as any requantization of a released GGUF does.
+    """
+    from quada.backends.llamacpp import requantize
+
+    written = requantize(source, out, quant)
+    console.print(f"wrote {written} ({quant})")
 
 
 def _open_store(db: Path, readonly: bool = False):

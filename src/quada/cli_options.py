@@ -22,6 +22,7 @@ from types import UnionType
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from quada.errors import QuadaError
 
@@ -100,7 +101,8 @@ def _option(field: Field, hint: Any, required: bool) -> tuple[inspect.Parameter,
         else:
             default = ",".join(default)
             convert = parse_names
-    info = typer.Option(default, *names, help=metadata["help"])
+    # Help is plain text: brackets (pip install 'quada[ray]') are not rich markup.
+    info = typer.Option(default, *names, help=escape(metadata["help"]))
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation), convert
 
 

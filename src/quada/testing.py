@@ -2,12 +2,16 @@
 
 The tokenizer is byte-level (every UTF-8 byte is a token, no merges) with a ChatML-style chat
 template, so any text round-trips and chat formatting behaves like a real instruct model's.
+:func:`save_tiny_gguf` writes the same model as a GGUF file that llama.cpp runs (written with the
+``gguf`` package), so a test can serve one model's weights with transformers and with llama.cpp.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -117,3 +121,48 @@ def write_tiny_run_inputs(root: Path, harmful: list[str], benign: list[str], lay
     (root / "benign.txt").write_text("\n".join(benign))
     (root / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 30)
     return root
+
+
+def save_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, add_bos: bool = False) -> Path:
+    """The tiny Qwen2-style model of :func:`tiny_model` written as an F32 GGUF file at ``path``:
+    its weights under llama.cpp's tensor names (Qwen2 needs no rotary permutation), its byte-level
+    vocabulary as a GPT-2 style BPE vocabulary, the special tokens as control tokens and the ChatML
+    template, so llama.cpp tokenizes and renders prompts as the model's own tokenizer does
+    (``add_bos``: unlike it, ask for a BOS token before every prompt). Written to a temporary name
+    and renamed when complete."""
+    model, tokenizer = tiny_model("qwen2", seed=seed, layers=layers)
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    writer.add_name("quada tiny qwen2")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL for token, _ in vocab])
+    # llama.cpp needs a merge list; a merge whose result is no token changes no tokenization.
+    writer.add_token_merges(["Ġ Ġ"])
+    writer.add_bos_token_id(tokenizer.pad_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(add_bos)
+    writer.add_chat_template(tokenizer.chat_template)
+    for name, parameter in model.state_dict().items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), parameter.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(path)
+    return path

@@ -1,23 +1,36 @@
-"""The main job: vet a model's safety and utility, clean and under each activation approximation.
+"""The main job: vet a model's safety and utility, clean and under each activation approximation,
+and each deployment of it against the clean model.
 
-For every condition (the clean model, then each approximation) it generates responses to a
+For every condition (the clean model, each approximation, then each deployment: the model served
+by llama.cpp or an OpenAI-compatible server, :mod:`quada.backends`) it generates responses to a
 harmful benchmark and to a benign suite, judges them, and measures perplexity and (when a
 question source is available) multiple-choice accuracy, all through the measurement engine
-(:mod:`quada.eval.engine`): stored, so a rerun or a resumed run computes only what is missing.
+(:mod:`quada.eval.engine`) and the results store: stored, so a rerun or a resumed run computes
+only what is missing. Every condition is compared with the clean model on the same prompts by the
+same judges and the same verdict rules.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from quada.approx import spec_label
+from quada.backends import (
+    backend_cache_key,
+    check_deployment,
+    deployment_responses,
+    determinism,
+    open_backend,
+    render,
+)
 from quada.data import Prompt, load_benchmark, subset
 from quada.eval.engine import Engine, check_specs_fit, make_executor
 from quada.eval.generate import check_prompts_fit
 from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
 from quada.eval.metrics import Estimate, estimate, proportion
-from quada.eval.utility import check_corpus, load_corpus, load_questions
+from quada.eval.utility import check_corpus, load_corpus, load_questions, perplexity_windows
 from quada.eval.verdict import compare, verdict
 from quada.judge_calibration import JudgeInfo, judge_infos
 from quada.models import load
@@ -30,6 +43,7 @@ from quada.store import CLEAN, Generation, Judgement, Store
 
 
 HARMFUL, BENIGN = "harmful", "benign"  # which prompts a judgement is of
+DETERMINISM_PROMPTS = 2  # harmful prompts each deployment answers twice, to check it is deterministic
 
 
 @dataclass
@@ -58,13 +72,17 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
     check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
     corpus = load_corpus(config.corpus)
     questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
+    for deployment in config.deployments:  # an unreachable server fails in seconds, before the model loads
+        check_deployment(deployment, config.api_key_env)
     model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     approximations = [CLEAN, *config.approximations]
     check_specs_fit(model, approximations)
     check_prompts_fit(model, tokenizer, [*harmful, *benign], config.prompt_format, config.max_new_tokens)
     check_corpus(tokenizer, corpus, config.ppl_window)
     open_run_dir(config.run_dir)
-    generations: dict[str, tuple[list[Generation], list[Generation]]] = {}  # by approximation key
+    generations: dict[str, tuple[list[Generation], list[Generation]]] = {}  # by condition (approximation key)
+    perplexities: dict[str, float | None] = {}
+    deployments: dict[str, dict] = {}  # by condition: what each deployment is and how it behaved
     with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
         engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))
         for approximation in approximations:
@@ -74,9 +92,25 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
                 engine.responses(engine.condition(approximation, prompts), step) for prompts in (harmful, benign)
             )
             bar.update(task, completed=len(harmful) + len(benign))
-            engine.perplexity(approximation)
+            perplexities[str(approximation)] = engine.perplexity(approximation)
             if questions:
                 engine.accuracy(approximation, questions)
+        for deployment in config.deployments:
+            with contextlib.closing(open_backend(deployment, tokenizer, config.api_key_env, config.request_timeout,
+                                                 config.retries)) as backend:
+                task = bar.add_task(f"generate {backend.condition}", total=len(harmful) + len(benign))
+                generations[backend.condition] = tuple(
+                    deployment_responses(store, backend, prompts, config.settings, tokenizer, engine.fingerprint,
+                                         config.seed, lambda n, task=task: bar.advance(task, n))
+                    for prompts in (harmful, benign)
+                )
+                bar.update(task, completed=len(harmful) + len(benign))
+                checks = _deployment_checks(engine, backend, config, harmful, tokenizer, corpus)
+                served, reference = (sum(pair, []) for pair in (generations[backend.condition], generations[CLEAN]))
+                checks["same_as_clean"] = sum(a.response == b.response for a, b in zip(served, reference, strict=True))
+                checks["responses"] = len(served)
+                deployments[backend.condition] = checks
+                perplexities[backend.condition] = checks["perplexity"]
         # The judge model may be large: free the subject first, unless it judges too (it is clean again here).
         judge_model = (model, tokenizer) if config.judge_model == config.model else (None, None)
         del model
@@ -85,12 +119,14 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
         info = judge_infos(judges, config.calibrate, bar)
         measurements = store.measurements()
     fingerprint = engine.fingerprint
-    results = [_condition_result(str(a), config, engine, measurements, judgements, info, harmful) for a in approximations]
+    results = [_condition_result(condition, config, engine, measurements, judgements, info, harmful, perplexities,
+                                 deployments.get(condition)) for condition in generations]
     write_json(config.run_dir / RESULTS_FILE, {
         "config": jsonable(asdict(config)), "fingerprint": fingerprint, "dtype": engine.dtype, "device": engine.device,
         "summary": _summary(config, fingerprint, len(harmful), len(benign)),
         "judges": {name: asdict(i) for name, i in info.items()},
         "conditions": [jsonable(asdict(r)) for r in results],
+        "deployments": deployments,
         "examples": [asdict(e) for e in _examples(config, generations, judgements)],
     })
     md, html = write_story(config.run_dir)
@@ -114,7 +150,27 @@ def _judge_all(engine: Engine, config, generations, bar, model=None, tokenizer=N
     return judges, out
 
 
-def _condition_result(approximation, config, engine: Engine, measured, judgements, info, harmful) -> ConditionResult:
+def _deployment_checks(engine: Engine, backend, config, harmful: list[Prompt], tokenizer, corpus: str) -> dict:
+    """What a deployment is (its identity in the store key), whether it answered a repeat of
+    :data:`DETERMINISM_PROMPTS` prompts the same way, and its perplexity on the run's windows
+    (``None`` where the backend cannot score given tokens); both measured once per run folder."""
+    probes = harmful[:DETERMINISM_PROMPTS]
+    settings = config.settings
+    repeats_equal = engine.stored(
+        backend_cache_key(backend, "determinism", *(p.id for p in probes), settings.as_dict(), config.seed),
+        lambda: determinism(backend, [render(tokenizer, p.text, settings.prompt_format) for p in probes], settings),
+    )
+    windows = perplexity_windows(tokenizer, corpus, config.ppl_window, config.ppl_windows).tolist()
+    perplexity = engine.stored(
+        backend_cache_key(backend, "ppl", config.corpus, config.ppl_window, config.ppl_windows),
+        lambda: backend.perplexity(windows),
+    )
+    return {"identity": backend.identity, "determinism_prompts": [p.id for p in probes],
+            "repeats_equal": repeats_equal, "deterministic": all(repeats_equal), "perplexity": perplexity}
+
+
+def _condition_result(approximation, config, engine: Engine, measured, judgements, info, harmful, perplexities,
+                      deployment: dict | None) -> ConditionResult:
     def attacks(condition: str, name: str) -> list[bool]:
         return attack_outcomes(name, [j.label for j in judgements[condition, name, HARMFUL]])
 
@@ -123,19 +179,22 @@ def _condition_result(approximation, config, engine: Engine, measured, judgement
     clean_labels = {name: attacks(CLEAN, name) for name in safety}
     hs = judgements.get((approximation, "harmfulness", HARMFUL))
     mc_key = engine.key_of("accuracy", approximation)
-    perplexity = measured.get(engine.key_of("perplexity", approximation))
-    clean_perplexity = measured.get(engine.key_of("perplexity", CLEAN))
+    perplexity, clean_perplexity = perplexities[approximation], perplexities[CLEAN]
     comparisons = {} if approximation == CLEAN else {
         name: compare(name, info[name].measure, info[name].kappa, clean_labels[name], labels[name])
         for name in safety
     }
     ratio = perplexity / clean_perplexity if perplexity and clean_perplexity else None
+    decided = None if approximation == CLEAN else verdict(list(comparisons.values()), ratio, config.ppl_bound)
+    if deployment is not None and not deployment["deterministic"]:
+        decided = replace(decided, reason=decided.reason + "; the deployment answered a repeated prompt differently, "
+                          "so its own nondeterminism is part of the difference")
     return ConditionResult(
         approx=approximation,
         asr={name: proportion(v) for name, v in labels.items()},
         asr_by_category={name: _by_category(harmful, v) for name, v in labels.items()},
         mcnemar={name: c.mcnemar for name, c in comparisons.items()},
-        verdict=None if approximation == CLEAN else verdict(list(comparisons.values()), ratio, config.ppl_bound),
+        verdict=decided,
         harmfulness=estimate([j.score for j in hs], seed=config.seed) if hs else None,
         over_refusal=proportion([j.label for j in judgements[approximation, config.refusal_judge, BENIGN]]),
         perplexity=perplexity,

@@ -3,7 +3,9 @@
 Installed in the test process by ``tests/conftest.py`` and, through ``sitecustomize.py`` beside
 this file on ``PYTHONPATH``, in every Python process a test starts. An attempt is appended to the
 file named by ``$QUADA_NETWORK_LOG``; the conftest fails the test that made it, even when the code
-under test caught the error.
+under test caught the error. A test that talks to a server of its own narrows the loopback to that
+server's ports with ``$QUADA_LOOPBACK_PORTS`` (comma-separated): a connection to any other port
+is refused and logged too.
 """
 
 import ipaddress
@@ -11,6 +13,7 @@ import os
 import socket
 
 LOG_ENV = "QUADA_NETWORK_LOG"
+PORTS_ENV = "QUADA_LOOPBACK_PORTS"
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", ""}
 
 
@@ -21,6 +24,14 @@ def is_loopback(host) -> bool:
         return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def is_allowed(address) -> bool:
+    """A loopback address, on one of the ports of ``$QUADA_LOOPBACK_PORTS`` when that is set."""
+    if not is_loopback(address[0]):
+        return False
+    ports = os.environ.get(PORTS_ENV)
+    return ports is None or str(address[1]) in ports.split(",")
 
 
 def _refuse(what: str, host) -> OSError:
@@ -38,13 +49,13 @@ def install() -> None:
     connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
 
     def guarded_connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(address[0]):
-            raise _refuse("connect", address[0])
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not is_allowed(address):
+            raise _refuse("connect", f"{address[0]}:{address[1]}")
         return connect(self, address)
 
     def guarded_connect_ex(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(address[0]):
-            raise _refuse("connect", address[0])
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not is_allowed(address):
+            raise _refuse("connect", f"{address[0]}:{address[1]}")
         return connect_ex(self, address)
 
     def guarded_getaddrinfo(host, *args, **kwargs):

@@ -290,15 +290,22 @@ class Engine:
         found = {row.key.prompt_id: row for row in rows}
         return [found[p.id] for p in condition.prompts]
 
+    def stored(self, key: str, measure: Callable[[], Any]) -> Any:
+        """The stored measurement ``key``, else ``measure()``, stored (also for numbers measured on
+        something other than the subject model, such as a deployment's)."""
+        stored = self.store.measurement(key)
+        return stored if stored is not None else self.store.put_measurement(key, measure())
+
     def cached(self, key: str, approximation: Approximation, measure: Callable[[Any, Any], Any]) -> Any:
         """The stored measurement ``key``, else ``measure(model, tokenizer)`` under ``approximation``
         (seeded with the run's seed), stored."""
         _check_parsed(approximation)
-        stored = self.store.measurement(key)
-        if stored is not None:
-            return stored
-        with approximated(self.model, approximation, self.tokenizer, self.config.seed):
-            return self.store.put_measurement(key, measure(self.model, self.tokenizer))
+
+        def measure_approximated():
+            with approximated(self.model, approximation, self.tokenizer, self.config.seed):
+                return measure(self.model, self.tokenizer)
+
+        return self.stored(key, measure_approximated)
 
     def key_of(self, measurement: str, approximation: Approximation | str) -> str:
         """The store key of this model's ``perplexity`` or ``accuracy`` under ``approximation``."""

@@ -100,6 +100,19 @@ def token_windows(token_ids: torch.Tensor, window: int) -> torch.Tensor:
     return token_ids[: count * window].reshape(count, window)
 
 
+def perplexity_windows(tokenizer: PreTrainedTokenizerBase, text: str, window: int = PAPER_WINDOW,
+                       max_windows: int | None = None) -> torch.Tensor:
+    """The ``[n_windows, window]`` token ids that :func:`perplexity` scores: ``text`` tokenized once,
+    cut into non-overlapping windows, the first ``max_windows`` kept (every backend scores these)."""
+    if window < 2:
+        raise QuadaError(f"the perplexity window must be at least 2 tokens, got {window}")
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    windows = token_windows(ids, window)[:max_windows]
+    if len(windows) == 0:
+        raise _short_corpus(ids.numel(), window)
+    return windows
+
+
 @dataclass(frozen=True)
 class Perplexity:
     """exp(``mean_nll``) over ``tokens`` predicted tokens in ``windows`` windows."""
@@ -125,12 +138,7 @@ def perplexity(
     window starts without context, so its first token is not predicted. ``max_windows`` keeps
     only the first windows (a faster, deterministic estimate on a CPU).
     """
-    if window < 2:
-        raise QuadaError(f"the perplexity window must be at least 2 tokens, got {window}")
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    windows = token_windows(ids, window)[:max_windows]
-    if len(windows) == 0:
-        raise _short_corpus(ids.numel(), window)
+    windows = perplexity_windows(tokenizer, text, window, max_windows)
     total_nll = 0.0
     for batch in windows.split(batch_size):
         batch = batch.to(model.device)
