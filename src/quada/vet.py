@@ -13,9 +13,10 @@ from pathlib import Path
 
 from quada.approx import spec_label
 from quada.data import Prompt, load_benchmark, subset
-from quada.eval.engine import Engine, check_specs_fit, make_executor
+from quada.eval.engine import Engine, Plan, Verdicts, check_specs_fit, run_jobs
+from quada.eval.executors import Executor, Usage, make_executor
 from quada.eval.generate import check_prompts_fit
-from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
+from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model
 from quada.eval.metrics import Estimate, estimate, proportion
 from quada.eval.utility import check_corpus, load_corpus, load_questions
 from quada.eval.verdict import compare, verdict
@@ -26,7 +27,7 @@ from quada.report.render import Example
 from quada.report.story import write_story
 from quada.report.vet import RESULTS_FILE, ConditionResult
 from quada.runs import jsonable, open_run_dir, progress_bar, write_json
-from quada.store import CLEAN, Generation, Judgement, Store
+from quada.store import CLEAN, Store
 
 
 HARMFUL, BENIGN = "harmful", "benign"  # which prompts a judgement is of
@@ -40,6 +41,7 @@ class VetResult:
     judges: dict[str, JudgeInfo]
     report_md: Path
     report_html: Path
+    usage: Usage  # what the executor's workers did (the busy share of a Ray pool)
 
 
 def prompt_sets(config) -> tuple[list[Prompt], list[Prompt]]:
@@ -54,64 +56,90 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
 
     Every input is checked (prompts, judges, corpus, approximations against the model, the room in
     its context) before the run folder is made or anything is generated."""
-    harmful, benign = prompt_sets(config)
-    check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
-    corpus = load_corpus(config.corpus)
-    questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
-    model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-    approximations = [CLEAN, *config.approximations]
-    check_specs_fit(model, approximations)
-    check_prompts_fit(model, tokenizer, [*harmful, *benign], config.prompt_format, config.max_new_tokens)
-    check_corpus(tokenizer, corpus, config.ppl_window)
-    open_run_dir(config.run_dir)
-    generations: dict[str, tuple[list[Generation], list[Generation]]] = {}  # by approximation key
-    with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))
-        for approximation in approximations:
-            task = bar.add_task(f"generate {approximation}", total=len(harmful) + len(benign))
+    with make_executor(config) as executor, progress_bar(progress) as bar, Vetting(config, executor, bar) as vetting:
+        run_jobs([vetting])
+        return vetting.report()
+
+
+class Vetting:
+    """One model vetted into one run folder, as a job of :func:`quada.eval.engine.run_jobs`: its
+    inputs checked and its model loaded when made, its whole work (every condition's responses to
+    both prompt sets, their verdicts, perplexity and accuracy) added to one plan, its report written
+    by :meth:`report`. `quada align` runs the vettings of several models in one plan."""
+
+    def __init__(self, config: VetConfig, executor: Executor, bar, label: str = ""):
+        self.config, self.bar, self.label = config, bar, label
+        self.harmful, self.benign = prompt_sets(config)
+        check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
+        corpus = load_corpus(config.corpus)
+        self.questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
+        model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
+        self.approximations = [CLEAN, *config.approximations]
+        check_specs_fit(model, self.approximations)
+        check_prompts_fit(model, tokenizer, [*self.harmful, *self.benign], config.prompt_format, config.max_new_tokens)
+        check_corpus(tokenizer, corpus, config.ppl_window)
+        open_run_dir(config.run_dir)
+        self.store = Store(config.run_dir / "results.sqlite")
+        self.engine = Engine(self.store, model, tokenizer, config, corpus, executor)
+        self.judges: dict[str, Judge] = {}
+        self.usage = executor.usage
+        self._planned = False
+
+    def next_round(self, plan: Plan) -> bool:
+        """Add the whole vetting to ``plan`` (once: it needs one round)."""
+        if self._planned:
+            return False
+        self._planned = True
+        config, engine, bar = self.config, self.engine, self.bar
+        names = list(dict.fromkeys([*config.judges, config.refusal_judge]))
+        self.judges = {name: engine.judge(name) for name in names}
+        counting = {name: bar.add_task(f"{self.label}judge {name}", total=0) for name in names}
+        self.generations: dict[str, tuple] = {}  # by approximation key: the harmful and the benign responses
+        self.verdicts: dict[tuple[str, str, str], Verdicts] = {}
+        for approximation in self.approximations:
+            task = bar.add_task(f"{self.label}generate {approximation}", total=len(self.harmful) + len(self.benign))
             step = lambda n, task=task: bar.advance(task, n)  # noqa: E731
-            generations[str(approximation)] = tuple(
-                engine.responses(engine.condition(approximation, prompts), step) for prompts in (harmful, benign)
-            )
-            bar.update(task, completed=len(harmful) + len(benign))
-            engine.perplexity(approximation)
-            if questions:
-                engine.accuracy(approximation, questions)
-        # The judge model may be large: free the subject first, unless it judges too (it is clean again here).
-        judge_model = (model, tokenizer) if config.judge_model == config.model else (None, None)
-        del model
-        engine.release_model()
-        judges, judgements = _judge_all(engine, config, generations, bar, *judge_model)
-        info = judge_infos(judges, config.calibrate, bar)
-        measurements = store.measurements()
-    fingerprint = engine.fingerprint
-    results = [_condition_result(str(a), config, engine, measurements, judgements, info, harmful) for a in approximations]
-    write_json(config.run_dir / RESULTS_FILE, {
-        "config": jsonable(asdict(config)), "fingerprint": fingerprint, "dtype": engine.dtype, "device": engine.device,
-        "summary": _summary(config, fingerprint, len(harmful), len(benign)),
-        "judges": {name: asdict(i) for name, i in info.items()},
-        "conditions": [jsonable(asdict(r)) for r in results],
-        "examples": [asdict(e) for e in _examples(config, generations, judgements)],
-    })
-    md, html = write_story(config.run_dir)
-    return VetResult(config, fingerprint, results, info, md, html)
+            responses = tuple(plan.responses(engine, engine.condition(approximation, prompts), step)
+                              for prompts in (self.harmful, self.benign))
+            self.generations[str(approximation)] = responses
+            # Safety judges read the harmful responses, the refusal judge the benign ones.
+            for name, which in [(name, HARMFUL) for name in config.judges] + [(config.refusal_judge, BENIGN)]:
+                prompts = responses[which == BENIGN]
+                bar.update(counting[name], total=bar.tasks[counting[name]].total + len(prompts.condition.prompts))
+                self.verdicts[str(approximation), name, which] = plan.judged(
+                    engine, self.judges[name], prompts, on_done=lambda n, task=counting[name]: bar.advance(task, n))
+            plan.perplexity(engine, approximation)
+            if self.questions:
+                plan.accuracy(engine, approximation, self.questions)
+        return True
 
+    def report(self) -> VetResult:
+        """The results of the plan that ran, written to the run folder with the report."""
+        config, engine = self.config, self.engine
+        for task in self.bar.tasks:
+            self.bar.update(task.id, completed=task.total)
+        generations = {a: tuple(r.rows for r in pair) for a, pair in self.generations.items()}
+        judgements = {key: v.rows for key, v in self.verdicts.items()}
+        info = judge_infos(self.judges, config.calibrate, self.bar)
+        fingerprint = engine.fingerprint
+        measurements = self.store.measurements()
+        results = [_condition_result(str(a), config, engine, measurements, judgements, info, self.harmful)
+                   for a in self.approximations]
+        write_json(config.run_dir / RESULTS_FILE, {
+            "config": jsonable(asdict(config)), "fingerprint": fingerprint, "dtype": engine.dtype, "device": engine.device,
+            "summary": _summary(config, fingerprint, len(self.harmful), len(self.benign)),
+            "judges": {name: asdict(i) for name, i in info.items()},
+            "conditions": [jsonable(asdict(r)) for r in results],
+            "examples": [asdict(e) for e in _examples(config, generations, judgements)],
+        })
+        md, html = write_story(config.run_dir)
+        return VetResult(config, fingerprint, results, info, md, html, self.usage)
 
-def _judge_all(engine: Engine, config, generations, bar, model=None, tokenizer=None):
-    """The judges by name, and their judgements keyed by (condition, judge name, "harmful" or
-    "benign"): safety judges on the harmful responses, the refusal judge on the benign ones. Model
-    judges use ``model`` when given, else load the judge model once."""
-    out: dict[tuple[str, str, str], list[Judgement]] = {}
-    judges: dict[str, Judge] = {}
-    for name, which in [(name, HARMFUL) for name in config.judges] + [(config.refusal_judge, BENIGN)]:
-        if name not in judges:
-            judges[name] = make_judge(name, model, tokenizer, model_source=config.judge_model, device=config.device,
-                                      dtype=config.dtype)
-        task = bar.add_task(f"judge {name}", total=sum(len(g[which == BENIGN]) for g in generations.values()))
-        for approximation, responses in generations.items():
-            out[approximation, name, which] = engine.judged(judges[name], responses[which == BENIGN], lambda n: bar.advance(task, n))
-        bar.update(task, completed=bar.tasks[task].total)
-    return judges, out
+    def __enter__(self) -> Vetting:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
 
 
 def _condition_result(approximation, config, engine: Engine, measured, judgements, info, harmful) -> ConditionResult:
