@@ -1,6 +1,7 @@
 """What a pool of Ray workers buys on this machine, measured in one run: the plan of a small vet
-(the clean model and three approximations, each on 32 harmful and 32 benign prompts: 256 responses,
-their keyword verdicts and 4 perplexities) on
+(by default the clean model and three approximations, each on 16 harmful and 16 benign prompts:
+128 responses of up to 32 tokens, their keyword verdicts and 4 perplexities of one 1024-token
+window) on
 
 - Ray, 1 worker of 1 CPU (one torch thread): the baseline;
 - Ray, 2 workers of 1 CPU each: what a second worker buys at equal threads per worker;
@@ -72,9 +73,10 @@ def timed_run(config: VetConfig, threads: int, model, tokenizer, corpus: str, ha
 def main(
     model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="Subject model (a source `quada vet` takes), or "
                               "'tiny' for a tiny random one."),
-    limit: int = typer.Option(32, help="Harmful and benign prompts each, per condition (seeded subsets)."),
+    limit: int = typer.Option(16, help="Harmful and benign prompts each, per condition (seeded subsets)."),
     approx: list[str] = typer.Option(list(VET_APPROXIMATIONS), help="Approximations besides the clean model (repeat)."),
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(32),
+    ppl_windows: int = typer.Option(1, help="1024-token windows of each perplexity."),
     dtype: str = typer.Option("auto", help="float32 makes the runs' responses identical."),
 ) -> None:
     load_before = os.getloadavg()
@@ -88,18 +90,20 @@ def main(
         results = {}
         for name, (options, threads) in RUNS.items():
             config = VetConfig(model=source, device="cpu", dtype=dtype, approx=tuple(approx), limit=limit,
-                               benign_limit=limit, max_new_tokens=max_new_tokens, judges=("keyword",),
-                               run_dir=root / name.replace(" ", "").replace(",", "-"), **options)
+                               benign_limit=limit, max_new_tokens=max_new_tokens, ppl_windows=ppl_windows,
+                               judges=("keyword",), run_dir=root / name.replace(" ", "").replace(",", "-"), **options)
             config.run_dir.mkdir()
             results[name] = timed_run(config, threads, lm, tokenizer, corpus, harmful, benign)
     conditions = 1 + len(approx)
     print(f"model {model} ({lm.dtype}); {conditions} conditions x ({limit} harmful + {limit} benign prompts), "
-          f"{max_new_tokens} new tokens, keyword verdicts, {conditions} perplexities of 4 x 1024 tokens")
+          f"{max_new_tokens} new tokens, keyword verdicts, {conditions} perplexities of {ppl_windows} x 1024 tokens")
     print(f"{'run':<28}{'start s':>9}{'plan s':>9}{'x baseline':>12}{'busy':>7}  units")
     base = results[BASELINE][1]
     for name, (startup, seconds, usage, _) in results.items():
         units = ", ".join(f"{n} {kind}" for kind, n in sorted(usage.units.items()))
         print(f"{name:<28}{startup:>9.1f}{seconds:>9.1f}{base / seconds:>12.2f}{usage.share:>7.0%}  {units}")
+    for name, (*_, usage, _) in results.items():
+        print(f"{name}: {usage.line()}")
     reference = {g.key.prompt_id + g.key.approx: g.response for g in results[BASELINE][3]}
     for name, (*_, rows) in results.items():
         same = sum(reference[g.key.prompt_id + g.key.approx] == g.response for g in rows)
