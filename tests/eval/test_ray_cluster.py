@@ -96,7 +96,7 @@ def measure_all(subject, folder: Path, executor) -> tuple[list[Generation], list
                 plan.judged(engine, judge, responses)
             plan.perplexity(engine, approximation)
         plan.run()
-        return store.rows(Generation), store.rows(Judgement), dict(engine.utility.values)
+        return store.rows(Generation), store.rows(Judgement), store.measurements()
 
 
 def assert_same_rows(found, expected) -> None:
