@@ -8,11 +8,13 @@ window) on
 - the local executor with 2 torch threads: what the same two cores give in one process.
 
 Each run fills a fresh results store. The plan is cut into units by the pool's size (4 units per
-worker), so 2 workers have enough units to stay busy. Prints per run the seconds to start the
-workers (Ray starts them once, before the plan), the seconds of the plan, the speed-up over the
-baseline and the workers' busy share; then whether the runs stored the same responses (exactly
-in float32; in bfloat16 a prompt's batch neighbours can change a near-tied token), the CPU and
-the load average before and after (the machine may be shared: read the ratios beside it).
+worker), so 2 workers have enough units to stay busy. Prints each run's line as it ends: the
+seconds to start the workers (Ray starts them once, before the plan), the seconds of the plan, the
+speed-up over the baseline, the workers' busy share and the load average then; at the end each
+run's seconds per unit (the inputs of ``benchmarks/grid_cost.py``), whether the runs stored the
+same responses (exactly in float32; in bfloat16 a prompt's batch neighbours can change a near-tied
+token) and the load average before and after (the machine may be shared: read the ratios beside
+it).
 
     python benchmarks/executor.py                   # the built-in 0.5B: a gain to see
     python benchmarks/executor.py --model tiny      # a tiny random model: what Ray costs per unit
@@ -87,21 +89,22 @@ def main(
         harmful = subset(load_benchmark("advbench"), limit, 0)
         benign = subset(load_benchmark("quada-benign"), limit, 0)
         corpus = load_corpus("pydoc-topics")
+        conditions = 1 + len(approx)
+        print(f"model {model} ({lm.dtype}); {conditions} conditions x ({limit} harmful + {limit} benign prompts), "
+              f"{max_new_tokens} new tokens, keyword verdicts, {conditions} perplexities of {ppl_windows} x 1024 "
+              f"tokens; CPU: {cpu_name()}")
+        print(f"{'run':<28}{'start s':>9}{'plan s':>9}{'x baseline':>12}{'busy':>7}{'load':>7}  units", flush=True)
         results = {}
         for name, (options, threads) in RUNS.items():
             config = VetConfig(model=source, device="cpu", dtype=dtype, approx=tuple(approx), limit=limit,
                                benign_limit=limit, max_new_tokens=max_new_tokens, ppl_windows=ppl_windows,
                                judges=("keyword",), run_dir=root / name.replace(" ", "").replace(",", "-"), **options)
             config.run_dir.mkdir()
-            results[name] = timed_run(config, threads, lm, tokenizer, corpus, harmful, benign)
-    conditions = 1 + len(approx)
-    print(f"model {model} ({lm.dtype}); {conditions} conditions x ({limit} harmful + {limit} benign prompts), "
-          f"{max_new_tokens} new tokens, keyword verdicts, {conditions} perplexities of {ppl_windows} x 1024 tokens")
-    print(f"{'run':<28}{'start s':>9}{'plan s':>9}{'x baseline':>12}{'busy':>7}  units")
-    base = results[BASELINE][1]
-    for name, (startup, seconds, usage, _) in results.items():
-        units = ", ".join(f"{n} {kind}" for kind, n in sorted(usage.units.items()))
-        print(f"{name:<28}{startup:>9.1f}{seconds:>9.1f}{base / seconds:>12.2f}{usage.share:>7.0%}  {units}")
+            startup, seconds, usage, rows = results[name] = timed_run(config, threads, lm, tokenizer, corpus, harmful,
+                                                                      benign)
+            units = ", ".join(f"{n} {kind}" for kind, n in sorted(usage.units.items()))
+            print(f"{name:<28}{startup:>9.1f}{seconds:>9.1f}{results[BASELINE][1] / seconds:>12.2f}"
+                  f"{usage.share:>7.0%}{os.getloadavg()[0]:>7.2f}  {units}", flush=True)
     for name, (*_, usage, _) in results.items():
         print(f"{name}: {usage.line()}")
     reference = {g.key.prompt_id + g.key.approx: g.response for g in results[BASELINE][3]}
@@ -109,8 +112,8 @@ def main(
         same = sum(reference[g.key.prompt_id + g.key.approx] == g.response for g in rows)
         print(f"{name}: {same}/{len(rows)} responses identical to the baseline's")
     after = os.getloadavg()
-    print(f"CPU: {cpu_name()}; load average (1, 5, 15 min) before {load_before[0]:.2f} {load_before[1]:.2f} "
-          f"{load_before[2]:.2f}, after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}")
+    print(f"load average (1, 5, 15 min) before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f} (the load column: 1 min, as each run ended)")
 
 
 if __name__ == "__main__":
