@@ -1,16 +1,23 @@
-"""What the Ray executor costs and buys on this machine: the generation of one small vet, run with
-the local executor, with Ray on 1 worker and with Ray on 2 workers.
+"""What a pool of Ray workers buys on this machine, measured in one run: the plan of a small vet
+(by default the clean model and three approximations, each on 16 harmful and 16 benign prompts:
+128 responses of up to 32 tokens, their keyword verdicts and 4 perplexities of one 1024-token
+window) on
 
-Each run generates every condition's harmful and benign responses into a fresh store (judging and
-perplexity stay in the driver whatever the executor, so they are left out). Every copy of the
-model computes on one thread (the driver's, and each Ray worker's one CPU), so the local run and
-Ray's one worker do the same work and differ only by what Ray adds, and two workers show what a
-second copy buys. Prints each run's time to start its workers, its generation time and its
-speed-up over the local executor, then per condition the seconds of each run and Ray's overhead
-(1 worker minus local: shipping chunks and responses, scheduling).
+- Ray, 1 worker of 1 CPU (one torch thread): the baseline;
+- Ray, 2 workers of 1 CPU each: what a second worker buys at equal threads per worker;
+- the local executor with 2 torch threads: what the same two cores give in one process.
 
-    python benchmarks/executor.py                      # a tiny random model: the overhead alone
-    python benchmarks/executor.py --model qwen2.5-coder-0.5b-instruct --limit 8
+Each run fills a fresh results store. The plan is cut into units by the pool's size (4 units per
+worker), so 2 workers have enough units to stay busy. Prints each run's line as it ends: the
+seconds to start the workers (Ray starts them once, before the plan), the seconds of the plan, the
+speed-up over the baseline, the workers' busy share and the load average then; at the end each
+run's seconds per unit (the inputs of ``benchmarks/grid_cost.py``), whether the runs stored the
+same responses (exactly in float32; in bfloat16 a prompt's batch neighbours can change a near-tied
+token) and the load average before and after (the machine may be shared: read the ratios beside
+it).
+
+    python benchmarks/executor.py                   # the built-in 0.5B: a gain to see
+    python benchmarks/executor.py --model tiny      # a tiny random model: what Ray costs per unit
 """
 
 from __future__ import annotations
@@ -23,77 +30,90 @@ from pathlib import Path
 import torch
 import typer
 
-from quada.approx import PAPER_PRESETS
 from quada.data import load_benchmark, subset
-from quada.eval.engine import Engine, make_executor
+from quada.defaults import VET_APPROXIMATIONS
+from quada.devices import cpu_name
+from quada.eval.engine import Engine, Plan
+from quada.eval.executors import make_executor
+from quada.eval.utility import load_corpus
 from quada.models import load
 from quada.options import VetConfig
-from quada.store import CLEAN, Store
-from quada.testing import tiny_model
+from quada.store import CLEAN, Generation, Store
+from quada.testing import save_tiny_model
 
 TINY = "tiny"
-RUNS = {"local": {}, "ray, 1 worker": {"executor": "ray", "workers": 1}, "ray, 2 workers": {"executor": "ray", "workers": 2}}
+# name: (executor options, torch threads of this process)
+RUNS = {
+    "ray, 1 worker x 1 thread": ({"executor": "ray", "workers": 1}, 1),
+    "ray, 2 workers x 1 thread": ({"executor": "ray", "workers": 2}, 1),
+    "local, 2 threads": ({"executor": "local"}, 2),
+}
+BASELINE = "ray, 1 worker x 1 thread"
 
 
-def tiny_model_folder(root: Path) -> str:
-    """A tiny random Qwen2-style model saved under ``root``: generation cost near nothing."""
-    model, tokenizer = tiny_model("qwen2", seed=3)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    return str(root / "tiny")
-
-
-def timed_run(config: VetConfig, model, tokenizer, harmful, benign) -> tuple[float, dict[str, float]]:
-    """Seconds to start the executor's workers, and the generation seconds of each condition."""
-    executor = make_executor(config, model, tokenizer)
-    start = time.perf_counter()
-    if config.executor == "ray":
-        executor.start()
-    startup = time.perf_counter() - start
-    seconds = {}
-    with Store(config.run_dir / "results.sqlite") as store:
-        engine = Engine(store, model, tokenizer, config, executor=executor)
+def timed_run(config: VetConfig, threads: int, model, tokenizer, corpus: str, harmful, benign):
+    """Seconds to start the workers, seconds of the plan, the executor's usage, the stored responses."""
+    torch.set_num_threads(threads)
+    with make_executor(config) as executor, Store(config.run_dir / "results.sqlite") as store:
+        engine = Engine(store, model, tokenizer, config, corpus, executor)
+        started = time.perf_counter()
+        if config.executor == "ray":
+            executor.start()
+        startup = time.perf_counter() - started
+        judge = engine.judge("keyword")
+        plan = Plan()
         for approximation in (CLEAN, *config.approximations):
-            start = time.perf_counter()
             for prompts in (harmful, benign):
-                engine.responses(engine.condition(approximation, prompts))
-            seconds[str(approximation)] = time.perf_counter() - start
-    if config.executor == "ray":
-        executor.close()
-    return startup, seconds
+                plan.judged(engine, judge, plan.responses(engine, engine.condition(approximation, prompts)))
+            plan.perplexity(engine, approximation)
+        started = time.perf_counter()
+        plan.run()
+        seconds = time.perf_counter() - started
+        return startup, seconds, executor.usage, store.rows(Generation)
 
 
 def main(
-    model: str = typer.Option(TINY, help="Subject model (a source `quada vet` takes), or 'tiny' for a tiny random one."),
-    limit: int = typer.Option(8, help="Harmful and benign prompts each (seeded subsets)."),
-    approx: list[str] = typer.Option(PAPER_PRESETS[:2], help="Approximations besides the clean model (repeat the option)."),
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="Subject model (a source `quada vet` takes), or "
+                              "'tiny' for a tiny random one."),
+    limit: int = typer.Option(16, help="Harmful and benign prompts each, per condition (seeded subsets)."),
+    approx: list[str] = typer.Option(list(VET_APPROXIMATIONS), help="Approximations besides the clean model (repeat)."),
     max_new_tokens: int = typer.Option(32),
+    ppl_windows: int = typer.Option(1, help="1024-token windows of each perplexity."),
+    dtype: str = typer.Option("auto", help="float32 makes the runs' responses identical."),
 ) -> None:
-    torch.set_num_threads(1)  # as each Ray worker, which Ray gives OMP_NUM_THREADS=1 for its one CPU
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
         root = Path(work)
-        source = tiny_model_folder(root) if model == TINY else model
-        lm, tokenizer = load(source, device="cpu")
+        source = str(save_tiny_model(root / "tiny")) if model == TINY else model
+        lm, tokenizer = load(source, dtype=dtype, device="cpu")
         harmful = subset(load_benchmark("advbench"), limit, 0)
         benign = subset(load_benchmark("quada-benign"), limit, 0)
+        corpus = load_corpus("pydoc-topics")
+        conditions = 1 + len(approx)
+        print(f"model {model} ({lm.dtype}); {conditions} conditions x ({limit} harmful + {limit} benign prompts), "
+              f"{max_new_tokens} new tokens, keyword verdicts, {conditions} perplexities of {ppl_windows} x 1024 "
+              f"tokens; CPU: {cpu_name()}")
+        print(f"{'run':<28}{'start s':>9}{'plan s':>9}{'x baseline':>12}{'busy':>7}{'load':>7}  units", flush=True)
         results = {}
-        for name, executor in RUNS.items():
-            config = VetConfig(model=source, device="cpu", approx=tuple(approx), limit=limit, benign_limit=limit,
-                               max_new_tokens=max_new_tokens, judges=("keyword",), run_dir=root / name.replace(" ", ""),
-                               **executor)
+        for name, (options, threads) in RUNS.items():
+            config = VetConfig(model=source, device="cpu", dtype=dtype, approx=tuple(approx), limit=limit,
+                               benign_limit=limit, max_new_tokens=max_new_tokens, ppl_windows=ppl_windows,
+                               judges=("keyword",), run_dir=root / name.replace(" ", "").replace(",", "-"), **options)
             config.run_dir.mkdir()
-            results[name] = timed_run(config, lm, tokenizer, harmful, benign)
-    local = sum(results["local"][1].values())
-    print(f"model {model}; {limit} harmful + {limit} benign prompts under {1 + len(approx)} conditions; "
-          f"{max_new_tokens} new tokens; one thread per model copy, {os.cpu_count()} CPUs")
-    print(f"{'run':<16}{'start s':>9}{'generate s':>12}{'x local':>9}")
-    for name, (startup, seconds) in results.items():
-        total = sum(seconds.values())
-        print(f"{name:<16}{startup:>9.1f}{total:>12.1f}{local / total:>9.2f}")
-    print(f"{'condition':<40}{'local s':>9}{'ray 1 s':>9}{'ray 2 s':>9}{'overhead s':>12}")
-    for condition, seconds in results["local"][1].items():
-        one, two = results["ray, 1 worker"][1][condition], results["ray, 2 workers"][1][condition]
-        print(f"{condition[:39]:<40}{seconds:>9.2f}{one:>9.2f}{two:>9.2f}{one - seconds:>12.2f}")
+            startup, seconds, usage, rows = results[name] = timed_run(config, threads, lm, tokenizer, corpus, harmful,
+                                                                      benign)
+            units = ", ".join(f"{n} {kind}" for kind, n in sorted(usage.units.items()))
+            print(f"{name:<28}{startup:>9.1f}{seconds:>9.1f}{results[BASELINE][1] / seconds:>12.2f}"
+                  f"{usage.share:>7.0%}{os.getloadavg()[0]:>7.2f}  {units}", flush=True)
+    for name, (*_, usage, _) in results.items():
+        print(f"{name}: {usage.line()}")
+    reference = {g.key.prompt_id + g.key.approx: g.response for g in results[BASELINE][3]}
+    for name, (*_, rows) in results.items():
+        same = sum(reference[g.key.prompt_id + g.key.approx] == g.response for g in rows)
+        print(f"{name}: {same}/{len(rows)} responses identical to the baseline's")
+    after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f} (the load column: 1 min, as each run ended)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ import torch
 from quada.chat import PAPER_SYSTEM, format_prompt
 from quada.errors import QuadaError
 from quada.data import Prompt
-from quada.eval.generate import GenerationSettings, auto_batch_size, check_prompts_fit, check_room, context_length, generate
+from quada.eval.generate import (GenerationSettings, auto_batch_size, check_prompts_fit, check_room, context_length,
+                                 free_memory, generate)
 from quada.testing import tiny_model
 
 PROMPTS = [
@@ -92,6 +93,16 @@ def test_auto_batch_size_shrinks_with_length(monkeypatch):
     long = auto_batch_size(model, prompt_tokens=1024, max_new_tokens=128, cap=10_000)
     assert short > long >= 1
     assert auto_batch_size(model, 16, 16, cap=4) == 4
+
+
+def test_a_gpu_batch_is_sized_by_the_gpu_free_memory_not_the_host(monkeypatch):
+    asked = []
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda device: asked.append(device) or (3 * 2**30, 80 * 2**30))
+    monkeypatch.setattr("quada.eval.generate.available_memory", lambda: pytest.fail("read the host's memory"))
+    gpu = torch.device("cuda", 1)
+    assert free_memory(gpu) == 3 * 2**30 and asked == [gpu]
+    monkeypatch.setattr("quada.eval.generate.available_memory", lambda: 5 * 2**30)
+    assert free_memory(torch.device("cpu")) == 5 * 2**30
 
 
 def test_stop_on_refusal_cuts_at_the_phrase_and_keeps_the_keyword_verdict(monkeypatch):

@@ -101,7 +101,7 @@ def test_a_killed_run_writes_no_results_and_keeps_what_it_committed(inputs, tmp_
 def test_a_rerun_computes_nothing_new(inputs, tmp_path, monkeypatch):
     vet(config(inputs, tmp_path / "run"), progress=False)
     monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
-    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(engine_module, "windows_perplexity", lambda *a, **k: pytest.fail("measured again"))
     vet(config(inputs, tmp_path / "run"), progress=False)
 
 

@@ -139,6 +139,8 @@ def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     print_table(console, f"quada vet: {config.model}", *summary_table(result.conditions, config.judges, result.judges, config.refusal_judge))
     print_table(console, "verdict per approximation and deployment", *verdict_table(result.conditions))
     console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {config.run_dir / 'results.sqlite'}")
+    if config.executor == "ray":
+        console.print(f"Ray workers: {result.usage.line()}")
 
 
 @app.command("requantize")

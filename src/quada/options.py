@@ -98,7 +98,8 @@ def check_given_limits(config: Any, given: Collection[str], **sources: str) -> N
 
 
 EXECUTORS = ("local", "ray")
-EXECUTOR_OPTIONS = ("executor", "ray_address", "workers", "cpus_per_worker", "gpus_per_worker")
+EXECUTOR_OPTIONS = ("executor", "ray_address", "workers", "cpus_per_worker", "gpus_per_worker", "judge_workers",
+                    "placement_timeout")
 
 
 def check_executor(options: Any) -> None:
@@ -106,14 +107,20 @@ def check_executor(options: Any) -> None:
     refuse, and on ``ray`` when Ray is not installed."""
     if options.executor not in EXECUTORS:
         raise QuadaError(f"unknown executor {options.executor!r}; choose one of: {', '.join(EXECUTORS)}")
-    if options.executor != "ray" and options.ray_address is not None:
-        raise QuadaError("--ray-address is for the Ray executor: add --executor ray, or drop --ray-address")
+    for name, unset in (("ray_address", None), ("judge_workers", 0)):
+        if options.executor != "ray" and getattr(options, name) != unset:
+            flag = "--" + name.replace("_", "-")
+            raise QuadaError(f"{flag} is for the Ray executor: add --executor ray, or drop {flag}")
     if options.workers < 1:
         raise QuadaError(f"--workers must be at least 1, got {options.workers}")
     if not options.cpus_per_worker > 0:
         raise QuadaError(f"--cpus-per-worker must be above 0 (Ray accepts fractions such as 0.5), got {options.cpus_per_worker}")
     if not options.gpus_per_worker >= 0:
         raise QuadaError(f"--gpus-per-worker must be 0 or more, got {options.gpus_per_worker}")
+    if options.judge_workers < 0:
+        raise QuadaError(f"--judge-workers must be 0 or more, got {options.judge_workers}")
+    if not 0 < options.placement_timeout < float("inf"):
+        raise QuadaError(f"--placement-timeout must be a number of seconds above 0, got {options.placement_timeout}")
     if options.executor == "ray" and importlib.util.find_spec("ray") is None:
         raise QuadaError("--executor ray needs Ray, which is not installed: pip install 'quada[ray]'")
 
@@ -158,16 +165,29 @@ class EvalOptions:
     ppl_bound: float = field(default=1.5, metadata={
         "help": "Perplexity bound, as a multiple of the clean perplexity: above it a model counts as broken.",
     })
-    # Where generation runs (see docs/scale-out.md); the commands list these as EXECUTOR_OPTIONS.
+    # Where the work runs (see docs/scale-out.md); the commands list these as EXECUTOR_OPTIONS.
     executor: str = field(default="local", metadata={
-        "help": "Where responses are generated: local (this process) or ray (a pool of Ray workers; pip install 'quada[ray]').",
+        "help": "Where responses are generated, judged and measured: local (this process) or ray (a pool of Ray "
+        "workers; pip install 'quada[ray]').",
     })
     ray_address: str | None = field(default=None, metadata={
         "help": "Ray cluster to join with --executor ray (e.g. auto, or ray://HEAD:10001); omitted: start a local Ray instance.",
     })
-    workers: int = field(default=2, metadata={"help": "Ray workers, each holding one copy of the model (--executor ray)."})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs Ray reserves for each worker (--executor ray)."})
+    workers: int = field(default=2, metadata={
+        "help": "Ray workers, each holding one copy of the model, and of the judge model unless --judge-workers "
+        "(--executor ray).",
+    })
+    cpus_per_worker: float = field(default=1.0, metadata={
+        "help": "CPUs Ray reserves for each worker; its torch computes on as many threads (--executor ray).",
+    })
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs Ray reserves for each worker (--executor ray)."})
+    judge_workers: int = field(default=0, metadata={
+        "help": "Further Ray workers that only judge, each holding the judge model; 0: the --workers judge too (--executor ray).",
+    })
+    placement_timeout: float = field(default=30.0, metadata={
+        "help": "Seconds to wait for the Ray cluster to make room for every worker before failing; raise it on a "
+        "cluster that adds nodes on demand (--executor ray).",
+    })
 
     def __post_init__(self):
         """Check the shared options, so that a bad value fails before any model loads."""

@@ -426,23 +426,12 @@ class Store(Database):
         committed as soon as it is computed, so an interrupted fill loses at most one chunk and
         the next call carries on from there.
         """
-        return self.fill_chunks(keys, lambda chunks: map(compute, chunks), chunk_size)
-
-    @_reports_file_failures
-    def fill_chunks(
-        self,
-        keys: Sequence[GenerationKey | JudgementKey],
-        compute_all: Callable[[list[list]], Iterable[list]],
-        chunk_size: int,
-    ) -> list:
-        """:meth:`fill` for a computation handed every missing chunk at once: ``compute_all(chunks)``
-        yields each chunk's rows in the order of ``chunks``, so the chunks may be computed elsewhere
-        (an executor) while each one is still committed the moment its rows arrive."""
         if chunk_size < 1:
             raise QuadaError(f"chunk size must be at least 1, got {chunk_size}")
         todo = self.missing(keys)
-        chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
-        for chunk, rows in zip(chunks, compute_all(chunks), strict=True):
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            rows = compute(chunk)
             if [row.key for row in rows] != chunk:
                 raise ValueError("compute must return exactly one row per key, in the order of the keys")
             self.put(rows)

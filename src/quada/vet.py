@@ -26,9 +26,10 @@ from quada.backends import (
     render,
 )
 from quada.data import Prompt, load_benchmark, subset
-from quada.eval.engine import Engine, check_specs_fit, make_executor
+from quada.eval.engine import Engine, Plan, Responses, Verdicts, check_specs_fit, run_jobs
+from quada.eval.executors import Executor, Usage, make_executor
 from quada.eval.generate import check_prompts_fit
-from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model, make_judge
+from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model
 from quada.eval.metrics import Estimate, estimate, proportion
 from quada.eval.utility import check_corpus, load_corpus, load_questions, perplexity_windows
 from quada.eval.verdict import compare, verdict
@@ -39,7 +40,7 @@ from quada.report.render import Example
 from quada.report.story import write_story
 from quada.report.vet import RESULTS_FILE, ConditionResult
 from quada.runs import jsonable, open_run_dir, progress_bar, write_json
-from quada.store import CLEAN, Generation, Judgement, Store
+from quada.store import CLEAN, Store
 
 
 HARMFUL, BENIGN = "harmful", "benign"  # which prompts a judgement is of
@@ -54,6 +55,7 @@ class VetResult:
     judges: dict[str, JudgeInfo]
     report_md: Path
     report_html: Path
+    usage: Usage  # what the executor's workers did (the busy share of a Ray pool)
 
 
 def prompt_sets(config) -> tuple[list[Prompt], list[Prompt]]:
@@ -68,86 +70,133 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
 
     Every input is checked (prompts, judges, corpus, approximations against the model, the room in
     its context) before the run folder is made or anything is generated."""
-    harmful, benign = prompt_sets(config)
-    check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
-    corpus = load_corpus(config.corpus)
-    questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
-    for deployment in config.deployments:  # an unreachable server fails in seconds, before the model loads
-        check_deployment(deployment, config.api_key_env)
-    model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-    approximations = [CLEAN, *config.approximations]
-    check_specs_fit(model, approximations)
-    check_prompts_fit(model, tokenizer, [*harmful, *benign], config.prompt_format, config.max_new_tokens)
-    check_corpus(tokenizer, corpus, config.ppl_window)
-    open_run_dir(config.run_dir)
-    generations: dict[str, tuple[list[Generation], list[Generation]]] = {}  # by condition (approximation key)
-    perplexities: dict[str, float | None] = {}
-    deployments: dict[str, dict] = {}  # by condition: what each deployment is and how it behaved
-    with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))
-        for approximation in approximations:
-            task = bar.add_task(f"generate {approximation}", total=len(harmful) + len(benign))
-            step = lambda n, task=task: bar.advance(task, n)  # noqa: E731
-            generations[str(approximation)] = tuple(
-                engine.responses(engine.condition(approximation, prompts), step) for prompts in (harmful, benign)
+    with make_executor(config) as executor, progress_bar(progress) as bar, Vetting(config, executor, bar) as vetting:
+        run_jobs([vetting])
+        return vetting.report()
+
+
+class Vetting:
+    """One model vetted into one run folder, as a job of :func:`quada.eval.engine.run_jobs`: its
+    inputs checked and its model loaded when made; its first round adds the whole work on the model
+    (every condition's responses to both prompt sets, their verdicts, perplexity and accuracy) to one
+    plan, its second round (when there are deployments) asks each deployment on the driver and adds
+    the verdicts on its responses; :meth:`report` writes the report. `quada align` runs the vettings
+    of several models in one plan."""
+
+    def __init__(self, config: VetConfig, executor: Executor, bar, label: str = ""):
+        self.config, self.bar, self.label = config, bar, label
+        self.harmful, self.benign = prompt_sets(config)
+        check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
+        self.corpus = load_corpus(config.corpus)
+        self.questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
+        for deployment in config.deployments:  # an unreachable server fails in seconds, before the model loads
+            check_deployment(deployment, config.api_key_env)
+        model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
+        self.approximations = [CLEAN, *config.approximations]
+        check_specs_fit(model, self.approximations)
+        check_prompts_fit(model, tokenizer, [*self.harmful, *self.benign], config.prompt_format, config.max_new_tokens)
+        check_corpus(tokenizer, self.corpus, config.ppl_window)
+        open_run_dir(config.run_dir)
+        self.store = Store(config.run_dir / "results.sqlite")
+        self.engine = Engine(self.store, model, tokenizer, config, self.corpus, executor)
+        self.judges: dict[str, Judge] = {}
+        self.generations: dict[str, tuple] = {}  # by condition: the harmful and the benign responses
+        self.verdicts: dict[tuple[str, str, str], Verdicts] = {}
+        self.deployments: dict[str, dict] = {}  # by condition: what each deployment is and how it behaved
+        self.usage = executor.usage
+        self._rounds = 0
+
+    def next_round(self, plan: Plan) -> bool:
+        """Add the model's whole vetting to ``plan`` (the first round), then the deployments' verdicts
+        (a second round, after the clean responses they are compared with exist)."""
+        self._rounds += 1
+        if self._rounds == 1:
+            config, engine, bar = self.config, self.engine, self.bar
+            names = list(dict.fromkeys([*config.judges, config.refusal_judge]))
+            self.judges = {name: engine.judge(name) for name in names}
+            self.counting = {name: bar.add_task(f"{self.label}judge {name}", total=0) for name in names}
+            for approximation in self.approximations:
+                task = bar.add_task(f"{self.label}generate {approximation}", total=len(self.harmful) + len(self.benign))
+                step = lambda n, task=task: bar.advance(task, n)  # noqa: E731
+                responses = tuple(plan.responses(engine, engine.condition(approximation, prompts), step)
+                                  for prompts in (self.harmful, self.benign))
+                self.generations[str(approximation)] = responses
+                self._judge(plan, str(approximation), responses)
+                plan.perplexity(engine, approximation)
+                if self.questions:
+                    plan.accuracy(engine, approximation, self.questions)
+            return True
+        if self._rounds == 2 and self.config.deployments:
+            for deployment in self.config.deployments:
+                self._ask(plan, deployment)
+            return True
+        return False
+
+    def _judge(self, plan: Plan, condition: str, responses: tuple) -> None:
+        """Add the verdicts on one condition's responses to ``plan``: the safety judges read the
+        harmful responses, the refusal judge the benign ones."""
+        config, bar = self.config, self.bar
+        for name, which in [(name, HARMFUL) for name in config.judges] + [(config.refusal_judge, BENIGN)]:
+            judged = responses[which == BENIGN]
+            count = len(judged.condition.prompts) if isinstance(judged, Responses) else len(judged)
+            bar.update(self.counting[name], total=bar.tasks[self.counting[name]].total + count)
+            self.verdicts[condition, name, which] = plan.judged(
+                self.engine, self.judges[name], judged, on_done=lambda n, task=self.counting[name]: bar.advance(task, n))
+
+    def _ask(self, plan: Plan, deployment: str) -> None:
+        """Generate a deployment's responses on the driver (stored, keyed by its identity), check it,
+        and add the verdicts on its responses to ``plan``."""
+        config, engine, bar = self.config, self.engine, self.bar
+        tokenizer = engine.tokenizer
+        with contextlib.closing(open_backend(deployment, tokenizer, config.api_key_env, config.request_timeout,
+                                             config.retries)) as backend:
+            task = bar.add_task(f"{self.label}generate {backend.condition}", total=len(self.harmful) + len(self.benign))
+            responses = tuple(
+                deployment_responses(self.store, backend, prompts, config.settings, tokenizer, engine.fingerprint,
+                                     config.seed, lambda n, task=task: bar.advance(task, n))
+                for prompts in (self.harmful, self.benign)
             )
-            bar.update(task, completed=len(harmful) + len(benign))
-            perplexities[str(approximation)] = engine.perplexity(approximation)
-            if questions:
-                engine.accuracy(approximation, questions)
-        for deployment in config.deployments:
-            with contextlib.closing(open_backend(deployment, tokenizer, config.api_key_env, config.request_timeout,
-                                                 config.retries)) as backend:
-                task = bar.add_task(f"generate {backend.condition}", total=len(harmful) + len(benign))
-                generations[backend.condition] = tuple(
-                    deployment_responses(store, backend, prompts, config.settings, tokenizer, engine.fingerprint,
-                                         config.seed, lambda n, task=task: bar.advance(task, n))
-                    for prompts in (harmful, benign)
-                )
-                bar.update(task, completed=len(harmful) + len(benign))
-                checks = _deployment_checks(engine, backend, config, harmful, tokenizer, corpus)
-                served, reference = (sum(pair, []) for pair in (generations[backend.condition], generations[CLEAN]))
-                checks["same_as_clean"] = sum(a.response == b.response for a, b in zip(served, reference, strict=True))
-                checks["responses"] = len(served)
-                deployments[backend.condition] = checks
-                perplexities[backend.condition] = checks["perplexity"]
-        # The judge model may be large: free the subject first, unless it judges too (it is clean again here).
-        judge_model = (model, tokenizer) if config.judge_model == config.model else (None, None)
-        del model
-        engine.release_model()
-        judges, judgements = _judge_all(engine, config, generations, bar, *judge_model)
-        info = judge_infos(judges, config.calibrate, bar)
-        measurements = store.measurements()
-    fingerprint = engine.fingerprint
-    results = [_condition_result(condition, config, engine, measurements, judgements, info, harmful, perplexities,
-                                 deployments.get(condition)) for condition in generations]
-    write_json(config.run_dir / RESULTS_FILE, {
-        "config": jsonable(asdict(config)), "fingerprint": fingerprint, "dtype": engine.dtype, "device": engine.device,
-        "summary": _summary(config, fingerprint, len(harmful), len(benign)),
-        "judges": {name: asdict(i) for name, i in info.items()},
-        "conditions": [jsonable(asdict(r)) for r in results],
-        "deployments": deployments,
-        "examples": [asdict(e) for e in _examples(config, generations, judgements)],
-    })
-    md, html = write_story(config.run_dir)
-    return VetResult(config, fingerprint, results, info, md, html)
+            bar.update(task, completed=len(self.harmful) + len(self.benign))
+            checks = _deployment_checks(engine, backend, config, self.harmful, tokenizer, self.corpus)
+        served = [*responses[0], *responses[1]]
+        reference = [*self.generations[CLEAN][0].rows, *self.generations[CLEAN][1].rows]
+        checks["same_as_clean"] = sum(a.response == b.response for a, b in zip(served, reference, strict=True))
+        checks["responses"] = len(served)
+        self.generations[backend.condition] = responses
+        self.deployments[backend.condition] = checks
+        self._judge(plan, backend.condition, responses)
 
+    def report(self) -> VetResult:
+        """The results of the plan that ran, written to the run folder with the report."""
+        config, engine = self.config, self.engine
+        for task in self.bar.tasks:
+            self.bar.update(task.id, completed=task.total)
+        generations = {c: tuple(r.rows if isinstance(r, Responses) else r for r in pair)
+                       for c, pair in self.generations.items()}
+        judgements = {key: v.rows for key, v in self.verdicts.items()}
+        info = judge_infos(self.judges, config.calibrate, self.bar)
+        fingerprint = engine.fingerprint
+        measurements = self.store.measurements()
+        perplexities = {str(a): measurements.get(engine.key_of("perplexity", a)) for a in self.approximations}
+        perplexities |= {c: checks["perplexity"] for c, checks in self.deployments.items()}
+        results = [_condition_result(c, config, engine, measurements, judgements, info, self.harmful, perplexities,
+                                     self.deployments.get(c)) for c in generations]
+        write_json(config.run_dir / RESULTS_FILE, {
+            "config": jsonable(asdict(config)), "fingerprint": fingerprint, "dtype": engine.dtype, "device": engine.device,
+            "summary": _summary(config, fingerprint, len(self.harmful), len(self.benign)),
+            "judges": {name: asdict(i) for name, i in info.items()},
+            "conditions": [jsonable(asdict(r)) for r in results],
+            "deployments": self.deployments,
+            "examples": [asdict(e) for e in _examples(config, generations, judgements)],
+        })
+        md, html = write_story(config.run_dir)
+        return VetResult(config, fingerprint, results, info, md, html, self.usage)
 
-def _judge_all(engine: Engine, config, generations, bar, model=None, tokenizer=None):
-    """The judges by name, and their judgements keyed by (condition, judge name, "harmful" or
-    "benign"): safety judges on the harmful responses, the refusal judge on the benign ones. Model
-    judges use ``model`` when given, else load the judge model once."""
-    out: dict[tuple[str, str, str], list[Judgement]] = {}
-    judges: dict[str, Judge] = {}
-    for name, which in [(name, HARMFUL) for name in config.judges] + [(config.refusal_judge, BENIGN)]:
-        if name not in judges:
-            judges[name] = make_judge(name, model, tokenizer, model_source=config.judge_model, device=config.device,
-                                      dtype=config.dtype)
-        task = bar.add_task(f"judge {name}", total=sum(len(g[which == BENIGN]) for g in generations.values()))
-        for approximation, responses in generations.items():
-            out[approximation, name, which] = engine.judged(judges[name], responses[which == BENIGN], lambda n: bar.advance(task, n))
-        bar.update(task, completed=bar.tasks[task].total)
-    return judges, out
+    def __enter__(self) -> Vetting:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
 
 
 def _deployment_checks(engine: Engine, backend, config, harmful: list[Prompt], tokenizer, corpus: str) -> dict:

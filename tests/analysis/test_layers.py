@@ -147,7 +147,7 @@ def test_a_rerun_of_a_layer_analysis_computes_nothing_new(inputs, tmp_path, monk
     # How a killed run resumes is tested once, on the engine (tests/eval/test_engine.py).
     first_run = layers(config(inputs, tmp_path / "run"), progress=False)
     monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
-    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(engine_module, "windows_perplexity", lambda *a, **k: pytest.fail("measured again"))
     monkeypatch.setattr("quada.analysis.layers.refusal_probability", lambda *a, **k: pytest.fail("proxy again"))
     again = layers(config(inputs, tmp_path / "run"), progress=False)
     assert again.points == first_run.points and again.tau == first_run.tau

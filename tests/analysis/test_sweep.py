@@ -70,7 +70,7 @@ def test_a_killed_sweep_writes_no_results(inputs, tmp_path, monkeypatch):
 def test_a_rerun_of_a_sweep_computes_nothing_new(inputs, tmp_path, monkeypatch):
     first = sweep(config(inputs, tmp_path / "run"), progress=False)
     monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
-    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(engine_module, "windows_perplexity", lambda *a, **k: pytest.fail("measured again"))
     again = sweep(config(inputs, tmp_path / "run"), progress=False)
     assert [(p.spec, p.asr, p.perplexity) for p in again.points] == [(p.spec, p.asr, p.perplexity) for p in first.points]
 

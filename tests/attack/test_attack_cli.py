@@ -60,7 +60,7 @@ def test_responses_are_judged_against_the_behaviour_not_the_adversarial_prompt(c
         monkeypatch.setattr(judge, "judge", lambda prompts, responses: shown.extend(prompts) or rule(prompts, responses))
         return judge
 
-    monkeypatch.setattr("quada.attack.run.make_judge", recording_judge)
+    monkeypatch.setattr("quada.eval.engine.make_judge", recording_judge)
     run_dir = tmp_path / "run"
     assert run_attack(cli, inputs, run_dir, "gcg-transfer").returncode == 0
     behaviours = (inputs / "harmful.txt").read_text().splitlines()

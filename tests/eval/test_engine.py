@@ -12,11 +12,25 @@ import quada.eval.engine as engine_module
 from quada.approx import apply, parse_spec
 from quada.data import Prompt
 from quada.approx.base import DRAW_SCHEME
-from quada.eval.engine import Chunk, Engine, LocalExecutor, generate_chunk, key_settings
+from quada.errors import QuadaError
+from quada.eval.engine import (
+    GENERATION_CHUNK,
+    MIN_CHUNK,
+    Chunk,
+    Engine,
+    Plan,
+    PooledJudge,
+    balanced,
+    chunk_size,
+    generate_chunk,
+    key_settings,
+)
+from quada.eval.executors import LocalExecutor, ModelRef, Models
 from quada.eval.generate import GenerationSettings, generate
 from quada.eval.judges import make_judge
+from quada.fingerprint import model_fingerprint
 from quada.store import CLEAN, Generation, Judgement, Store
-from quada.testing import tiny_model
+from quada.testing import save_tiny_model, tiny_model
 
 NOISE = parse_spec("noise:site=up,dist=gaussian,std=0.5")
 PROMPTS = [Prompt(f"p{i}", f"Tell me about item {i}" + " please" * (i % 3)) for i in range(7)]
@@ -29,6 +43,7 @@ class Options:
 
     run_dir: Path
     model: str = "tiny-llama"
+    judge_model: str = "tiny-judge"
     seed: int = 0
     corpus: str = "fox"
     ppl_window: int = 64
@@ -52,24 +67,27 @@ def small_chunks(monkeypatch):
 class DiesAfter(LocalExecutor):
     """A local executor whose process is killed once ``chunks`` chunks have been delivered."""
 
-    def __init__(self, model, tokenizer, chunks: int):
-        super().__init__(model, tokenizer)
+    def __init__(self, chunks: int):
+        super().__init__("cpu")
         self.left = chunks
 
-    def run(self, units, work):
-        for result in super().run(units, work):
+    def completed(self):
+        for unit, result in super().completed():
             if self.left == 0:
                 raise KeyboardInterrupt
-            self.left -= 1
-            yield result
+            self.left -= unit.kind == "generation"
+            yield unit, result
 
 
 class PicklingExecutor(LocalExecutor):
-    """Ships every unit as bytes before running it, as an executor of other processes would."""
+    """Ships every unit and result as bytes, and hands the results back last first, as a pool of
+    other processes may."""
 
-    def run(self, units, work):
-        for unit in units:
-            yield work(self.model, self.tokenizer, pickle.loads(pickle.dumps(unit)))
+    def completed(self):
+        done = [(unit, pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(unit)).run(self.models))))
+                for unit in self._queue]
+        self._queue.clear()
+        yield from reversed(done)
 
 
 def measure_everything(engine: Engine) -> list:
@@ -91,7 +109,7 @@ def test_a_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tiny, 
     with Store(split) as store, pytest.raises(KeyboardInterrupt):
         # 4 chunks of the clean condition (7 prompts, 2 a chunk), then 1 of the noisy one.
         measure_everything(Engine(store, model, tokenizer, Options(tmp_path / "split"), CORPUS,
-                                  executor=DiesAfter(model, tokenizer, chunks=5)))
+                                  executor=DiesAfter(chunks=5)))
     partial, _ = stored(split)
     assert len(partial) == 7 + 2
     with Store(split) as store:
@@ -103,7 +121,7 @@ def test_a_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tiny, 
     assert [g.response for g in clean.generations] != [g.response for g in noisy.generations]
 
     monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
-    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(engine_module, "windows_perplexity", lambda *a, **k: pytest.fail("measured again"))
     with Store(split) as store:
         again = measure_everything(Engine(store, model, tokenizer, Options(tmp_path / "split"), CORPUS))
     assert [m.generations for m in again] == [m.generations for m in whole]
@@ -123,7 +141,7 @@ def test_executors_give_the_rows_of_direct_generation(tiny, tmp_path, small_chun
     model, tokenizer = tiny
     options = Options(tmp_path)
     with Store(tmp_path / "results.sqlite") as store:
-        engine = Engine(store, model, tokenizer, options, executor=executor(model, tokenizer))
+        engine = Engine(store, model, tokenizer, options, executor=executor("cpu"))
         condition = engine.condition(NOISE, PROMPTS)
         rows = engine.responses(condition)
     assert [row.key for row in rows] == [condition.key(p.id) for p in PROMPTS]
@@ -244,7 +262,106 @@ def test_the_measurements_of_a_run_folder_of_an_earlier_quada_are_used(tiny, tmp
         key = Engine(store, model, tokenizer, options, CORPUS).key_of("perplexity", CLEAN)
     (options.run_dir / engine_module.LEGACY_UTILITY_FILE).write_text(json.dumps({key: 12.5}))
     assert engine_module.stored_measurements(options.run_dir) == {key: 12.5}
-    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(engine_module, "windows_perplexity", lambda *a, **k: pytest.fail("measured again"))
     with Store(options.run_dir / "results.sqlite") as store:
         assert Engine(store, model, tokenizer, options, CORPUS).perplexity(CLEAN) == 12.5
         assert store.measurements() == {key: 12.5}
+
+
+def test_a_plan_cuts_units_for_every_worker_and_evenly():
+    assert chunk_size(640, 1) == GENERATION_CHUNK  # the default vet on one process: as before
+    assert chunk_size(640, 2) == 64 and chunk_size(640, 8) == 20 and chunk_size(640, 128) == MIN_CHUNK
+    assert chunk_size(7, 1) == MIN_CHUNK
+    assert [len(c) for c in balanced(list(range(96)), 64)] == [48, 48]
+    assert [len(c) for c in balanced(list(range(7)), 2)] == [2, 2, 1, 2]
+    assert sum(balanced(list(range(10)), 3), []) == list(range(10)) and balanced([], 5) == []
+
+
+class Recording(LocalExecutor):
+    """A local executor that logs what is submitted and what comes back, in order."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.log = []
+
+    def submit(self, unit):
+        self.log.append(("submit", unit, None))
+        super().submit(unit)
+
+    def completed(self):
+        for unit, result in super().completed():
+            self.log.append(("done", unit, result))
+            yield unit, result
+
+
+def test_a_plan_hands_over_all_its_work_at_once_and_verdicts_as_responses_arrive(tiny, tmp_path, small_chunks):
+    model, tokenizer = tiny
+    executor = Recording()
+    with Store(tmp_path / "results.sqlite") as store:
+        engine = Engine(store, model, tokenizer, Options(tmp_path), CORPUS, executor)
+        plan = Plan()
+        for approximation in CLEAN, NOISE:
+            plan.judged(engine, engine.judge("keyword"), plan.responses(engine, engine.condition(approximation, PROMPTS)))
+            plan.perplexity(engine, approximation)
+        plan.run()
+    first_done = next(i for i, (event, *_) in enumerate(executor.log) if event == "done")
+    upfront = [unit for _, unit, _ in executor.log[:first_done]]
+    assert [u.kind for u in upfront] == ["generation"] * 8 + ["measurement"] * 2  # all of it, generation first
+    assert [u.size for u in upfront[:8]] == sorted((u.size for u in upfront[:8]), reverse=True)  # longest first
+    arrived: list[tuple[str, ...]] = []
+    for event, unit, result in executor.log:
+        if event == "done" and unit.kind == "generation":
+            arrived.append(tuple(result))
+        if event == "submit" and unit.kind == "judging":
+            assert unit.responses == arrived[-1]  # the verdicts on a chunk, as soon as it arrived
+    assert sum(1 for event, unit, _ in executor.log if event == "submit" and unit.kind == "judging") == 8
+
+
+def test_a_plan_spans_run_folders_on_one_executor_and_computes_a_shared_key_once(tiny, tmp_path, small_chunks):
+    model, tokenizer = tiny
+    executor = Recording()
+    with Store(tmp_path / "a.sqlite") as a, Store(tmp_path / "b.sqlite") as b:
+        first = Engine(a, model, tokenizer, Options(tmp_path / "a"), executor=executor)
+        second = Engine(b, model, tokenizer, Options(tmp_path / "b"), executor=executor)
+        plan = Plan()
+        requests = [plan.responses(engine, engine.condition(NOISE, PROMPTS)) for engine in (first, first, second)]
+        plan.run()
+        assert requests[0].rows == requests[1].rows == requests[2].rows == a.rows(Generation) == b.rows(Generation)
+        generated = [u for event, u, _ in executor.log if event == "submit" and u.kind == "generation"]
+        assert sum(u.size for u in generated) == 2 * len(PROMPTS)  # once per store
+        with pytest.raises(ValueError, match="one executor"):
+            other = Engine(b, model, tokenizer, Options(tmp_path / "b"), executor=LocalExecutor("cpu"))
+            plan = Plan()
+            plan.responses(first, first.condition(CLEAN, PROMPTS))
+            plan.responses(other, other.condition(CLEAN, PROMPTS))
+            plan.run()
+
+
+def test_a_model_judge_of_the_engine_judges_where_the_units_run_as_the_judge_itself_does(tiny, tmp_path):
+    model, tokenizer = tiny
+    with Store(tmp_path / "results.sqlite") as store:
+        engine = Engine(store, model, tokenizer, Options(tmp_path, judge_model="tiny-llama"))
+        pooled = engine.judge("llm")  # the judge model is the subject's: same source and dtype, one copy
+        direct = make_judge("llm", model, tokenizer)
+        assert isinstance(pooled, PooledJudge) and pooled.identity == direct.identity
+        assert (pooled.measure, pooled.label_is_attack, pooled.threshold) == ("harm", True, direct.threshold)
+        prompts, responses = [p.text for p in PROMPTS], [f"Sure, here is item {i}." for i in range(len(PROMPTS))]
+        assert [r.label for r in pooled.judge(prompts, responses)] == [r.label for r in direct.judge(prompts, responses)]
+
+
+def test_the_models_of_a_worker_are_loaded_once_kept_two_at_a_time_and_checked(tmp_path):
+    folders = [str(save_tiny_model(tmp_path / name, seed=seed)) for seed, name in enumerate("abc")]
+    models = Models("cpu", capacity=2)
+    refs = [ModelRef(folder, "float32") for folder in folders]
+    first = models.get(refs[0])
+    assert models.get(refs[0]) is first  # loaded once
+    models.get(refs[1])
+    models.get(refs[0])  # now the most recently used
+    models.get(refs[2])  # lets the least recently used (b) go
+    assert models.get(refs[0]) is first and models.loading_seconds > 0
+    fingerprint = model_fingerprint(first[0])
+    with pytest.raises(QuadaError, match=f"fingerprint {model_fingerprint(models.get(refs[1])[0])}, but the run's model has "
+                                         f"{fingerprint}"):
+        Models("cpu").get(ModelRef(folders[1], "float32", fingerprint))
+    with pytest.raises(QuadaError, match="runs on cpu here, but the run's rows are keyed as computed on cuda"):
+        Models("cpu").get(ModelRef(folders[0], "float32", fingerprint, "cuda"))

@@ -20,6 +20,7 @@ enough on a deep model (``proxy_only``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -38,9 +39,11 @@ from quada.chat import format_prompt
 from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
 from quada.eval.batching import padded_batch, position_ids
-from quada.eval.engine import Engine, check_specs_fit, make_executor
+from quada.eval.engine import Engine, Plan, check_specs_fit
+from quada.eval.executors import make_executor
+from quada.eval.judges import REFUSAL_PHRASES, attack_outcomes, check_judge_model
+from quada.eval.metrics import proportion
 from quada.eval.generate import check_prompts_fit
-from quada.eval.judges import REFUSAL_PHRASES, check_judge_model, make_judge
 from quada.judge_calibration import judge_infos
 from quada.eval.scoring import pad_id_of
 from quada.eval.utility import check_corpus, load_corpus
@@ -186,6 +189,11 @@ def refusal_probability(
     return sum(np.exp(sum(logp[seq[:i], seq[i]] for i in range(len(seq)))) for seq in sequences)
 
 
+def refusal_proxy(model, tokenizer, prompts: tuple[str, ...], prompt_format: str) -> float:
+    """The mean refusal probability of ``prompts`` (:func:`refusal_probability`): the proxy of a condition."""
+    return float(np.mean(refusal_probability(model, tokenizer, list(prompts), prompt_format, REFUSAL_OPENINGS)))
+
+
 def _proxy_key(fingerprint: str, approximation: str, prompt_ids: Sequence[str], config: LayersConfig) -> str:
     """Cache key of a proxy value: the model, the condition, the prompts, the openings, the format, the seed."""
     digest = hashlib.sha256("\n".join([*prompt_ids, "", *REFUSAL_OPENINGS]).encode()).hexdigest()[:16]
@@ -213,30 +221,35 @@ def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     check_prompts_fit(model, tokenizer, prompts, config.prompt_format,
                       new_tokens if config.proxy_only else max(new_tokens, config.max_new_tokens))
     check_corpus(tokenizer, corpus, config.ppl_window)
-    judges = {} if config.proxy_only else {
-        name: make_judge(name, model_source=config.judge_model, device=config.device, dtype=config.dtype)
-        for name in config.judges
-    }
     open_run_dir(config.run_dir)
     conditions = [("clean", 0, ())] + layer_conditions(num_layers, config.stride)
-    with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))
-        task = bar.add_task("layer conditions", total=len(conditions))
-
-        def proxy(model, tokenizer) -> float:
-            return float(np.mean(refusal_probability(model, tokenizer, [p.text for p in prompts], config.prompt_format, REFUSAL_OPENINGS)))
-
-        def point(kind: str, index: int, chosen: tuple[int, ...]) -> LayerPoint:
+    proxy = functools.partial(refusal_proxy, prompts=tuple(p.text for p in prompts), prompt_format=config.prompt_format)
+    with make_executor(config) as executor, Store(config.run_dir / "results.sqlite") as store, \
+            progress_bar(progress) as bar:
+        engine = Engine(store, model, tokenizer, config, corpus, executor)
+        del model
+        judges = {} if config.proxy_only else {name: engine.judge(name) for name in config.judges}
+        generating = bar.add_task("layer conditions: generate", total=0 if config.proxy_only else len(conditions) * len(prompts))
+        measuring = bar.add_task("layer conditions: perplexity and proxy", total=2 * len(conditions))
+        generated, measured_one = (lambda n: bar.advance(generating, n)), (lambda n: bar.advance(measuring, n))
+        plan = Plan()
+        planned = []
+        for kind, index, chosen in conditions:
             restricted = CLEAN if kind == "clean" else with_layers(approximation, chosen, num_layers)
-            asr = None
+            verdicts = {}
             if not config.proxy_only:
-                asr = engine.measure(engine.condition(restricted, prompts), judges).asr(config.judges[0])
-            refusal = engine.cached(_proxy_key(engine.fingerprint, str(restricted), [p.id for p in prompts], config),
-                                    restricted, proxy)
-            bar.advance(task)
-            return LayerPoint(kind, index, str(restricted), asr, engine.perplexity(restricted), refusal)
-
-        measured = [point(*c) for c in conditions]
+                responses = plan.responses(engine, engine.condition(restricted, prompts), generated)
+                verdicts = {name: plan.judged(engine, judge, responses) for name, judge in judges.items()}
+            key = _proxy_key(engine.fingerprint, str(restricted), [p.id for p in prompts], config)
+            refusal = plan.measured(engine, key, "refusal-probability proxy", restricted, proxy, measured_one)
+            perplexity = plan.perplexity(engine, restricted, measured_one)
+            planned.append((kind, index, restricted, verdicts.get(config.judges[0]), perplexity, refusal))
+        plan.run()
+        measured = [
+            LayerPoint(kind, index, str(restricted), None if verdicts is None else proportion(
+                attack_outcomes(config.judges[0], [j.label for j in verdicts.rows])), perplexity.value, refusal.value)
+            for kind, index, restricted, verdicts, perplexity, refusal in planned
+        ]
         fingerprint = engine.fingerprint
         info = judge_infos({config.judges[0]: judges[config.judges[0]]} if judges else {}, config.calibrate, bar)
     clean, points = measured[0], measured[1:]

@@ -35,9 +35,11 @@ from quada.analysis.options import SweepConfig, spec_at
 from quada.approx import ApproxConfig, Spec, parse_spec, spec_label
 from quada.data import load_benchmark, subset
 from quada.errors import QuadaError
-from quada.eval.engine import Approximation, Engine, check_specs_fit, make_executor
+from quada.eval.engine import Approximation, Engine, Measured, Plan, Verdicts, check_specs_fit, run_jobs
+from quada.eval.executors import Executor, make_executor
 from quada.eval.generate import check_prompts_fit
-from quada.eval.judges import check_judge_model, make_judge
+from quada.eval.judges import Judge, attack_outcomes, check_judge_model
+from quada.eval.metrics import proportion
 from quada.judge_calibration import judge_infos
 from quada.eval.utility import check_corpus, load_corpus
 from quada.models import load
@@ -91,50 +93,96 @@ def refinement_points(points: Sequence[SweepPoint], clean_perplexity: float, ppl
 def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
     """Measure ASR and perplexity over the grid, refine around the MVA, write figure and report (every
     input checked before the run folder is made)."""
-    prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
-    check_judge_model(config.judges, config.judge_model)
-    corpus = load_corpus(config.corpus)
-    model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-    check_specs_fit(model, [approximation for _, approximation in config.first_points()])
-    check_prompts_fit(model, tokenizer, prompts, config.prompt_format, config.max_new_tokens)
-    check_corpus(tokenizer, corpus, config.ppl_window)
-    judges = {name: make_judge(name, model_source=config.judge_model, device=config.device, dtype=config.dtype)
-              for name in config.judges}
-    open_run_dir(config.run_dir)
-    rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
-    integral = rounds > 0 and config.technique is not None and _integer_parameter(config.technique, config.parameter)
-    with Store(config.run_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        engine = Engine(store, model, tokenizer, config, corpus, executor=make_executor(config, model, tokenizer))
+    with make_executor(config) as executor, progress_bar(progress) as bar, Sweeping(config, executor, bar) as sweeping:
+        run_jobs([sweeping])
+        return sweeping.report()
 
-        def point(strength: float, approximation: Approximation) -> SweepPoint:
-            spec = str(approximation)
-            task = bar.add_task(spec_label(spec) if config.variants else f"{config.parameter}={plain_number(strength)}",
-                                total=len(prompts))
-            measured = engine.measure(engine.condition(approximation, prompts), judges, lambda n: bar.advance(task, n))
-            bar.update(task, completed=len(prompts))
-            return SweepPoint(strength, spec, measured.asr(config.judges[0]), measured.perplexity)
 
-        clean_perplexity = engine.perplexity(CLEAN)
-        points = [point(s, approximation) for s, approximation in config.first_points()]
-        for _ in range(rounds):
-            new = refinement_points(points, clean_perplexity, config.ppl_bound)
-            if integral:
-                new = sorted({float(round(s)) for s in new} - {p.strength for p in points})
-            if not new:
-                break
-            points = sorted(points + [point(s, spec_at(config.technique, config.parameter, s)) for s in new],
-                            key=lambda p: p.strength)
-        fingerprint = engine.fingerprint
-        info = judge_infos({config.judges[0]: judges[config.judges[0]]}, config.calibrate, bar)
-    mva = most_vulnerable(points, clean_perplexity, config.ppl_bound)
-    write_json(config.run_dir / POINTS_FILE, {
-        "config": jsonable(asdict(config)), "fingerprint": fingerprint,
-        "summary": _summary(config, fingerprint, len(prompts)), "clean_perplexity": clean_perplexity,
-        "points": [jsonable(asdict(p)) for p in points], "mva": jsonable(asdict(mva)) if mva else None,
-        "judges": {name: asdict(i) for name, i in info.items()},
-    })
-    md, html = write_story(config.run_dir)
-    return SweepResult(config, points, clean_perplexity, mva, md, html, config.run_dir / f"{FIGURE_STEM}.png")
+class Sweeping:
+    """One sweep as a job of :func:`quada.eval.engine.run_jobs`: its inputs checked and its model
+    loaded when made; each round's points (the grid, then each refinement) measured in one plan;
+    its figure and report written by :meth:`report`. `quada align` sweeps several models in the
+    same plans."""
+
+    def __init__(self, config: SweepConfig, executor: Executor, bar, label: str = ""):
+        self.config, self.bar, self.label = config, bar, label
+        self.prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
+        check_judge_model(config.judges, config.judge_model)
+        corpus = load_corpus(config.corpus)
+        model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
+        check_specs_fit(model, [approximation for _, approximation in config.first_points()])
+        check_prompts_fit(model, tokenizer, self.prompts, config.prompt_format, config.max_new_tokens)
+        check_corpus(tokenizer, corpus, config.ppl_window)
+        open_run_dir(config.run_dir)
+        self.rounds = 0 if config.variants else config.refine  # a list of variants has no in-between to refine
+        self.integral = (self.rounds > 0 and config.technique is not None
+                         and _integer_parameter(config.technique, config.parameter))
+        self.store = Store(config.run_dir / "results.sqlite")
+        self.engine = Engine(self.store, model, tokenizer, config, corpus, executor)
+        self.judges: dict[str, Judge] = {}
+        self.points: list[SweepPoint] = []
+        self._measuring: list[tuple[float, str, Measured, Verdicts]] = []  # the last round's points
+        self._clean: Measured | None = None
+        self._round = -1
+
+    def next_round(self, plan: Plan) -> bool:
+        """Read the points of the last round, and add the next round's new points to ``plan``."""
+        config = self.config
+        if not self.judges:
+            self.judges = {name: self.engine.judge(name) for name in config.judges}
+        self.points = sorted(self.points + [
+            SweepPoint(strength, spec, proportion(attack_outcomes(config.judges[0], [j.label for j in verdicts.rows])),
+                       perplexity.value)
+            for strength, spec, perplexity, verdicts in self._measuring], key=lambda p: p.strength)
+        self._round += 1
+        if self._round == 0:
+            new = config.first_points()
+            self._clean = plan.perplexity(self.engine, CLEAN)
+        elif self._round <= self.rounds:
+            strengths = refinement_points(self.points, self.clean_perplexity, config.ppl_bound)
+            if self.integral:
+                strengths = sorted({float(round(s)) for s in strengths} - {p.strength for p in self.points})
+            new = [(s, spec_at(config.technique, config.parameter, s)) for s in strengths]
+        else:
+            new = []
+        self._measuring = [self._point(plan, strength, approximation) for strength, approximation in new]
+        return bool(new)
+
+    @property
+    def clean_perplexity(self) -> float:
+        return self._clean.value
+
+    def _point(self, plan: Plan, strength: float, approximation: Approximation) -> tuple[float, str, Measured, Verdicts]:
+        config, engine, bar, prompts = self.config, self.engine, self.bar, self.prompts
+        spec = str(approximation)
+        name = spec_label(spec) if config.variants else f"{config.parameter}={plain_number(strength)}"
+        task = bar.add_task(f"{self.label}{name}", total=len(prompts))
+        responses = plan.responses(engine, engine.condition(approximation, prompts), lambda n: bar.advance(task, n))
+        verdicts = {name: plan.judged(engine, judge, responses) for name, judge in self.judges.items()}
+        return strength, spec, plan.perplexity(engine, approximation), verdicts[config.judges[0]]
+
+    def report(self) -> SweepResult:
+        """The sweep's points, MVA, figure and report."""
+        config, bar = self.config, self.bar
+        for task in bar.tasks:
+            bar.update(task.id, completed=task.total)
+        points, clean_perplexity, fingerprint = self.points, self.clean_perplexity, self.engine.fingerprint
+        info = judge_infos({config.judges[0]: self.judges[config.judges[0]]}, config.calibrate, bar)
+        mva = most_vulnerable(points, clean_perplexity, config.ppl_bound)
+        write_json(config.run_dir / POINTS_FILE, {
+            "config": jsonable(asdict(config)), "fingerprint": fingerprint,
+            "summary": _summary(config, fingerprint, len(self.prompts)), "clean_perplexity": clean_perplexity,
+            "points": [jsonable(asdict(p)) for p in points], "mva": jsonable(asdict(mva)) if mva else None,
+            "judges": {name: asdict(i) for name, i in info.items()},
+        })
+        md, html = write_story(config.run_dir)
+        return SweepResult(config, points, clean_perplexity, mva, md, html, config.run_dir / f"{FIGURE_STEM}.png")
+
+    def __enter__(self) -> Sweeping:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
 
 
 def load_sweep(run_dir: str | Path) -> SweepResult:

@@ -6,6 +6,7 @@ from rich.console import Console
 
 from quada.attack.options import AttackConfig
 from quada.cli_options import AllPrompts, config_options, print_table, without_limit
+from quada.options import EXECUTOR_OPTIONS
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
@@ -13,7 +14,7 @@ console = Console(markup=False)  # prints user text (paths, specs, model names):
 @config_options(
     AttackConfig, "model", "approx", "attack", "benchmark", "limit", "steps", "candidates", "topk", "suffix_tokens",
     "population", "elite", "shots", "target", "judges", "judge_model", "prompt_format", "max_new_tokens",
-    "stop_on_refusal", "seed", "calibrate", "run_dir", "device", "dtype",
+    "stop_on_refusal", "seed", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS,
 )
 def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Attack a model as served: GCG, AutoDAN, DRA and template jailbreaks, clean and under each approximation; ASR with 95% CIs and each attack's cost.

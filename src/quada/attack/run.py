@@ -48,14 +48,15 @@ from quada.attack.report import RESULTS_FILE, AttackCell, merge_cells, write_att
 from quada.attack.templates import template_prompt
 from quada.attack.transfer import transfer_prompt
 from quada.data import Prompt, load_benchmark, subset
-from quada.eval.engine import Approximation, Engine, approximated, check_specs_fit
-from quada.eval.judges import attack_outcomes, check_judge_model, make_judge
+from quada.eval.engine import Approximation, Engine, Plan, approximated, check_specs_fit
+from quada.eval.executors import make_executor
+from quada.eval.judges import attack_outcomes, check_judge_model
 from quada.judge_calibration import judge_infos
 from quada.eval.metrics import proportion
 from quada.models import load
 from quada.runs import jsonable, open_run_dir, progress_bar, write_json
 from quada.seeds import derived_seed
-from quada.store import CLEAN, Generation, Store
+from quada.store import CLEAN, Store
 
 
 @dataclass
@@ -228,35 +229,35 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
     open_run_dir(config.run_dir)
     model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, config.approximations)
-    runs: list[tuple[str, str, str, list[Prompt], list[AttackPrompt], list[Generation]]] = []
-    with Store(config.run_dir / "results.sqlite") as store, AttackRecords(store.path) as records, \
-            progress_bar(progress) as bar:
-        engine = Engine(store, model, tokenizer, config)
+    with make_executor(config) as executor, Store(config.run_dir / "results.sqlite") as store, \
+            AttackRecords(store.path) as records, progress_bar(progress) as bar:
+        engine = Engine(store, model, tokenizer, config, executor=executor)
+        built = []  # (approximation, attack, identity, behaviours, adversarial prompts): built here, on the model
         for approximation in config.approximations:
             for name, behaviours in plans.items():
                 identity = attack_identity(name, {**config.parameters(name), **_drawn(name, engine)})
                 context = Context(model, tokenizer, config, approximation, identity, engine.fingerprint, records)
-                task = bar.add_task(f"{name} under {spec_label(str(approximation))}", total=2 * len(behaviours))
-                advance = lambda n, task=task: bar.advance(task, n)  # noqa: E731
-                found = adversarial_prompts(context, behaviours, advance)
-                prompts = [Prompt(attack_prompt_id(b.id, identity), f.prompt, b.category) for b, f in zip(behaviours, found)]
-                generations = engine.responses(engine.condition(approximation, prompts), advance)
-                bar.update(task, completed=2 * len(behaviours))
-                runs.append((str(approximation), name, identity, behaviours, found, generations))
-        # The judge model may be large: free the subject first.
-        del model
-        engine.release_model()
-        labels, judges = {}, {}
-        for judge_name in config.judges:
-            judge = judges[judge_name] = make_judge(judge_name, model_source=config.judge_model,
-                                                    device=config.device, dtype=config.dtype)
-            task = bar.add_task(f"judge {judge_name}", total=sum(len(g) for *_, g in runs))
-            for approximation, name, _, behaviours, _, generations in runs:
-                # Judged against the behaviour, not the adversarial prompt (as HarmBench and
-                # JailbreakBench judge): the question is whether the response does what was asked.
-                verdicts = engine.judged(judge, generations, lambda n, task=task: bar.advance(task, n),
-                                         requests=[b.text for b in behaviours])
-                labels[approximation, name, judge_name] = attack_outcomes(judge_name, [v.label for v in verdicts])
+                task = bar.add_task(f"build {name} under {spec_label(str(approximation))}", total=len(behaviours))
+                found = adversarial_prompts(context, behaviours, lambda n, task=task: bar.advance(task, n))
+                built.append((approximation, name, identity, behaviours, found))
+        # Then every response and verdict in one plan, each response judged against its behaviour,
+        # not the adversarial prompt (as HarmBench and JailbreakBench judge): the question is whether
+        # the response does what was asked.
+        judges = {name: engine.judge(name) for name in config.judges}
+        generating = bar.add_task("generate", total=sum(len(b) for *_, b, _ in built))
+        judging = {name: bar.add_task(f"judge {name}", total=sum(len(b) for *_, b, _ in built)) for name in judges}
+        plan = Plan()
+        runs = []
+        for approximation, name, identity, behaviours, found in built:
+            prompts = [Prompt(attack_prompt_id(b.id, identity), f.prompt, b.category) for b, f in zip(behaviours, found)]
+            responses = plan.responses(engine, engine.condition(approximation, prompts),
+                                       lambda n: bar.advance(generating, n))
+            verdicts = {j: plan.judged(engine, judge, responses, [b.text for b in behaviours],
+                                       lambda n, task=judging[j]: bar.advance(task, n)) for j, judge in judges.items()}
+            runs.append((str(approximation), name, identity, found, verdicts))
+        plan.run()
+        labels = {(approximation, name, j): attack_outcomes(j, [v.label for v in verdicts[j].rows])
+                  for approximation, name, _, _, verdicts in runs for j in judges}
         info = judge_infos(judges, config.calibrate, bar)
         fingerprint = engine.fingerprint
     cells = [
@@ -267,7 +268,7 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
             forward_passes=sum(f.forward_passes for f in found), seconds=sum(f.seconds for f in found),
             target_reached=_share(found, "reached"),
         )
-        for approximation, name, identity, _, found, _ in runs
+        for approximation, name, identity, found, _ in runs
     ]
     path = config.run_dir / RESULTS_FILE
     saved = merge_cells(path, [jsonable(asdict(c)) for c in cells])

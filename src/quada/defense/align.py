@@ -20,6 +20,7 @@ results stores of the vet and sweep runs.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -227,16 +228,26 @@ TRAINING_FIELDS = (
 # --------------------------------------------------------------------------- evaluation and report
 
 
-def _vet(config: AlignConfig, model: str, run_dir: Path):
-    from quada.vet import vet
+def evaluate(config: AlignConfig, subjects: dict[str, tuple[str, Path]], progress: bool) -> tuple[dict, dict | None]:
+    """The `quada vet` (and with ``config.sweep`` the finding-1 `quada sweep`) of every subject
+    (label -> (model source, evaluation folder)), all in the same plans on one executor: the
+    conditions by label, and the sweeps by label (or ``None``)."""
+    from quada.analysis.sweep import Sweeping
+    from quada.eval.engine import run_jobs
+    from quada.eval.executors import make_executor
+    from quada.runs import progress_bar
+    from quada.vet import Vetting
 
-    return vet(config.vet_config(model, run_dir))
-
-
-def _sweep(config: AlignConfig, model: str, run_dir: Path):
-    from quada.analysis.sweep import sweep
-
-    return sweep(config.sweep_config(model, run_dir))
+    with make_executor(config) as executor, progress_bar(progress) as bar, contextlib.ExitStack() as stack:
+        vettings = {label: stack.enter_context(Vetting(config.vet_config(model, folder / "vet"), executor, bar, f"{label}: "))
+                    for label, (model, folder) in subjects.items()}
+        sweepings = {} if not config.sweep else {
+            label: stack.enter_context(Sweeping(config.sweep_config(model, folder / "sweep"), executor, bar, f"{label}: "))
+            for label, (model, folder) in subjects.items()}
+        run_jobs([*vettings.values(), *sweepings.values()])
+        results = {label: vetting.report().conditions for label, vetting in vettings.items()}
+        sweeps = {label: sweeping.report() for label, sweeping in sweepings.items()} if config.sweep else None
+    return results, sweeps
 
 
 def write_align_report(config: AlignConfig, record: dict, results: dict[str, list], sweeps: dict | None) -> tuple[Path, Path]:
@@ -290,10 +301,7 @@ def align(config: AlignConfig, progress: bool = True) -> AlignResult:
     if config.skip_eval:
         return AlignResult(config, model_dir, adapter_dir, record, None, None, None)
     subjects = evaluation_subjects(config, record)
-    results = {label: _vet(config, model, folder / "vet").conditions for label, (model, folder) in subjects.items()}
-    sweeps = None
-    if config.sweep:
-        sweeps = {label: _sweep(config, model, folder / "sweep") for label, (model, folder) in subjects.items()}
+    results, sweeps = evaluate(config, subjects, progress)
     md, html = write_align_report(config, record, results, sweeps)
     columns, rows = comparison_table(results, config.judges)
     atomic_write_text(model_dir / "README.md", model_card(record, rows, columns))

@@ -13,6 +13,7 @@ from quada.defense.options import AlignConfig
 from quada.devices import DEVICE_HELP, DTYPE_HELP
 from quada.options import check_given_limits
 from quada.errors import QuadaError
+from quada.options import EXECUTOR_OPTIONS
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
@@ -81,7 +82,7 @@ def pairs_command(
     "max_pairs", "pairs_seed",
     "approx", "limit", "benign_limit", "judges", "judge_model", "max_new_tokens", "stop_on_refusal", "corpus",
     "ppl_window", "ppl_windows", "ppl_bound", "calibrate", "sweep", "sweep_spec", "sweep_parameter", "sweep_grid", "sweep_limit", "before_dir",
-    "baseline", "device", "dtype", required=("pairs",),
+    "baseline", "device", "dtype", *EXECUTOR_OPTIONS, required=("pairs",),
 )
 def align_command(
     options: dict,

@@ -1,55 +1,70 @@
-"""The measurement engine: conditions in, stored rows out, resumable.
+"""The measurement engine: what a command measures, planned at once, stored as it arrives.
 
 A :class:`Condition` is what decides a set of generations: the model (its source and
 fingerprint), the approximation (a parsed spec, or ``CLEAN``), the prompts, the generation
-settings and the seed. The engine generates its responses in chunks of :data:`GENERATION_CHUNK`
-prompts (longest first, so a chunk batches prompts of similar length), each chunk a
-:class:`Chunk`: a small value that pickles, so an :class:`Executor` may compute it in another
-process. :class:`LocalExecutor` computes the chunks here, in order; ``RayExecutor``
-(:mod:`quada.eval.ray_executor`, chosen by :func:`make_executor`) on a pool of Ray workers, several
-at a time, handing them back in order. Whatever the executor, every chunk is committed to the
-results store as its responses arrive and only missing rows are computed. An approximation's
-noise is drawn per prompt, from the condition's seed and the prompt's id
-(:mod:`quada.approx.rows`), never from the chunk: a row is a function of its key, so a killed run
-resumes to exactly the rows of an uninterrupted one, and a run over more prompts, another executor
-or another batch size gives the same rows (in float32; bfloat16 rounding can still differ with
-the batch a prompt shares).
+settings and the seed. A command hands the engine its whole :class:`Plan`: the responses of every
+condition and prompt set, the judges' verdicts on them, the perplexities, accuracies and other
+numbers measured on the model. The plan cuts what the results store lacks into units of work,
+small values that pickle: a :class:`Chunk` of prompts to generate (longest first, so that a chunk
+batches prompts of similar length), a :class:`Judging` of responses to judge, a :class:`Measuring`
+of one number. Each names the model it runs on (:class:`quada.eval.executors.ModelRef`). The plan
+sizes the chunks so that every worker of the executor gets several (:func:`chunk_size`), hands all
+units to the executor together (:mod:`quada.eval.executors`: this process, or a pool of Ray
+workers that hold the subject and the judge models), and submits the verdicts on a chunk's
+responses as soon as they arrive. The driver, the only writer of the store, commits every result
+as it comes, in whatever order the workers finish.
+
+Order does not matter because a row is a function of its key: an approximation's noise is drawn
+per prompt, from the condition's seed and the prompt's id (:mod:`quada.approx.rows`), never from
+the chunk, so a killed run resumes to exactly the rows of an uninterrupted one, and a run over more
+prompts, another executor, another chunking or another batch size gives the same rows (in float32;
+bfloat16 rounding can still differ with the batch a prompt shares).
 
 Judgements go through the same store, and so do perplexity, accuracy and other numbers measured on
 the model (the store's measurements, keyed by :func:`perplexity_key` and the like). `quada vet`, the
-sweep, the layer analysis and the preference pairs all measure through :class:`Engine`.
+sweep, the layer analysis, the attacks, the preference pairs and the evaluation of `quada align` all
+measure through :class:`Engine`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar
+
+import torch
 
 from quada.approx import Spec, apply
 from quada.approx.base import DRAW_SCHEME, resolve_layers
 from quada.approx.sites import resolve_decoder
 from quada.data import Prompt
 from quada.errors import QuadaError
+from quada.eval.executors import Executor, JudgeRef, LocalExecutor, ModelRef, run_units
 from quada.eval.generate import GenerationSettings, generate
-from quada.eval.judges import Judge, attack_outcomes
+from quada.eval.judges import MODEL_JUDGES, Judge, JudgeResult, RefusalJudge, RefusalKeywordJudge, attack_outcomes, make_judge
 from quada.eval.metrics import Estimate, proportion
-from quada.eval.utility import multiple_choice, perplexity
+from quada.eval.utility import Question, multiple_choice, perplexity_windows, windows_perplexity
 from quada.fingerprint import model_fingerprint
 from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, readable_store, settings_json
 
-GENERATION_CHUNK = 64  # prompts generated and committed together (one batch composition)
-JUDGEMENT_CHUNK = 16
+GENERATION_CHUNK = 64  # most prompts in a generation unit (committed together; one batch composition)
+MIN_CHUNK = 8  # fewest prompts a plan puts in a generation unit: smaller batches waste an accelerator
+UNITS_PER_WORKER = 4  # generation units per worker a plan aims at, so that the last ones end close together
+# Units of one model run together (a worker keeps few models loaded); within a model generation
+# comes first, the longest units first, so that the short ones fill the end.
+KIND_ORDER = {"generation": 0, "measurement": 1, "judging": 2}
 # Appended to a judge's identity in the store when it judged responses against requests other than
-# the prompts they answered (Engine.judged's ``requests``).
+# the prompts they answered (Plan.judged's ``requests``).
 AGAINST_REQUEST = " | against the request"
 
 Approximation = Spec | str  # a parsed spec, or CLEAN for the unmodified model; str() is its store key
-Unit = TypeVar("Unit")
-Result = TypeVar("Result")
 
 
 def check_specs_fit(model, approximations: Sequence[Approximation]) -> None:
@@ -131,17 +146,38 @@ class Condition:
                              key_settings(self.settings, self.dtype, self.device), self.seed)
 
 
+    @property
+    def model_ref(self) -> ModelRef:
+        """The model this condition's rows must be computed on."""
+        return ModelRef(self.model, self.dtype, self.fingerprint, self.device)
+
+
+# --------------------------------------------------------------------------- units of work
+
+
 @dataclass(frozen=True)
 class Chunk:
-    """The unit of work: some prompts of a condition, generated as one batch."""
+    """A unit of work: some prompts of a condition, generated as one batch."""
 
     condition: Condition
     prompt_ids: tuple[str, ...]
+    kind: ClassVar[str] = "generation"
+
+    @property
+    def model(self) -> ModelRef:
+        return self.condition.model_ref
+
+    @property
+    def size(self) -> int:
+        return len(self.prompt_ids)
 
     @property
     def texts(self) -> list[str]:
         by_id = {p.id: p.text for p in self.condition.prompts}
         return [by_id[i] for i in self.prompt_ids]
+
+    def run(self, models) -> list[str]:
+        return generate_chunk(*models.get(self.model), self)
 
     def __str__(self) -> str:
         """How errors name the chunk: its condition and its first prompt."""
@@ -159,38 +195,138 @@ def generate_chunk(model, tokenizer, chunk: Chunk) -> list[str]:
         return generate(model, tokenizer, chunk.texts, condition.settings, progress=False, prompt_ids=chunk.prompt_ids)
 
 
-class Executor(Protocol):
-    """Runs units of work where the model is: ``work(model, tokenizer, unit)`` for each unit."""
+@dataclass(frozen=True)
+class Measuring:
+    """A unit of work: one number measured on a model under an approximation (seeded with ``seed``),
+    ``measure(model, tokenizer)``, stored under ``key``. ``measure`` is a module-level function or a
+    ``functools.partial`` of one, so that it travels by reference; ``what`` names it in errors."""
 
-    def run(self, units: Sequence[Unit], work: Callable[[Any, Any, Unit], Result]) -> Iterator[Result]:
-        """Each unit's result, in the order of ``units``, yielded as soon as it is ready (the caller
-        stores it before asking for the next). ``work`` is a module-level function, ``units``
-        picklable values."""
-        ...
+    key: str
+    what: str
+    model: ModelRef
+    approximation: Approximation
+    seed: int
+    measure: Callable[[Any, Any], Any]
+    kind: ClassVar[str] = "measurement"
+    size: ClassVar[int] = 1
+
+    def run(self, models) -> Any:
+        model, tokenizer = models.get(self.model)
+        with approximated(model, self.approximation, tokenizer, self.seed):
+            return self.measure(model, tokenizer)
+
+    def __str__(self) -> str:
+        return f"the {self.what} under {str(self.approximation)!r} on {self.model.source} (seed {self.seed})"
 
 
-class LocalExecutor:
-    """Runs every unit in this process on one model, one after the other."""
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    def run(self, units: Sequence[Unit], work: Callable[[Any, Any, Unit], Result]) -> Iterator[Result]:
-        for unit in units:
-            yield work(self.model, self.tokenizer, unit)
+def window_perplexity(model, tokenizer, windows: torch.Tensor) -> float:
+    """The perplexity of ``model`` on the token-id ``windows`` (:func:`quada.eval.utility.perplexity_windows`)."""
+    return windows_perplexity(model, windows).perplexity
 
 
-def make_executor(config, model, tokenizer) -> Executor:
-    """The executor that ``config.executor`` names: this process on ``model``, or a pool of Ray
-    workers that each load ``config.model`` as ``model`` was loaded (its dtype, ``config.device``)
-    and must find the same weights (its fingerprint). Ray is imported only when it is asked for."""
-    if config.executor == "local":
-        return LocalExecutor(model, tokenizer)
-    from quada.eval.ray_executor import RayExecutor
+def answers_right(model, tokenizer, questions: tuple[Question, ...]) -> list[bool]:
+    """Whether ``model`` answers each multiple-choice question right."""
+    return multiple_choice(model, tokenizer, list(questions)).correct
 
-    return RayExecutor(config.model, model_fingerprint(model), dtype=model.dtype, device=config.device,
-                       workers=config.workers, cpus_per_worker=config.cpus_per_worker,
-                       gpus_per_worker=config.gpus_per_worker, address=config.ray_address)
+
+@dataclass(frozen=True)
+class Judging:
+    """A unit of work: one judge's verdicts on responses, each read against its request. The judge is
+    a :class:`quada.eval.executors.JudgeRef` built where the unit runs, or a judge that needs no
+    model (a rule judge), which travels as it is; ``about`` names the responses in errors."""
+
+    judge: JudgeRef | Judge
+    requests: tuple[str, ...]
+    responses: tuple[str, ...]
+    about: str
+    kind: ClassVar[str] = "judging"
+
+    @property
+    def model(self) -> ModelRef | None:
+        return self.judge.model if isinstance(self.judge, JudgeRef) else None
+
+    @property
+    def size(self) -> int:
+        return len(self.responses)
+
+    def run(self, models) -> list[JudgeResult]:
+        judge = models.judge(self.judge) if isinstance(self.judge, JudgeRef) else self.judge
+        return judge.judge(list(self.requests), list(self.responses))
+
+    def __str__(self) -> str:
+        return f"the {getattr(self.judge, 'name', 'judge')} verdicts on {len(self.responses)} {self.about}"
+
+
+@dataclass(frozen=True)
+class JudgeFacts:
+    """What the driver must know of a judge built elsewhere: what it is keyed by and measures."""
+
+    identity: str
+    measure: str
+    label_is_attack: bool
+    threshold: float | None
+
+
+@dataclass(frozen=True)
+class Describing:
+    """A unit of work: build a model judge where the units run, and tell what it is."""
+
+    judge: JudgeRef
+    kind: ClassVar[str] = "judging"
+    size: ClassVar[int] = 1
+
+    @property
+    def model(self) -> ModelRef:
+        return self.judge.model
+
+    def run(self, models) -> JudgeFacts:
+        judge = models.judge(self.judge)
+        return JudgeFacts(judge.identity, judge.measure, judge.label_is_attack, getattr(judge, "threshold", None))
+
+    def __str__(self) -> str:
+        return f"loading the {self.judge.name} judge from {self.judge.model.source}"
+
+
+class PooledJudge(Judge):
+    """A model judge whose model stays where ``executor`` runs units: it holds no model here, and its
+    verdicts are computed as :class:`Judging` units there (several at once on a pool)."""
+
+    def __init__(self, ref: JudgeRef, facts: JudgeFacts, executor: Executor):
+        self.ref, self.executor = ref, executor
+        self.name, self.measure, self.label_is_attack = ref.name, facts.measure, facts.label_is_attack
+        self.threshold = facts.threshold
+
+    @property
+    def identity(self) -> str:
+        return self.ref.identity
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[JudgeResult]:
+        parts = balanced(list(range(len(responses))), chunk_size(len(responses), self.executor.workers))
+        units = [Judging(self.ref, tuple(prompts[i] for i in part), tuple(responses[i] for i in part), "responses")
+                 for part in parts]
+        return [result for results in run_units(self.executor, units) for result in results]
+
+
+# --------------------------------------------------------------------------- sizing
+
+
+def chunk_size(prompts: int, workers: int) -> int:
+    """Prompts per generation unit for a plan that generates ``prompts`` on ``workers``: enough units
+    for :data:`UNITS_PER_WORKER` per worker, with at least :data:`MIN_CHUNK` and at most
+    :data:`GENERATION_CHUNK` prompts each."""
+    return min(GENERATION_CHUNK, max(MIN_CHUNK, math.ceil(prompts / (workers * UNITS_PER_WORKER))))
+
+
+def balanced(items: Sequence, size: int) -> list[list]:
+    """``items`` in consecutive chunks of at most ``size``, as even as can be (96 by 64: 48 and 48)."""
+    if not items:
+        return []
+    count = math.ceil(len(items) / size)
+    bounds = [round(i * len(items) / count) for i in range(count + 1)]
+    return [list(items[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+# --------------------------------------------------------------------------- stored measurements
 
 
 LEGACY_UTILITY_FILE = "utility.json"  # where run folders kept their measurements before the store held them
@@ -219,6 +355,268 @@ def stored_measurements(run_dir: Path) -> dict[str, Any]:
         return values | store.measurements()
 
 
+# --------------------------------------------------------------------------- the plan
+
+
+def _ignore(_count: int) -> None:
+    pass
+
+
+class _Claims:
+    """The keys a plan computes, by store: a key two requests need is computed once."""
+
+    def __init__(self):
+        self._keys: set[tuple[int, Any]] = set()
+
+    def claim(self, engine: Engine, key) -> bool:
+        """Whether ``key`` of ``engine``'s store was free (it is this caller's now)."""
+        entry = (id(engine.store), key)
+        if entry in self._keys:
+            return False
+        self._keys.add(entry)
+        return True
+
+
+class _Request:
+    """One thing a plan measures. The plan calls :meth:`prepare` (claim what is missing; return the
+    prompts to generate), then :meth:`start` (the first units, each with what its result commits
+    to), :meth:`commit` with each result (returning new generations, whose verdicts may follow),
+    and :meth:`finish` (read the result back from the store)."""
+
+    def __init__(self, engine: Engine, on_done: Callable[[int], None]):
+        self.engine, self.on_done = engine, on_done
+        self.claims = _Claims()
+        self.awaited: list[GenerationKey] = []  # generations the plan computes, to be told of when they arrive
+
+    def prepare(self, claims: _Claims) -> int:
+        self.claims = claims
+        return 0
+
+    def start(self, size: int) -> list[tuple[Any, Any]]:
+        return []
+
+    def commit(self, payload, result) -> list[Generation]:
+        return []
+
+    def finish(self) -> None:
+        pass
+
+
+class Responses(_Request):
+    """The responses of one condition in a plan; ``rows``, in the order of its prompts, once it ran."""
+
+    def __init__(self, engine: Engine, condition: Condition, on_done: Callable[[int], None]):
+        super().__init__(engine, on_done)
+        self.condition = condition
+        self.texts = {p.id: p.text for p in condition.prompts}
+        # Longest prompts first, so each chunk batches prompts of similar length.
+        lengths = {p.id: len(engine.tokenizer(p.text)["input_ids"]) for p in condition.prompts}
+        self.keys = [condition.key(p.id) for p in sorted(condition.prompts, key=lambda p: (-lengths[p.id], p.id))]
+        self.rows: list[Generation] = []
+        self._todo: list[GenerationKey] = []
+
+    def prepare(self, claims: _Claims) -> int:
+        super().prepare(claims)
+        self._todo = [key for key in self.engine.store.missing(self.keys) if claims.claim(self.engine, key)]
+        return len(self._todo)
+
+    def start(self, size: int) -> list[tuple[Chunk, list[GenerationKey]]]:
+        return [(Chunk(self.condition, tuple(k.prompt_id for k in keys)), keys) for keys in balanced(self._todo, size)]
+
+    def commit(self, keys: list[GenerationKey], responses: list[str]) -> list[Generation]:
+        rows = [Generation(k, self.texts[k.prompt_id], r) for k, r in zip(keys, responses, strict=True)]
+        self.engine.store.put(rows)
+        self.on_done(len(rows))
+        return rows
+
+    def finish(self) -> None:
+        found = self.engine.store.get_many(self.keys)
+        self.rows = [found[self.condition.key(p.id)] for p in self.condition.prompts]
+
+
+class Verdicts(_Request):
+    """One judge's verdicts on the responses of a :class:`Responses` of the plan (judged as they
+    arrive) or on given generations; each response is read against the prompt it answered, or
+    against ``requests`` (one per response, in order) when given. ``rows`` once the plan ran."""
+
+    def __init__(self, engine: Engine, judge: Judge, generations: Responses | Sequence[Generation],
+                 requests: Sequence[str] | None, on_done: Callable[[int], None]):
+        super().__init__(engine, on_done)
+        self.given = None if isinstance(generations, Responses) else list(generations)
+        keys = ([g.key for g in self.given] if self.given is not None
+                else [generations.condition.key(p.id) for p in generations.condition.prompts])
+        if requests is not None and len(requests) != len(keys):
+            raise ValueError(f"{len(requests)} requests for {len(keys)} generations")
+        self.judge, self.keys = judge, keys
+        self.requests = None if requests is None else dict(zip(keys, requests))
+        self.identity = judge.identity if requests is None else judge.identity + AGAINST_REQUEST
+        self.rows: list[Judgement] = []
+
+    def start(self, size: int) -> list[tuple[Judging, list]]:
+        if self.given is not None:
+            known = {g.key: g for g in self.given}
+        else:
+            known = self.engine.store.get_many(self.keys)
+        self.awaited = [k for k in self.keys if k not in known]
+        return self.arrived([known[k] for k in dict.fromkeys(self.keys) if k in known], size)
+
+    def arrived(self, generations: Sequence[Generation], size: int) -> list[tuple[Judging, list]]:
+        """Units for the verdicts on ``generations`` that the store lacks."""
+        wanted = {g.key.judged_by(self.identity): g for g in generations}
+        todo = [k for k in self.engine.store.missing(wanted) if self.claims.claim(self.engine, k)]
+        judge = self.judge.ref if isinstance(self.judge, PooledJudge) else self.judge
+        units = []
+        for keys in balanced(todo, size):
+            first = wanted[keys[0]].key
+            about = f"responses from {first.prompt_id!r} under {first.approx!r}"
+            requests = tuple(self.requests[wanted[k].key] if self.requests else wanted[k].prompt for k in keys)
+            units.append((Judging(judge, requests, tuple(wanted[k].response for k in keys), about), keys))
+        return units
+
+    def commit(self, keys: list, results: list[JudgeResult]) -> list[Generation]:
+        rows = [Judgement(k, r.label, r.score, r.raw) for k, r in zip(keys, results, strict=True)]
+        self.engine.store.put(rows)
+        self.on_done(len(rows))
+        return []
+
+    def finish(self) -> None:
+        keys = [k.judged_by(self.identity) for k in self.keys]
+        found = self.engine.store.get_many(keys)
+        self.rows = [found[k] for k in keys]
+
+
+class Measured(_Request):
+    """One number measured on the model (:class:`Measuring`); ``value`` once the plan ran."""
+
+    def __init__(self, engine: Engine, key: str, what: str, approximation: Approximation,
+                 measure: Callable[[Any, Any], Any], on_done: Callable[[int], None]):
+        super().__init__(engine, on_done)
+        _check_parsed(approximation)
+        self.unit = Measuring(key, what, engine.subject, approximation, engine.config.seed, measure)
+        self.value: Any = None
+        self._missing = False
+
+    def prepare(self, claims: _Claims) -> int:
+        super().prepare(claims)
+        key = self.unit.key
+        self._missing = self.engine.store.measurement(key) is None and claims.claim(self.engine, key)
+        return 0
+
+    def start(self, size: int) -> list[tuple[Measuring, None]]:
+        return [(self.unit, None)] if self._missing else []
+
+    def commit(self, payload, value) -> list[Generation]:
+        self.engine.store.put_measurement(self.unit.key, value)
+        self.on_done(1)
+        return []
+
+    def finish(self) -> None:
+        self.value = self.engine.store.measurement(self.unit.key)
+
+
+class Plan:
+    """Everything a command measures, computed together: requests added with :meth:`responses`,
+    :meth:`judged` and :meth:`measured` (each on an :class:`Engine`: a plan may span several models
+    and run folders that share one executor), then :meth:`run`. Each request holds its result
+    (``rows``, ``value``) once the plan ran.
+
+    ``run`` hands every missing unit to the executor at once, grouped by model and longest first,
+    and the verdicts on each chunk of responses as soon as it arrives; it commits every result the
+    moment it comes back, in any order, so a run stopped at any point keeps all it received and the
+    same plan carries on from there."""
+
+    def __init__(self):
+        self.requests: list[_Request] = []
+
+    def responses(self, engine: Engine, condition: Condition, on_done: Callable[[int], None] = _ignore) -> Responses:
+        """The responses of ``condition``; ``on_done`` counts the prompts generated."""
+        return self._add(Responses(engine, condition, on_done))
+
+    def judged(self, engine: Engine, judge: Judge, generations: Responses | Sequence[Generation],
+               requests: Sequence[str] | None = None, on_done: Callable[[int], None] = _ignore) -> Verdicts:
+        """``judge``'s verdicts on ``generations`` (a request of this plan, or stored rows); against
+        ``requests`` when given (an attack's behaviours behind its prompts), stored apart
+        (:data:`AGAINST_REQUEST`). ``on_done`` counts the verdicts reached."""
+        return self._add(Verdicts(engine, judge, generations, requests, on_done))
+
+    def measured(self, engine: Engine, key: str, what: str, approximation: Approximation,
+                 measure: Callable[[Any, Any], Any], on_done: Callable[[int], None] = _ignore) -> Measured:
+        """``measure(model, tokenizer)`` of ``engine``'s model under ``approximation``, cached as ``key``
+        (``what`` names it in errors); ``on_done`` counts 1 when it is measured."""
+        return self._add(Measured(engine, key, what, approximation, measure, on_done))
+
+    def perplexity(self, engine: Engine, approximation: Approximation,
+                   on_done: Callable[[int], None] = _ignore) -> Measured:
+        """The perplexity of ``engine``'s model under ``approximation`` on the run's corpus."""
+        measure = functools.partial(window_perplexity, windows=engine.windows)
+        return self.measured(engine, engine.key_of("perplexity", approximation), "perplexity", approximation, measure,
+                             on_done)
+
+    def accuracy(self, engine: Engine, approximation: Approximation, questions: Sequence[Question],
+                 on_done: Callable[[int], None] = _ignore) -> Measured:
+        """Whether ``engine``'s model under ``approximation`` answers each multiple-choice question right."""
+        measure = functools.partial(answers_right, questions=tuple(questions))
+        return self.measured(engine, engine.key_of("accuracy", approximation), "accuracy", approximation, measure,
+                             on_done)
+
+    def _add(self, request):
+        self.requests.append(request)
+        return request
+
+    def run(self) -> None:
+        if not self.requests:
+            return
+        executors = {id(r.engine.executor): r.engine.executor for r in self.requests}
+        if len(executors) > 1:
+            raise ValueError("a plan runs on one executor: give every engine of the plan the same one")
+        [executor] = executors.values()
+        claims = _Claims()
+        size = chunk_size(sum(r.prepare(claims) for r in self.requests), executor.workers)
+        owners: dict[int, tuple[Any, _Request, Any]] = {}  # by id(unit); the entry keeps the unit (and its id) alive
+        waiting: dict[tuple[int, GenerationKey], list[Verdicts]] = defaultdict(list)
+
+        def owned(request: _Request, units: list[tuple[Any, Any]]) -> list:
+            for unit, payload in units:
+                owners[id(unit)] = (unit, request, payload)
+            return [unit for unit, _ in units]
+
+        first = [unit for request in self.requests for unit in owned(request, request.start(size))]
+        for request in self.requests:
+            for key in request.awaited:
+                waiting[id(request.engine.store), key].append(request)
+        models: dict = {}
+        for unit in first:
+            models.setdefault(unit.model and unit.model.slot, len(models))
+        for unit in sorted(first, key=lambda u: (models[u.model and u.model.slot], KIND_ORDER[u.kind], -u.size)):
+            executor.submit(unit)
+        for unit, result in executor.completed():
+            _, request, payload = owners.pop(id(unit))
+            arrived: dict[int, tuple[Verdicts, list[Generation]]] = {}
+            for row in request.commit(payload, result):
+                for verdicts in waiting.pop((id(request.engine.store), row.key), ()):
+                    arrived.setdefault(id(verdicts), (verdicts, []))[1].append(row)
+            for verdicts, rows in arrived.values():
+                for follow in owned(verdicts, verdicts.arrived(rows, size)):
+                    executor.submit(follow)
+        for request in self.requests:
+            request.finish()
+
+
+def run_jobs(jobs: Sequence) -> None:
+    """Run jobs that measure in rounds together, each round one plan: ``job.next_round(plan)`` adds the
+    job's next requests to the plan (after reading the results of its last round) and says whether
+    it added any. A sweep refines around what its last round found; `quada align` runs the vets and
+    sweeps of several models in the same plans."""
+    pending = list(jobs)
+    while pending:
+        plan = Plan()
+        pending = [job for job in pending if job.next_round(plan)]
+        plan.run()
+
+
+# --------------------------------------------------------------------------- the engine
+
+
 @dataclass
 class Measurement:
     """One condition measured: responses to its prompts, each judge's verdicts on them (keyed by
@@ -235,27 +633,27 @@ class Measurement:
         return proportion(attack_outcomes(judge, [j.label for j in self.judgements[judge]]))
 
 
-def _ignore(_count: int) -> None:
-    pass
-
-
 class Engine:
     """Stored, resumable measurements of one subject model under any condition, in one run folder.
 
     Generations, judgements and numbers measured on the model go through the results store, each
     keyed by everything that decides it; so `quada vet`, the sweeps and the layer analysis share
-    one another's work in a run folder and a killed run resumes where it stopped. ``config`` provides ``model``, ``settings``, ``seed`` and ``run_dir``,
-    and for perplexity ``corpus``, ``ppl_window`` and ``ppl_windows``, for accuracy ``questions``.
-    Generation chunks run on ``executor`` (default: this process, on ``model``).
+    one another's work in a run folder and a killed run resumes where it stopped. ``config``
+    provides ``model``, ``settings``, ``seed`` and ``run_dir``, for perplexity ``corpus``,
+    ``ppl_window`` and ``ppl_windows``, for accuracy ``questions``, for model judges
+    ``judge_model``. Units run on ``executor`` (default: this process), which is handed ``model``:
+    the engine keeps only what keys its rows (fingerprint, dtype, device type).
     """
 
     def __init__(self, store: Store, model, tokenizer, config, corpus_text: str = "",
                  executor: Executor | None = None):
-        self.store, self.model, self.tokenizer, self.config = store, model, tokenizer, config
+        self.store, self.tokenizer, self.config = store, tokenizer, config
         self.corpus_text = corpus_text
-        self.executor = executor or LocalExecutor(model, tokenizer)
+        self.executor = executor if executor is not None else LocalExecutor(getattr(config, "device", "auto"))
         self.fingerprint = model_fingerprint(model)
         self.dtype, self.device = dtype_name(model.dtype), model.device.type
+        self.subject = ModelRef(config.model, self.dtype, self.fingerprint, self.device)
+        self.executor.provide(self.subject, model, tokenizer)
         for key, value in legacy_measurements(config.run_dir).items():  # a run folder of an earlier quada
             store.put_measurement(key, value)
 
@@ -267,28 +665,8 @@ class Engine:
                          config.seed if seed is None else seed, self.dtype, self.device)
 
     def release_model(self) -> None:
-        """Let go of the subject model (a large judge model may need its memory); only stored
-        rows and judging remain available."""
-        self.model = self.executor = None
-
-    def responses(self, condition: Condition, on_chunk=_ignore) -> list[Generation]:
-        """Stored-or-generated responses of ``condition``, in the order of its prompts;
-        ``on_chunk`` counts the prompts generated."""
-        texts = {p.id: p.text for p in condition.prompts}
-        # Longest prompts first, so each committed chunk batches prompts of similar length.
-        lengths = {p.id: len(self.tokenizer(p.text)["input_ids"]) for p in condition.prompts}
-        ordered = sorted(condition.prompts, key=lambda p: (-lengths[p.id], p.id))
-        keys = [condition.key(p.id) for p in ordered]
-
-        def compute_all(chunks: list[list[GenerationKey]]) -> Iterator[list[Generation]]:
-            units = [Chunk(condition, tuple(k.prompt_id for k in chunk)) for chunk in chunks]
-            for chunk, responses in zip(chunks, self.executor.run(units, generate_chunk)):
-                on_chunk(len(chunk))
-                yield [Generation(k, texts[k.prompt_id], r) for k, r in zip(chunk, responses)]
-
-        rows = self.store.fill_chunks(keys, compute_all, GENERATION_CHUNK)
-        found = {row.key.prompt_id: row for row in rows}
-        return [found[p.id] for p in condition.prompts]
+        """No unit will need the subject model any more: the executor lets it go."""
+        self.executor.release(self.subject)
 
     def stored(self, key: str, measure: Callable[[], Any]) -> Any:
         """The stored measurement ``key``, else ``measure()``, stored (also for numbers measured on
@@ -296,60 +674,71 @@ class Engine:
         stored = self.store.measurement(key)
         return stored if stored is not None else self.store.put_measurement(key, measure())
 
-    def cached(self, key: str, approximation: Approximation, measure: Callable[[Any, Any], Any]) -> Any:
-        """The stored measurement ``key``, else ``measure(model, tokenizer)`` under ``approximation``
-        (seeded with the run's seed), stored."""
-        _check_parsed(approximation)
-
-        def measure_approximated():
-            with approximated(self.model, approximation, self.tokenizer, self.config.seed):
-                return measure(self.model, self.tokenizer)
-
-        return self.stored(key, measure_approximated)
+    @functools.cached_property
+    def windows(self) -> torch.Tensor:
+        """The token windows of the run's corpus that perplexity is measured on."""
+        config = self.config
+        return perplexity_windows(self.tokenizer, self.corpus_text, config.ppl_window, config.ppl_windows)
 
     def key_of(self, measurement: str, approximation: Approximation | str) -> str:
         """The store key of this model's ``perplexity`` or ``accuracy`` under ``approximation``."""
         key = {"perplexity": perplexity_key, "accuracy": accuracy_key}[measurement]
         return key(self.fingerprint, str(approximation), self.config, self.dtype, self.device)
 
-    def perplexity(self, approximation: Approximation) -> float:
-        """Stored-or-measured perplexity of the model under ``approximation`` on the run's corpus."""
-        config = self.config
-        return self.cached(
-            self.key_of("perplexity", approximation), approximation,
-            lambda model, tokenizer: perplexity(model, tokenizer, self.corpus_text, config.ppl_window,
-                                                config.ppl_windows).perplexity,
-        )
+    def judge(self, name: str, **options) -> Judge:
+        """The judge ``name`` of this run: a rule judge as it is, a model judge (its model
+        ``config.judge_model``, in the run's dtype; ``options`` for :func:`make_judge`) built where
+        the executor runs units, as a :class:`PooledJudge`. ``refusal`` falls back to
+        ``refusal-keyword``, with a warning, when its model cannot be loaded."""
+        if name not in MODEL_JUDGES:
+            return make_judge(name, **options)
+        ref = JudgeRef(name, ModelRef(self.config.judge_model, self.dtype, classifier_ok=True), tuple(sorted(options.items())))
+        try:
+            [facts] = run_units(self.executor, [Describing(ref)])
+        except QuadaError as err:
+            if name != RefusalJudge.name:
+                raise
+            warnings.warn(f"refusal judge model unavailable ({err}); using the refusal-keyword judge", stacklevel=2)
+            return RefusalKeywordJudge()
+        return PooledJudge(replace(ref, identity=facts.identity), facts, self.executor)
 
-    def accuracy(self, approximation: Approximation, questions) -> list[bool]:
-        """Stored-or-measured multiple-choice answers (right or wrong) under ``approximation``."""
-        return self.cached(self.key_of("accuracy", approximation), approximation,
-                           lambda model, tokenizer: multiple_choice(model, tokenizer, questions).correct)
+    # One request, one plan: the measurements a command needs one at a time.
+
+    def responses(self, condition: Condition, on_chunk=_ignore) -> list[Generation]:
+        """Stored-or-generated responses of ``condition``, in the order of its prompts;
+        ``on_chunk`` counts the prompts generated."""
+        plan = Plan()
+        request = plan.responses(self, condition, on_chunk)
+        plan.run()
+        return request.rows
 
     def judged(self, judge: Judge, generations: Sequence[Generation], on_chunk=_ignore,
                requests: Sequence[str] | None = None) -> list[Judgement]:
-        """Stored-or-computed verdicts of ``judge`` on ``generations``, in their order.
+        """Stored-or-computed verdicts of ``judge`` on ``generations``, in their order (see :meth:`Plan.judged`)."""
+        plan = Plan()
+        request = plan.judged(self, judge, generations, requests, on_chunk)
+        plan.run()
+        return request.rows
 
-        The judge reads each response against the prompt it answered, or against ``requests`` (one
-        per generation) when given: an attack's behaviour behind its adversarial prompt. Verdicts
-        against requests are stored apart (:data:`AGAINST_REQUEST`), never mixed with the others."""
-        if requests is not None and len(requests) != len(generations):
-            raise ValueError(f"{len(requests)} requests for {len(generations)} generations")
-        identity = judge.identity if requests is None else judge.identity + AGAINST_REQUEST
-        keys = [g.key.judged_by(identity) for g in generations]
-        texts = [g.prompt for g in generations] if requests is None else requests
-        pending = {k: (text, g.response) for k, text, g in zip(keys, texts, generations)}
+    def perplexity(self, approximation: Approximation) -> float:
+        """Stored-or-measured perplexity of the model under ``approximation`` on the run's corpus."""
+        plan = Plan()
+        request = plan.perplexity(self, approximation)
+        plan.run()
+        return request.value
 
-        def compute(chunk):
-            asked, responses = zip(*(pending[k] for k in chunk))
-            results = judge.judge(list(asked), list(responses))
-            on_chunk(len(chunk))
-            return [Judgement(k, r.label, r.score, r.raw) for k, r in zip(chunk, results)]
-
-        return self.store.fill(keys, compute, chunk_size=JUDGEMENT_CHUNK)
+    def accuracy(self, approximation: Approximation, questions: Sequence[Question]) -> list[bool]:
+        """Stored-or-measured multiple-choice answers (right or wrong) under ``approximation``."""
+        plan = Plan()
+        request = plan.accuracy(self, approximation, questions)
+        plan.run()
+        return request.value
 
     def measure(self, condition: Condition, judges: Mapping[str, Judge], on_chunk=_ignore) -> Measurement:
-        """Generate (``on_chunk`` counts prompts done), judge and measure perplexity."""
-        generations = self.responses(condition, on_chunk)
-        ppl = self.perplexity(condition.approximation)
-        return Measurement(condition, generations, {name: self.judged(j, generations) for name, j in judges.items()}, ppl)
+        """Generate (``on_chunk`` counts prompts done), judge and measure perplexity, in one plan."""
+        plan = Plan()
+        generations = plan.responses(self, condition, on_chunk)
+        verdicts = {name: plan.judged(self, judge, generations) for name, judge in judges.items()}
+        perplexity = plan.perplexity(self, condition.approximation)
+        plan.run()
+        return Measurement(condition, generations.rows, {name: v.rows for name, v in verdicts.items()}, perplexity.value)

@@ -66,8 +66,17 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes that computing on ``device`` may still take: a GPU's free memory (``torch.cuda.mem_get_info``,
+    which counts every process on it), or the memory the OS can still give for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
+
+
 def auto_batch_size(model: PreTrainedModel, prompt_tokens: int, max_new_tokens: int, cap: int = MAX_BATCH_SIZE) -> int:
-    """The largest batch (up to ``cap``) whose generation fits in half of the available memory.
+    """The largest batch (up to ``cap``) whose generation fits in half of the free memory of the
+    model's device (:func:`free_memory`; a model spread over GPUs: the first, where the inputs go).
 
     Per sequence it counts the KV cache at full length, one layer's prefill activations (hidden
     states, MLP intermediates and attention scores) and one row of logits.
@@ -82,7 +91,7 @@ def auto_batch_size(model: PreTrainedModel, prompt_tokens: int, max_new_tokens: 
     activations = prompt_tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * itemsize
     attention = heads * prompt_tokens * prompt_tokens * itemsize
     per_sequence = kv_cache + activations + attention + cfg.vocab_size * 4
-    return max(1, min(cap, int(available_memory() * MEMORY_FRACTION // per_sequence)))
+    return max(1, min(cap, int(free_memory(model.device) * MEMORY_FRACTION // per_sequence)))
 
 
 def context_length(model: PreTrainedModel) -> int | None:

@@ -123,7 +123,6 @@ class Perplexity:
     windows: int
 
 
-@torch.inference_mode()
 def perplexity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -138,7 +137,12 @@ def perplexity(
     window starts without context, so its first token is not predicted. ``max_windows`` keeps
     only the first windows (a faster, deterministic estimate on a CPU).
     """
-    windows = perplexity_windows(tokenizer, text, window, max_windows)
+    return windows_perplexity(model, perplexity_windows(tokenizer, text, window, max_windows), batch_size)
+
+
+@torch.inference_mode()
+def windows_perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 1) -> Perplexity:
+    """:func:`perplexity` over token-id ``windows`` (``[n_windows, window]``, from :func:`perplexity_windows`)."""
     total_nll = 0.0
     for batch in windows.split(batch_size):
         batch = batch.to(model.device)
@@ -146,9 +150,9 @@ def perplexity(
         total_nll += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         ).item()
-    predicted = len(windows) * (window - 1)
+    predicted = windows.shape[0] * (windows.shape[1] - 1)
     mean_nll = total_nll / predicted
-    return Perplexity(math.exp(mean_nll), mean_nll, predicted, len(windows))
+    return Perplexity(math.exp(mean_nll), mean_nll, predicted, windows.shape[0])
 
 
 @dataclass(frozen=True)
