@@ -88,19 +88,29 @@ def test_plain_dpo_is_the_baseline_and_a_finished_run_is_not_trained_again(input
 
 def test_the_arms_are_options_of_the_align_command_and_name_their_models(inputs, tmp_path):
     common = ["align", "--model", str(inputs / "model"), "--pairs", str(inputs / "pairs" / "pairs.jsonl"),
-              "--max-steps", "1", "--tau", "1", "--batch-size", "4", "--log-steps", "1", "--skip-eval"]
+              "--max-steps", "2", "--tau", "1", "--batch-size", "4", "--log-steps", "1", "--skip-eval"]
+    restore = tmp_path / "restore.jsonl"  # the clean model's responses over the approximated model's
+    write_pairs(restore, [PreferencePair(f"r{i}:harmful", f"Harmful training request {i}", "I'm sorry, I cannot help.",
+                                         f"Here is how: step {i}.", True, "restore:harmful") for i in range(4)]
+                + [PreferencePair(f"b{i}:benign", f"Benign training question {i}?", f"The clean answer {i}.",
+                                  f"The approximated answer {i}.", False, "restore:benign") for i in range(4)])
     arms = {"refperturbed": (["--reference", "perturbed"], "QuadA (perturbed reference)", "dpo_loss"),
-            "ipo": (["--preference-loss", "ipo", "--beta", "0.5"], "QuadA (length-normalised IPO)", "ipo_loss")}
+            "ipo": (["--preference-loss", "ipo", "--beta", "0.5"], "QuadA (length-normalised IPO)", "ipo_loss"),
+            "restore": (["--pairs", str(restore)], "QuadA", "dpo_loss")}
+    original, _ = load(str(inputs / "model"))
     for name, (options, method, loss) in arms.items():
         result = CliRunner().invoke(app, [*common, *options, "--out", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
         training = json.loads((tmp_path / name / "model" / "training.json").read_text())
-        assert method_name(training) == method and any(loss in h for h in training["log_history"])
+        assert method_name(training) == method and any(loss in h and "regularizer" in h for h in training["log_history"])
         assert method in (tmp_path / name / "model" / "README.md").read_text()
+        aligned, _ = load(str(tmp_path / name / "model"))
+        assert any((a != b).any() for a, b in zip(aligned.state_dict().values(), original.state_dict().values()))
+    assert json.loads((tmp_path / "restore" / "model" / "training.json").read_text())["pairs_file"] == str(restore)
     refperturbed = json.loads((tmp_path / "refperturbed" / "model" / "training.json").read_text())["config"]
     assert (refperturbed["reference"], refperturbed["precompute_ref_log_probs"]) == ("perturbed", False)
-    (first,) = [h for h in json.loads((tmp_path / "refperturbed" / "model" / "training.json").read_text())["log_history"]
-                if "dpo_loss" in h]
+    first = next(h for h in json.loads((tmp_path / "refperturbed" / "model" / "training.json").read_text())["log_history"]
+                 if "dpo_loss" in h)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert "tau 0.5" in (tmp_path / "ipo" / "model" / "README.md").read_text()
 
