@@ -123,6 +123,10 @@ CASES = {
     "align regularizer in batches of one": ("align -m {model} --pairs {pairs} --skip-eval --tau 1 --batch-size 1 --out {run}", "needs a batch of 2 pairs or more"),
     "align evaluation corpus too short": ("align -m {model} --pairs {pairs} --tau 1 --judges keyword --benchmark {prompts} --benign {prompts} --corpus {short_corpus} --out {run}", "fewer than one perplexity window"),
     "align limit beyond the held-out prompts": ("align -m {model} --pairs {pairs} --tau 1 --judges keyword --benchmark {prompts} --benign {prompts} --limit 5 --out {run}", "--limit 5 is more than the 2 prompts"),
+    "align unknown reference": ("align -m {model} --pairs {pairs} --skip-eval --tau 1 --reference frozen --out {run}", "unknown reference 'frozen'"),
+    "align perturbed reference of plain DPO": ("align -m {model} --pairs {pairs} --skip-eval --plain-dpo --reference perturbed --out {run}", "plain DPO has none"),
+    "align unknown preference loss": ("align -m {model} --pairs {pairs} --skip-eval --tau 1 --preference-loss kto --out {run}", "unknown preference_loss 'kto'"),
+    "arms at a confidence of 2": ("results arms --arm quada={run} --reference quada --confidence 2 --out {tmp}/arms", "--confidence must be at least 0.5"),
     # sweep
     "sweep infinite ppl bound": ("sweep -m {model} --ppl-bound inf --run-dir {run}", "finite number"),
     "sweep endless refinement": ("sweep -m {model} --refine 1000000 --run-dir {run}", "--refine must be 0 (grid only) to 10"),

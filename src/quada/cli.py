@@ -204,12 +204,13 @@ def results_arms_command(
     arm: list[str] = typer.Option(..., "--arm", help="NAME=RUN: the --out folder of a finished `quada align` run in arm NAME; repeat for every training seed of every arm (e.g. --arm quada=runs/q-s0 --arm dpo=runs/d-s0). The base model is the arm 'original'."),
     reference: str = typer.Option("original", help="The arm the others are compared with, prompt by prompt."),
     out: Path = typer.Option(Path("runs") / "arms", "--out", "-o", help="Folder for arms.json and the report (replaced whole)."),
+    confidence: float = typer.Option(0.95, help="Level of the intervals; for k comparisons with the reference at 0.05, 1 - 0.05/k (Bonferroni), e.g. 0.9875 for four."),
 ) -> None:
-    """Aggregate `quada align` runs over training seeds: per arm and condition the ASR and over-refusal (mean, sd, range), perplexity, and each arm's paired difference from the reference with a two-stage bootstrap interval."""
+    """Aggregate `quada align` runs over training seeds: per arm and condition the ASR and over-refusal (mean, sd, range), perplexity, each arm's paired difference from the reference and its ASR against the original's clean ASR (the strong form), with two-stage bootstrap intervals."""
     from quada.defense.arms import arms_report, parse_arms
     from quada.report.arms import measure_name, measure_table
 
-    result = arms_report(parse_arms(arm), reference, out)
+    result = arms_report(parse_arms(arm), reference, out, confidence)
     measure = result.saved["judges"][0]
     print_table(console, f"{measure_name(measure)} over seeds", *measure_table(result.saved, measure))
     console.print(f"report: {result.report_html} (and {result.report_md.name}); numbers: {out / 'arms.json'}")

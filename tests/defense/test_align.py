@@ -9,6 +9,7 @@ from quada.defense.align import AlignConfig, align
 from quada.defense.pairs import PreferencePair, kind_quotas, load_pairs, pair_ids_sha256, stratified_pairs, write_pairs
 from quada.errors import QuadaError
 from quada.models import load
+from quada.report.align import method_name
 from quada.testing import write_tiny_run_inputs
 
 BUILTIN = "qwen2.5-coder-0.5b-instruct"
@@ -85,6 +86,35 @@ def test_plain_dpo_is_the_baseline_and_a_finished_run_is_not_trained_again(input
     assert train_only(inputs, tmp_path / "run", plain_dpo=True).training["steps"] == 2
 
 
+def test_the_arms_are_options_of_the_align_command_and_name_their_models(inputs, tmp_path):
+    common = ["align", "--model", str(inputs / "model"), "--pairs", str(inputs / "pairs" / "pairs.jsonl"),
+              "--max-steps", "2", "--tau", "1", "--batch-size", "4", "--log-steps", "1", "--skip-eval"]
+    restore = tmp_path / "restore.jsonl"  # the clean model's responses over the approximated model's
+    write_pairs(restore, [PreferencePair(f"r{i}:harmful", f"Harmful training request {i}", "I'm sorry, I cannot help.",
+                                         f"Here is how: step {i}.", True, "restore:harmful") for i in range(4)]
+                + [PreferencePair(f"b{i}:benign", f"Benign training question {i}?", f"The clean answer {i}.",
+                                  f"The approximated answer {i}.", False, "restore:benign") for i in range(4)])
+    arms = {"refperturbed": (["--reference", "perturbed"], "QuadA (perturbed reference)", "dpo_loss"),
+            "ipo": (["--preference-loss", "ipo", "--beta", "0.5"], "QuadA (length-normalised IPO)", "ipo_loss"),
+            "restore": (["--pairs", str(restore)], "QuadA", "dpo_loss")}
+    original, _ = load(str(inputs / "model"))
+    for name, (options, method, loss) in arms.items():
+        result = CliRunner().invoke(app, [*common, *options, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        training = json.loads((tmp_path / name / "model" / "training.json").read_text())
+        assert method_name(training) == method and any(loss in h and "regularizer" in h for h in training["log_history"])
+        assert method in (tmp_path / name / "model" / "README.md").read_text()
+        aligned, _ = load(str(tmp_path / name / "model"))
+        assert any((a != b).any() for a, b in zip(aligned.state_dict().values(), original.state_dict().values()))
+    assert json.loads((tmp_path / "restore" / "model" / "training.json").read_text())["pairs_file"] == str(restore)
+    refperturbed = json.loads((tmp_path / "refperturbed" / "model" / "training.json").read_text())["config"]
+    assert (refperturbed["reference"], refperturbed["precompute_ref_log_probs"]) == ("perturbed", False)
+    first = next(h for h in json.loads((tmp_path / "refperturbed" / "model" / "training.json").read_text())["log_history"]
+                 if "dpo_loss" in h)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert "tau 0.5" in (tmp_path / "ipo" / "model" / "README.md").read_text()
+
+
 def test_a_run_killed_after_a_checkpoint_resumes_from_it(inputs, tmp_path):
     import shutil
 
@@ -133,6 +163,9 @@ def test_evaluation_prompts_must_not_be_training_prompts(inputs, tmp_path):
         (["align", "--pairs", "PAIRS", "--benchmark", "HARMFUL", "--benign", "BENIGN", "--judges", "keyword,llm",
           "--judge-model", "no-such-judge"], "unknown model 'no-such-judge'"),
         (["align", "--pairs", "PAIRS", "--max-pairs", "0"], "--max-pairs must be at least 1"),
+        (["align", "--pairs", "PAIRS", "--reference", "frozen"], "unknown reference 'frozen'"),
+        (["align", "--pairs", "PAIRS", "--plain-dpo", "--reference", "perturbed"], "a perturbed reference needs"),
+        (["align", "--pairs", "PAIRS", "--preference-loss", "kto"], "unknown preference_loss 'kto'"),
         (["align", "--pairs", "PAIRS", "--pairs-seed", "-1"], "--pairs-seed: seed must be a whole number from 0"),
         (["pairs", "--seed", "-5"], "seed must be a whole number from 0"),
         (["pairs", "--source", "pku", "--seed", "-5"], "seed must be a whole number from 0"),

@@ -153,6 +153,34 @@ def test_arms_are_aggregated_over_seeds_and_compared_with_the_reference(prompts,
     report = (tmp_path / "arms" / "report.md").read_text()
     assert "quada - dpo (points)" in report and "-100.0 [-100.0, -100.0]" in report and "asr-keyword.png" in report
     assert (tmp_path / "arms" / "asr-keyword.png").is_file() and (tmp_path / "arms" / "report.html").is_file()
+    # The strong form: every arm under every condition against the original's clean rate (0 here), ASR only.
+    strong = saved["versus_original_clean"]
+    assert set(strong) == {"keyword"} and "original" not in strong["keyword"][CLEAN]
+    assert strong["keyword"][NOISE]["dpo"] == {"value": 1, "low": 1, "high": 1, "n": 2}
+    assert strong["keyword"][NOISE]["quada"]["value"] == 0 and strong["keyword"][NOISE]["original"]["value"] == 0
+    assert strong["keyword"][CLEAN]["quada"]["value"] == pytest.approx(0.5)
+    assert "against the original model's clean rate (the strong form)" in report and saved["confidence"] == 0.95
+
+
+def test_the_strong_form_pairs_each_arm_with_the_original_clean_prompt_by_prompt(prompts, tmp_path):
+    before = {CLEAN: [True, True, False, False], NOISE: [True, True, True, False]}
+    run = fake_run(tmp_path / "q0", prompts, 0, {CLEAN: [False, True, False, False], NOISE: [False, False, True, True]},
+                   before=before)
+    saved = arms_report({"quada": [run]}, "original", tmp_path / "arms").saved
+    strong = saved["versus_original_clean"]["keyword"]
+    # Prompt by prompt against the original's clean outcomes (1, 1, 0, 0): (-1, 0, 0, 0) and (-1, -1, +1, +1).
+    assert strong[CLEAN]["quada"]["value"] == pytest.approx(-0.25)
+    assert strong[NOISE]["quada"]["value"] == pytest.approx(0.0)
+    assert strong[NOISE]["original"]["value"] == pytest.approx(0.25)  # the approximation on the original itself
+
+
+def test_a_higher_confidence_gives_wider_intervals(prompts, tmp_path):
+    runs = [fake_run(tmp_path / f"q{s}", prompts, s, outcomes(1 + 2 * s, s)) for s in (0, 1)]
+    narrow = arms_report({"quada": runs}, "original", tmp_path / "a95").saved
+    wide = arms_report({"quada": runs}, "original", tmp_path / "a99", confidence=0.99).saved
+    n, w = narrow["differences"]["keyword"][CLEAN]["quada"], wide["differences"]["keyword"][CLEAN]["quada"]
+    assert n["value"] == w["value"] and w["low"] <= n["low"] and w["high"] >= n["high"] and w["high"] - w["low"] > n["high"] - n["low"]
+    assert "99% two-stage bootstrap" in (tmp_path / "a99" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("changes, mismatch", [
@@ -192,6 +220,8 @@ def test_an_unfinished_run_and_a_missing_judgement_are_user_errors(prompts, tmp_
     (["--arm", "quada"], "is not NAME=RUN_FOLDER"),
     (["--arm", "original=MISSING"], "kept for the base model"),
     (["--arm", "quada=MISSING", "--reference", "dpo"], "--reference 'dpo' is no arm"),
+    (["--arm", "quada=MISSING", "--confidence", "1"], "--confidence must be at least 0.5 and below 1"),
+    (["--arm", "quada=MISSING", "--confidence", "nan"], "--confidence must be at least 0.5 and below 1"),
 ])
 def test_the_arms_command_reports_bad_arms_as_user_errors(cli, tmp_path, args, message):
     args = [a.replace("MISSING", str(tmp_path / "missing")) for a in args]

@@ -10,10 +10,12 @@ from quada.defense.pairs import (
     HELDOUT_BENIGN,
     HELDOUT_HARMFUL,
     PAIRS_FILE,
+    RESTORE_KINDS,
     SPLIT_FILE,
     WRITTEN_REFUSALS,
     GenericPairsConfig,
     PreferencePair,
+    RestorePairsConfig,
     SelfPairsConfig,
     Split,
     benign_pairs,
@@ -23,6 +25,7 @@ from quada.defense.pairs import (
     load_pku_saferlhf,
     many_shot_pairs,
     many_shot_prompts,
+    restore_pairs,
     self_pairs,
     split_prompts,
     write_pairs,
@@ -290,3 +293,75 @@ def test_generic_pairs_options_are_one_clear_error(cli, tmp_path):
         "rejected-model must name a model")
     cli("pairs", "--source", "web", "--out", tmp_path).assert_user_error("unknown --source 'web'", "'generic'")
     assert SelfPairsConfig().benign == "quada-benign" and GenericPairsConfig().benign == "benign-suite"
+
+
+def fake_restoring_generate(calls):
+    """Clean, the model refuses odd harmful requests and answers everything else; under an
+    approximation it answers every harmful request and gives another benign answer."""
+
+    def generate(model, tokenizer, texts, settings, progress=True, prompt_ids=None):
+        approximated = bool(model.model.layers[0].input_layernorm._forward_hooks)
+        calls.append((approximated, len(texts)))
+        answers = []
+        for text in texts:
+            if text.startswith("Benign"):
+                answers.append(f"{'Another' if approximated else 'A helpful'} answer to {text} with enough words.")
+            elif approximated or text.endswith(("0", "2", "4", "6", "8")):
+                answers.append(COMPLIANCE)
+            else:
+                answers.append(REFUSAL)
+        return answers
+
+    return generate
+
+
+def test_restore_pairs_prefer_the_clean_response_on_the_generic_split(model_dir, rejected_model_dir, generic_inputs,
+                                                                     tmp_path, monkeypatch):
+    harmful, benign = generic_inputs
+    calls = []
+    monkeypatch.setattr(quada.eval.engine, "generate", fake_restoring_generate(calls))
+    shared = dict(model=str(model_dir), harmful=str(harmful), benign=str(benign), heldout=4, benign_heldout=2, limit=6,
+                  max_new_tokens=4)
+    config = RestorePairsConfig(**shared, perturbation="noise:site=up,dist=gaussian,std=0.5", out_dir=tmp_path / "restore")
+    result = restore_pairs(config, progress=False)
+    out = tmp_path / "restore"
+    pairs = load_pairs(out / PAIRS_FILE)
+    harmful_pairs_ = [p for p in pairs if p.source == "restore:harmful"]
+    benign_pairs_ = [p for p in pairs if p.source == "restore:benign"]
+    assert result.counts == {"restore:harmful": len(harmful_pairs_), "restore:benign": 4}
+    # Only the refused requests (odd numbers; many-shot questions ending otherwise) give pairs: the clean refusal
+    # against the approximated answer. A request the clean model answers gives none.
+    assert harmful_pairs_ and all((p.chosen, p.rejected) == (REFUSAL, COMPLIANCE) and p.harmful for p in harmful_pairs_)
+    assert not any(p.prompt.startswith("Harmful") and p.prompt[-1] in "02468" for p in harmful_pairs_)
+    assert any(p.id.startswith("manyshot-") for p in harmful_pairs_)  # the generic source's questions too
+    assert all(p.chosen.startswith("A helpful") and p.rejected.startswith("Another") and not p.harmful
+               for p in benign_pairs_)
+    # The generic source on the same prompt sets and seed holds out the same prompts.
+    monkeypatch.setattr(quada.eval.engine, "generate", fake_clean_generate([]))
+    generic_pairs(GenericPairsConfig(**shared, rejected_model=str(rejected_model_dir), out_dir=tmp_path / "generic"),
+                  progress=False)
+    assert Split.read(out / SPLIT_FILE) == Split.read(tmp_path / "generic" / SPLIT_FILE)
+    held = {p.text for p in load_benchmark(str(out / HELDOUT_HARMFUL))}
+    assert not held & {p.prompt for p in pairs}
+    # Resumable: a rerun generates nothing.
+    monkeypatch.setattr(quada.eval.engine, "generate", fake_restoring_generate(calls))
+    generated = len(calls)
+    restore_pairs(config, progress=False)
+    assert len(calls) == generated
+    assert {approximated for approximated, _ in calls} == {True, False}
+
+
+def test_restore_pairs_from_the_command_line_and_their_errors(cli, model_dir, generic_inputs, tmp_path, monkeypatch):
+    harmful, benign = generic_inputs
+    monkeypatch.setattr(quada.eval.engine, "generate", fake_restoring_generate([]))
+    out = tmp_path / "pairs"
+    run = cli("pairs", "--source", "restore", "--model", model_dir, "--harmful", harmful, "--benign", benign,
+              "--heldout", 4, "--benign-heldout", 2, "--limit", 3, "--no-many-shot", "--out", out)
+    assert run.returncode == 0, run.stderr
+    assert "| restore:benign | 4 |" in run.stdout
+    assert all(p.source in RESTORE_KINDS for p in load_pairs(out / PAIRS_FILE))
+    assert RestorePairsConfig().benign == "benign-suite"
+    cli("pairs", "--source", "restore", "--attempts", 0, "--out", tmp_path / "x").assert_user_error(
+        "attempts must be at least 1")
+    cli("pairs", "--source", "restore", "--perturbation", "warp-drive", "--out", tmp_path / "y").assert_user_error(
+        "unknown approximation")

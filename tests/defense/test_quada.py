@@ -10,6 +10,7 @@ from quada.approx.sites import resolve_decoder
 from quada.defense.quada import (
     QuadAConfig,
     QuadATrainer,
+    length_normalised_ipo_loss,
     noise_seed,
     pairwise_cosine_regularizer,
     perturbed_layers,
@@ -57,6 +58,39 @@ def test_regularizer_value_and_gradient_match_the_closed_form(n):
 def test_regularizer_of_fewer_than_two_prompts_is_zero():
     assert pairwise_cosine_regularizer(torch.ones(1, 4)).item() == 0.0
     assert pairwise_cosine_regularizer(torch.ones(0, 4)).item() == 0.0
+
+
+def test_length_normalised_ipo_loss_and_its_gradient_match_the_closed_form():
+    chosen, rejected = np.array([-2.0, 1.5, 0.3]), np.array([-6.0, -0.5, 2.0])
+    chosen_tokens, rejected_tokens = np.array([4.0, 3.0, 1.0]), np.array([12.0, 5.0, 7.0])
+    tau = 0.5
+    # h = chosen/|y_w| - rejected/|y_l|: -0.5 - (-0.5) = 0, 0.5 - (-0.1) = 0.6, 0.3 - 2/7
+    h = np.array([0.0, 0.6, 0.3 - 2.0 / 7.0])
+    expected = (h - 1.0 / (2.0 * tau)) ** 2
+    assert expected[:2] == pytest.approx([1.0, 0.16])
+    c = torch.tensor(chosen, requires_grad=True)
+    r = torch.tensor(rejected, requires_grad=True)
+    losses = length_normalised_ipo_loss(c, r, torch.tensor(chosen_tokens), torch.tensor(rejected_tokens), tau)
+    np.testing.assert_allclose(losses.detach().numpy(), expected, atol=1e-12)
+    losses.sum().backward()
+    # d/dc (h - 1/(2 tau))^2 = 2 (h - 1/(2 tau)) / |y_w|, and minus that over |y_l| for the rejected one.
+    np.testing.assert_allclose(c.grad.numpy(), 2 * (h - 1 / (2 * tau)) / chosen_tokens, atol=1e-12)
+    np.testing.assert_allclose(r.grad.numpy(), -2 * (h - 1 / (2 * tau)) / rejected_tokens, atol=1e-12)
+
+
+def test_length_normalisation_cancels_an_offset_per_token():
+    """A perturbation that lowers every token's log-probability by the same amount shifts a summed
+    log-ratio by that amount times the length: DPO's margin moves with the length difference, the
+    normalised margin does not."""
+    chosen, rejected = torch.tensor([-1.0]), torch.tensor([-3.0])
+    chosen_tokens, rejected_tokens = torch.tensor([5.0]), torch.tensor([40.0])
+    offset = -0.2  # per token
+    base = length_normalised_ipo_loss(chosen, rejected, chosen_tokens, rejected_tokens, 0.1)
+    shifted = length_normalised_ipo_loss(chosen + offset * chosen_tokens, rejected + offset * rejected_tokens,
+                                         chosen_tokens, rejected_tokens, 0.1)
+    assert shifted.item() == pytest.approx(base.item(), abs=1e-12)
+    summed_margin = (chosen + offset * chosen_tokens) - (rejected + offset * rejected_tokens)
+    assert summed_margin.item() == pytest.approx((chosen - rejected).item() + offset * (5 - 40))
 
 
 def test_noise_seeds_are_fixed_by_seed_step_and_draw():
@@ -109,11 +143,20 @@ def test_defaults_follow_the_paper(tmp_path):
         (dict(max_steps=0), "max_steps"),
         (dict(seed=-5), "seed must be a whole number from 0"),
         (dict(activation_checkpointing=True), "checkpointing cannot be used"),
+        (dict(reference="frozen"), "unknown reference 'frozen'"),
+        (dict(reference="perturbed", perturb_layers="none"), "a perturbed reference needs a perturbation"),
+        (dict(preference_loss="kto"), "unknown preference_loss 'kto'"),
+        (dict(preference_loss="ipo", loss_type=["hinge"]), "leave loss_type at 'sigmoid'"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(tmp_path, overrides, message):
     with pytest.raises(QuadaError, match=message):
         QuadAConfig(output_dir=str(tmp_path), **overrides)
+
+
+def test_a_perturbed_reference_is_never_precomputed(tmp_path):
+    assert QuadAConfig(output_dir=str(tmp_path)).precompute_ref_log_probs
+    assert not QuadAConfig(output_dir=str(tmp_path), reference="perturbed").precompute_ref_log_probs
 
 
 def test_checkpointing_is_allowed_for_plain_dpo(tmp_path):
@@ -172,6 +215,80 @@ def test_only_the_first_tau_layers_of_the_policy_are_perturbed_never_the_referen
     trainer.train()
     assert spy.policy() and all(layers == {0, 1} for layers in spy.policy())
     assert ref_spy.reference() and all(layers == set() for layers in ref_spy.reference())
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_a_perturbed_reference_runs_under_the_policys_own_noise_draw(tmp_path, use_lora, pairs_dataset):
+    model, tokenizer = tiny_model("qwen2", seed=0, layers=3)
+    ref_model = None if use_lora else copy.deepcopy(model)
+    spy = PerturbationSpy(model)
+    ref_spy = spy if use_lora else PerturbationSpy(ref_model)
+    args = config(tmp_path, reference="perturbed", use_lora=use_lora, warmup_steps=0)  # the first step updates
+    trainer = QuadATrainer(model, ref_model=ref_model, args=args, train_dataset=pairs_dataset, processing_class=tokenizer)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    # Every step: one reference forward, then the policy's, both with layers 1..tau perturbed.
+    assert len(ref_spy.reference()) == len(spy.policy()) == 2
+    assert all(layers == {0, 1} for layers in ref_spy.reference() + spy.policy())
+    logs = [h for h in trainer.state.log_history if "dpo_loss" in h]
+    # Before the first update policy and reference are one model under one draw: every reward is 0 and the
+    # DPO loss is log 2. QuadA's clean reference starts elsewhere (the next test).
+    assert logs[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[0]["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert any(not torch.equal(dict(trainer.model.named_parameters())[n], p) for n, p in before.items())
+    assert logs[1]["rewards/margins"] != 0.0
+
+
+def test_a_clean_reference_counts_the_noise_as_reward_before_any_update(tmp_path, pairs_dataset):
+    model, tokenizer = tiny_model("qwen2", seed=0, layers=3)
+    trainer = QuadATrainer(model, args=config(tmp_path, max_steps=1), train_dataset=pairs_dataset,
+                           processing_class=tokenizer)
+    trainer.train()
+    (first,) = [h for h in trainer.state.log_history if "dpo_loss" in h]
+    # The policy has not moved (the first step's learning rate is 0 in the warmup), yet its rewards are not 0:
+    # they measure what the noise did to the log-probabilities.
+    assert first["learning_rate"] == 0
+    assert abs(first["rewards/chosen"]) > 1e-3 and abs(first["rewards/rejected"]) > 1e-3
+
+
+def test_the_ipo_arm_trains_on_the_length_normalised_loss(tmp_path, pairs_dataset):
+    model, tokenizer = tiny_model("qwen2", seed=1)
+    args = config(tmp_path, preference_loss="ipo", reference="perturbed", beta=0.5, max_steps=3, warmup_steps=0)
+    trainer = QuadATrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tokenizer)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert any(not torch.equal(dict(trainer.model.named_parameters())[n], p) for n, p in before.items())
+    logs = [h for h in trainer.state.log_history if "ipo_loss" in h]
+    assert len(logs) == 3 and not any("dpo_loss" in h for h in trainer.state.log_history)
+    for log in logs:
+        assert log["loss"] == pytest.approx(log["ipo_loss"] - 0.1 * log["regularizer"], rel=1e-5)
+    # At the start the margins are 0 (perturbed reference), so the loss is the target squared: (1/(2 tau))^2 = 1.
+    assert logs[0]["ipo/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[0]["ipo_loss"] == pytest.approx(1.0, abs=1e-5)
+    # Training moves the normalised margin toward its target 1/(2 tau) = 1 and the loss down.
+    assert logs[-1]["ipo/margins"] > 0 and logs[-1]["ipo_loss"] < logs[0]["ipo_loss"]
+
+
+def test_the_ipo_loss_is_recomputed_from_the_policy_forward(tmp_path, pairs_dataset):
+    """The IPO loss the trainer logs equals the closed form applied to log-probabilities computed
+    independently (the same model, the same batch, no perturbation, a clean precomputed reference)."""
+    model, tokenizer = tiny_model("qwen2", seed=2)
+    args = config(tmp_path, preference_loss="ipo", perturb_layers="none", reg_lambda=0.0, max_steps=1,
+                  per_device_train_batch_size=8, beta=0.25)
+    trainer = QuadATrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {k: v for k, v in batch.items() if k != "harmful"}
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    scored = batch["completion_mask"][:, 1:].float()
+    sums, tokens = (logps * scored).sum(1), scored.sum(1)
+    chosen, rejected = (sums - torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])).chunk(2)
+    expected = length_normalised_ipo_loss(chosen, rejected, *tokens.chunk(2), 0.25).mean().item()
+    trainer.train()
+    (log,) = [h for h in trainer.state.log_history if "ipo_loss" in h]
+    assert log["ipo_loss"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

@@ -218,7 +218,7 @@ def _plain(value):
 
 
 TRAINING_FIELDS = (
-    "perturbation", "tau", "perturb_layers", "reg_lambda", "reg_pooling", "use_lora", "lora_r", "lora_alpha",
+    "perturbation", "tau", "perturb_layers", "reference", "preference_loss", "reg_lambda", "reg_pooling", "use_lora", "lora_r", "lora_alpha",
     "lora_dropout", "lora_target_modules", "beta", "learning_rate", "lr_scheduler_type", "warmup_steps",
     "weight_decay", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "max_length", "precompute_ref_log_probs", "bf16", "seed",

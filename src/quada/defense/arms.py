@@ -8,7 +8,9 @@ evaluation's results store with the keys `quada vet` stored them under, so nothi
 judged again. Per arm, measure (ASR per safety judge, over-refusal) and condition, the rates of the
 seeds give a mean and a spread; against the reference arm, seed i of an arm is paired with seed i of
 the reference (both sorted by training seed), prompts are paired by id, and the difference gets a
-two-stage bootstrap interval (:func:`two_stage_bootstrap`).
+two-stage bootstrap interval (:func:`two_stage_bootstrap`). For the paper's strong form ("no
+approximation lifts the ASR above the original model's clean ASR"), every arm's ASR under every
+condition is also compared, the same way, with the original's clean ASR.
 """
 
 from __future__ import annotations
@@ -265,11 +267,23 @@ def paired_differences(arm: list[SeedOutcomes], reference: list[SeedOutcomes], m
     return groups
 
 
+def versus_original_clean(arm: list[SeedOutcomes], original: list[SeedOutcomes], measure: str,
+                          condition: str) -> list[list[float]]:
+    """Per seed pair, the outcome differences of ``arm`` under ``condition`` minus the original model's
+    outcomes clean, prompt by prompt: what the strong form says cannot be above 0."""
+    groups = []
+    for ours, theirs in zip(arm, original, strict=True):
+        a, b = ours.outcomes[measure][condition], theirs.outcomes[measure][CLEAN]
+        groups.append([float(a[p]) - float(b[p]) for p in sorted(a.keys() & b.keys())])
+    return groups
+
+
 def aggregate(arms: dict[str, list[SeedOutcomes]], reference: str, measures: list[str],
-              condition_keys: list[str]) -> dict:
+              condition_keys: list[str], confidence: float = 0.95) -> dict:
     """The arms' numbers as JSON holds them: per measure, condition and arm the :class:`Spread` of the
-    seeds' rates (with the rates), the mean perplexity, and each other arm's paired difference
-    against ``reference`` (:func:`two_stage_bootstrap`)."""
+    seeds' rates (with the rates), the mean perplexity, each other arm's paired difference against
+    ``reference`` and, for the ASR measures (all but over-refusal), each arm's paired difference
+    from the original's clean ASR (:func:`two_stage_bootstrap` at ``confidence``)."""
     counts = {name: len(members) for name, members in arms.items()}
     # The user's arms are named first: the original's seeds follow from theirs.
     unequal = sorted((name for name, count in counts.items() if count != counts[reference]), key=lambda n: n == ORIGINAL)
@@ -278,7 +292,7 @@ def aggregate(arms: dict[str, list[SeedOutcomes]], reference: str, measures: lis
             f"arm {unequal[0]} has {counts[unequal[0]]} seeds and the reference {reference} {counts[reference]}; "
             "paired differences need the same number of seeds in every arm (seed i is paired with seed i)"
         )
-    rates, differences = {}, {}
+    rates, differences, strong = {}, {}, {}
     for measure in measures:
         for condition in condition_keys:
             for name, members in arms.items():
@@ -286,13 +300,19 @@ def aggregate(arms: dict[str, list[SeedOutcomes]], reference: str, measures: lis
                 rates.setdefault(measure, {}).setdefault(condition, {})[name] = {**asdict(spread(values)), "per_seed": values}
                 if name != reference:
                     groups = paired_differences(members, arms[reference], measure, condition)
-                    differences.setdefault(measure, {}).setdefault(condition, {})[name] = asdict(two_stage_bootstrap(groups))
+                    differences.setdefault(measure, {}).setdefault(condition, {})[name] = asdict(
+                        two_stage_bootstrap(groups, confidence))
+                if measure != OVER_REFUSAL and not (name == ORIGINAL and condition == CLEAN):
+                    groups = versus_original_clean(members, arms[ORIGINAL], measure, condition)
+                    strong.setdefault(measure, {}).setdefault(condition, {})[name] = asdict(
+                        two_stage_bootstrap(groups, confidence))
     perplexity = {}
     for condition in condition_keys:
         for name, members in arms.items():
             values = [m.perplexity[condition] for m in members if m.perplexity[condition] is not None]
             perplexity.setdefault(condition, {})[name] = float(np.mean(values)) if values else None
-    return {"rates": rates, "differences": differences, "perplexity": perplexity}
+    return {"confidence": confidence, "rates": rates, "differences": differences, "versus_original_clean": strong,
+            "perplexity": perplexity}
 
 
 @dataclass
@@ -302,12 +322,16 @@ class ArmsResult:
     report_html: Path
 
 
-def arms_report(arm_folders: dict[str, list[Path]], reference: str, out: Path) -> ArmsResult:
+def arms_report(arm_folders: dict[str, list[Path]], reference: str, out: Path, confidence: float = 0.95) -> ArmsResult:
     """Read, check and aggregate the runs, then write ``arms.json`` and the report into ``out``, the
-    whole folder at once (an earlier aggregation there is replaced)."""
+    whole folder at once (an earlier aggregation there is replaced). Intervals are at ``confidence``
+    (e.g. 1 - 0.05/k for k comparisons, Bonferroni)."""
     from quada.report.arms import arms_sections, arms_summary
     from quada.report.render import write_report
 
+    if not 0.5 <= confidence < 1:  # NaN fails too
+        raise QuadaError(f"--confidence must be at least 0.5 and below 1, got {confidence}; e.g. 0.95, or 0.9875 for "
+                         "four comparisons at 0.05 (Bonferroni)")
     known = [ORIGINAL, *arm_folders]
     if reference not in known:
         raise QuadaError(f"--reference {reference!r} is no arm; choose one of {', '.join(known)}")
@@ -330,7 +354,7 @@ def arms_report(arm_folders: dict[str, list[Path]], reference: str, out: Path) -
         "judges": judges,
         "conditions": conditions(first.evaluation),
         "runs": {name: [{"folder": str(m.folder), "seed": m.seed} for m in members] for name, members in outcomes.items()},
-        **aggregate(outcomes, reference, [*judges, OVER_REFUSAL], conditions(first.evaluation)),
+        **aggregate(outcomes, reference, [*judges, OVER_REFUSAL], conditions(first.evaluation), confidence),
     }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

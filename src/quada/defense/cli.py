@@ -27,34 +27,35 @@ def _given(**options) -> dict:
 
 
 def pairs_command(
-    source: str = typer.Option("self", help="'self': pairs made offline by the model itself (clean refusals against answers under the perturbation); 'generic': offline, with no approximation anywhere (PyRIT's many-shot answers and an unaligned model's answers against clean or written refusals), standing in for PKU-SafeRLHF; 'pku': PKU-SafeRLHF, the paper's data (--file, else the hub)."),
+    source: str = typer.Option("self", help="'self': pairs made offline by the model itself (clean refusals against answers under the perturbation); 'generic': offline, with no approximation anywhere (PyRIT's many-shot answers and an unaligned model's answers against clean or written refusals), standing in for PKU-SafeRLHF; 'restore': on the generic source's prompts, the clean model's response chosen over its response under the perturbation (in the spirit of Q-resafe, arXiv 2506.20251); 'pku': PKU-SafeRLHF, the paper's data (--file, else the hub)."),
     out: Path = typer.Option(Path("runs") / "pairs", "--out", "-o", help="Folder for pairs.jsonl, split.json and the held-out prompt files (and, for 'self' and 'generic', the generation store)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=f"'self', 'generic': the model that answers. {MODEL_HELP}"),
-    perturbation: str = typer.Option("noise:site=up,dist=gaussian,std=0.075", help="'self': the approximation (the MVA, e.g. from `quada sweep`) under which the model's compliant answers are collected."),
-    harmful: str = typer.Option("advbench", help="'self', 'generic': harmful prompts (benchmark name or prompt file); --heldout of them are kept for evaluation."),
-    benign: str | None = typer.Option(None, help="'self', 'generic': benign prompts (default: quada-benign for 'self', the 256 of benign-suite for 'generic'); --benign-heldout of them are kept for evaluation."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=f"'self', 'generic', 'restore': the model that answers. {MODEL_HELP}"),
+    perturbation: str = typer.Option("noise:site=up,dist=gaussian,std=0.075", help="'self', 'restore': the approximation (the MVA, e.g. from `quada sweep`) under which the model's answers are collected (on every layer)."),
+    harmful: str = typer.Option("advbench", help="'self', 'generic', 'restore': harmful prompts (benchmark name or prompt file); --heldout of them are kept for evaluation."),
+    benign: str | None = typer.Option(None, help="'self', 'generic', 'restore': benign prompts (default: quada-benign for 'self', the 256 of benign-suite for 'generic' and 'restore'); --benign-heldout of them are kept for evaluation."),
     heldout: int = typer.Option(104, help="Harmful prompts held out for evaluation (never trained on)."),
     benign_heldout: int = typer.Option(32, help="Benign prompts held out for the over-refusal evaluation."),
-    limit: int | None = typer.Option(None, help="Use at most this many harmful training prompts (a seeded subset), for 'generic' also at most this many many-shot examples; for 'pku', at most this many pairs."),
-    benign_limit: int | None = typer.Option(None, help="'self', 'generic': use at most this many benign training prompts."),
-    attempts: int = typer.Option(3, help="'self': noise draws per refused prompt until the perturbed model complies."),
+    limit: int | None = typer.Option(None, help="Use at most this many harmful training prompts (a seeded subset), for 'generic' and 'restore' also at most this many many-shot examples; for 'pku', at most this many pairs."),
+    benign_limit: int | None = typer.Option(None, help="'self', 'generic', 'restore': use at most this many benign training prompts."),
+    attempts: int = typer.Option(3, help="'self', 'restore': noise draws per refused prompt until the perturbed model complies."),
     compliant_pairs: bool = typer.Option(True, help="'self': also pair prompts the clean model already answers with a written refusal as chosen."),
     benign_rejected: str = typer.Option("refusal", help="'self': rejected answer for benign prompts: 'refusal' (a written refusal) or 'approx' (the answer under --heavy)."),
     heavy: str = typer.Option("noise:site=up,dist=gaussian,std=0.5", help="'self' with --benign-rejected approx: the heavy approximation."),
     rejected_model: str | None = typer.Option(None, help=f"'generic': the unaligned model whose answers are rejected where the clean model refuses (default: the built-in smollm2-135m-instruct). {MODEL_HELP}"),
-    many_shot: bool = typer.Option(True, help="'generic': also pair PyRIT's 400 many-shot examples (HarmBench behaviours answered by an unaligned model)."),
-    prompt_format: str = typer.Option("paper", help="'self', 'generic': prompt format of the generations ('paper' or 'plain'); use the one you evaluate with."),
-    max_new_tokens: int = typer.Option(128, help="'self', 'generic': most tokens per response."),
+    many_shot: bool = typer.Option(True, help="'generic': also pair PyRIT's 400 many-shot examples (HarmBench behaviours answered by an unaligned model); 'restore': also use their questions as harmful prompts."),
+    prompt_format: str = typer.Option("paper", help="'self', 'generic', 'restore': prompt format of the generations ('paper' or 'plain'); use the one you evaluate with."),
+    max_new_tokens: int = typer.Option(128, help="'self', 'generic', 'restore': most tokens per response."),
     seed: int = typer.Option(0, help="Seed of the split, the subsets and the noise."),
     file: Path | None = typer.Option(None, "--file", help="'pku': a local PKU-SafeRLHF copy (.json, .jsonl or .parquet with prompt, response_0, response_1, safer_response_id)."),
-    device: str = typer.Option("auto", help=f"'self', 'generic': {DEVICE_HELP}"),
-    dtype: str = typer.Option("auto", help=f"'self', 'generic': {DTYPE_HELP}"),
+    device: str = typer.Option("auto", help=f"'self', 'generic', 'restore': {DEVICE_HELP}"),
+    dtype: str = typer.Option("auto", help=f"'self', 'generic', 'restore': {DTYPE_HELP}"),
 ) -> None:
     """Make preference pairs for `quada align`, with a stored train/held-out split of the prompts.
 
     Generations are stored as they come: an interrupted run continues where it stopped. Responses go to files only.
     """
-    from quada.defense.pairs import GenericPairsConfig, SelfPairsConfig, generic_pairs, pku_pairs, self_pairs
+    from quada.defense.pairs import (GenericPairsConfig, RestorePairsConfig, SelfPairsConfig, generic_pairs, pku_pairs,
+                                     restore_pairs, self_pairs)
 
     shared = dict(model=model, harmful=harmful, heldout=heldout, benign_heldout=benign_heldout, limit=limit,
                   benign_limit=benign_limit, prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed,
@@ -66,12 +67,14 @@ def pairs_command(
         ))
     elif source == "generic":
         result = generic_pairs(GenericPairsConfig(**shared, **_given(rejected_model=rejected_model), many_shot=many_shot))
+    elif source == "restore":
+        result = restore_pairs(RestorePairsConfig(**shared, perturbation=perturbation, attempts=attempts, many_shot=many_shot))
     elif source == "pku":
         if limit is not None and limit < 1:
             raise QuadaError(f"--limit must be at least 1, got {limit}")
         result = pku_pairs(file, out, limit, seed)
     else:
-        raise QuadaError(f"unknown --source {source!r}; choose 'self', 'generic' or 'pku'")
+        raise QuadaError(f"unknown --source {source!r}; choose 'self', 'generic', 'restore' or 'pku'")
     print_table(console, f"quada pairs ({source})", ["kind", "pairs"], [[kind, str(n)] for kind, n in result.counts.items()])
     console.print(f"pairs: {result.pairs_file}; held-out prompts: {out / 'heldout-harmful.jsonl'}, "
                   f"{out / 'heldout-benign.jsonl'} (split: {out / 'split.json'})")
@@ -89,13 +92,15 @@ def align_command(
     perturbation: str = typer.Option("noise:site=up,dist=gaussian,std=0.075", help="The MVA injected into the policy while training (any spec of `quada approx list`, without layers=)."),
     tau: int = typer.Option(4, help="Perturb decoder layers 1..tau (choose with `quada layers`)."),
     perturb_layers: str = typer.Option("first-tau", help="'first-tau' (QuadA), 'all' (ablation: every layer) or 'none' (ablation: plain DPO)."),
+    reference: str = typer.Option("clean", help="How the reference runs: 'clean' (the paper) or 'perturbed' (under the same perturbation and noise draw as the policy, computed every step; its rewards start at 0)."),
+    preference_loss: str = typer.Option("dpo", help="'dpo' (the paper: DPO's loss on summed log-ratios) or 'ipo' (length-normalised: IPO's squared loss on per-token mean log-ratios, Azar et al. 2023 eq. 17, with --beta as IPO's tau)."),
     reg_lambda: float = typer.Option(0.1, help="Weight of the regularizer (mean pairwise cosine of harmful prompts' first-layer activations); 0 turns it off."),
     reg_pooling: str = typer.Option("last", help="Pooling of a prompt's first-layer activations: 'last' token or 'mean'."),
     use_lora: bool = typer.Option(True, help="Train a LoRA adapter (default; feasible on a CPU) or, with --no-use-lora, every weight (the paper)."),
     lora_r: int = typer.Option(16, help="LoRA rank."),
     lora_alpha: float = typer.Option(32.0, help="LoRA alpha."),
     learning_rate: float | None = typer.Option(None, help="Peak learning rate; default 5e-5 with LoRA, 1e-6 for full fine-tuning (the paper)."),
-    beta: float = typer.Option(0.1, help="DPO beta (the paper: 0.1)."),
+    beta: float = typer.Option(0.1, help="DPO beta (the paper: 0.1); IPO's tau with --preference-loss ipo."),
     num_train_epochs: float = typer.Option(2.0, help="Training epochs (the paper: 2)."),
     max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps (overrides --num-train-epochs)."),
     batch_size: int = typer.Option(4, help="Pairs per step (the regularizer needs two harmful prompts in a batch)."),
@@ -111,7 +116,8 @@ def align_command(
     from quada.defense.align import align
 
     training = dict(
-        perturbation=perturbation, tau=tau, perturb_layers=perturb_layers, reg_lambda=reg_lambda,
+        perturbation=perturbation, tau=tau, perturb_layers=perturb_layers, reference=reference,
+        preference_loss=preference_loss, reg_lambda=reg_lambda,
         reg_pooling=reg_pooling, use_lora=use_lora, lora_r=lora_r, lora_alpha=lora_alpha, learning_rate=learning_rate,
         beta=beta, num_train_epochs=num_train_epochs, max_steps=-1 if max_steps is None else max_steps,
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, max_length=max_length,

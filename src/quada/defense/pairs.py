@@ -1,6 +1,6 @@
 """Preference pairs for QuadA, and the split that keeps training prompts out of the evaluation.
 
-Three sources:
+Four sources:
 - **PKU-SafeRLHF** (Ji et al., arXiv 2406.15513), the paper's training data (PAPER.md section 5):
   a local JSON/JSONL/parquet file or the hub dataset ``PKU-Alignment/PKU-SafeRLHF``; each row's
   safer response (``safer_response_id``) is chosen, the other rejected. Offline it cannot be had:
@@ -22,6 +22,16 @@ Three sources:
   that answer; those it refuses give chosen = its refusal, rejected = the answer of an unaligned
   model (``rejected_model``) when the keyword judge calls it an attack. Benign prompts as for
   the self-generated source, against a written refusal.
+- **Restore, offline** [ours], in the spirit of Q-resafe's safety patch data (Chen et al., "Q-resafe:
+  Assessing Safety Risks and Quantization-aware Safety Patching for Quantized Large Language
+  Models", ICML 2025, arXiv 2506.20251: the model's responses before quantization preferred over
+  the quantized model's): on the generic source's prompts (AdvBench's training part and the
+  many-shot questions, the benign training prompts), chosen = the clean model's response,
+  rejected = the approximated model's response to the same prompt. A harmful prompt gives a pair
+  when the clean response refuses and the approximated one is an attack by the keyword judge (up
+  to ``attempts`` noise draws); a harmful prompt the clean model answers gives none (its response
+  is not the one to restore). A benign prompt gives a pair when the clean response is no refusal
+  and the approximated one differs from it.
 
 Every pair's ``source`` names its kind (``self:perturbed``, ``generic:unaligned``, ...), so subsets
 can be stratified by it. Held-out prompts (a seeded subset of each prompt set) never enter
@@ -60,6 +70,7 @@ UNALIGNED_MODEL = "smollm2-135m-instruct"  # built-in and not aligned: it answer
 SELF_KINDS = ("self:perturbed", "self:compliant", "self:benign")
 GENERIC_KINDS = ("generic:own-refusal", "generic:written-refusal", "generic:compliant", "generic:unaligned",
                  "generic:benign")
+RESTORE_KINDS = ("restore:harmful", "restore:benign")
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "safer_response_id")
 PAIRS_FILE = "pairs.jsonl"
 SPLIT_FILE = "split.json"
@@ -388,6 +399,25 @@ class GenericPairsConfig(PairsConfig):
 
 
 @dataclass
+class RestorePairsConfig(PairsConfig):
+    """How `quada pairs --source restore` builds pairs: the generic source's prompts and split (the
+    same benign set and many-shot questions), answered clean and under ``perturbation``, the
+    approximation the model is served with (on every layer). ``approximation`` is ``perturbation``
+    parsed (once, here)."""
+
+    benign: str = GenericPairsConfig.benign
+    perturbation: str = DEFAULT_PERTURBATION
+    attempts: int = 3  # noise draws per harmful prompt the clean model refuses, until one answers
+    many_shot: bool = True  # also use the many-shot questions as harmful prompts
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.approximation = as_spec(self.perturbation)
+        self.perturbation = str(self.approximation)
+        _check_at_least_one(self, ("attempts",))
+
+
+@dataclass
 class PairsResult:
     pairs: list[PreferencePair]
     pairs_file: Path
@@ -528,6 +558,20 @@ def _pairs_result(out_dir: Path, pairs: list[PreferencePair], split: Split, kind
     return PairsResult(pairs, write_pairs(out_dir / PAIRS_FILE, pairs), split, counts)
 
 
+def _approximated_attempts(answers, config: SelfPairsConfig | RestorePairsConfig, prompts: Sequence[Prompt],
+                           clean: dict[str, str]) -> list[dict[str, str]]:
+    """Per noise draw (seeds ``seed``, ``seed + 1``, ...), the approximated responses to the prompts
+    whose clean response refuses and that no earlier draw made the model answer."""
+    attempts, pending = [], [p for p in prompts if refusal_phrase(clean[p.id]) is not None]
+    for attempt in range(config.attempts):
+        if not pending:
+            break
+        found = answers(config.approximation, pending, f"harmful, perturbed #{attempt + 1}", config.seed + attempt)
+        attempts.append(found)
+        pending = [p for p in pending if not keyword_verdict(p.text, found[p.id])[0]]
+    return attempts
+
+
 def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
     """Split the prompt sets, generate the responses (stored and resumable in
     ``out_dir/results.sqlite``), build the pairs and write pairs, split and held-out files."""
@@ -536,13 +580,7 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
     with (Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar,
           _answering(config, config.model, store, bar, approximations) as answers):
         clean = answers(CLEAN, harmful_train, "harmful, clean")
-        attempts, pending = [], [p for p in harmful_train if refusal_phrase(clean[p.id]) is not None]
-        for attempt in range(config.attempts):
-            if not pending:
-                break
-            found = answers(config.approximation, pending, f"harmful, perturbed #{attempt + 1}", config.seed + attempt)
-            attempts.append(found)
-            pending = [p for p in pending if not keyword_verdict(p.text, found[p.id])[0]]
+        attempts = _approximated_attempts(answers, config, harmful_train, clean)
         benign_clean = answers(CLEAN, benign_train, "benign, clean")
         heavy = answers(config.heavy_approximation, benign_train, "benign, heavy") if config.benign_rejected == "approx" else None
 
@@ -577,6 +615,31 @@ def generic_pairs(config: GenericPairsConfig, progress: bool = True) -> PairsRes
     return _pairs_result(config.out_dir, pairs, split, GENERIC_KINDS,
                          "no harmful prompt had a refusal to set against a compliant answer, and the clean model "
                          "refused every benign prompt; try another --rejected-model, --many-shot or more prompts")
+
+
+def restore_pairs(config: RestorePairsConfig, progress: bool = True) -> PairsResult:
+    """Split the prompt sets as the generic source does, answer its harmful prompts (the training
+    part and the many-shot questions) and benign training prompts clean and approximated (stored
+    and resumable in ``out_dir/results.sqlite``), build the restore pairs and write pairs, split
+    and held-out files."""
+    split, harmful_train, harmful_heldout, benign_train = _split_prompt_sets(config)
+    examples = subset(many_shot_prompts(harmful_heldout)[0], config.limit, config.seed) if config.many_shot else []
+    harmful = [*harmful_train, *examples]
+    with (Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar,
+          _answering(config, config.model, store, bar, [config.approximation]) as answers):
+        clean = answers(CLEAN, harmful, "harmful, clean")
+        attempts = _approximated_attempts(answers, config, harmful, clean)
+        benign_clean = answers(CLEAN, benign_train, "benign, clean")
+        benign_approximated = answers(config.approximation, benign_train, "benign, perturbed", config.seed)
+
+    restored_kind, benign_kind = RESTORE_KINDS
+    # compliant_pairs=False: a harmful prompt the clean model answers gives no pair, whatever the kind's name.
+    pairs = (harmful_pairs(harmful, clean, attempts, compliant_pairs=False, kinds=(restored_kind, restored_kind))
+             + benign_pairs(benign_train, benign_clean, benign_approximated, benign_kind))
+    return _pairs_result(config.out_dir, pairs, split, RESTORE_KINDS,
+                         "the clean model never refused a harmful prompt that the approximation made it answer, and "
+                         "the approximation changed no benign answer; try a stronger --perturbation, more --attempts "
+                         "or more prompts")
 
 
 def pku_pairs(file: str | Path | None, out_dir: Path, limit: int | None = None, seed: int = 0) -> PairsResult:

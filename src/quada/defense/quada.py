@@ -7,9 +7,13 @@ The loss of Zhang et al., arXiv 2502.00840 (PAPER.md section 5):
 
 - ``pi_eps`` is the policy with the most vulnerable approximation (the MVA; here any approximation
   spec) injected into decoder layers 1..tau (indices ``0..tau-1``); the later layers run clean;
-- ``pi_0`` is the original model and never runs perturbed: its log-probabilities are precomputed
-  before training (the default), or computed by a separate reference model, or by the policy with
-  its LoRA adapter disabled, always *before* the perturbation is installed for the policy forward;
+- ``pi_0`` is the original model and runs clean: its log-probabilities are precomputed before
+  training (the default), or computed by a separate reference model, or by the policy with its
+  LoRA adapter disabled, always *before* the perturbation is installed for the policy forward.
+  With ``reference="perturbed"`` [ours] it runs under the same approximation as the policy, with
+  the same noise draw, so that before any update policy and reference agree and every implicit
+  reward starts at 0 (the approximation's own drop in log-probability is no longer counted as
+  reward);
 - ``f1_eps(x)`` is the output of the first decoder layer over the prompt tokens, pooled to one
   vector (``last`` prompt token or ``mean`` over them, as in the cluster analysis), taken from the
   same perturbed forward.
@@ -18,9 +22,12 @@ How harmful prompts are known: the training dataset carries a boolean column ``h
 a harmful request, False for a benign one); :class:`HarmfulPreferenceCollator` carries it into the
 batch, and the regularizer pools the chosen half's rows (the rejected half repeats the same prompts).
 
+``preference_loss="ipo"`` [ours] replaces the DPO term by IPO's squared loss on length-normalised
+log-ratios (:func:`length_normalised_ipo_loss`), with ``beta`` as IPO's tau.
+
 Every perturbed forward draws fresh noise from a seed derived from ``seed``, the global step and
 the forward's index within the step (:func:`noise_seed`), so a resumed run draws exactly the noise
-an uninterrupted run would have drawn.
+an uninterrupted run would have drawn; a perturbed reference uses its policy forward's seed.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from quada.seeds import derived_seed
 HARMFUL_COLUMN = "harmful"
 DEFAULT_PERTURBATION = "noise:site=up,dist=gaussian,std=0.075"
 PERTURB_LAYERS = ("first-tau", "all", "none")
+REFERENCES = ("clean", "perturbed")  # how the reference model runs
+PREFERENCE_LOSSES = ("dpo", "ipo")  # the preference term of the loss
 FULL_FINETUNE_LR = 1e-6  # the paper's rate (PAPER.md section 5)
 # [ours] LoRA trains a low-rank update that starts at zero, so at the paper's 1e-6 it barely moves in the
 # few hundred steps a CPU run affords; 5e-5 is a common LoRA rate, about 50x the full fine-tuning one.
@@ -72,6 +81,24 @@ def pairwise_cosine_regularizer(features: torch.Tensor) -> torch.Tensor:
     similarity = unit @ unit.T
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=features.device), diagonal=1)
     return similarity[upper].mean()
+
+
+def length_normalised_ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
+                               chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per pair, IPO's squared loss on length-normalised log-ratios:
+
+        (h - 1/(2 tau))^2,   h = log(pi(y_w|x)/pi_ref(y_w|x)) / |y_w| - log(pi(y_l|x)/pi_ref(y_l|x)) / |y_l|
+
+    The squared loss and its target 1/(2 tau) are the empirical IPO loss of Azar et al., "A General
+    Theoretical Paradigm to Understand Learning from Human Preferences" (AISTATS 2024, arXiv
+    2310.12036), eq. 17, where ``h`` is a difference of sequence log-ratios. Dividing each
+    log-ratio by its response's token count ``|y|`` makes the reward a per-token mean, the length
+    normalisation of SimPO's reward (Meng et al., arXiv 2405.14734, eq. 4) applied to IPO's log-ratio
+    (TRL's ``ipo`` loss normalises the same way). ``*_logratios`` are summed log-probabilities of
+    the policy minus the reference's, ``*_tokens`` the token counts (at least 1), all of shape (pairs,).
+    """
+    margin = chosen_logratios / chosen_tokens - rejected_logratios / rejected_tokens
+    return (margin - 1.0 / (2.0 * tau)) ** 2
 
 
 def noise_seed(seed: int, step: int, draw: int) -> int:
@@ -130,6 +157,18 @@ class QuadAConfig(DPOConfig):
         metadata={"help": "Which layers run perturbed: 'first-tau' (QuadA), 'all' (ablation: every layer) or 'none' "
                   "(ablation: plain DPO).", "choices": list(PERTURB_LAYERS)},
     )
+    reference: str = field(
+        default="clean",
+        metadata={"help": "How the reference runs: 'clean' (the paper: the unperturbed original) or 'perturbed' (under "
+                  "the same approximation and noise draw as the policy's forward; its log-probabilities are then "
+                  "computed at every step, not beforehand).", "choices": list(REFERENCES)},
+    )
+    preference_loss: str = field(
+        default="dpo",
+        metadata={"help": "The preference term: 'dpo' (the paper: DPO's sigmoid loss on summed log-ratios) or 'ipo' "
+                  "(IPO's squared loss on per-token mean log-ratios, with beta as IPO's tau; Azar et al. 2023, eq. 17).",
+                  "choices": list(PREFERENCE_LOSSES)},
+    )
     reg_lambda: float = field(
         default=0.1,
         metadata={"help": "Weight lambda of the activation regularizer (minus lambda times the mean pairwise cosine "
@@ -172,8 +211,8 @@ class QuadAConfig(DPOConfig):
     )
     precompute_ref_log_probs: bool = field(
         default=True,
-        metadata={"help": "Compute the unperturbed reference log-probabilities once before training (saves a "
-                  "reference forward per step)."},
+        metadata={"help": "Compute the clean reference log-probabilities once before training (saves a reference "
+                  "forward per step); always off with reference='perturbed'."},
     )
     bf16: bool | None = field(
         default=None,
@@ -199,6 +238,16 @@ class QuadAConfig(DPOConfig):
             raise QuadaError(f"tau must be a whole number of at least 1 (layers 1..tau are perturbed), got {self.tau}")
         if self.perturb_layers not in PERTURB_LAYERS:
             raise QuadaError(f"unknown perturb_layers {self.perturb_layers!r}; choose one of {', '.join(PERTURB_LAYERS)}")
+        if self.reference not in REFERENCES:
+            raise QuadaError(f"unknown reference {self.reference!r}; choose one of {', '.join(REFERENCES)}")
+        if self.reference == "perturbed":
+            if self.perturb_layers == "none":
+                raise QuadaError("a perturbed reference needs a perturbation, and plain DPO has none; use reference "
+                                 "'clean' or perturb the policy (perturb_layers 'first-tau' or 'all')")
+            # The reference's noise is the draw of each step's policy forward: it cannot be computed beforehand.
+            self.precompute_ref_log_probs = False
+        if self.preference_loss not in PREFERENCE_LOSSES:
+            raise QuadaError(f"unknown preference_loss {self.preference_loss!r}; choose one of {', '.join(PREFERENCE_LOSSES)}")
         if self.reg_pooling not in POOLINGS:
             raise QuadaError(f"unknown reg_pooling {self.reg_pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.use_lora:
@@ -229,6 +278,8 @@ class QuadAConfig(DPOConfig):
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and not self.fp16 and not self.use_cpu
         super().__post_init__()
+        if self.preference_loss == "ipo" and self.loss_type != ["sigmoid"]:
+            raise QuadaError(f"preference_loss 'ipo' replaces TRL's loss; leave loss_type at 'sigmoid' (got {self.loss_type})")
         if self.activation_checkpointing and self.perturb_layers != "none":
             raise QuadaError("activation (gradient) checkpointing cannot be used with a perturbation; turn it off (the default)")
 
@@ -259,8 +310,10 @@ class QuadATrainer(DPOTrainer):
     """TRL's ``DPOTrainer`` with QuadA's loss; it overrides only what the loss needs (the loss, the
     reference log-probabilities and the columns kept, for the ``harmful`` flags).
 
-    Logs, besides TRL's metrics (``rewards/margins`` among them), ``dpo_loss`` (the DPO term) and
-    ``regularizer`` (the mean pairwise cosine similarity, before the weight lambda).
+    Logs, besides TRL's metrics (``rewards/margins`` among them, always DPO's summed rewards),
+    ``dpo_loss`` (the DPO term) or, with ``preference_loss="ipo"``, ``ipo_loss`` and ``ipo/margins``
+    (the mean length-normalised margin), and ``regularizer`` (the mean pairwise cosine similarity,
+    before the weight lambda).
     """
 
     def __init__(self, model, ref_model=None, args: QuadAConfig | None = None, data_collator=None,
@@ -301,20 +354,25 @@ class QuadATrainer(DPOTrainer):
         """TRL's reference log-probabilities; the ``harmful`` flags are not a model input."""
         return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != HARMFUL_COLUMN})
 
-    def _perturbation(self, model):
-        """The approximation on the policy for one forward, with that forward's own seed."""
+    def _forward_seed(self) -> int | None:
+        """The noise seed of the next perturbed forward of the policy (None when nothing is perturbed)."""
         if not self._layers:
-            return contextlib.nullcontext()
+            return None
         step = self.state.global_step
         if step != self._draw_step:
             self._draw_step, self._draws = step, 0
-        seed = noise_seed(self.args.seed, step, self._draws)
         self._draws += 1
+        return noise_seed(self.args.seed, step, self._draws - 1)
+
+    def _perturbation(self, model, seed: int | None):
+        """The approximation on ``model`` for one forward, drawn with ``seed``."""
+        if seed is None:
+            return contextlib.nullcontext()
         return apply(model, self._approximation, layers=self._layers, seed=seed, tokenizer=self.processing_class)
 
     @contextlib.contextmanager
     def _reference_from_batch(self):
-        """Make TRL read the reference log-probabilities from the batch (computed clean beforehand)."""
+        """Make TRL read the reference log-probabilities from the batch (computed just before)."""
         precomputed = self.precompute_ref_logps
         self.precompute_ref_logps = True
         try:
@@ -326,23 +384,52 @@ class QuadATrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         harmful = inputs.pop(HARMFUL_COLUMN).bool()
+        seed = self._forward_seed()
         reference = contextlib.nullcontext()
         if not self.precompute_ref_logps:
-            # The reference runs here, before the perturbation is installed; TRL then reads it from the batch.
-            ref_chosen, ref_rejected = self.compute_ref_log_probs(model if self.ref_model is None else self.ref_model, inputs)
+            # The reference runs here, before the policy's perturbation is installed (under its own copy of it,
+            # with the same draw, for reference="perturbed"); TRL then reads it from the batch.
+            ref_seed = seed if self.args.reference == "perturbed" else None
+            ref_model = model if self.ref_model is None else self.ref_model
+            with self._perturbation(ref_model, ref_seed):
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(ref_model, inputs)
             inputs |= {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
             reference = self._reference_from_batch()
         first_layer = resolve_decoder(model).layers[0].layer
         captured = {}
-        with reference, self._perturbation(model), capturing({"first": (first_layer, "output")}, captured.__setitem__):
-            result = super()._compute_loss(model, inputs, return_outputs)
-        dpo_loss = result[0] if return_outputs else result
+        # The policy forward's output, for the IPO loss (the first call only: TRL may run the model again for
+        # return_outputs).
+        policy_output = model.register_forward_hook(lambda _m, _a, output: captured.setdefault("policy", output))
+        try:
+            with reference, self._perturbation(model, seed), capturing({"first": (first_layer, "output")}, captured.__setitem__):
+                result = super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            policy_output.remove()
+        if self.args.preference_loss == "ipo":
+            preference = self._ipo_loss(captured["policy"], inputs, mode)
+            self._metrics[mode]["ipo_loss"].append(preference.item())
+        else:
+            preference = result[0] if return_outputs else result
+            self._metrics[mode]["dpo_loss"].append(preference.item())
 
         pairs = harmful.shape[0]  # rows 0..pairs-1 are prompt+chosen, one per pair
         prompt_mask = inputs["attention_mask"][:pairs].bool() & ~inputs["completion_mask"][:pairs].bool()
         features = pool_prompt_activations(captured["first"][:pairs][harmful], prompt_mask[harmful], self.args.reg_pooling)
         similarity = pairwise_cosine_regularizer(features.float())
-        self._metrics[mode]["dpo_loss"].append(dpo_loss.item())
         self._metrics[mode]["regularizer"].append(similarity.item())
-        loss = dpo_loss - self.args.reg_lambda * similarity if self.args.reg_lambda else dpo_loss
+        loss = preference - self.args.reg_lambda * similarity if self.args.reg_lambda else preference
         return (loss, result[1]) if return_outputs else loss
+
+    def _ipo_loss(self, output, inputs, mode: str) -> torch.Tensor:
+        """:func:`length_normalised_ipo_loss` of the batch, from the policy forward's per-token
+        log-probabilities (as TRL reads them) and the reference's summed ones in ``inputs``."""
+        scored = inputs["completion_mask"][:, 1:]  # the tokens whose log-probability is scored
+        per_token = output.log_probs[:, -scored.shape[1]:]
+        logps = (per_token * scored).sum(dim=1)
+        chosen_tokens, rejected_tokens = scored.sum(dim=1).clamp(min=1).to(logps.dtype).chunk(2)
+        chosen_logps, rejected_logps = logps.chunk(2)
+        chosen = chosen_logps - inputs["ref_chosen_logps"].to(logps.device)
+        rejected = rejected_logps - inputs["ref_rejected_logps"].to(logps.device)
+        margins = (chosen / chosen_tokens - rejected / rejected_tokens).detach()
+        self._metrics[mode]["ipo/margins"].append(margins.mean().item())
+        return length_normalised_ipo_loss(chosen, rejected, chosen_tokens, rejected_tokens, self.args.beta).mean()

@@ -16,8 +16,23 @@ from quada.report.vet import ConditionResult
 
 
 def method_name(record: dict) -> str:
-    """How a training record's model was aligned: ``QuadA`` or ``plain DPO``."""
-    return "plain DPO" if record["plain_dpo"] else "QuadA"
+    """How a training record's model was aligned: ``plain DPO``, ``QuadA`` or a variant of QuadA,
+    e.g. ``QuadA (perturbed reference)`` (records from before the variants name none)."""
+    if record["plain_dpo"]:
+        return "plain DPO"
+    cfg = record["config"]
+    variants = [*(["perturbed reference"] if cfg.get("reference") == "perturbed" else []),
+                *(["length-normalised IPO"] if cfg.get("preference_loss") == "ipo" else [])]
+    return f"QuadA ({', '.join(variants)})" if variants else "QuadA"
+
+
+def preference_phrase(cfg: dict) -> str:
+    """The preference term and the reference of a training configuration, in words."""
+    loss = ("IPO's squared loss on per-token mean log-ratios (Azar et al. 2023, eq. 17), tau"
+            if cfg.get("preference_loss") == "ipo" else "DPO's loss, beta")
+    reference = ("under the same perturbation as the policy" if cfg.get("reference") == "perturbed"
+                 else "clean")
+    return f"{loss} {cfg['beta']:g}; reference {reference}"
 
 
 def layers_phrase(cfg: dict) -> str:
@@ -36,7 +51,7 @@ def _length_phrase(cfg: dict) -> str:
 def model_card(record: dict, results: list[list[str]] | None = None, columns: list[str] | None = None) -> str:
     """The model folder's README.md: base model, data, configuration, training and results."""
     cfg = record["config"]
-    method = "plain DPO (baseline: no perturbation, no regularizer)" if record["plain_dpo"] else "QuadA"
+    method = "plain DPO (baseline: no perturbation, no regularizer)" if record["plain_dpo"] else method_name(record)
     lines = [
         f"# {record['base_model']}, aligned with {method}",
         "",
@@ -53,7 +68,7 @@ def model_card(record: dict, results: list[list[str]] | None = None, columns: li
         f"- Perturbation: `{cfg['perturbation']}` on {layers_phrase(cfg)}; regularizer weight lambda = "
         f"{cfg['reg_lambda']:g} ({cfg['reg_pooling']} pooling)",
         f"- {'LoRA r=%d, alpha=%g on %s' % (cfg['lora_r'], cfg['lora_alpha'], ', '.join(cfg['lora_target_modules'])) if cfg['use_lora'] else 'Full fine-tuning'}"
-        f"; beta {cfg['beta']:g}, learning rate {cfg['learning_rate']:g} ({cfg['lr_scheduler_type']}, warmup "
+        f"; {preference_phrase(cfg)}; learning rate {cfg['learning_rate']:g} ({cfg['lr_scheduler_type']}, warmup "
         f"{cfg['warmup_steps']:g}), weight decay {cfg['weight_decay']:g}, {_length_phrase(cfg)}, "
         f"batch {cfg['per_device_train_batch_size']} x {cfg['gradient_accumulation_steps']}, max length "
         f"{cfg['max_length']}, seed {cfg['seed']}",
@@ -112,11 +127,13 @@ def comparison_table(results: Mapping[str, list[ConditionResult]], judges) -> tu
 
 
 def training_figure(log_history: list[dict]):
-    """DPO loss, regularizer and reward margin per logged step."""
+    """Preference loss (DPO's or IPO's), regularizer and reward margin per logged step."""
     figure, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    logs = [h for h in log_history if "dpo_loss" in h]
-    for ax, key, label in zip(axes, ("dpo_loss", "regularizer", "rewards/margins"),
-                              ("DPO loss", "regularizer (mean cosine)", "reward margin")):
+    loss = "ipo_loss" if any("ipo_loss" in h for h in log_history) else "dpo_loss"
+    logs = [h for h in log_history if loss in h]
+    for ax, key, label in zip(axes, (loss, "regularizer", "rewards/margins"),
+                              ("IPO loss" if loss == "ipo_loss" else "DPO loss", "regularizer (mean cosine)",
+                               "reward margin (DPO's, summed)")):
         ax.plot([h["step"] for h in logs], [h[key] for h in logs], ".-")
         ax.set_title(label)
         ax.set_xlabel("step")
@@ -138,6 +155,6 @@ def align_sections(record: dict, results: Mapping[str, list[ConditionResult]], j
             figures={"sweep-before-after": sweep_figure(sweeps)},
         ))
     sections.append(Section("Training", figures={"training": training_figure(record["log_history"])},
-                            text=f"{record['steps']} steps; per-step DPO loss, regularizer (mean pairwise cosine) and "
+                            text=f"{record['steps']} steps; per-step preference loss, regularizer (mean pairwise cosine) and "
                             "reward margin as logged by the trainer. Full configuration in model/training.json."))
     return sections

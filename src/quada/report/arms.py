@@ -26,7 +26,7 @@ def spread_text(rate: dict) -> str:
 
 
 def difference_text(difference: dict) -> str:
-    """A paired difference in percentage points with its 95% interval, ``"+3.1 [-1.0, 7.2]"``."""
+    """A paired difference in percentage points with its interval, ``"+3.1 [-1.0, 7.2]"``."""
     return f"{100 * difference['value']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
 
 
@@ -70,6 +70,21 @@ def rate_figure(saved: dict, measure: str):
     return figure
 
 
+def confidence_text(saved: dict) -> str:
+    """The intervals' level, ``"95%"`` (aggregations from before the option were at 95%)."""
+    return f"{100 * saved.get('confidence', 0.95):g}%"
+
+
+def strong_form_table(saved: dict, measure: str) -> tuple[list[str], list[list[str]]]:
+    """One row per condition: each arm's ASR there minus the original model's clean ASR, paired."""
+    arms = list(saved["runs"])
+    columns = ["condition", *(f"{a} - original clean (points)" for a in arms)]
+    differences = saved["versus_original_clean"][measure]
+    rows = [[spec_label(c), *(difference_text(differences[c][a]) if a in differences[c] else "-" for a in arms)]
+            for c in saved["conditions"]]
+    return columns, rows
+
+
 def arms_summary(saved: dict) -> str:
     """The report's opening paragraph: what was compared and how."""
     runs = "; ".join(f"{arm}: {len(members)} seed{'' if len(members) == 1 else 's'}" for arm, members in saved["runs"].items())
@@ -78,8 +93,8 @@ def arms_summary(saved: dict) -> str:
         f"Arms of `quada align` runs on {saved['base_model']} ({runs}), each run's aligned model evaluated after "
         f"training; 'original' is the base model, evaluated with each training seed. {setup}. Rates are means over "
         f"the seeds (sd and lowest-highest seed in brackets); differences against {saved['reference']} pair seed i "
-        "with seed i (sorted by training seed) and prompts by id, with a 95% two-stage bootstrap interval over seeds "
-        "and prompts."
+        f"with seed i (sorted by training seed) and prompts by id, with a {confidence_text(saved)} two-stage bootstrap "
+        "interval over seeds and prompts."
     )
 
 
@@ -92,6 +107,14 @@ def arms_sections(saved: dict) -> list[Section]:
         text = "Percent; differences in percentage points." + (" Error bars span the lowest to the highest seed." if figures else "")
         sections.append(Section(f"{measure_name(measure)} per condition and arm", columns=columns, rows=rows,
                                 figures=figures, text=text))
+    for measure in saved["judges"] if "versus_original_clean" in saved else []:
+        columns, rows = strong_form_table(saved, measure)
+        sections.append(Section(
+            f"{measure_name(measure)} against the original model's clean rate (the strong form)", columns=columns,
+            rows=rows, text="Each arm's ASR under each condition minus the original's ASR without approximation, seed i "
+            f"with seed i and prompt by prompt, with its {confidence_text(saved)} two-stage bootstrap interval. The paper's "
+            "strong form says that after its defense no approximation lifts the ASR above the original's clean ASR: "
+            "no interval of the defended arm should lie above 0."))
     columns, rows = perplexity_table(saved)
     sections.append(Section("Perplexity per condition and arm (mean over seeds)", columns=columns, rows=rows))
     run_rows = [[arm, str(m["seed"]), m["folder"]] for arm, members in saved["runs"].items() for m in members]
