@@ -304,10 +304,10 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
     open_run_dir(config.run_dir)
     model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, config.approximations)
-    attackers = {"": (model, tokenizer)}
+    attackers = {"": (model, tokenizer), str(config.model): (model, tokenizer)}
 
     def attacker(source: str):
-        """The mutator or rewriter named ``source`` (loaded once), or the subject for ''."""
+        """The mutator or rewriter named ``source`` (loaded once), or the subject for '' or its own name."""
         if source not in attackers:
             attackers[source] = load(source, dtype=config.dtype, device=config.device)
         return attackers[source]
