@@ -85,7 +85,7 @@ def summary_table(cells: Sequence[AttackCell], info: dict[str, JudgeInfo] | None
                "queries per behaviour (mean, max)", "search seconds per behaviour", "stopped by its rule %",
                "GCG target reached %"]
     rows = [[
-        c.model, spec_label(c.approx), c.attack, f"{c.n} {c.benchmark}",
+        c.model, spec_label(c.approx), c.attack, f"{c.n} {Path(c.benchmark).name}",
         *(percent_interval(c.asr.get(j)) for j in judges),
         f"{_mean(c.queries, 1)}, {max(c.queries)}" if c.queries else "-", _mean(c.search_seconds, 1),
         _percent(c.stopped), _percent(c.target_reached),
