@@ -42,3 +42,25 @@ def test_the_report_pairs_by_prompt_and_pools_models_with_prompts_as_clusters():
     assert costs["queries per behaviour (mean, max)"] == "15.2, 20" and costs["stopped by its rule %"] == "50"
     _, budgets = budget_table(cells)
     assert budgets == [["dra", "at most 20 queries", "at most 20 queries", budgets[0][3], budgets[0][4]]]
+
+
+def test_runs_on_other_subsets_of_the_prompts_pair_on_the_prompts_they_share():
+    from dataclasses import replace
+
+    first = [cell("m1", "none", "direct", [0, 0, 0, 1]), cell("m1", "none", "dra", [1, 1, 0, 1])]
+    # A later `--limit 2` run: the bare request again on p1 (same outcome) and p5, and AutoDAN on both.
+    second = [replace(cell("m1", "none", "direct", [0, 1, 0, 0]), n=2, behaviours=["p1", "p5"],
+                      outcomes={"keyword": [0, 1]}),
+              replace(cell("m1", "none", "autodan", [1, 1, 0, 0]), n=2, behaviours=["p1", "p5"],
+                      outcomes={"keyword": [1, 1]})]
+    rows = {r[0]: r for r in comparison_table(first + second)[1]}
+    assert rows["dra vs direct, none"][2] == "m1: +50.0 (2 vs 0, p = 0.5)"  # on p1-p4, not on the later subset
+    assert rows["autodan vs direct, none"][2] == "m1: +50.0 (1 vs 0, p = 1)"  # on p1 and p5
+    # Another seed is another set of prompts: never paired with the first, and named in the label.
+    other_seed = [replace(c, seed=1) for c in first]
+    labels = [r[0] for r in comparison_table(first + other_seed)[1]]
+    assert labels == ["dra vs direct, none (b, seed 0)", "dra vs direct, none (b, seed 1)"]
+    # DRA with two budgets on the same prompts: each compared with the bare request under its own identity.
+    longer = replace(cell("m1", "none", "dra", [1, 1, 1, 1]), identity='dra {"queries":20}')
+    labels = [r[0] for r in comparison_table([*first, longer])[1]]
+    assert labels == ["dra vs direct, none", 'dra {"queries":20} vs direct, none']

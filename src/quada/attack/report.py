@@ -107,34 +107,59 @@ def budget_table(cells: Sequence[AttackCell]) -> tuple[list[str], list[list[str]
     return ["attack", "budget here", "the paper's budget", "stopping rule here", "the paper's stopping rule"], rows
 
 
+def _series(cells: Sequence[AttackCell], judge: str) -> dict[tuple[str, int], dict[tuple[str, str, str], dict[str, bool]]]:
+    """Per prompt set (benchmark, seed), per (model, approximation, attack): each behaviour's outcome by
+    ``judge``, merged over the cells of one attack identity, so runs on different subsets of the same
+    prompts (``--limit 8`` and ``--limit 2``) meet on the prompts they share (a behaviour's outcome is a
+    function of its key, whatever the subset). An attack run with several identities in one prompt set
+    is named by its identity."""
+    usable = [c for c in cells if judge in c.outcomes and c.behaviours]
+    identities: dict[tuple, set[str]] = {}
+    for c in usable:
+        identities.setdefault((c.benchmark, c.seed, c.attack), set()).add(c.identity)
+    series: dict[tuple[str, int], dict[tuple[str, str, str], dict[str, bool]]] = {}
+    for c in usable:
+        attack = c.attack if len(identities[c.benchmark, c.seed, c.attack]) == 1 else c.identity
+        outcomes = series.setdefault((c.benchmark, c.seed), {}).setdefault((c.model, c.approx, attack), {})
+        outcomes.update((b, bool(o)) for b, o in zip(c.behaviours, c.outcomes[judge]))
+    return series
+
+
 def _paired(cells: Sequence[AttackCell], judge: str) -> list[list[str]]:
     """The comparison rows of ``cells`` grouped by model: each attack against the bare request, and
     each approximation against the clean model, per model and pooled over the models with each prompt
-    one cluster; and every pair of models per attack and approximation."""
-    by_key = {(c.model, c.approx, c.attack): c for c in cells if judge in c.outcomes and c.behaviours}
+    one cluster; and every pair of models per attack and approximation. Only outcomes on the same
+    prompts (benchmark and seed) are paired."""
+    prompt_sets = _series(cells, judge)
+    rows = []
+    for (benchmark, seed), by_key in prompt_sets.items():
+        where = f" ({Path(benchmark).name}, seed {seed})" if len(prompt_sets) > 1 else ""
+        rows += _paired_on(by_key, judge, where)
+    return rows
+
+
+def _paired_on(by_key: dict[tuple[str, str, str], dict[str, bool]], judge: str, where: str) -> list[list[str]]:
+    """:func:`_paired` on one prompt set: ``by_key`` maps (model, approximation, attack) to each
+    behaviour's outcome; ``where`` ends every row's label."""
     models = list(dict.fromkeys(m for m, _, _ in by_key))
     rows = []
 
-    def compare(label: str, pairs: list[tuple[str, AttackCell, AttackCell]], pooled: bool) -> None:
-        shared = set.intersection(*(set(a.behaviours) & set(b.behaviours) for _, a, b in pairs)) if pairs else set()
+    def compare(label: str, pairs: list[tuple[str, dict[str, bool], dict[str, bool]]], pooled: bool) -> None:
+        shared = set.intersection(*(a.keys() & b.keys() for _, a, b in pairs)) if pairs else set()
         if not shared:
             return
         order = sorted(shared)
-
-        def outcomes(cell: AttackCell) -> list[bool]:
-            at = {b: bool(o) for b, o in zip(cell.behaviours, cell.outcomes[judge])}
-            return [at[b] for b in order]
-
         parts = []
         for model, a, b in pairs:
-            one = clustered_difference([outcomes(a)], [outcomes(b)])
+            one = clustered_difference([[a[p] for p in order]], [[b[p] for p in order]])
             parts.append(f"{model}: {100 * one.difference:+.1f} ({one.only_first} vs {one.only_second}, p = {one.p_value:.2g})")
         together = "-"
         if pooled and len(pairs) > 1:
-            both = clustered_difference([outcomes(a) for _, a, _ in pairs], [outcomes(b) for _, _, b in pairs])
+            both = clustered_difference([[a[p] for p in order] for _, a, _ in pairs],
+                                        [[b[p] for p in order] for _, _, b in pairs])
             together = (f"{100 * both.difference:+.1f} ({both.only_first} vs {both.only_second}, "
                         f"p = {both.p_value:.2g}, {both.items} prompt clusters x {both.groups} models)")
-        rows.append([label, judge, "; ".join(parts), together])
+        rows.append([label + where, judge, "; ".join(parts), together])
 
     approximations = list(dict.fromkeys(a for _, a, _ in by_key))
     attacks = list(dict.fromkeys(t for _, _, t in by_key))
