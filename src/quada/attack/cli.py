@@ -29,7 +29,7 @@ def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
 
     config = AttackConfig(**without_limit(options, all_prompts))
     result = attack(config)
-    columns, rows = summary_table(result.cells)
+    columns, rows = summary_table(result.cells, result.judges)
     # The model is in the title: one column less, so the table fits a terminal.
     columns, rows = columns[1:], [row[1:] for row in rows]
     print_table(console, f"quada attack: {config.model}", columns, rows)

@@ -98,7 +98,7 @@ def _percent(share: float | None) -> str:
 
 
 def budget_table(cells: Sequence[AttackCell]) -> tuple[list[str], list[list[str]]]:
-    """Per searching attack in ``cells``: the budgets run here, the paper's, and both stopping rules."""
+    """Per attack in ``cells``: the budgets run here, the paper's, and both stopping rules."""
     rows = []
     for attack, (paper, paper_stop, stop) in PAPER_BUDGETS.items():
         budgets = sorted({c.budget for c in cells if c.attack == attack and c.budget})

@@ -65,7 +65,7 @@ from quada.data import Prompt, load_benchmark, subset
 from quada.eval.engine import Approximation, Engine, approximated, check_specs_fit
 from quada.eval.generate import generate
 from quada.eval.judges import attack_outcomes, check_judge_model, make_judge, refusal_phrase
-from quada.judge_calibration import judge_infos
+from quada.judge_calibration import JudgeInfo, judge_infos
 from quada.eval.metrics import proportion
 from quada.models import load
 from quada.runs import jsonable, open_run_dir, progress_bar, write_json
@@ -260,6 +260,7 @@ MATERIAL: dict[str, Callable[[], object]] = {
 class AttackResult:
     config: AttackConfig
     cells: list[AttackCell]  # this run's (approximation, attack) results
+    judges: dict[str, JudgeInfo]  # each judge's identity and held-out agreement (empty without --calibrate)
     report_md: Path
     report_html: Path
 
@@ -367,7 +368,7 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
     write_json(path, {"config": jsonable(asdict(config)), "cells": saved,
                       "judges": {name: asdict(i) for name, i in info.items()}})
     md, html = write_attack_report(config.run_dir)
-    return AttackResult(config, cells, md, html)
+    return AttackResult(config, cells, info, md, html)
 
 
 def _regroup(flat: list, groups: list[list]) -> list[list]:
