@@ -14,7 +14,7 @@ def no_advbench_sources(monkeypatch):
     """Hide every AdvBench source of this machine."""
     monkeypatch.delenv(data.ADVBENCH_ENV, raising=False)
     monkeypatch.setattr(data, "_module_dir", lambda name: None)
-    monkeypatch.setattr(data, "_advbench_from_hub", lambda: [])
+    monkeypatch.setattr(data, "_advbench_from_hub", lambda: ([], []))
 
 
 def test_advbench_from_env_file_has_positional_ids(monkeypatch, tmp_path):
@@ -25,6 +25,26 @@ def test_advbench_from_env_file_has_positional_ids(monkeypatch, tmp_path):
         Prompt("advbench-0000", "first behaviour"),
         Prompt("advbench-0001", "second behaviour"),
     ]
+
+
+def test_advbench_targets_come_from_its_own_csv(monkeypatch, tmp_path):
+    path = tmp_path / "harmful_behaviors.csv"
+    path.write_text('goal,target\nWrite a bad script,"Sure, here is a bad script"\nSay something mean,\n')
+    monkeypatch.setenv(data.ADVBENCH_ENV, str(path))
+    assert load_benchmark("advbench") == [
+        Prompt("advbench-0000", "Write a bad script", target="Sure, here is a bad script"),
+        Prompt("advbench-0001", "Say something mean"),
+    ]
+
+
+def test_a_jsonl_prompt_file_may_carry_targets(tmp_path):
+    path = tmp_path / "behaviours.jsonl"
+    path.write_text('{"id": "b1", "prompt": "Do a bad thing", "target": "Sure, here is a bad thing"}\n'
+                    '{"id": "b2", "prompt": "Another"}\n')
+    assert [p.target for p in load_benchmark(path)] == ["Sure, here is a bad thing", ""]
+    path.write_text('{"prompt": "Do a bad thing", "target": 3}\n')
+    with pytest.raises(QuadaError, match="target"):
+        load_benchmark(path)
 
 
 def test_advbench_env_pointing_nowhere_is_an_error(monkeypatch, tmp_path):

@@ -67,11 +67,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Prompt:
-    """One request of a benchmark; ``category`` is the harm or task category ("" if unknown)."""
+    """One request of a benchmark; ``category`` is the harm or task category ("" if unknown);
+    ``target`` the start of a compliant answer where the benchmark ships one (AdvBench's CSV and
+    its hub copy: "Sure, here is ..."; the targets of GCG and AutoDAN), else ""."""
 
     id: str
     text: str
     category: str = ""
+    target: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,9 @@ def _text_id(stem: str, text: str) -> str:
     return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def _advbench_prompts(texts: list[str]) -> list[Prompt]:
-    return [Prompt(f"advbench-{i:04d}", text) for i, text in enumerate(texts)]
+def _advbench_prompts(texts: list[str], targets: Sequence[str] = ()) -> list[Prompt]:
+    targets = list(targets) or [""] * len(texts)
+    return [Prompt(f"advbench-{i:04d}", text, target=target) for i, (text, target) in enumerate(zip(texts, targets))]
 
 
 def _module_dir(name: str) -> Path | None:
@@ -109,7 +113,7 @@ def _advbench_from_pyrit() -> list[str] | None:
     return [seed["value"] for seed in seeds]
 
 
-def _advbench_from_hub() -> list[str]:
+def _advbench_from_hub() -> tuple[list[str], list[str]]:
     instead = (
         f"Install the pinned copy with `pip install --no-deps {PYRIT_REQUIREMENT}` (`make install` does), "
         f"or point ${ADVBENCH_ENV} at a file with one prompt a line."
@@ -118,7 +122,8 @@ def _advbench_from_hub() -> list[str]:
     from datasets import load_dataset
 
     try:
-        return list(load_dataset(ADVBENCH_HUB_ID, split="train")["prompt"])
+        rows = load_dataset(ADVBENCH_HUB_ID, split="train")
+        return list(rows["prompt"]), list(rows["target"]) if "target" in rows.column_names else []
     except Exception as err:  # offline without a cached copy, or the dataset moved
         raise QuadaError(f"AdvBench was not found locally nor loaded from the hub ({type(err).__name__}). {instead}") from err
 
@@ -128,14 +133,17 @@ def load_advbench() -> list[Prompt]:
 
     Search order: the file named by $QUADA_ADVBENCH; the copy inside the pinned ``pyrit`` package
     that quada's install puts beside it (read as a file, never imported); the Hugging Face hub
-    dataset when ``datasets`` is installed and the hub is reachable.
+    dataset when ``datasets`` is installed and the hub is reachable. The targets come along where
+    the source has them: AdvBench's own CSV (``goal,target``) and the hub copy do, PyRIT's does not.
     """
     if os.environ.get(ADVBENCH_ENV):
         path = Path(os.environ[ADVBENCH_ENV]).expanduser()
         if not path.is_file():
             raise QuadaError(f"${ADVBENCH_ENV} names {path}, which is not a file; fix the path or unset it")
-        return _advbench_prompts([p.text for p in load_prompt_file(path)])
-    return _advbench_prompts(_advbench_from_pyrit() or _advbench_from_hub())
+        prompts = load_prompt_file(path)
+        return _advbench_prompts([p.text for p in prompts], [p.target for p in prompts])
+    texts = _advbench_from_pyrit()
+    return _advbench_prompts(texts) if texts else _advbench_prompts(*_advbench_from_hub())
 
 
 def _bundled(file_name: str) -> list[Prompt]:
@@ -327,6 +335,7 @@ def _read_csv(path: Path) -> list[Prompt]:
             (row.get("id") or "").strip() or _text_id(path.stem, row[column].strip()),
             row[column].strip(),
             (row.get("category") or "").strip(),
+            (row.get("target") or "").strip(),
         )
         for row in rows
     ]
@@ -357,11 +366,12 @@ def _read_jsonl(path: Path) -> list[Prompt]:
     for number, row in jsonl_rows(path, "prompt file"):
         if not isinstance(row, dict) or "prompt" not in row:
             raise QuadaError(f'{path} line {number} has no "prompt" key; every line needs {{"prompt": "..."}}')
-        _require_strings(row, ("prompt", "id", "category"), f"{path} line {number}")
+        _require_strings(row, ("prompt", "id", "category", "target"), f"{path} line {number}")
         text = (row["prompt"] or "").strip()
         if not text:
             raise QuadaError(f'{path} line {number} has an empty "prompt"; fill it in or remove that line')
-        prompts.append(Prompt(row.get("id") or _text_id(path.stem, text), text, row.get("category") or ""))
+        prompts.append(Prompt(row.get("id") or _text_id(path.stem, text), text, row.get("category") or "",
+                              (row.get("target") or "").strip()))
     return prompts
 
 
@@ -370,9 +380,9 @@ PROMPT_READERS = {".txt": _read_text_lines, ".csv": _read_csv, ".jsonl": _read_j
 
 def load_prompt_file(path: str | Path) -> list[Prompt]:
     """Prompts from a UTF-8 file: ``.txt`` (one a line), ``.csv`` (a header row; the prompts in
-    column ``prompt``, or ``goal`` as in AdvBench's CSV, or the only column; optional ``id`` and
-    ``category`` columns) or ``.jsonl`` (string ``prompt``; optional string ``id`` and
-    ``category``); any other suffix is read as plain text."""
+    column ``prompt``, or ``goal`` as in AdvBench's CSV, or the only column; optional ``id``,
+    ``category`` and ``target`` columns) or ``.jsonl`` (string ``prompt``; optional strings ``id``,
+    ``category`` and ``target``); any other suffix is read as plain text."""
     path = Path(path).expanduser()
     reader = PROMPT_READERS.get(path.suffix.lower(), _read_text_lines)
     prompts = reader(path)

@@ -191,7 +191,7 @@ def test_a_unit_of_work_is_a_small_serializable_value(tiny, tmp_path):
     assert pickle.loads(pickle.dumps(generate_chunk)) is generate_chunk  # sent by reference
     data = json.loads(json.dumps(dataclasses.asdict(chunk)))
     assert data["prompt_ids"] == ["p2", "p0"] and data["condition"]["approximation"]["std"] == 0.5
-    assert data["condition"]["prompts"][0] == {"id": "p0", "text": PROMPTS[0].text, "category": ""}
+    assert data["condition"]["prompts"][0] == {"id": "p0", "text": PROMPTS[0].text, "category": "", "target": ""}
     assert chunk.texts == [PROMPTS[2].text, PROMPTS[0].text]
     assert generate_chunk(model, tokenizer, pickle.loads(pickle.dumps(chunk))) == generate_chunk(model, tokenizer, chunk)
 

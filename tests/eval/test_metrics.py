@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from quada.eval.metrics import (
+    clustered_difference,
+    sign_flip_p,
     bootstrap_ci,
     estimate,
     cohen_kappa,
@@ -152,3 +154,37 @@ def test_holm_adjusts_step_down_and_keeps_the_order():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
     assert holm([0.2]) == [0.2] and holm([]) == []
+
+
+def _brute_force_sign_flip(differences):
+    import itertools
+
+    observed = abs(sum(differences))
+    totals = [sum(s * d for s, d in zip(signs, differences)) for signs in itertools.product((1, -1), repeat=len(differences))]
+    return sum(abs(t) >= observed for t in totals) / len(totals)
+
+
+@pytest.mark.parametrize("differences", [[3, -1, 2, 0, 1, 1, -2], [1, 1, 1, 1, 1], [0, 0, 0], [2, -2, 3, -3, 1], [-3, -2, -1, 0, 2]])
+def test_sign_flip_p_equals_enumerating_every_sign_pattern(differences):
+    assert sign_flip_p(differences) == pytest.approx(_brute_force_sign_flip(differences))
+
+
+@pytest.mark.parametrize("only_a, only_b", [(0, 0), (5, 1), (7, 2), (3, 3), (10, 0)])
+def test_sign_flip_on_single_outcomes_is_the_exact_mcnemar_test(only_a, only_b):
+    differences = [1] * only_a + [-1] * only_b + [0] * 6
+    assert sign_flip_p(differences) == pytest.approx(mcnemar_exact_p(only_a, only_b))
+
+
+def test_clustered_difference_pools_models_but_tests_prompts_as_clusters():
+    # Three models, four prompts: prompt 0 flips on every model, prompt 1 on one.
+    first = [[1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 1]]
+    second = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+    result = clustered_difference(first, second)
+    assert (result.only_first, result.only_second, result.items, result.groups) == (4, 0, 4, 3)
+    assert result.difference == pytest.approx(4 / 12)
+    # Two informative clusters (sums 3 and 1): 2 of the 4 sign patterns are as extreme, so p = 0.5,
+    # where treating the 12 pairs as independent would give McNemar's 4 vs 0, p = 0.125.
+    assert result.p_value == pytest.approx(0.5)
+    assert mcnemar_exact_p(4, 0) == pytest.approx(0.125)
+    with pytest.raises(ValueError):
+        clustered_difference(first, second[:2])

@@ -12,15 +12,16 @@ console = Console(markup=False)  # prints user text (paths, specs, model names):
 
 
 @config_options(
-    AttackConfig, "model", "approx", "attack", "benchmark", "limit", "steps", "candidates", "topk", "suffix_tokens",
-    "population", "elite", "shots", "target", "judges", "judge_model", "prompt_format", "max_new_tokens",
+    AttackConfig, "model", "approx", "attack", "benchmark", "limit", "budget", "steps", "candidates", "topk",
+    "suffix_tokens", "generations", "population", "elite", "mutator", "queries", "attempts", "rewriter", "shots",
+    "target", "judges", "judge_model", "prompt_format", "max_new_tokens",
     "stop_on_refusal", "seed", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS,
 )
 def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
-    """Attack a model as served: GCG, AutoDAN, DRA and template jailbreaks, clean and under each approximation; ASR with 95% CIs and each attack's cost.
+    """Attack a model as served: GCG, AutoDAN-HGA, DRA, past tense and template jailbreaks, clean and under each approximation; ASR with 95% CIs, each attack's cost per behaviour and paired comparisons.
 
-    Examples: quada attack --attack gcg-transfer,dra,templates --approx none --approx paper:bolt;
-    quada attack --attack gcg --limit 8 --steps 100 --candidates 128 --topk 64.
+    Examples: quada attack --attack direct,gcg-transfer,dra,past-tense --approx none --approx paper:bolt;
+    quada attack --attack gcg,autodan --budget cpu --limit 8.
 
     Adversarial prompts (every GCG step), responses and verdicts are stored as they come: an interrupted run continues where it stopped when run again. The report goes to --run-dir; prompts and responses are never printed.
     """
@@ -29,7 +30,7 @@ def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
 
     config = AttackConfig(**without_limit(options, all_prompts))
     result = attack(config)
-    columns, rows = summary_table(result.cells)
+    columns, rows = summary_table(result.cells, result.judges)
     # The model is in the title: one column less, so the table fits a terminal.
     columns, rows = columns[1:], [row[1:] for row in rows]
     print_table(console, f"quada attack: {config.model}", columns, rows)

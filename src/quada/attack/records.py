@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +63,19 @@ class AttackKey:
 
 @dataclass(frozen=True)
 class AttackPrompt:
-    """An adversarial prompt and what it cost: sequences run forward and seconds; ``details`` are
-    the attack's own (e.g. the template used, the final target loss)."""
+    """An adversarial prompt and what finding it cost: the sequences the attacked model ran (scoring
+    passes, answers read by a feedback loop) and seconds; ``details`` are the attack's own (e.g. the
+    template used, the final target loss; ``attempts``: every prompt of a best-of-N attack)."""
 
     prompt: str
     forward_passes: int = 0
     seconds: float = 0.0
-    details: Mapping[str, Any] | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> list[str]:
+        """The prompts the model answers for this behaviour: every attempt, or the one prompt."""
+        return list(self.details.get("attempts") or [self.prompt])
 
 
 class AttackRecords(Database):
@@ -94,7 +100,7 @@ class AttackRecords(Database):
         with self._transaction():
             self._db.execute("INSERT OR IGNORE INTO attack_prompts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              (*astuple(key), found.prompt, found.forward_passes, found.seconds,
-                              json.dumps(found.details or {}, sort_keys=True)))
+                              json.dumps(dict(found.details), sort_keys=True)))
 
     def steps(self, key: AttackKey) -> list[GcgStep]:
         """The completed GCG steps of ``key``, in order."""

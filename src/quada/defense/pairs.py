@@ -293,7 +293,8 @@ def split_prompts(prompts: Sequence[Prompt], heldout: int, seed: int) -> tuple[l
 def write_prompt_file(path: Path, prompts: Sequence[Prompt]) -> None:
     """A JSONL prompt file (``id``, ``prompt``, ``category``) that `quada vet --benchmark` reads."""
     _write_atomically(path, "".join(
-        json.dumps({"id": p.id, "prompt": p.text, "category": p.category}, ensure_ascii=False) + "\n" for p in prompts))
+        json.dumps({"id": p.id, "prompt": p.text, "category": p.category, **({"target": p.target} if p.target else {})},
+                   ensure_ascii=False) + "\n" for p in prompts))
 
 
 @dataclass(frozen=True)

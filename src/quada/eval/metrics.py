@@ -149,6 +149,60 @@ def mcnemar(
     return McNemarResult(only_a, only_b, statistic, p_value, "chi2-cc")
 
 
+def sign_flip_p(differences: Sequence[int]) -> float:
+    """Exact two-sided p-value of the sign-flip (randomisation) test of paired clusters.
+
+    Each cluster i (a prompt) contributes an integer difference d_i, e.g. the number of models on
+    which one condition succeeded minus the number on which the other did. Under the null
+    hypothesis each d_i is as likely to have either sign, so S = sum_i e_i |d_i| with independent
+    fair signs e_i; p = P(|S| >= |sum_i d_i|), computed exactly by convolving the clusters' two-point
+    distributions (Fisher, "The Design of Experiments", 1935, section 21; a cluster-level
+    permutation test, valid however the outcomes within a cluster depend on one another). With
+    every |d_i| <= 1 it is the exact McNemar test (:func:`mcnemar_exact_p`).
+    """
+    distribution = {0: 1}
+    for d in differences:
+        step = abs(int(d))
+        if not step:
+            continue
+        moved: dict[int, int] = {}
+        for total, count in distribution.items():
+            for signed in (total + step, total - step):
+                moved[signed] = moved.get(signed, 0) + count
+        distribution = moved
+    observed = abs(sum(int(d) for d in differences))
+    ways = sum(distribution.values())
+    return min(1.0, sum(count for total, count in distribution.items() if abs(total) >= observed) / ways)
+
+
+@dataclass(frozen=True)
+class ClusteredDifference:
+    """A paired difference of two conditions' rates pooled over several groups (models) that share
+    their items (prompts): the mean difference over all item x group pairs, the discordant counts,
+    and the sign-flip p-value with each item as one cluster (:func:`sign_flip_p`)."""
+
+    difference: float
+    only_first: int
+    only_second: int
+    p_value: float
+    items: int
+    groups: int
+
+
+def clustered_difference(first: Sequence[Sequence[bool]], second: Sequence[Sequence[bool]]) -> ClusteredDifference:
+    """``first[g][i]`` against ``second[g][i]`` (group g, item i), tested with items as clusters: the
+    groups' outcomes on one item are not independent (the same prompt, related models), so only the
+    per-item sums of differences are exchanged."""
+    if len(first) != len(second) or not first or any(len(a) != len(b) or len(a) != len(first[0]) for a, b in zip(first, second)):
+        raise ValueError("clustered outcomes need the same groups and items on both sides")
+    items = len(first[0])
+    per_item = [sum(int(a[i]) - int(b[i]) for a, b in zip(first, second)) for i in range(items)]
+    only_first = sum(1 for a, b in zip(first, second) for x, y in zip(a, b) if x and not y)
+    only_second = sum(1 for a, b in zip(first, second) for x, y in zip(a, b) if y and not x)
+    return ClusteredDifference((only_first - only_second) / (items * len(first)), only_first, only_second,
+                               sign_flip_p(per_item), items, len(first))
+
+
 def percent_agreement(labels_a: Sequence[bool], labels_b: Sequence[bool]) -> float:
     """Share of items (0..1) on which two raters give the same label."""
     if len(labels_a) != len(labels_b) or not labels_a:
