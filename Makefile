@@ -49,7 +49,7 @@ benchmark-judge: models
 	$(BIN)/python benchmarks/judge.py --store runs/vet/results.sqlite --limit 96
 
 benchmark-approx: models
-	$(BIN)/python benchmarks/approx_overhead.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/approx_overhead.py
 
 benchmark-sweep: models
 	$(BIN)/python benchmarks/sweep.py --limit 32
