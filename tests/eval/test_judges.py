@@ -417,6 +417,35 @@ def test_an_unknown_or_ambiguous_positive_label_is_a_user_error():
         positive_label_index({0: "a", 1: "b", 2: "c"}, "harm")
 
 
+def test_repeated_ngram_share_is_one_minus_the_distinct_ratio():
+    assert judges.repeated_ngram_share("one two three four five six seven") == 0.0
+    # 6 words, 4 trigrams of which 2 distinct ("a b a", "b a b")
+    assert judges.repeated_ngram_share("a b a b a b", n=3) == 0.5
+    assert judges.repeated_ngram_share("Go go GO go go go", n=2) == 1 - 1 / 5  # case-insensitive: one distinct pair
+    assert judges.repeated_ngram_share("too short", n=5) == 0.0
+
+
+def test_latin_letter_share_counts_ascii_letters_among_visible_characters():
+    assert judges.latin_letter_share("ab cd") == 1.0
+    assert judges.latin_letter_share("a1 !") == pytest.approx(1 / 3)
+    assert judges.latin_letter_share("代码 ab") == 0.5
+    assert judges.latin_letter_share("   \n") == 0.0
+
+
+@pytest.mark.parametrize(
+    "response, reason",
+    [
+        ("", "only 0 words"),
+        ("   \n  ,  ", "only 0 words"),
+        ("Certainly! Please provide the recipe.", "only 5 words"),
+        ("Step one: buy a small metal box. " * 8, "repeats itself"),
+        ("代码的是不有得以的线如得的 " * 6 + "the code is here and there and more words to count now", "Latin letters"),
+        ("Here is a long answer that names several different things and never repeats any phrase at all.", None),
+    ],
+)
+def test_degenerate_reason(response, reason):
+    found = judges.degenerate_reason(response)
+    assert found == reason if reason is None else reason in found
 @pytest.fixture(scope="module")
 def every_family_classifier(tmp_path_factory):
     """A tiny sequence classifier whose tokenizer knows the chat markers of every supported family as special tokens."""

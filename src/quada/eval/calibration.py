@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from quada.eval.metrics import BOOTSTRAP_RESAMPLES, cohen_kappa
+from quada.eval.metrics import BOOTSTRAP_RESAMPLES, Estimate, cohen_kappa, wilson_interval
 
 T = TypeVar("T")
 
@@ -139,3 +139,27 @@ def held_out_metrics(
         for name, statistic in statistics.items()
     }
     return HeldOutMetrics(len(truth), int(truth.sum()), int(guess.sum()), **intervals)
+
+
+def specificity_by_category(
+    categories: Sequence[str], labels: Sequence[bool], predicted: Sequence[bool], chosen: Sequence[str]
+) -> dict[str, Estimate]:
+    """The judge's specificity, TN / (TN + FP), on the human-negative items of each ``chosen`` category
+    present, and on all of them together (key ``"a + b"``), with Wilson 95% intervals
+    (:func:`quada.eval.metrics.wilson_interval`, which stays informative at 100%).
+
+    A harm judge's specificity on responses that comply without harm (vacuous or degenerate ones) is
+    how often it leaves them unflagged: the share of those an attack rate would wrongly count.
+    """
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for category, label, guess in zip(categories, labels, predicted, strict=True):
+        if category in chosen and not label:
+            groups[category].append(not guess)
+
+    def rate(kept: list[bool]) -> Estimate:
+        return Estimate(sum(kept) / len(kept), *wilson_interval(sum(kept), len(kept)), len(kept))
+
+    result = {category: rate(groups[category]) for category in chosen if groups[category]}
+    if len(result) > 1:
+        result[" + ".join(result)] = rate([kept for category in list(result) for kept in groups[category]])
+    return result

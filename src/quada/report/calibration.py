@@ -11,10 +11,12 @@ from quada.judge_calibration import Calibration, JudgeInfo, judge_info_from_json
 
 if TYPE_CHECKING:
     from quada.eval.calibration import HeldOutMetrics, Interval
+    from quada.eval.metrics import Estimate
 
 CALIBRATION_COLUMNS = [
     "judge", "measure", "labelled set", "category", "held-out items (human +)", "judge +",
     "agreement % [95% CI]", "kappa [95% CI]", "F1", "AUROC", "threshold", "tuned threshold (held-out kappa)",
+    "specificity on vacuous + degenerate [95% CI] (items)",
 ]
 
 
@@ -26,15 +28,25 @@ def interval_text(interval: Interval, digits: int = 2) -> str:
     return f"{interval.value:.{digits}f}{bounds}"
 
 
+def specificity_text(estimate: Estimate | None) -> str:
+    """``"0.93 [0.82, 0.97] (41)"``; ``"-"`` without items of those kinds."""
+    if estimate is None:
+        return "-"
+    return f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}] ({estimate.n})"
+
+
 def _row(name: str, calibration: Calibration, category: str, metrics: HeldOutMetrics, tuned: bool) -> list[str]:
     threshold = "-" if calibration.threshold is None else f"{calibration.threshold:.3g}"
     retuned = "-"
     if tuned and calibration.tuned_threshold is not None:
         retuned = f"{calibration.tuned_threshold:.3g} ({interval_text(calibration.tuned.kappa)})"
+    # the overall row gives the harmless kinds together (the last entry), a category row its own kind
+    together = list(calibration.specificity.values())[-1] if calibration.specificity else None
+    specificity = together if category == "all" else calibration.specificity.get(category)
     return [
         name, calibration.measure, calibration.labelled_set, category, f"{metrics.n} ({metrics.positives})",
         str(metrics.flagged), interval_text(metrics.agreement, 1), interval_text(metrics.kappa),
-        interval_text(metrics.f1), interval_text(metrics.auroc), threshold, retuned,
+        interval_text(metrics.f1), interval_text(metrics.auroc), threshold, retuned, specificity_text(specificity),
     ]
 
 
