@@ -2,11 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from quada import data
+from quada.data import load_labelled
 from quada.errors import QuadaError
-from quada.eval.judges import KeywordJudge, RefusalKeywordJudge, make_judge
-from quada.judge_calibration import cached, calibrate
+from quada.eval.calibration import split_halves
+from quada.eval.judges import JudgeResult, KeywordJudge, RefusalKeywordJudge, degenerate_reason, make_judge
+from quada.eval.metrics import cohen_kappa
+from quada.judge_calibration import SPLIT_SEED, cached, calibrate, double_labelling
 from quada.testing import save_tiny_classifier, tiny_model
 
 
@@ -103,3 +108,59 @@ def test_a_sequence_classifier_is_calibrated_as_the_llm_judge(cli, tmp_path):
               "--measure", "harm", "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert "llm" in run.stdout and "harm" in run.stdout
+
+
+class RuleHarmJudge(KeywordJudge):
+    """A harm judge by rule, for tests without a model."""
+
+    measure = "harm"
+
+
+class FlagEverything(RuleHarmJudge):
+    """A harm judge that calls every response harmful."""
+
+    name = "flag-everything"
+
+    def judge(self, prompts, responses):
+        return [JudgeResult(True, 1.0, "") for _ in responses]
+
+
+class FlagUnlessDegenerate(RuleHarmJudge):
+    """A harm judge that calls every response harmful unless it is degenerate text."""
+
+    name = "flag-unless-degenerate"
+
+    def judge(self, prompts, responses):
+        return [JudgeResult(degenerate_reason(r) is None, 1.0, "") for r in responses]
+
+
+def test_a_harm_judge_on_quada_harm_gets_its_specificity_on_vacuous_and_degenerate_items():
+    items = {item.id: item for item in load_labelled("quada-harm")}
+    _, held_out = split_halves(list(items), [f"{i.category}|{i.label}" for i in items.values()], SPLIT_SEED)
+    held = [list(items.values())[i] for i in held_out]
+    everything = calibrate(FlagEverything(), "quada-harm")
+    assert list(everything.specificity) == ["vacuous", "degenerate", "vacuous + degenerate"]
+    assert everything.specificity["vacuous"].n == sum(i.category == "vacuous" for i in held)
+    assert everything.specificity["degenerate"].n == sum(i.category == "degenerate" for i in held)
+    assert all(estimate.value == 0.0 for estimate in everything.specificity.values())  # flags them all
+    ruled = calibrate(FlagUnlessDegenerate(), "quada-harm").specificity
+    degenerate = [i for i in held if i.category == "degenerate"]
+    assert ruled["degenerate"].value == pytest.approx(
+        sum(degenerate_reason(i.response) is not None for i in degenerate) / len(degenerate))
+    assert ruled["vacuous"].value == pytest.approx(
+        sum(degenerate_reason(i.response) is not None for i in held if i.category == "vacuous")
+        / sum(i.category == "vacuous" for i in held))
+
+
+def test_the_double_labelling_covers_at_least_60_items_of_the_set_with_the_rubric_kinds():
+    first = {item.id: item for item in load_labelled("quada-harm")}
+    second = data.quada_harm_second_labels()
+    assert len(second) >= 60 and set(second) <= set(first)
+    assert {kind for _, kind in second.values()} <= set(data.HARM_KINDS)
+    agreement = double_labelling()
+    ids = sorted(second)
+    truth, other = [first[i].label for i in ids], [second[i][0] for i in ids]
+    assert agreement.n == len(ids) and agreement.positives == sum(truth) and agreement.flagged == sum(other)
+    assert agreement.kappa.value == pytest.approx(cohen_kappa(truth, other))
+    assert agreement.agreement.value == pytest.approx(100 * np.mean(np.array(truth) == np.array(other)))
+    assert agreement.kappa.low <= agreement.kappa.value <= agreement.kappa.high

@@ -238,7 +238,7 @@ def judge_agreement_command(
 @judge_app.command("calibrate")
 def judge_calibrate_command(
     judges: str = typer.Option(
-        ",".join(JUDGE_NAMES), help="Comma-separated judges to calibrate: keyword, refusal-keyword, refusal, llm, harmfulness."
+        ",".join(JUDGE_NAMES), help="Comma-separated judges to calibrate: keyword, refusal-keyword, refusal, llm, uplift, harmfulness."
     ),
     labelled: str | None = typer.Option(
         None, help="Labelled set: pyrit-objective, quada-harm, pyrit-refusal or a CSV/JSONL file with prompt, response, label "
@@ -246,7 +246,7 @@ def judge_calibrate_command(
         "quada-harm for harm judges).",
     ),
     measure: str | None = typer.Option(None, help="What a file's labels mean: refusal (1 = refused) or harm (1 = harmful)."),
-    judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL, help="Model behind the llm, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."),
+    judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL, help="Model behind the llm, uplift, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP + " A judge is calibrated per dtype."),
     by_category: bool = typer.Option(False, help="Also print the held-out figures per harm category."),
@@ -254,9 +254,10 @@ def judge_calibrate_command(
     """Measure each judge against human labels: a seeded tuning/held-out split, a threshold tuned on the
     tuning half, agreement, kappa, F1 and AUROC with 95% intervals on the held-out half (cached)."""
     from quada.eval.judges import make_judge
-    from quada.judge_calibration import CALIBRATION_SETS, calibrate
+    from quada.data import QUADA_HARM
+    from quada.judge_calibration import CALIBRATION_SETS, calibrate, double_labelling
     from quada.options import check_judges
-    from quada.report.calibration import CALIBRATION_COLUMNS, calibration_rows
+    from quada.report.calibration import CALIBRATION_COLUMNS, calibration_rows, double_labelling_text
     from quada.runs import progress_bar
 
     names = [j.strip() for j in judges.split(",") if j.strip()]
@@ -271,6 +272,8 @@ def judge_calibrate_command(
                 task = bar.add_task(f"calibrate {name} on {Path(labelled_set).name}", total=None)
                 results.append((name, calibrate(judge, labelled_set, measure, on_chunk=lambda n, t=task: bar.advance(t, n))))
     print_table(console, "Judges against human labels (held-out half)", CALIBRATION_COLUMNS, calibration_rows(results, by_category))
+    if any(calibration.labelled_set == QUADA_HARM for _, calibration in results):
+        console.print(double_labelling_text(double_labelling()))
 
 
 # Progress bars of the libraries quada runs (model loading and saving, datasets), which in a log

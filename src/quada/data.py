@@ -57,6 +57,7 @@ HARMBENCH_FUNCTIONAL_CATEGORIES = ("standard", "contextual")
 PYRIT_SCORER_EVALS = "datasets/scorer_evals"
 LABELLED_FILE_SUFFIXES = (".csv", ".jsonl")
 # quada's own labelled harm set and its rubric, in the package's data folder
+QUADA_HARM = "quada-harm"
 QUADA_HARM_FILE = "quada-harm.jsonl"
 QUADA_HARM_SECOND_FILE = "quada-harm-second.jsonl"  # the second, independent labelling of a subset
 HARM_RUBRIC = "harm_rubric.md"
@@ -606,7 +607,7 @@ LABELLED_SETS: dict[str, LabelledSet] = {
             lambda: _pyrit_labelled("refusal_scorer/refusal.csv", "pyrit-refusal"),
         ),
         LabelledSet(
-            "quada-harm",
+            QUADA_HARM,
             "harm",
             "quada's own: responses of the built-in models, clean and approximated, to AdvBench, HarmBench and "
             "StrongREJECT requests, labelled 1 for a non-minimal instance of the harmful behaviour (HarmBench's rule; "

@@ -2,7 +2,7 @@
 the command line can name them without loading torch."""
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"  # the subject model of every command
-DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b-instruct"  # the model behind the llm, harmfulness and refusal judges
+DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b-instruct"  # the model behind the llm, uplift, harmfulness and refusal judges
 # The main job (`quada vet` on its defaults): the aligned 1.5B built-in, where approximations measurably
 # break safety (docs/results.md): the noise MVA found by `quada sweep` on it (std 0.3 at `up`), the
 # paper's noise-equivalent preset of Iron, and 50% TEAL sparsity; few enough conditions to finish within
@@ -11,6 +11,6 @@ VET_MODEL = DEFAULT_JUDGE_MODEL
 VET_APPROXIMATIONS = ("noise:site=up,dist=gaussian,std=0.3", "paper:iron", "teal:sparsity=0.5")
 PAPER_GROUP = "paper"  # `--approx paper`: the paper's twelve Table 1 presets
 # every judge, by what it measures: refusal (keyword rules, the refusal model judge), then harm
-JUDGE_NAMES = ("keyword", "refusal-keyword", "refusal", "llm", "harmfulness")
+JUDGE_NAMES = ("keyword", "refusal-keyword", "refusal", "llm", "uplift", "harmfulness")
 DEFAULT_CORPUS = "pydoc-topics"  # the offline perplexity corpus
 PAPER_WINDOW = 1024  # tokens per perplexity window, as in the source paper

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quada.data import COMPLIANT_HARMLESS_KINDS, LABELLED_SETS, LabelledItem, load_labelled, quada_harm_second_labels
+from quada.data import COMPLIANT_HARMLESS_KINDS, LABELLED_SETS, QUADA_HARM, LabelledItem, load_labelled, quada_harm_second_labels
 from quada.errors import QuadaError
 from quada.eval.calibration import (
     HeldOutMetrics,
@@ -44,7 +44,7 @@ CALIBRATION_VERSION = 2
 DEFAULT_SETS = {"harm": "pyrit-objective", "refusal": "pyrit-refusal"}
 # ... and every built-in set `quada judge calibrate` measures a judge of that measure on: harm judges also on
 # quada's own outputs, where vacuous and degenerate compliance is common.
-CALIBRATION_SETS = {"harm": ("pyrit-objective", "quada-harm"), "refusal": ("pyrit-refusal",)}
+CALIBRATION_SETS = {"harm": ("pyrit-objective", QUADA_HARM), "refusal": ("pyrit-refusal",)}
 MIN_CATEGORY_ITEMS = 10  # per-category figures on fewer held-out items are too noisy to print
 
 
@@ -196,7 +196,7 @@ def calibrate(
 def double_labelling() -> HeldOutMetrics:
     """How far the two labellings of the doubly labelled subset of ``quada-harm`` agree: agreement and
     Cohen's kappa with 95% bootstrap intervals (the first labelling as truth, the second as the rater)."""
-    first = {item.id: item.label for item in load_labelled("quada-harm")}
+    first = {item.id: item.label for item in load_labelled(QUADA_HARM)}
     second = quada_harm_second_labels()
     ids = sorted(second)
     return held_out_metrics([first[i] for i in ids], [second[i][0] for i in ids], [float(second[i][0]) for i in ids])

@@ -141,9 +141,9 @@ class EvalOptions:
     limit: int | None = field(default=32, metadata={"help": "Size of the seeded subset of harmful prompts."})
     judges: tuple[str, ...] = field(default=("keyword", "llm"), metadata={
         "help": "Comma-separated judges of the harmful responses: keyword, refusal-keyword, refusal (no-refusal ASR), "
-        "llm (harm ASR), harmfulness (mean HS).",
+        "llm, uplift (harm ASR), harmfulness (mean HS).",
     })
-    judge_model: str = field(default=DEFAULT_JUDGE_MODEL, metadata={"help": "Model behind the llm, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."})
+    judge_model: str = field(default=DEFAULT_JUDGE_MODEL, metadata={"help": "Model behind the llm, uplift, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."})
     prompt_format: str = field(default="paper", metadata={
         "help": "'paper' (the source paper's system prompt and 'Instruction: ' prefix) or 'plain'.",
     })
@@ -235,7 +235,8 @@ class VetConfig(EvalOptions):
     model: str = redefault(EvalOptions, "model", VET_MODEL)
     limit: int | None = redefault(EvalOptions, "limit", 96)
     max_new_tokens: int = redefault(EvalOptions, "max_new_tokens", 64)
-    judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword", "refusal-keyword", "llm"))
+    # the harm ASR by the uplift judge, the harm judge with the best specificity on quada-harm (README)
+    judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword", "refusal-keyword", "uplift"))
     # The refusal judges and the harm judge's pre-check read a refusal phrase as the end of the matter,
     # so a response cut at its first refusal phrase is judged as the whole one would be.
     stop_on_refusal: bool = redefault(EvalOptions, "stop_on_refusal", True)

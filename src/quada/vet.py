@@ -29,7 +29,7 @@ from quada.data import Prompt, load_benchmark, subset
 from quada.eval.engine import Engine, Plan, Responses, Verdicts, check_specs_fit, run_jobs
 from quada.eval.executors import Executor, Usage, make_executor
 from quada.eval.generate import check_prompts_fit
-from quada.eval.judges import SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model
+from quada.eval.judges import JUDGE_CLASSES, SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model
 from quada.eval.metrics import Estimate, estimate, proportion
 from quada.eval.utility import check_corpus, load_corpus, load_questions, perplexity_windows
 from quada.eval.verdict import compare, verdict
@@ -265,7 +265,8 @@ def _examples(config, generations, judgements, per_condition: int = 2) -> list[E
     safety = [j for j in config.judges if j in SAFETY_JUDGES]
     if not safety:
         return []
-    judge = "llm" if "llm" in safety else safety[0]
+    harm = [j for j in safety if JUDGE_CLASSES[j].measure == "harm"]
+    judge = (harm or safety)[0]
     examples = []
     for approx, (harmful, _) in generations.items():
         outcomes = attack_outcomes(judge, [j.label for j in judgements[approx, judge, HARMFUL]])

@@ -301,7 +301,12 @@ def counting_scorer(monkeypatch) -> list[list[int]]:
     return scored
 
 
-PAIRS = [("How do I do x?", "Sure, step one."), ("Write a poem.", "Roses bloom."), ("How do I do x?", "No.")]  # no refusal phrase: every pair reaches the model
+# no refusal phrase and no degenerate text: every pair reaches the model
+PAIRS = [
+    ("How do I do x?", "Sure, step one is to open the small box and read the first page of its manual."),
+    ("Write a poem.", "Roses bloom in the quiet garden while the evening light fades over distant hills."),
+    ("How do I do x?", "No, that question has no good answer that I could give you in a few words."),
+]
 
 
 @pytest.mark.parametrize("name", list(MODEL_JUDGES))
@@ -323,7 +328,7 @@ def test_pairs_judged_by_an_earlier_call_are_not_scored_again(monkeypatch, tiny)
     scored = counting_scorer(monkeypatch)
     judge = make_judge("llm", model, tokenizer)
     clean = judge.judge(*zip(*PAIRS))
-    approximated = judge.judge(*zip(PAIRS[0], ("How do I do x?", "Sure, step two.")))
+    approximated = judge.judge(*zip(PAIRS[0], ("How do I do x?", "Sure, step two is to close the lid and put the box back.")))
     assert len(scored) == 4
     assert approximated[0] == clean[0]
 
@@ -333,7 +338,12 @@ def test_prefix_sharing_and_memo_keep_the_unshared_scores(tiny, name):
     model, tokenizer = tiny
     judge = make_judge(name, model, tokenizer, batch_size=3)
     prompts = ["How do I do x?", "Write a poem about the sea, please.", "Explain y", "How do I do x?"]
-    responses = ["Sure, step one is to gather the things you need.", "Waves roll in.", "y is a letter.", "No."]
+    responses = [  # long enough not to be degenerate text: every pair reaches the model
+        "Sure, step one is to gather the things you need and lay them out on the table.",
+        "Waves roll in from the grey sea and break softly on the stones of the old harbour.",
+        "The letter y is the twenty-fifth letter of the alphabet used to write English words.",
+        "No, there is nothing I could say about that question that would help you at all.",
+    ]
     results = judge.judge(prompts, responses)
     sequences = [judge.render(p, r) for p, r in zip(prompts, responses)]
     candidates = [i for group in judge.answer_ids for i in group]
@@ -498,3 +508,18 @@ def test_a_forged_turn_in_the_response_does_not_change_the_classifier_verdict(cl
     assert result.score == cleaned.score
     # Verdicts stored before the judged text was read as plain text are not reused.
     assert judge.settings()["split_special_tokens"] and judge.settings()["chat_markers"] == CHAT_MARKERS
+
+
+def test_the_llm_judge_answers_degenerate_text_no_without_the_model(monkeypatch, tiny):
+    model, tokenizer = tiny
+    scored = counting_scorer(monkeypatch)
+    judge = make_judge("llm", model, tokenizer)
+    looping, empty = "Step one. Step one. " * 20, "  \n "
+    results = judge.judge(["How do I do x?"] * 3, [looping, empty, PAIRS[0][1]])
+    assert [(r.label, r.score) for r in results[:2]] == [(False, 0.0), (False, 0.0)]
+    assert "degenerate text: repeats itself" in results[0].raw and "degenerate text: only 0 words" in results[1].raw
+    assert scored == [judge.render("How do I do x?", PAIRS[0][1])]  # only the real answer reached the model
+    # the rule's numbers are part of the judge's identity: other numbers, other stored verdicts
+    before = judge.identity
+    monkeypatch.setattr(judges, "DEGENERATE_MIN_WORDS", 5)
+    assert make_judge("llm", model, tokenizer).identity != before

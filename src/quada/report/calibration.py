@@ -35,6 +35,15 @@ def specificity_text(estimate: Estimate | None) -> str:
     return f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}] ({estimate.n})"
 
 
+def double_labelling_text(metrics: HeldOutMetrics) -> str:
+    """One line on how far two independent labellings of the doubly labelled quada-harm items agree."""
+    return (
+        f"quada-harm labels: two independent labellings of {metrics.n} items agree on "
+        f"{interval_text(metrics.agreement, 1)}% (Cohen's kappa {interval_text(metrics.kappa)}; "
+        f"harmful by the first {metrics.positives}, by the second {metrics.flagged})"
+    )
+
+
 def _row(name: str, calibration: Calibration, category: str, metrics: HeldOutMetrics, tuned: bool) -> list[str]:
     threshold = "-" if calibration.threshold is None else f"{calibration.threshold:.3g}"
     retuned = "-"
