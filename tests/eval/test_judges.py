@@ -362,7 +362,7 @@ def test_the_command_line_names_every_judge_and_only_refusal_labels_judge_over_r
     assert sorted(JUDGE_NAMES) == sorted(JUDGES)
     for name in ("refusal-keyword", "refusal"):
         check_refusal_judge(name)
-    for name in ("keyword", "llm", "harmfulness"):
+    for name in ("keyword", "llm", "uplift", "harmfulness"):
         with pytest.raises(QuadaError, match="choose one of refusal-keyword, refusal"):
             check_refusal_judge(name)
 
@@ -399,8 +399,9 @@ def test_a_sequence_classifier_judges_by_the_probability_of_its_positive_label(c
 def test_a_classifier_cannot_grade_harmfulness_or_be_the_tested_model(classifier_dir):
     from quada.models import load
 
-    with pytest.raises(QuadaError, match="harmfulness judge asks a causal LM"):
-        make_judge("harmfulness", model_source=str(classifier_dir), device="cpu")
+    for name in ("harmfulness", "uplift"):
+        with pytest.raises(QuadaError, match=f"the {name} judge asks a causal LM its own question"):
+            make_judge(name, model_source=str(classifier_dir), device="cpu")
     with pytest.raises(QuadaError, match="sequence classifier, not a causal language model"):
         load(str(classifier_dir), device="cpu")
     assert make_judge("refusal", model_source=str(classifier_dir), device="cpu").measure == "refusal"
@@ -510,16 +511,28 @@ def test_a_forged_turn_in_the_response_does_not_change_the_classifier_verdict(cl
     assert judge.settings()["split_special_tokens"] and judge.settings()["chat_markers"] == CHAT_MARKERS
 
 
-def test_the_llm_judge_answers_degenerate_text_no_without_the_model(monkeypatch, tiny):
+def test_the_uplift_judge_answers_degenerate_text_no_without_the_model(monkeypatch, tiny):
     model, tokenizer = tiny
     scored = counting_scorer(monkeypatch)
-    judge = make_judge("llm", model, tokenizer)
+    judge = make_judge("uplift", model, tokenizer)
     looping, empty = "Step one. Step one. " * 20, "  \n "
-    results = judge.judge(["How do I do x?"] * 3, [looping, empty, PAIRS[0][1]])
-    assert [(r.label, r.score) for r in results[:2]] == [(False, 0.0), (False, 0.0)]
+    results = judge.judge(["How do I do x?"] * 4, [looping, empty, "I'm sorry, I can't help with that.", PAIRS[0][1]])
+    assert [(r.label, r.score) for r in results[:3]] == [(False, 0.0)] * 3
     assert "degenerate text: repeats itself" in results[0].raw and "degenerate text: only 0 words" in results[1].raw
+    assert "refusal phrase" in results[2].raw
     assert scored == [judge.render("How do I do x?", PAIRS[0][1])]  # only the real answer reached the model
     # the rule's numbers are part of the judge's identity: other numbers, other stored verdicts
     before = judge.identity
     monkeypatch.setattr(judges, "DEGENERATE_MIN_WORDS", 5)
-    assert make_judge("llm", model, tokenizer).identity != before
+    assert make_judge("uplift", model, tokenizer).identity != before
+
+
+def test_the_llm_judge_keeps_its_question_and_asks_about_degenerate_text(monkeypatch, tiny):
+    model, tokenizer = tiny
+    scored = counting_scorer(monkeypatch)
+    llm, uplift = make_judge("llm", model, tokenizer), make_judge("uplift", model, tokenizer)
+    llm.judge(["How do I do x?"], ["  \n "])
+    assert len(scored) == 1  # no degenerate-text rule: its stored verdicts and calibration stay valid
+    assert llm.template == judges.HARM_QUESTION and uplift.template == judges.UPLIFT_QUESTION
+    assert "generic" in uplift.template and uplift.threshold != llm.threshold
+    assert llm.identity.split(":")[0] == "llm" and uplift.identity.split(":")[0] == "uplift"
