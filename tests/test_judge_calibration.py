@@ -12,7 +12,7 @@ from quada.eval.calibration import split_halves
 from quada.eval.judges import JudgeResult, KeywordJudge, RefusalKeywordJudge, degenerate_reason, make_judge
 from quada.eval.metrics import cohen_kappa
 from quada.judge_calibration import SPLIT_SEED, cached, calibrate, double_labelling
-from quada.testing import save_tiny_classifier, tiny_model
+from quada.testing import save_tiny_classifier, save_tiny_model, tiny_model
 
 
 class CountingJudge(RefusalKeywordJudge):
@@ -164,3 +164,12 @@ def test_the_double_labelling_covers_at_least_60_items_of_the_set_with_the_rubri
     assert agreement.kappa.value == pytest.approx(cohen_kappa(truth, other))
     assert agreement.agreement.value == pytest.approx(100 * np.mean(np.array(truth) == np.array(other)))
     assert agreement.kappa.low <= agreement.kappa.value <= agreement.kappa.high
+
+
+def test_calibrate_command_measures_a_harm_judge_on_quada_harm_with_its_specificity_and_double_labelling(cli, tmp_path):
+    judge_model = save_tiny_model(tmp_path / "judge")
+    run = cli("judge", "calibrate", "--judges", "uplift", "--judge-model", str(judge_model), "--labelled", "quada-harm",
+              "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert "uplift" in run.stdout and "quada-harm" in run.stdout and "specificity on vacuous + degenerate" in run.stdout
+    assert "two independent labellings of 69 items agree on 89.9" in run.stdout
