@@ -46,7 +46,7 @@ benchmark-vet: models
 	$(BIN)/python benchmarks/vet.py --limit 64
 
 benchmark-judge: models
-	$(BIN)/python benchmarks/judge.py --store runs/vet/results.sqlite --limit 96 --judge uplift
+	$(BIN)/python benchmarks/judge.py --store runs/vet/results.sqlite --limit 96
 
 benchmark-approx: models
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/approx_overhead.py

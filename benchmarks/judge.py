@@ -121,7 +121,7 @@ def main(
     limit: int = typer.Option(48, help="About this many judged items (whole prompts, every condition)."),
     conditions: int = typer.Option(13, help="Conditions of the made-up workload (clean and 12 approximations)."),
     unchanged: float = typer.Option(0.5, help="Made-up workload: chance that a condition keeps the clean response."),
-    judge: str = typer.Option("uplift", help="Model judge: uplift (the main job's harm judge), llm, harmfulness or refusal."),
+    judge: str = typer.Option("llm", help="Model judge: llm, uplift, harmfulness or refusal."),
     judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL),
     batch_sizes: str = typer.Option("8", help="Comma-separated batch sizes of the quada way; the first one is also the baseline's."),
     tiny: bool = typer.Option(False, help="Use a tiny random judge model instead."),

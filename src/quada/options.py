@@ -235,8 +235,7 @@ class VetConfig(EvalOptions):
     model: str = redefault(EvalOptions, "model", VET_MODEL)
     limit: int | None = redefault(EvalOptions, "limit", 96)
     max_new_tokens: int = redefault(EvalOptions, "max_new_tokens", 64)
-    # the harm ASR by the uplift judge, the harm judge with the best specificity on quada-harm (README)
-    judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword", "refusal-keyword", "uplift"))
+    judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword", "refusal-keyword", "llm"))
     # The refusal judges and the harm judge's pre-check read a refusal phrase as the end of the matter,
     # so a response cut at its first refusal phrase is judged as the whole one would be.
     stop_on_refusal: bool = redefault(EvalOptions, "stop_on_refusal", True)
