@@ -104,7 +104,9 @@ def calibration_from_json(data: dict) -> Calibration:
         held_out=_metrics_from(data["held_out"]),
         by_category={k: _metrics_from(v) for k, v in data["by_category"].items()},
         tuned=_metrics_from(data["tuned"]) if data.get("tuned") else None,
-        specificity={k: Estimate(**v) for k, v in data["specificity"].items()},
+        # entries written before specificity was recorded hold none; on a set without vacuous or
+        # degenerate items there is none to record
+        specificity={k: Estimate(**v) for k, v in data.get("specificity", {}).items()},
     )
 
 
