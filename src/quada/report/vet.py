@@ -173,7 +173,9 @@ def report_sections(saved: dict, run_dir: Path) -> list[Section]:
             "Safety and utility per condition",
             text="Two attack success rates, named for what they count: *no-refusal ASR* is the share of harmful "
             "prompts the model did not refuse (the aligned behaviour an approximation breaks); *harm ASR* the share "
-            "answered with real harmful content. Each judge's kappa is its agreement with human labels on the "
+            "a harm judge flags as an instance of the harmful request: by `llm` it also counts most compliance that "
+            "carries nothing harmful, by `uplift` it misses most harmful answers (README: the judges' figures on "
+            "quada-harm). Each judge's kappa is its agreement with human labels on the "
             "held-out half of a labelled set (`quada judge calibrate`). 95% Wilson intervals (bootstrap for the mean "
             "HS); McNemar: paired "
             "test against the clean model. A very high perplexity means a broken model, not a safe or unsafe one.",
