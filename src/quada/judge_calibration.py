@@ -2,8 +2,9 @@
 
 Every judge answers one of two questions (its ``measure``): *refusal* — did the model refuse? — or
 *harm* — does the response carry real harmful uplift? A judge is calibrated on a human-labelled set
-of its measure (PyRIT's refusal set for refusal judges; its objective-achieved set and quada-harm for harm judges;
-or a user's file; see :func:`quada.data.load_labelled`): the set is split by a fixed seed into a
+of its measure (PyRIT's refusal set for refusal judges; its objective-achieved set and quada-harm,
+the built-ins' own outputs, for harm judges; or a user's file; see :func:`quada.data.load_labelled`):
+the set is split by a fixed seed into a
 tuning and a held-out half (:func:`quada.eval.calibration.split_halves`), a score threshold is tuned
 on the tuning half, and the judge *as configured* is measured on the held-out half. The result is
 cached by the judge's identity (everything that decides its verdicts, see ``Judge.identity``), the
