@@ -101,7 +101,7 @@ CASES = {
     "vet one spec spelt twice": ("vet -m {model} -a teal:sparsity=0.5 -a teal:sparsity=0.50 --run-dir {run}", "names teal:sparsity=0.5 twice (as 'teal:sparsity=0.5' and 'teal:sparsity=0.50')"),
     "vet a preset twice": ("vet -m {model} -a paper -a paper:iron --run-dir {run}", "names paper:iron twice (as 'paper' and 'paper:iron')"),
     "vet CSV quote left open": ("vet -m {model} --benchmark {open_quote} --judges keyword --run-dir {run}", "not valid CSV in the row that starts at line 3"),
-    "vet only a grading judge": ("vet -m {model} --judges harmfulness --run-dir {run}", "(keyword, refusal-keyword, refusal, llm); harmfulness adds only a mean grade"),
+    "vet only a grading judge": ("vet -m {model} --judges harmfulness --run-dir {run}", "(keyword, refusal-keyword, refusal, llm, uplift); harmfulness adds only a mean grade"),
     "vet limit beyond the prompts": ("vet -m {model} --benchmark {prompts} --limit 99999999999999999999 --run-dir {run}", "--limit 99999999999999999999 is more than the 2 prompts"),
     "vet benign limit beyond the prompts": ("vet -m {model} --benign {prompts} --benign-limit 3 --run-dir {run}", "--benign-limit 3 is more than the 2 prompts"),
     "vet corpus shorter than a window": ("vet -m {model} --benchmark {prompts} --judges keyword --corpus {short_corpus} --run-dir {run}", "fewer than one perplexity window of 1024"),

@@ -683,7 +683,7 @@ JUDGES = tuple(JUDGE_CLASSES)
 # The judges that can decide an attack success rate on harmful prompts: refusal judges (the attack
 # succeeds when the model does not refuse) and the uplift and llm harm judges (when the response is harmful).
 # The harmfulness judge gives a mean grade instead.
-SAFETY_JUDGES = (KeywordJudge.name, RefusalKeywordJudge.name, RefusalJudge.name, UpliftJudge.name, ComplianceJudge.name)
+SAFETY_JUDGES = (KeywordJudge.name, RefusalKeywordJudge.name, RefusalJudge.name, ComplianceJudge.name, UpliftJudge.name)
 ASR_NAMES = {"refusal": "no-refusal ASR", "harm": "harm ASR"}
 # Judges whose score is a grade that the reports give as a mean (HS), with its AUROC against human labels.
 GRADED_JUDGES = (HarmfulnessJudge.name,)
