@@ -31,7 +31,7 @@ from quada.eval.executors import Executor, Usage, make_executor
 from quada.eval.generate import check_prompts_fit
 from quada.eval.judges import JUDGE_CLASSES, SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model
 from quada.eval.metrics import Estimate, estimate, proportion
-from quada.eval.utility import check_corpus, load_corpus, load_questions, perplexity_windows
+from quada.eval.utility import check_corpus, load_corpus, load_questions
 from quada.eval.verdict import compare, verdict
 from quada.judge_calibration import JudgeInfo, judge_infos
 from quada.models import load
@@ -87,7 +87,7 @@ class Vetting:
         self.config, self.bar, self.label = config, bar, label
         self.harmful, self.benign = prompt_sets(config)
         check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
-        self.corpus = load_corpus(config.corpus)
+        corpus = load_corpus(config.corpus)
         self.questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
         for deployment in config.deployments:  # an unreachable server fails in seconds, before the model loads
             check_deployment(deployment, config.api_key_env)
@@ -95,10 +95,10 @@ class Vetting:
         self.approximations = [CLEAN, *config.approximations]
         check_specs_fit(model, self.approximations)
         check_prompts_fit(model, tokenizer, [*self.harmful, *self.benign], config.prompt_format, config.max_new_tokens)
-        check_corpus(tokenizer, self.corpus, config.ppl_window)
+        check_corpus(tokenizer, corpus, config.ppl_window)
         open_run_dir(config.run_dir)
         self.store = Store(config.run_dir / "results.sqlite")
-        self.engine = Engine(self.store, model, tokenizer, config, self.corpus, executor)
+        self.engine = Engine(self.store, model, tokenizer, config, corpus, executor)
         self.judges: dict[str, Judge] = {}
         self.generations: dict[str, tuple] = {}  # by condition: the harmful and the benign responses
         self.verdicts: dict[tuple[str, str, str], Verdicts] = {}
@@ -157,7 +157,7 @@ class Vetting:
                 for prompts in (self.harmful, self.benign)
             )
             bar.update(task, completed=len(self.harmful) + len(self.benign))
-            checks = _deployment_checks(engine, backend, config, self.harmful, tokenizer, self.corpus)
+            checks = _deployment_checks(engine, backend, config, self.harmful)
         served = [*responses[0], *responses[1]]
         reference = [*self.generations[CLEAN][0].rows, *self.generations[CLEAN][1].rows]
         checks["same_as_clean"] = sum(a.response == b.response for a, b in zip(served, reference, strict=True))
@@ -199,7 +199,7 @@ class Vetting:
         self.store.close()
 
 
-def _deployment_checks(engine: Engine, backend, config, harmful: list[Prompt], tokenizer, corpus: str) -> dict:
+def _deployment_checks(engine: Engine, backend, config, harmful: list[Prompt]) -> dict:
     """What a deployment is (its identity in the store key), whether it answered a repeat of
     :data:`DETERMINISM_PROMPTS` prompts the same way, and its perplexity on the run's windows
     (``None`` where the backend cannot score given tokens); both measured once per run folder."""
@@ -207,12 +207,12 @@ def _deployment_checks(engine: Engine, backend, config, harmful: list[Prompt], t
     settings = config.settings
     repeats_equal = engine.stored(
         backend_cache_key(backend, "determinism", *(p.id for p in probes), settings.as_dict(), config.seed),
-        lambda: determinism(backend, [render(tokenizer, p.text, settings.prompt_format) for p in probes], settings),
+        lambda: determinism(backend, [render(engine.tokenizer, p.text, settings.prompt_format) for p in probes],
+                            settings),
     )
-    windows = perplexity_windows(tokenizer, corpus, config.ppl_window, config.ppl_windows).tolist()
-    perplexity = engine.stored(
+    perplexity = engine.stored(  # on the token windows the model's own perplexity is measured on
         backend_cache_key(backend, "ppl", config.corpus, config.ppl_window, config.ppl_windows),
-        lambda: backend.perplexity(windows),
+        lambda: backend.perplexity(engine.windows.tolist()),
     )
     return {"identity": backend.identity, "determinism_prompts": [p.id for p in probes],
             "repeats_equal": repeats_equal, "deterministic": all(repeats_equal), "perplexity": perplexity}
