@@ -326,6 +326,9 @@ class RayExecutor:
         self._group = placement_group([bundle] * self.workers, strategy="SPREAD")
         if not self._group.wait(self.placement_timeout):
             have, free = ray.cluster_resources(), ray.available_resources()
+            # A pending group would take its resources whenever they free up, long after this run failed.
+            remove_placement_group(self._group)
+            self._group = None
             raise QuadaError(
                 f"the Ray cluster could not place {self.workers} workers of {self.cpus_per_worker:g} CPUs and "
                 f"{self.gpus_per_worker:g} GPUs each within {self.placement_timeout:g} s (it has "
