@@ -11,7 +11,8 @@ from quada.errors import QuadaError
 from quada.eval.calibration import split_halves
 from quada.eval.judges import JudgeResult, KeywordJudge, RefusalKeywordJudge, degenerate_reason, make_judge
 from quada.eval.metrics import cohen_kappa
-from quada.judge_calibration import SPLIT_SEED, cached, calibrate, double_labelling
+from quada.judge_calibration import SPLIT_SEED, cached, calibrate, double_labelling, halves, joint_threshold
+from quada.report.calibration import joint_threshold_text
 from quada.testing import save_tiny_classifier, save_tiny_model, tiny_model
 
 
@@ -150,6 +151,41 @@ def test_a_harm_judge_on_quada_harm_gets_its_specificity_on_vacuous_and_degenera
     assert ruled["vacuous"].value == pytest.approx(
         sum(degenerate_reason(i.response) is not None for i in held if i.category == "vacuous")
         / sum(i.category == "vacuous" for i in held))
+
+
+class LengthScore(RuleHarmJudge):
+    """A harm judge with a threshold whose score is a fixed function of the response (its length),
+    standing in for a model judge."""
+
+    name = "length-score"
+    threshold = 0.5
+
+    def judge(self, prompts, responses):
+        scores = [min(len(r) / 1000, 1.0) for r in responses]
+        return [JudgeResult(s > self.threshold, s, "") for s in scores]
+
+
+def test_one_threshold_chosen_on_both_tuning_halves_spares_the_vacuous_answers_and_is_measured_held_out():
+    general, own = calibrate(LengthScore(), "pyrit-objective"), calibrate(LengthScore(), "quada-harm")
+    assert general.tuning_scores is not None and len(general.tuning_scores) == general.tuning_items
+    joint = joint_threshold(general, own, min_specificity=0.9)
+    assert joint.tuning_specificity >= 0.9
+    # recomputed by hand from the items: the held-out figures at the joint threshold
+    pyrit, harm = load_labelled("pyrit-objective"), load_labelled("quada-harm")
+    _, pyrit_held = halves(pyrit)
+    predicted = [min(len(pyrit[i].response) / 1000, 1.0) > joint.threshold for i in pyrit_held]
+    assert joint.held_out.kappa.value == pytest.approx(cohen_kappa([pyrit[i].label for i in pyrit_held], predicted))
+    _, harm_held = halves(harm)
+    harmless = [i for i in harm_held if harm[i].category in ("vacuous", "degenerate") and not harm[i].label]
+    spared = sum(min(len(harm[i].response) / 1000, 1.0) <= joint.threshold for i in harmless)
+    assert (joint.specificity.n, joint.specificity.value) == (len(harmless), pytest.approx(spared / len(harmless)))
+    line = joint_threshold_text("length-score", "pyrit-objective", "quada-harm", joint)
+    assert f"{joint.threshold:.3g}" in line and "at least 90% of quada-harm's vacuous and degenerate" in line
+    assert f"specificity {joint.specificity.value:.2f}" in line and f"{joint.held_out.flagged} of {joint.held_out.n} flagged" in line
+    # a looser constraint can only keep or raise the tuning kappa
+    assert joint_threshold(general, own, min_specificity=0.5).tuning_kappa >= joint.tuning_kappa
+    # an untuned calibration has no tuning scores to choose from
+    assert joint_threshold(calibrate(FlagEverything(), "pyrit-objective", tune=False), own) is None
 
 
 def test_the_double_labelling_covers_at_least_60_items_of_the_set_with_the_rubric_kinds():

@@ -255,9 +255,9 @@ def judge_calibrate_command(
     tuning half, agreement, kappa, F1 and AUROC with 95% intervals on the held-out half (cached)."""
     from quada.eval.judges import make_judge
     from quada.data import QUADA_HARM
-    from quada.judge_calibration import CALIBRATION_SETS, calibrate, double_labelling
+    from quada.judge_calibration import CALIBRATION_SETS, calibrate, double_labelling, joint_threshold
     from quada.options import check_judges
-    from quada.report.calibration import CALIBRATION_COLUMNS, calibration_rows, double_labelling_text
+    from quada.report.calibration import CALIBRATION_COLUMNS, calibration_rows, double_labelling_text, joint_threshold_text
     from quada.runs import progress_bar
 
     names = [j.strip() for j in judges.split(",") if j.strip()]
@@ -271,7 +271,15 @@ def judge_calibrate_command(
             for labelled_set in [labelled] if labelled else CALIBRATION_SETS[judge.measure]:
                 task = bar.add_task(f"calibrate {name} on {Path(labelled_set).name}", total=None)
                 results.append((name, calibrate(judge, labelled_set, measure, on_chunk=lambda n, t=task: bar.advance(t, n))))
+                bar.update(task, total=bar.tasks[task].completed)  # finished: no more progress lines for it
     print_table(console, "Judges against human labels (held-out half)", CALIBRATION_COLUMNS, calibration_rows(results, by_category))
+    general_set, own_set = CALIBRATION_SETS["harm"]
+    by_set = {(name, calibration.labelled_set): calibration for name, calibration in results}
+    for name in names:
+        if (name, general_set) in by_set and (name, own_set) in by_set:
+            joint = joint_threshold(by_set[name, general_set], by_set[name, own_set])
+            if joint is not None:
+                console.print(joint_threshold_text(name, general_set, own_set, joint))
     if any(calibration.labelled_set == QUADA_HARM for _, calibration in results):
         console.print(double_labelling_text(double_labelling()))
 

@@ -9,7 +9,9 @@ import pytest
 from quada.eval.calibration import (
     auroc,
     best_threshold,
+    binary_kappa,
     f1_score,
+    guarded_threshold,
     held_out_metrics,
     specificity_by_category,
     split_halves,
@@ -76,6 +78,35 @@ def test_best_threshold_maximises_kappa_and_prefers_a_cut_near_one_half():
     assert cohen_kappa(labels, [s > cut for s in skewed]) == 1.0
     separating = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
     assert best_threshold(labels, separating) == pytest.approx(0.5)
+
+
+def test_guarded_threshold_is_the_best_kappa_among_the_cuts_that_spare_the_guard_items():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = list(rng.random(40) < 0.5)
+        scores = [float(v) for v in np.clip(rng.normal(np.where(labels, 0.7, 0.4), 0.2), 0, 1).round(2)]
+        guard = [float(v) for v in rng.uniform(0.3, 1.0, 25).round(2)]  # harmless answers the judge scores high
+        cut = guarded_threshold(labels, scores, guard, min_specificity=0.9)
+        assert np.mean(np.array(guard) <= cut) >= 0.9
+        # brute force over a grid finer than the scores' rounding: no cut meeting the constraint does better
+        grid = [c for c in np.arange(-0.01, 1.01, 0.001) if np.mean(np.array(guard) <= c) >= 0.9]
+        best = max(cohen_kappa(labels, [s > c for s in scores]) for c in grid)
+        assert cohen_kappa(labels, [s > cut for s in scores]) == pytest.approx(best)
+    # without a binding constraint it is the unconstrained best cut
+    labels = [False, False, False, True, True, True]
+    skewed = [0.01, 0.02, 0.03, 0.2, 0.3, 0.4]
+    assert guarded_threshold(labels, skewed, [0.0, 0.01], 0.9) == pytest.approx(best_threshold(labels, skewed))
+    # a guard scored above every positive forces a cut that flags nothing
+    assert guarded_threshold(labels, skewed, [0.9] * 10, 0.9) >= 0.9
+
+
+def test_binary_kappa_on_arrays_equals_cohen_kappa():
+    rng = np.random.default_rng(0)
+    for share in (0.0, 0.1, 0.5, 1.0):
+        first, second = rng.random(30) < share, rng.random(30) < 0.5
+        for a, b in ((first, second), (first, first), (second, first)):
+            expected = cohen_kappa(list(a), list(b))
+            assert (math.isnan(binary_kappa(a, b)) and math.isnan(expected)) or binary_kappa(a, b) == pytest.approx(expected)
 
 
 def test_held_out_metrics_values_and_intervals():

@@ -61,8 +61,8 @@ def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float:
 
 def f1_score(labels: Sequence[bool], predicted: Sequence[bool]) -> float:
     """F1 of the positive class: 2 TP / (2 TP + FP + FN); NaN when there is no positive at all."""
-    tp = sum(a and b for a, b in zip(labels, predicted))
-    wrong = sum(a != b for a, b in zip(labels, predicted))
+    truth, guess = np.asarray(labels, dtype=bool), np.asarray(predicted, dtype=bool)
+    tp, wrong = int((truth & guess).sum()), int((truth != guess).sum())
     return math.nan if tp + wrong == 0 else 2 * tp / (2 * tp + wrong)
 
 
@@ -80,6 +80,30 @@ def best_threshold(labels: Sequence[bool], scores: Sequence[float]) -> float:
         return (-math.inf if math.isnan(kappa) else kappa, -abs(cut - 0.5))
 
     return max(cuts, key=quality)
+
+
+def guarded_threshold(
+    labels: Sequence[bool], scores: Sequence[float], guard_scores: Sequence[float], min_specificity: float
+) -> float:
+    """The cut that maximises Cohen's kappa of ``score > cut`` against ``labels`` among the cuts that
+    leave at least ``min_specificity`` of the guard items unflagged (``guard score <= cut``).
+
+    The guard items are human negatives a judge must not flag, e.g. quada-harm's vacuous and
+    degenerate answers, while ``labels`` and ``scores`` are another labelled set, e.g. PyRIT's: one
+    threshold chosen on two tuning halves at once. Candidates are :func:`best_threshold`'s (over
+    both sets' scores); ties go to the cut closest to 0.5. Flagging nothing always meets the
+    constraint, so there is always an answer.
+    """
+    guard = np.asarray(guard_scores, dtype=float)
+    distinct = sorted(set(float(s) for s in [*scores, *guard_scores]))
+    cuts = [distinct[0] - 1e-9] + [(a + b) / 2 for a, b in zip(distinct, distinct[1:])] + [distinct[-1]]
+    allowed = [cut for cut in cuts if guard.size == 0 or float(np.mean(guard <= cut)) >= min_specificity]
+
+    def quality(cut: float) -> tuple[float, float]:
+        kappa = cohen_kappa(labels, [s > cut for s in scores])
+        return (-math.inf if math.isnan(kappa) else kappa, -abs(cut - 0.5))
+
+    return max(allowed, key=quality)
 
 
 @dataclass(frozen=True)
@@ -117,6 +141,14 @@ def _bootstrap(statistic: Callable[[np.ndarray], float], n: int, seed: int, resa
     return float(low), float(high)
 
 
+def binary_kappa(first: np.ndarray, second: np.ndarray) -> float:
+    """:func:`quada.eval.metrics.cohen_kappa` of two boolean arrays, on arrays (the bootstrap calls
+    it thousands of times): p_e from the two raters' shares of true labels; NaN when p_e = 1."""
+    share_first, share_second = float(first.mean()), float(second.mean())
+    expected = share_first * share_second + (1 - share_first) * (1 - share_second)
+    return math.nan if expected == 1.0 else (float(np.mean(first == second)) - expected) / (1 - expected)
+
+
 def held_out_metrics(
     labels: Sequence[bool],
     predicted: Sequence[bool],
@@ -129,8 +161,8 @@ def held_out_metrics(
     truth, guess, score = np.asarray(labels, bool), np.asarray(predicted, bool), np.asarray(scores, float)
     statistics = {
         "agreement": lambda i: 100 * float(np.mean(truth[i] == guess[i])),
-        "kappa": lambda i: cohen_kappa(list(truth[i]), list(guess[i])),
-        "f1": lambda i: f1_score(list(truth[i]), list(guess[i])),
+        "kappa": lambda i: binary_kappa(truth[i], guess[i]),
+        "f1": lambda i: f1_score(truth[i], guess[i]),
         "auroc": lambda i: auroc(truth[i], score[i]),
     }
     everything = np.arange(len(truth))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from quada.eval.judges import GRADED_JUDGES, asr_name
-from quada.judge_calibration import Calibration, JudgeInfo, judge_info_from_json
+from quada.judge_calibration import Calibration, JointThreshold, JudgeInfo, judge_info_from_json
 
 if TYPE_CHECKING:
     from quada.eval.calibration import HeldOutMetrics, Interval
@@ -41,6 +41,18 @@ def double_labelling_text(metrics: HeldOutMetrics) -> str:
         f"quada-harm labels: two independent labellings of {metrics.n} items agree on "
         f"{interval_text(metrics.agreement, 1)}% (Cohen's kappa {interval_text(metrics.kappa)}; "
         f"harmful by the first {metrics.positives}, by the second {metrics.flagged})"
+    )
+
+
+def joint_threshold_text(name: str, general_set: str, own_set: str, joint: JointThreshold) -> str:
+    """One line on a harm judge's threshold chosen on both tuning halves and what it gives held out."""
+    return (
+        f"{name}, one threshold for both sets (best kappa on {general_set}'s tuning half leaving at least "
+        f"{joint.min_specificity:.0%} of {own_set}'s vacuous and degenerate tuning answers unflagged): "
+        f"{joint.threshold:.3g} (tuning: kappa {joint.tuning_kappa:.2f}, specificity {joint.tuning_specificity:.2f}); "
+        f"held out: kappa {interval_text(joint.held_out.kappa)} on {general_set} ({joint.held_out.flagged} of "
+        f"{joint.held_out.n} flagged, {joint.held_out.positives} harmful), specificity {specificity_text(joint.specificity)} "
+        f"on {own_set}"
     )
 
 
