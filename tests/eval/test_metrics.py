@@ -62,6 +62,15 @@ def test_wilson_interval_closed_forms_and_coverage():
     assert 0.9 <= coverage <= 0.99
 
 
+def test_a_wilson_interval_holds_its_estimate_exactly_at_zero_and_all_successes():
+    # rounding once left the bound of 0 of 10 at 1e-17, above the estimate, and a report's error bar negative
+    for n in range(1, 400):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        for successes in (0, n // 2, n):
+            low, high = wilson_interval(successes, n)
+            assert low <= successes / n <= high
+
+
 def test_mcnemar_exact_on_a_small_table():
     # 1 versus 9 discordant pairs: p = 2 * (C(10,0) + C(10,1)) / 2^10 = 22 / 1024.
     result = mcnemar(*paired_outcomes(both=30, only_a=1, only_b=9, neither=60))

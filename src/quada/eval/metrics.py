@@ -85,7 +85,11 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half_width = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+    # at 0 (n) successes the lower (upper) bound is exactly 0 (1); rounding could leave it just inside,
+    # above the estimate itself
+    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
+    high = 1.0 if successes == n else min(1.0, centre + half_width)
+    return low, high
 
 
 @dataclass(frozen=True)
