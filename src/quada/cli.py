@@ -279,9 +279,9 @@ def judge_calibrate_command(
         if (name, general_set) in by_set and (name, own_set) in by_set:
             joint = joint_threshold(by_set[name, general_set], by_set[name, own_set])
             if joint is not None:
-                console.print(joint_threshold_text(name, general_set, own_set, joint))
+                console.print(joint_threshold_text(name, general_set, own_set, joint), markup=False, soft_wrap=True)
     if any(calibration.labelled_set == QUADA_HARM for _, calibration in results):
-        console.print(double_labelling_text(double_labelling()))
+        console.print(double_labelling_text(double_labelling()), markup=False, soft_wrap=True)
 
 
 # Progress bars of the libraries quada runs (model loading and saving, datasets), which in a log
