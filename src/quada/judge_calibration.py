@@ -33,7 +33,7 @@ from quada.eval.calibration import (
     specificity_by_category,
     split_halves,
 )
-from quada.eval.metrics import Estimate, cohen_kappa, wilson_interval
+from quada.eval.metrics import Estimate, cohen_kappa
 from quada.eval.judges import Judge, oriented
 from quada.models import cache_root
 from quada.runs import write_json
@@ -242,15 +242,20 @@ def joint_threshold(general: Calibration, own: Calibration, min_specificity: flo
     general_labels = [general_items[i].label for i in general_tuning]
     guard = [score for i, score in zip(own_tuning, own.tuning_scores, strict=True) if harmless(i)]
     cut = guarded_threshold(general_labels, general.tuning_scores, guard, min_specificity)
+
+    def own_specificity(indices: list[int], scores: list[float]) -> Estimate:  # vacuous + degenerate together
+        items = [own_items[i] for i in indices]
+        by_kind = specificity_by_category([i.category for i in items], [i.label for i in items],
+                                          [s > cut for s in scores], COMPLIANT_HARMLESS_KINDS)
+        return list(by_kind.values())[-1]
+
     held_truth = [general_items[i].label for i in general_held]
-    held_guard = [score > cut for i, score in zip(own_held, own.held_out_scores, strict=True) if harmless(i)]
-    kept = len(held_guard) - sum(held_guard)
     return JointThreshold(
         cut, min_specificity,
         cohen_kappa(general_labels, [s > cut for s in general.tuning_scores]),
-        sum(s <= cut for s in guard) / len(guard),
+        own_specificity(own_tuning, own.tuning_scores).value,
         held_out_metrics(held_truth, [s > cut for s in general.held_out_scores], general.held_out_scores),
-        Estimate(kept / len(held_guard), *wilson_interval(kept, len(held_guard)), len(held_guard)),
+        own_specificity(own_held, own.held_out_scores),
     )
 
 
