@@ -166,3 +166,22 @@ def save_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, add_bos: bool = F
     writer.close()
     partial.replace(path)
     return path
+
+
+class StopsAfter:
+    """An executor that hands over the results of ``inner`` until ``chunks`` generation units have
+    come back, then raises KeyboardInterrupt, as a killed driver does; everything else is ``inner``'s
+    (a resumed run must then store exactly the rows of an uninterrupted one)."""
+
+    def __init__(self, inner, chunks: int):
+        self.inner, self.left = inner, chunks
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def completed(self):
+        for unit, result in self.inner.completed():
+            if self.left == 0:
+                raise KeyboardInterrupt
+            self.left -= unit.kind == "generation"
+            yield unit, result

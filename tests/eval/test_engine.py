@@ -30,7 +30,7 @@ from quada.eval.generate import GenerationSettings, generate
 from quada.eval.judges import make_judge
 from quada.fingerprint import model_fingerprint
 from quada.store import CLEAN, Generation, Judgement, Store
-from quada.testing import save_tiny_model, tiny_model
+from quada.testing import StopsAfter, save_tiny_model, tiny_model
 
 NOISE = parse_spec("noise:site=up,dist=gaussian,std=0.5")
 PROMPTS = [Prompt(f"p{i}", f"Tell me about item {i}" + " please" * (i % 3)) for i in range(7)]
@@ -64,21 +64,6 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(engine_module, "GENERATION_CHUNK", 2)
 
 
-class DiesAfter(LocalExecutor):
-    """A local executor whose process is killed once ``chunks`` chunks have been delivered."""
-
-    def __init__(self, chunks: int):
-        super().__init__("cpu")
-        self.left = chunks
-
-    def completed(self):
-        for unit, result in super().completed():
-            if self.left == 0:
-                raise KeyboardInterrupt
-            self.left -= unit.kind == "generation"
-            yield unit, result
-
-
 class PicklingExecutor(LocalExecutor):
     """Ships every unit and result as bytes, and hands the results back last first, as a pool of
     other processes may."""
@@ -109,7 +94,7 @@ def test_a_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tiny, 
     with Store(split) as store, pytest.raises(KeyboardInterrupt):
         # 4 chunks of the clean condition (7 prompts, 2 a chunk), then 1 of the noisy one.
         measure_everything(Engine(store, model, tokenizer, Options(tmp_path / "split"), CORPUS,
-                                  executor=DiesAfter(chunks=5)))
+                                  executor=StopsAfter(LocalExecutor("cpu"), chunks=5)))
     partial, _ = stored(split)
     assert len(partial) == 7 + 2
     with Store(split) as store:

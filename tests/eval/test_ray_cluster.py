@@ -27,6 +27,7 @@ from quada.eval.generate import GenerationSettings
 from quada.eval.ray_executor import LOCAL_ADDRESS, LOCAL_RAY_ENVIRONMENT, RayExecutor, environment
 from quada.models import load
 from quada.store import CLEAN, Generation, Judgement, Store
+from quada.testing import StopsAfter
 
 # The workers cannot import this test module: the units it defines travel to them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -250,21 +251,6 @@ def test_missing_resources_fail_within_the_placement_timeout(cluster):
 def test_torch_threads_follow_the_cpus_of_a_worker(cluster):
     with RayExecutor(device="cpu", workers=1, cpus_per_worker=2) as executor:
         assert [w["threads"] for w in executor.describe()] == [2]
-
-
-class StopsAfter(Rewriting):
-    """Hands over ``chunks`` generation results and then stops, as a killed driver does."""
-
-    def __init__(self, inner, chunks: int):
-        super().__init__(inner, lambda unit: unit)
-        self.left = chunks
-
-    def completed(self):
-        for unit, result in super().completed():
-            if self.left == 0:
-                raise KeyboardInterrupt
-            self.left -= unit.kind == "generation"
-            yield unit, result
 
 
 def test_a_killed_run_resumes_on_the_pool_to_the_same_rows(pool, subject, local_rows, tmp_path):
