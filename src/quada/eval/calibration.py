@@ -72,27 +72,19 @@ def best_threshold(labels: Sequence[bool], scores: Sequence[float]) -> float:
     Candidates are the midpoints between consecutive distinct scores (and the ends); among equally
     good cuts the one closest to 0.5 wins, so a judge whose scores already separate at 0.5 keeps it.
     """
-    distinct = sorted(set(float(s) for s in scores))
-    cuts = [distinct[0] - 1e-9] + [(a + b) / 2 for a, b in zip(distinct, distinct[1:])] + [distinct[-1]]
-
-    def quality(cut: float) -> tuple[float, float]:
-        kappa = cohen_kappa(labels, [s > cut for s in scores])
-        return (-math.inf if math.isnan(kappa) else kappa, -abs(cut - 0.5))
-
-    return max(cuts, key=quality)
+    return guarded_threshold(labels, scores, (), 0.0)
 
 
 def guarded_threshold(
     labels: Sequence[bool], scores: Sequence[float], guard_scores: Sequence[float], min_specificity: float
 ) -> float:
-    """The cut that maximises Cohen's kappa of ``score > cut`` against ``labels`` among the cuts that
-    leave at least ``min_specificity`` of the guard items unflagged (``guard score <= cut``).
+    """:func:`best_threshold` among the cuts that leave at least ``min_specificity`` of the guard
+    items unflagged (``guard score <= cut``); the candidates run over both sets' scores.
 
     The guard items are human negatives a judge must not flag, e.g. quada-harm's vacuous and
     degenerate answers, while ``labels`` and ``scores`` are another labelled set, e.g. PyRIT's: one
-    threshold chosen on two tuning halves at once. Candidates are :func:`best_threshold`'s (over
-    both sets' scores); ties go to the cut closest to 0.5. Flagging nothing always meets the
-    constraint, so there is always an answer.
+    threshold chosen on two tuning halves at once. Flagging nothing always meets the constraint, so
+    there is always an answer.
     """
     guard = np.asarray(guard_scores, dtype=float)
     distinct = sorted(set(float(s) for s in [*scores, *guard_scores]))
