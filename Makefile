@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow install models benchmark-generation benchmark-vet benchmark-approx benchmark-sweep benchmark-train benchmark-judge benchmark-attack benchmark-backends
+.PHONY: run test test-slow install models benchmark-generation benchmark-vet benchmark-approx benchmark-sweep benchmark-train benchmark-judge benchmark-attack benchmark-backends benchmark-sequential
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -59,6 +59,9 @@ benchmark-train: models
 
 benchmark-attack: models
 	$(BIN)/python benchmarks/attack.py --model qwen2.5-coder-0.5b-instruct --candidates 32
+
+benchmark-sequential: install
+	$(BIN)/python benchmarks/sequential.py
 
 benchmark-backends: models
 	$(BIN)/python benchmarks/backends.py --model qwen2.5-coder-1.5b-instruct --limit 16

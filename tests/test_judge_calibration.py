@@ -52,6 +52,27 @@ def test_calibration_reports_the_held_out_half_and_is_cached_by_judge_identity(t
     assert cached(KeywordJudge().identity, str(labelled)) is None  # another judge: not calibrated
 
 
+def test_a_shipped_reference_stands_in_for_the_cache_of_the_same_judge_and_says_so(tmp_path, monkeypatch):
+    import quada.judge_calibration as calibration
+    from quada.report.calibration import judge_label, reference_note
+
+    labelled = write_labelled(tmp_path / "labels.jsonl")
+    measured = calibrate(CountingJudge(), str(labelled), "refusal")
+    assert "quada" in measured.measured_on and "torch" in measured.measured_on and not measured.reference
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    cache_file = calibration.cache_path(measured.judge, measured.items_sha256)
+    cache_file.rename(reference / cache_file.name)  # this machine's cache is empty; the package holds the figures
+    monkeypatch.setattr(calibration, "REFERENCE_DIR", reference)
+    judge = CountingJudge()
+    shipped = calibrate(judge, str(labelled), "refusal")
+    assert judge.items == 0 and shipped.reference and shipped.held_out == measured.held_out
+    assert cached(KeywordJudge().identity, str(labelled)) is None  # another judge: no reference applies
+    info = {"refusal-keyword": calibration.JudgeInfo("refusal", judge.identity, shipped)}
+    assert judge_label("refusal-keyword", info).endswith("shipped reference")
+    assert measured.measured_on in reference_note(info)
+
+
 def test_a_calibration_from_other_calibration_code_is_not_reused(tmp_path, monkeypatch):
     import quada.judge_calibration as calibration
 

@@ -2,6 +2,7 @@
 command-line options of every evaluating command under the fields' own names, help and defaults."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import typer
@@ -9,7 +10,8 @@ from rich.markup import escape
 
 from quada.analysis.options import LayersConfig, SweepConfig
 from quada.cli import app
-from quada.cli_options import option_name, parse_names, parse_numbers
+from quada.cli_options import parse_names, parse_numbers
+from quada.options import flag
 from quada.defaults import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, VET_MODEL
 from quada.defense.options import AlignConfig
 from quada.errors import QuadaError
@@ -42,7 +44,7 @@ def test_every_evaluating_config_extends_the_shared_options_and_documents_each_f
     [
         (dict(max_new_tokens=0), "--max-new-tokens must be at least 1 (or omitted for all), got 0"),
         (dict(ppl_windows=0), "--ppl-windows must be at least 1"),
-        (dict(limit=0), "--limit must be at least 1"),
+        (dict(limit=0), "must be at least 1 (or omitted for all), got 0"),  # spelled --max-prompts by vet
         (dict(seed=-1), "seed must be a whole number from 0"),
         (dict(judges=("keyword", "oracle")), "unknown judge 'oracle'"),
         (dict(prompt_format="chat"), "unknown prompt format 'chat'"),
@@ -88,7 +90,8 @@ def test_an_approximation_named_twice_in_any_spelling_is_refused():
 
 
 def test_each_command_keeps_its_own_defaults():
-    assert (VetConfig().limit, SweepConfig().limit, LayersConfig().limit, make(AlignConfig).limit) == (96, 64, 32, 64)
+    assert (VetConfig().limit, SweepConfig().limit, LayersConfig().limit, make(AlignConfig).limit) == (384, 64, 32, 64)
+    assert VetConfig().first_look == 48 and make(AlignConfig).vet_config("m", Path("r")).first_look is None
     assert (VetConfig().max_new_tokens, SweepConfig().max_new_tokens, LayersConfig().max_new_tokens) == (64, 64, 64)
     assert SweepConfig().judges == LayersConfig().judges == ("keyword",)
     assert {make(c).model for c in CONFIGS.values() if c is not VetConfig} == {DEFAULT_MODEL}
@@ -106,7 +109,7 @@ def test_a_command_option_is_its_field_with_the_fields_help_and_default(command,
     assert set(SHARED) - (set(EXECUTOR_OPTIONS) if command == "align" else set()) <= set(exposed)
     for name in exposed:
         field, option = fields[name], options[name]
-        assert option_name(name) in option.opts, option.opts
+        assert flag(config, name) in option.opts, option.opts
         assert option.help == escape(field.metadata["help"])  # shown as plain text, not rich markup
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         if option.required or option.multiple:

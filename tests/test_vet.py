@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import quada.eval.engine as engine_module
+from quada.data import load_benchmark, seeded_order
 from quada.errors import QuadaError
 from quada.eval.verdict import VERDICTS
 from quada.store import Generation, Judgement, Store
@@ -98,6 +99,49 @@ def test_a_killed_run_writes_no_results_and_keeps_what_it_committed(inputs, tmp_
     assert not (tmp_path / "split" / "report.html").exists() and not (tmp_path / "split" / "results.json").exists()
 
 
+BROKEN = "noise:site=norm_all,dist=gaussian,std=5"  # perplexity far above the bound: decided at the first look
+
+
+def generated(run_dir) -> dict[str, dict[str, str]]:
+    """Stored responses by condition and prompt id."""
+    rows: dict[str, dict[str, str]] = {}
+    for g in stored(run_dir)[0]:
+        rows.setdefault(g.key.approx, {})[g.key.prompt_id] = g.response
+    return rows
+
+
+def test_looks_ask_more_prompts_only_of_the_conditions_not_yet_decided(inputs, tmp_path):
+    result = vet(config(inputs, tmp_path / "run", approx=(BROKEN, NOISE), first_look=2), progress=False)
+    clean, broken, noisy = result.conditions
+    assert broken.verdict.kind == "breaks the model" and (broken.verdict.look, broken.verdict.looks) == (1, 3)
+    assert broken.prompts == broken.verdict.prompts == 2 and noisy.prompts == noisy.verdict.prompts
+    assert clean.prompts == noisy.prompts  # the clean model answers as many as the longest-running condition
+    rows = generated(tmp_path / "run")
+    benign = 4
+    assert len(rows[broken.approx]) == 2 + benign and len(rows[noisy.approx]) == noisy.prompts + benign
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["design"]["looks"] == [2, 4, 6] and "Bonferroni" in saved["design"]["family"]
+    markdown = result.report_md.read_text()
+    assert "look 1 of 3 (2 prompts)" in markdown
+
+
+def test_a_larger_budget_continues_exactly_where_a_smaller_one_stopped(inputs, tmp_path, monkeypatch):
+    small = config(inputs, tmp_path / "resumed", approx=(NOISE,), first_look=2, limit=4)
+    vet(small, progress=False)
+    asked = []
+    real_generate = engine_module.generate
+    monkeypatch.setattr(engine_module, "generate",
+                        lambda model, tokenizer, prompts, *a, **k: asked.extend(prompts) or real_generate(model, tokenizer, prompts, *a, **k))
+    larger = vet(config(inputs, tmp_path / "resumed", approx=(NOISE,), first_look=2), progress=False)
+    before = generated(tmp_path / "resumed")
+    monkeypatch.setattr(engine_module, "generate", real_generate)
+    fresh = vet(config(inputs, tmp_path / "fresh", approx=(NOISE,), first_look=2), progress=False)
+    assert before == generated(tmp_path / "fresh")
+    assert [c.verdict for c in larger.conditions] == [c.verdict for c in fresh.conditions]
+    last_look = {p.text for p in seeded_order(load_benchmark(str(inputs / "harmful.txt")), 0)[4:]}
+    assert set(asked) <= last_look  # only the new look's prompts were generated; the first four were stored
+
+
 def test_a_rerun_computes_nothing_new(inputs, tmp_path, monkeypatch):
     vet(config(inputs, tmp_path / "run"), progress=False)
     monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
@@ -111,10 +155,14 @@ def test_a_rerun_computes_nothing_new(inputs, tmp_path, monkeypatch):
         (dict(judges=("oracle",)), "unknown judge 'oracle'"),
         (dict(approx=("noise:std=-1",)), "std"),
         (dict(approx=("warp-drive",)), "warp-drive"),
-        (dict(limit=0), "limit must be at least 1"),
+        (dict(limit=0), "--max-prompts must be at least 1"),
         (dict(max_new_tokens=0), "max-new-tokens must be at least 1"),
         (dict(seed=-5), "seed must be a whole number from 0"),
         (dict(judges=()), "no safety judge"),
+        (dict(first_look=0), "--first-look must be at least 1"),
+        (dict(margin=0), "--margin"),
+        (dict(margin=float("nan")), "--margin"),
+        (dict(alpha=1.5), "--alpha"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(inputs, tmp_path, overrides, message):

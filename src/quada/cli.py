@@ -123,7 +123,7 @@ def generate_command(
     VetConfig, "model", "approx", "benchmark", "limit", "benign", "benign_limit", "judges", "refusal_judge",
     "judge_model", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows",
     "questions", "ppl_bound", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS, "deployment",
-    "api_key_env", "request_timeout", "retries",
+    "api_key_env", "request_timeout", "retries", "max_concurrency", "first_look", "margin", "alpha",
 )
 def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Vet a model: safety (ASR with CIs, over-refusal) and utility (perplexity, accuracy), clean, under each approximation and as each deployment (--deployment).
@@ -133,7 +133,7 @@ def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     from quada.report.vet import summary_table, verdict_table
     from quada.vet import vet
 
-    config = VetConfig(**without_limit(options, all_prompts))
+    config = VetConfig(**without_limit(VetConfig, options, all_prompts))
     check_given_limits(config, options, limit=config.benchmark, benign_limit=config.benign)
     result = vet(config)
     print_table(console, f"quada vet: {config.model}", *summary_table(result.conditions, config.judges, result.judges, config.refusal_judge))
@@ -206,7 +206,7 @@ def results_arms_command(
     out: Path = typer.Option(Path("runs") / "arms", "--out", "-o", help="Folder for arms.json and the report (replaced whole)."),
     confidence: float = typer.Option(0.95, help="Level of the intervals; for k comparisons with the reference at 0.05, 1 - 0.05/k (Bonferroni), e.g. 0.9875 for four."),
 ) -> None:
-    """Aggregate `quada align` runs over training seeds: per arm and condition the ASR and over-refusal (mean, sd, range), perplexity, each arm's paired difference from the reference and its ASR against the original's clean ASR (the strong form), with two-stage bootstrap intervals."""
+    """Aggregate `quada align` runs over training seeds: per arm and condition the ASR and over-refusal (mean, sd, range), perplexity, each arm's paired difference from the reference and its ASR against the original's clean ASR (the strong form), with seed-level intervals that cover the seed variance."""
     from quada.defense.arms import arms_report, parse_arms
     from quada.report.arms import measure_name, measure_table
 

@@ -1,7 +1,7 @@
 """Command-line options built from the fields of a configuration dataclass.
 
 A command names the fields it exposes (:func:`config_options`); each becomes the option spelled
-like the field (``max_new_tokens``: ``--max-new-tokens``), with the field's help
+like the field (``max_new_tokens``: ``--max-new-tokens``) unless its ``metadata["option"]`` names it, with the field's help
 (``metadata["help"]``), its other spellings (``metadata["aliases"]``) and its default. A tuple is
 written comma-separated (``--judges keyword,llm``, ``--grid 0,0.05``), or by repeating the option
 when ``metadata["repeat"]`` is set (approximation specs contain commas).
@@ -25,8 +25,9 @@ import typer
 from rich.markup import escape
 
 from quada.errors import QuadaError
+from quada.options import field_flag, flag
 
-AllPrompts = Annotated[bool, typer.Option("--all-prompts", help="Use every prompt, ignoring --limit.")]
+AllPrompts = Annotated[bool, typer.Option("--all-prompts", help="Use every prompt of the benchmark instead of a limit.")]
 
 
 def parse_names(text: str) -> tuple[str, ...]:
@@ -52,19 +53,19 @@ def parse_numbers(text: str, option: str) -> tuple[float, ...]:
     return tuple(values)
 
 
-def without_limit(options: dict[str, Any], all_prompts: bool) -> dict[str, Any]:
-    """``options`` with no prompt limit when ``--all-prompts`` was given (it wins over ``--limit``)."""
-    return {**options, "limit": None} if all_prompts else options
+def without_limit(config: type, options: dict[str, Any], all_prompts: bool) -> dict[str, Any]:
+    """``options`` (given to a command of the configuration class ``config``) with no prompt limit
+    when ``--all-prompts`` was given; both it and the limit is a contradiction, refused."""
+    if not all_prompts:
+        return options
+    if "limit" in options:
+        raise QuadaError(f"--all-prompts and {flag(config, 'limit')} both say how many prompts to use; give one of them")
+    return {**options, "limit": None}
 
 
 def field_help(config: type, name: str) -> str:
     """The help text of the field ``name`` of the dataclass ``config``."""
     return config.__dataclass_fields__[name].metadata["help"]
-
-
-def option_name(field_name: str) -> str:
-    """The command-line spelling of a field: ``max_new_tokens`` -> ``--max-new-tokens``."""
-    return "--" + field_name.replace("_", "-")
 
 
 def _tuple_item(hint: Any) -> Any:
@@ -86,7 +87,7 @@ def _option(field: Field, hint: Any, required: bool) -> tuple[inspect.Parameter,
     metadata = field.metadata
     aliases = metadata.get("aliases", ())
     # Without aliases typer spells the option after the parameter, and a boolean gets its --no- twin.
-    names = (option_name(field.name), *aliases) if aliases else ()
+    names = (field_flag(field), *aliases) if aliases or "option" in metadata else ()
     default = ... if required else _default(field)
     item = _tuple_item(hint)
     annotation, convert = hint, (lambda value: value)
@@ -97,7 +98,7 @@ def _option(field: Field, hint: Any, required: bool) -> tuple[inspect.Parameter,
         annotation = str
         if item is float:
             default = ",".join(repr(value).removesuffix(".0") for value in default)  # exact, and 0 not 0.0
-            convert = functools.partial(parse_numbers, option=option_name(field.name))
+            convert = functools.partial(parse_numbers, option=field_flag(field))
         else:
             default = ",".join(default)
             convert = parse_names

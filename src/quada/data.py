@@ -442,6 +442,15 @@ def subset(items: Sequence[T], n: int | None, seed: int = 0) -> list[T]:
     return [items[i] for i in chosen]
 
 
+def seeded_order(items: Sequence[T], seed: int = 0) -> list[T]:
+    """``items`` in a seeded random order: the same ``(items, seed)`` always gives the same order, and
+    the first n of it are a seeded random subset, so a sequential vet's looks take its prefixes and a
+    larger budget extends a smaller one."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order]
+
+
 @dataclass(frozen=True)
 class LabelledItem:
     """A request, a model's response to it and a human's verdict on the response; what a true

@@ -115,20 +115,21 @@ SPEED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "asi
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``lscpu``'s "Model name", from /proc/cpuinfo), its speed-relevant flags
-    and its core count: what a measured time must be read beside."""
+    """The CPU's model name and family (``lscpu``'s "Model name" and "CPU family", from
+    /proc/cpuinfo), its speed-relevant flags and its core count: what a measured time must be read
+    beside."""
     import os
     import platform
 
-    name = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}  # the first processor's
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                    break
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    family = f" (family {fields['cpu family']})" if fields.get("cpu family") else ""
     flags = [f for f in SPEED_FLAGS if f in cpu_flags()]
-    return f"{name}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'unknown'}"
+    return f"{name}{family}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'unknown'}"

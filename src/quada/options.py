@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Collection, Iterable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,10 @@ from quada.defaults import (
     DEFAULT_CORPUS,
     DEFAULT_JUDGE_MODEL,
     DEFAULT_MODEL,
+    FAMILY_ALPHA,
+    FIRST_LOOK,
+    MARGIN_POINTS,
+    MAX_PROMPTS,
     PAPER_GROUP,
     PAPER_WINDOW,
     VET_APPROXIMATIONS,
@@ -75,12 +79,23 @@ def check_safety_judge(judges: tuple[str, ...]) -> None:
         )
 
 
+def field_flag(option: Field) -> str:
+    """How the command line spells a configuration field: its ``option`` metadata, else its name
+    (``max_new_tokens``: ``--max-new-tokens``)."""
+    return option.metadata.get("option") or "--" + option.name.replace("_", "-")
+
+
+def flag(config: Any, name: str) -> str:
+    """How the command line spells the field ``name`` of the configuration ``config`` (class or instance)."""
+    return field_flag(config.__dataclass_fields__[name])
+
+
 def check_counts(options: Any, *names: str) -> None:
     """Fail on a count option of ``options`` below 1 (``None``, where a field allows it, means all)."""
     for name in names:
         value = getattr(options, name)
         if value is not None and value < 1:
-            raise QuadaError(f"--{name.replace('_', '-')} must be at least 1 (or omitted for all), got {value}")
+            raise QuadaError(f"{flag(options, name)} must be at least 1 (or omitted for all), got {value}")
 
 
 def check_given_limits(config: Any, given: Collection[str], **sources: str) -> None:
@@ -92,7 +107,7 @@ def check_given_limits(config: Any, given: Collection[str], **sources: str) -> N
         if name in given and limit is not None and limit > (count := len(load_benchmark(source))):
             everything = ", or --all-prompts for every one" if name == "limit" else ""
             raise QuadaError(
-                f"--{name.replace('_', '-')} {limit} is more than the {count} prompts of {source}; give at most "
+                f"{flag(config, name)} {limit} is more than the {count} prompts of {source}; give at most "
                 f"{count}{everything}"
             )
 
@@ -220,11 +235,12 @@ class EvalOptions:
         return {f.name: getattr(self, f.name) for f in fields(EvalOptions)}
 
 
-def redefault(options: type, name: str, default: Any = MISSING, *, help: str | None = None) -> Any:
+def redefault(options: type, name: str, default: Any = MISSING, *, help: str | None = None, **metadata: Any) -> Any:
     """The field ``name`` of the options class ``options``, for a subclass that changes its default,
-    its help or both (the rest of the field's metadata stays)."""
+    its help, other ``metadata`` (its option's spelling) or all of them (the rest of the field's
+    metadata stays)."""
     base = options.__dataclass_fields__[name]
-    metadata = {**base.metadata, **({} if help is None else {"help": help})}
+    metadata = {**base.metadata, **({} if help is None else {"help": help}), **metadata}
     return field(default=base.default if default is MISSING else default, metadata=metadata)
 
 
@@ -233,7 +249,22 @@ class VetConfig(EvalOptions):
     """What `quada vet` evaluates and how; every field is a command-line option of the same name."""
 
     model: str = redefault(EvalOptions, "model", VET_MODEL)
-    limit: int | None = redefault(EvalOptions, "limit", 96)
+    limit: int | None = redefault(
+        EvalOptions, "limit", MAX_PROMPTS, option="--max-prompts", aliases=("--limit",),
+        help="Most harmful prompts a condition is asked: the last look of the sequential design (--first-look).",
+    )
+    first_look: int | None = field(default=FIRST_LOOK, metadata={
+        "help": "Harmful prompts of the first look. Each later look doubles them up to --max-prompts, and asks only "
+        "the conditions not yet decided; the verdicts keep their error rates over every look. A value of at least "
+        "--max-prompts gives one look.",
+    })
+    margin: float = field(default=MARGIN_POINTS, metadata={
+        "help": "The rise of an attack rate that matters, in percentage points: 'no rise beyond the margin' rules out a "
+        "rise of more than this.",
+    })
+    alpha: float = field(default=FAMILY_ALPHA, metadata={
+        "help": "Family-wise error of the verdicts, over every look, condition and deciding judge.",
+    })
     max_new_tokens: int = redefault(EvalOptions, "max_new_tokens", 64)
     judges: tuple[str, ...] = redefault(EvalOptions, "judges", ("keyword", "refusal-keyword", "llm"))
     # The refusal judges and the harm judge's pre-check read a refusal phrase as the end of the matter,
@@ -266,6 +297,10 @@ class VetConfig(EvalOptions):
         "help": "Environment variable holding the API key of openai deployments (sent as a bearer token, never stored).",
     })
     request_timeout: float = field(default=300.0, metadata={"help": "Seconds a deployment's server may take to answer one request."})
+    max_concurrency: int = field(default=1, metadata={
+        "help": "Requests an openai deployment's server is sent at once. Above 1 a server may batch them, and "
+        "batching can change greedy responses: check the report's determinism column.",
+    })
     retries: int = field(default=6, metadata={
         "help": "Retries of a request a deployment's server failed (HTTP 429/5xx, dropped connection, timeout), "
         "with exponential backoff from 1 s.",
@@ -286,6 +321,7 @@ class VetConfig(EvalOptions):
             raise QuadaError(f"--request-timeout must be above 0 seconds, got {self.request_timeout}")
         if self.retries < 0:
             raise QuadaError(f"--retries must be 0 or more, got {self.retries}")
+        check_counts(self, "max_concurrency")
         # Parsed once, here, to fail on a bad spec before any work: ``approximations`` holds the parsed
         # specs, ``approx`` their canonical strings (the store keys); the clean model is always evaluated.
         given = (() if self.deployments else VET_APPROXIMATIONS) if self.approx is None else self.approx
@@ -304,7 +340,11 @@ class VetConfig(EvalOptions):
         self.approx = tuple(map(str, self.approximations))
         check_safety_judge(self.judges)
         check_refusal_judge(self.refusal_judge)
-        check_counts(self, "benign_limit")
+        check_counts(self, "benign_limit", "first_look")
+        if not 0 < self.margin < 100:  # NaN fails too
+            raise QuadaError(f"--margin is a rise in percentage points above 0 and below 100, got {self.margin}")
+        if not 0 < self.alpha < 1:
+            raise QuadaError(f"--alpha is an error rate above 0 and below 1, got {self.alpha}; e.g. 0.05")
         if self.questions is not None and self.questions < 0:
             raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")
         self.run_dir = Path(self.run_dir)

@@ -1,38 +1,34 @@
 """The main job: vet a model's safety and utility, clean and under each activation approximation,
 and each deployment of it against the clean model.
 
-For every condition (the clean model, each approximation, then each deployment: the model served
-by llama.cpp or an OpenAI-compatible server, :mod:`quada.backends`) it generates responses to a
+For every condition (the clean model, each approximation, each deployment: the model served by
+llama.cpp or an OpenAI-compatible server, :mod:`quada.backends`) it generates responses to a
 harmful benchmark and to a benign suite, judges them, and measures perplexity and (when a
 question source is available) multiple-choice accuracy, all through the measurement engine
 (:mod:`quada.eval.engine`) and the results store: stored, so a rerun or a resumed run computes
 only what is missing. Every condition is compared with the clean model on the same prompts by the
-same judges and the same verdict rules.
+same judges and the same verdict rules, in looks that ask more harmful prompts only of the
+conditions not yet decided (:mod:`quada.eval.sequential`, :mod:`quada.eval.verdict`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from quada.approx import spec_label
-from quada.backends import (
-    backend_cache_key,
-    check_deployment,
-    deployment_responses,
-    determinism,
-    open_backend,
-    render,
-)
-from quada.data import Prompt, load_benchmark, subset
-from quada.eval.engine import Engine, Plan, Responses, Verdicts, check_specs_fit, run_jobs
+from quada.backends import backend_cache_key, check_deployment, determinism, render, served_perplexity
+from quada.data import Prompt, load_benchmark, seeded_order, subset
+from quada.eval.engine import BackendRef, Engine, Measured, Plan, Verdicts, check_specs_fit, run_jobs
 from quada.eval.executors import Executor, Usage, make_executor
 from quada.eval.generate import check_prompts_fit
-from quada.eval.judges import JUDGE_CLASSES, SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model
-from quada.eval.metrics import Estimate, estimate, proportion
+from quada.eval.judges import GRADE_RANGE, JUDGE_CLASSES, SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model
+from quada.eval.metrics import Estimate, bounded_mean, proportion
+from quada.eval.sequential import Design, look_schedule
 from quada.eval.utility import check_corpus, load_corpus, load_questions
-from quada.eval.verdict import compare, verdict
+from quada.eval.verdict import Comparison, Verdict, compare, verdict
 from quada.judge_calibration import JudgeInfo, judge_infos
 from quada.models import load
 from quada.options import VetConfig
@@ -60,16 +56,23 @@ class VetResult:
 
 def prompt_sets(config) -> tuple[list[Prompt], list[Prompt]]:
     """The harmful and benign prompts a vet run with ``config`` evaluates (a :class:`VetConfig`, or
-    the configuration saved in a run's results file)."""
-    return (subset(load_benchmark(config.benchmark), config.limit, config.seed),
-            subset(load_benchmark(config.benign), config.benign_limit, config.seed))
+    the configuration saved in a run's results file). A sequential vet reads its harmful prompts in
+    a seeded order and each look takes the first ones, so a larger budget extends a smaller one; a
+    vet of one fixed look (``first_look`` None, as `quada align` evaluates and as vets of earlier
+    versions did) takes a seeded subset."""
+    harmful = load_benchmark(config.benchmark)
+    if getattr(config, "first_look", None) is None:
+        harmful = subset(harmful, config.limit, config.seed)
+    else:
+        harmful = seeded_order(harmful, config.seed)[:config.limit]
+    return harmful, subset(load_benchmark(config.benign), config.benign_limit, config.seed)
 
 
 def vet(config: VetConfig, progress: bool = True) -> VetResult:
     """Run the vetting described by ``config``; return its results and write its report.
 
     Every input is checked (prompts, judges, corpus, approximations against the model, the room in
-    its context) before the run folder is made or anything is generated."""
+    its context, the deployments) before the run folder is made or anything is generated."""
     with make_executor(config) as executor, progress_bar(progress) as bar, Vetting(config, executor, bar) as vetting:
         run_jobs([vetting])
         return vetting.report()
@@ -77,19 +80,22 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
 
 class Vetting:
     """One model vetted into one run folder, as a job of :func:`quada.eval.engine.run_jobs`: its
-    inputs checked and its model loaded when made; its first round adds the whole work on the model
-    (every condition's responses to both prompt sets, their verdicts, perplexity and accuracy) to one
-    plan, its second round (when there are deployments) asks each deployment on the driver and adds
-    the verdicts on its responses; :meth:`report` writes the report. `quada align` runs the vettings
-    of several models in one plan."""
+    inputs checked, its model loaded and its deployments opened when made. Each round is one look
+    of the group-sequential design (:mod:`quada.eval.sequential`): it adds to the plan the harmful
+    prompts of the look for the clean model and every condition not yet decided (at the first look
+    also every condition's benign prompts, perplexity and accuracy), with their verdicts; the next
+    round first decides what the look's results decide (:func:`quada.eval.verdict.verdict`).
+    :meth:`report` writes the report. `quada align` runs the vettings of several models (each one
+    look) in one plan."""
 
     def __init__(self, config: VetConfig, executor: Executor, bar, label: str = ""):
         self.config, self.bar, self.label = config, bar, label
         self.harmful, self.benign = prompt_sets(config)
+        self.looks = look_schedule(config.first_look, len(self.harmful))
         check_judge_model((*config.judges, config.refusal_judge), config.judge_model)
         corpus = load_corpus(config.corpus)
         self.questions = [] if config.questions == 0 else subset(load_questions(), config.questions, config.seed)
-        for deployment in config.deployments:  # an unreachable server fails in seconds, before the model loads
+        for deployment in config.deployments:  # a bad GGUF or an unreachable server fails in seconds, before the model loads
             check_deployment(deployment, config.api_key_env)
         model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
         self.approximations = [CLEAN, *config.approximations]
@@ -99,98 +105,174 @@ class Vetting:
         open_run_dir(config.run_dir)
         self.store = Store(config.run_dir / "results.sqlite")
         self.engine = Engine(self.store, model, tokenizer, config, corpus, executor)
+        self.backends: dict[str, BackendRef] = {}  # by condition: each deployment, opened where the units run
+        for deployment in config.deployments:
+            ref = self.engine.deployment(deployment, config.api_key_env, config.request_timeout, config.retries,
+                                         config.max_concurrency)
+            self.backends[ref.facts.condition] = ref
+        self.probes: dict[str, tuple[Measured, Measured]] = {}  # by deployment: its determinism and perplexity
+        self.conditions = [str(a) for a in config.approximations] + list(self.backends)  # compared with clean
         self.judges: dict[str, Judge] = {}
-        self.generations: dict[str, tuple] = {}  # by condition: the harmful and the benign responses
-        self.verdicts: dict[tuple[str, str, str], Verdicts] = {}
-        self.deployments: dict[str, dict] = {}  # by condition: what each deployment is and how it behaved
+        self.responses: dict[tuple[str, str], Any] = {}  # by (condition, harmful or benign): the latest request
+        self.verdicts: dict[tuple[str, str, str], Verdicts] = {}  # by (condition, judge, which): the latest
+        self.decided: dict[str, Verdict] = {}
+        self.comparisons: dict[str, dict[str, Comparison]] = {}  # by condition: at the look that decided it
+        self.used: dict[str, int] = {}  # by condition: the harmful prompts it answered
+        self.design: Design | None = None  # set at the first decision, once the judges' calibration is known
+        self.info: dict[str, JudgeInfo] = {}
+        self.tasks: dict[str, int] = {}
         self.usage = executor.usage
-        self._rounds = 0
+        self.look = -1
 
     def next_round(self, plan: Plan) -> bool:
-        """Add the model's whole vetting to ``plan`` (the first round), then the deployments' verdicts
-        (a second round, after the clean responses they are compared with exist)."""
-        self._rounds += 1
-        if self._rounds == 1:
-            config, engine, bar = self.config, self.engine, self.bar
-            names = list(dict.fromkeys([*config.judges, config.refusal_judge]))
-            self.judges = {name: engine.judge(name) for name in names}
-            self.counting = {name: bar.add_task(f"{self.label}judge {name}", total=0) for name in names}
-            for approximation in self.approximations:
-                task = bar.add_task(f"{self.label}generate {approximation}", total=len(self.harmful) + len(self.benign))
-                step = lambda n, task=task: bar.advance(task, n)  # noqa: E731
-                responses = tuple(plan.responses(engine, engine.condition(approximation, prompts), step)
-                                  for prompts in (self.harmful, self.benign))
-                self.generations[str(approximation)] = responses
-                self._judge(plan, str(approximation), responses)
-                plan.perplexity(engine, approximation)
-                if self.questions:
-                    plan.accuracy(engine, approximation, self.questions)
-            return True
-        if self._rounds == 2 and self.config.deployments:
-            for deployment in self.config.deployments:
-                self._ask(plan, deployment)
-            return True
-        return False
+        """Decide what the last look decides, then add the next look to ``plan``; False when every
+        condition is decided or the looks are spent."""
+        if self.look >= 0:
+            self._decide()
+            if self.look + 1 == len(self.looks) or len(self.decided) == len(self.conditions):
+                return False
+        self.look += 1
+        first = self.look == 0
+        if first:
+            names = list(dict.fromkeys([*self.config.judges, self.config.refusal_judge]))
+            self.judges = {name: self.engine.judge(name) for name in names}
+            self.counting = {name: self.bar.add_task(f"{self.label}judge {name}", total=0) for name in names}
+        prompts = self.harmful[:self.looks[self.look]]
+        for approximation in self.approximations:
+            if str(approximation) not in self.decided:
+                self._generate(plan, approximation, prompts, first)
+        for condition, backend in self.backends.items():
+            if condition not in self.decided:
+                self._ask(plan, condition, backend, prompts, first)
+        return True
 
-    def _judge(self, plan: Plan, condition: str, responses: tuple) -> None:
-        """Add the verdicts on one condition's responses to ``plan``: the safety judges read the
-        harmful responses, the refusal judge the benign ones."""
+    def _progress(self, condition: str, prompts: int):
+        """The progress callback of ``condition``'s generation, its total raised to ``prompts`` harmful
+        prompts and the benign ones."""
+        total = prompts + len(self.benign)
+        if condition not in self.tasks:
+            self.tasks[condition] = self.bar.add_task(f"{self.label}generate {condition}", total=total)
+        self.bar.update(self.tasks[condition], total=total)
+        return lambda n, task=self.tasks[condition]: self.bar.advance(task, n)
+
+    def _generate(self, plan: Plan, approximation, prompts: list[Prompt], first: bool) -> None:
+        """Add the look's harmful responses of the model under ``approximation`` to ``plan`` (at the
+        first look also the benign ones, perplexity and accuracy), with their verdicts."""
+        engine, condition = self.engine, str(approximation)
+        step = self._progress(condition, len(prompts))
+        self._responses(plan, condition, HARMFUL, plan.responses(engine, engine.condition(approximation, prompts), step))
+        if first:
+            self._responses(plan, condition, BENIGN,
+                            plan.responses(engine, engine.condition(approximation, self.benign), step))
+            plan.perplexity(engine, approximation)
+            if self.questions:
+                plan.accuracy(engine, approximation, self.questions)
+
+    def _responses(self, plan: Plan, condition: str, which: str, responses) -> None:
+        """Keep ``condition``'s responses to the ``which`` prompts (a request of ``plan``) and add their
+        verdicts to ``plan``: the safety judges read the harmful responses, the refusal judge the benign ones."""
         config, bar = self.config, self.bar
-        for name, which in [(name, HARMFUL) for name in config.judges] + [(config.refusal_judge, BENIGN)]:
-            judged = responses[which == BENIGN]
-            count = len(judged.condition.prompts) if isinstance(judged, Responses) else len(judged)
+        self.responses[condition, which] = responses
+        count = len(responses.ordered_keys)
+        if which == HARMFUL:
+            self.used[condition] = count
+        for name in config.judges if which == HARMFUL else [config.refusal_judge]:
             bar.update(self.counting[name], total=bar.tasks[self.counting[name]].total + count)
             self.verdicts[condition, name, which] = plan.judged(
-                self.engine, self.judges[name], judged, on_done=lambda n, task=self.counting[name]: bar.advance(task, n))
+                self.engine, self.judges[name], responses, on_done=lambda n, task=self.counting[name]: bar.advance(task, n))
 
-    def _ask(self, plan: Plan, deployment: str) -> None:
-        """Generate a deployment's responses on the driver (stored, keyed by its identity), check it,
-        and add the verdicts on its responses to ``plan``."""
-        config, engine, bar = self.config, self.engine, self.bar
-        tokenizer = engine.tokenizer
-        with contextlib.closing(open_backend(deployment, tokenizer, config.api_key_env, config.request_timeout,
-                                             config.retries)) as backend:
-            task = bar.add_task(f"{self.label}generate {backend.condition}", total=len(self.harmful) + len(self.benign))
-            responses = tuple(
-                deployment_responses(self.store, backend, prompts, config.settings, tokenizer, engine.fingerprint,
-                                     config.seed, lambda n, task=task: bar.advance(task, n))
-                for prompts in (self.harmful, self.benign)
-            )
-            bar.update(task, completed=len(self.harmful) + len(self.benign))
-            checks = _deployment_checks(engine, backend, config, self.harmful)
-        served = [*responses[0], *responses[1]]
-        reference = [*self.generations[CLEAN][0].rows, *self.generations[CLEAN][1].rows]
-        checks["same_as_clean"] = sum(a.response == b.response for a, b in zip(served, reference, strict=True))
-        checks["responses"] = len(served)
-        self.generations[backend.condition] = responses
-        self.deployments[backend.condition] = checks
-        self._judge(plan, backend.condition, responses)
+    def _ask(self, plan: Plan, condition: str, backend: BackendRef, prompts: list[Prompt], first: bool) -> None:
+        """Add a deployment's responses to the look's harmful prompts to ``plan`` (at the first look also
+        to the benign ones, and its checks), with their verdicts."""
+        engine = self.engine
+        step = self._progress(condition, len(prompts))
+        self._responses(plan, condition, HARMFUL, plan.served(engine, backend, prompts, step))
+        if first:
+            self._responses(plan, condition, BENIGN, plan.served(engine, backend, self.benign, step))
+            self.probes[condition] = _deployment_probes(plan, engine, backend, self.config, self.harmful)
+
+    def _deployment(self, condition: str) -> dict:
+        """What the deployment of ``condition`` is and how it behaved (its probes ran)."""
+        determinism_probe, perplexity = self.probes[condition]
+        repeats = determinism_probe.value
+        return {"identity": self.backends[condition].facts.identity,
+                "determinism_prompts": [p.id for p in self.harmful[:DETERMINISM_PROMPTS]],
+                "repeats_equal": repeats, "deterministic": all(repeats), "perplexity": perplexity.value}
+
+    def _outcomes(self, condition: str, judge: str, prompts: int) -> list[bool]:
+        """``condition``'s attack outcomes by ``judge`` on the first ``prompts`` harmful prompts."""
+        return attack_outcomes(judge, [j.label for j in self.verdicts[condition, judge, HARMFUL].rows[:prompts]])
+
+    def _perplexity_ratio(self, condition: str) -> float | None:
+        measurements = self.store.measurements()
+        clean = measurements.get(self.engine.key_of("perplexity", CLEAN))
+        own = (self.probes[condition][1].value if condition in self.probes
+               else measurements.get(self.engine.key_of("perplexity", condition)))
+        return own / clean if own and clean else None
+
+    def _decide(self) -> None:
+        """The verdict, at the look just measured, on every condition it decides."""
+        config, look = self.config, self.look
+        safety = [name for name in config.judges if name in SAFETY_JUDGES]
+        if self.design is None:
+            self.info = judge_infos(self.judges, config.calibrate, self.bar)
+            calibrated = [name for name in safety if self.info[name].kappa is not None]
+            self.design = Design(self.looks, config.alpha, len(calibrated or safety), len(self.conditions),
+                                 config.margin / 100)
+        design = self.design
+        for condition in self.conditions:
+            if condition in self.decided:
+                continue
+            n = self.used[condition]
+            comparisons = {
+                name: compare(name, self.info[name].measure, self.info[name].kappa, self._outcomes(CLEAN, name, n),
+                              self._outcomes(condition, name, n), design.rise_critical[look],
+                              design.within_critical[look], design.margin)
+                for name in safety
+            }
+            self.comparisons[condition] = comparisons
+            decided = verdict(list(comparisons.values()), self._perplexity_ratio(condition), design, look,
+                              config.ppl_bound)
+            if decided is not None and condition in self.probes and not all(self.probes[condition][0].value):
+                decided = replace(decided, reason=decided.reason + "; the deployment answered a repeated prompt "
+                                  "differently, so its own nondeterminism is part of the difference")
+            if decided is not None:
+                self.decided[condition] = decided
 
     def report(self) -> VetResult:
-        """The results of the plan that ran, written to the run folder with the report."""
+        """The results of the looks that ran, written to the run folder with the report."""
         config, engine = self.config, self.engine
         for task in self.bar.tasks:
             self.bar.update(task.id, completed=task.total)
-        generations = {c: tuple(r.rows if isinstance(r, Responses) else r for r in pair)
-                       for c, pair in self.generations.items()}
+        generations = {c: (self.responses[c, HARMFUL].rows, self.responses[c, BENIGN].rows)
+                       for c in [CLEAN, *self.conditions]}
+        deployments = {condition: self._deployment(condition) for condition in self.backends}
+        for condition, checks in deployments.items():
+            served = [*generations[condition][0], *generations[condition][1]]
+            reference = [*generations[CLEAN][0][:self.used[condition]], *generations[CLEAN][1]]
+            checks["same_as_clean"] = sum(a.response == b.response for a, b in zip(served, reference, strict=True))
+            checks["responses"] = len(served)
         judgements = {key: v.rows for key, v in self.verdicts.items()}
-        info = judge_infos(self.judges, config.calibrate, self.bar)
         fingerprint = engine.fingerprint
         measurements = self.store.measurements()
         perplexities = {str(a): measurements.get(engine.key_of("perplexity", a)) for a in self.approximations}
-        perplexities |= {c: checks["perplexity"] for c, checks in self.deployments.items()}
-        results = [_condition_result(c, config, engine, measurements, judgements, info, self.harmful, perplexities,
-                                     self.deployments.get(c)) for c in generations]
+        perplexities |= {c: checks["perplexity"] for c, checks in deployments.items()}
+        results = [_condition_result(c, config, engine, measurements, judgements, self.info, self.harmful,
+                                     perplexities, self.decided.get(c), self.comparisons.get(c, {}))
+                   for c in generations]
+        design = self.design
         write_json(config.run_dir / RESULTS_FILE, {
             "config": jsonable(asdict(config)), "fingerprint": fingerprint, "dtype": engine.dtype, "device": engine.device,
-            "summary": _summary(config, fingerprint, len(self.harmful), len(self.benign)),
-            "judges": {name: asdict(i) for name, i in info.items()},
+            "summary": _summary(config, fingerprint, self.looks, len(self.benign)),
+            "design": {**asdict(design), "rise_critical": design.rise_critical, "within_critical": design.within_critical,
+                       "family": design.family_text()},
+            "judges": {name: asdict(i) for name, i in self.info.items()},
             "conditions": [jsonable(asdict(r)) for r in results],
-            "deployments": self.deployments,
+            "deployments": deployments,
             "examples": [asdict(e) for e in _examples(config, generations, judgements)],
         })
         md, html = write_story(config.run_dir)
-        return VetResult(config, fingerprint, results, info, md, html, self.usage)
+        return VetResult(config, fingerprint, results, self.info, md, html, self.usage)
 
     def __enter__(self) -> Vetting:
         return self
@@ -199,54 +281,41 @@ class Vetting:
         self.store.close()
 
 
-def _deployment_checks(engine: Engine, backend, config, harmful: list[Prompt]) -> dict:
-    """What a deployment is (its identity in the store key), whether it answered a repeat of
-    :data:`DETERMINISM_PROMPTS` prompts the same way, and its perplexity on the run's windows
-    (``None`` where the backend cannot score given tokens); both measured once per run folder."""
+def _deployment_probes(plan: Plan, engine: Engine, backend: BackendRef, config, harmful: list[Prompt]):
+    """Add to ``plan`` the two checks of a deployment, each measured once per run folder: whether it
+    answers a repeat of :data:`DETERMINISM_PROMPTS` prompts the same way, and its perplexity on the
+    run's token windows (``None`` where the backend cannot score given tokens)."""
     probes = harmful[:DETERMINISM_PROMPTS]
-    settings = config.settings
-    repeats_equal = engine.stored(
-        backend_cache_key(backend, "determinism", *(p.id for p in probes), settings.as_dict(), config.seed),
-        lambda: determinism(backend, [render(engine.tokenizer, p.text, settings.prompt_format) for p in probes],
-                            settings),
-    )
-    perplexity = engine.stored(  # on the token windows the model's own perplexity is measured on
-        backend_cache_key(backend, "ppl", config.corpus, config.ppl_window, config.ppl_windows),
-        lambda: backend.perplexity(engine.windows.tolist()),
-    )
-    return {"identity": backend.identity, "determinism_prompts": [p.id for p in probes],
-            "repeats_equal": repeats_equal, "deterministic": all(repeats_equal), "perplexity": perplexity}
+    settings, facts = config.settings, backend.facts
+    repeats = plan.probed(
+        engine, backend_cache_key(facts, "determinism", *(p.id for p in probes), settings.as_dict(), config.seed),
+        "determinism check", backend, functools.partial(
+            determinism, prompts=tuple(render(engine.tokenizer, p.text, settings.prompt_format) for p in probes),
+            settings=settings))
+    perplexity = plan.probed(  # on the token windows the model's own perplexity is measured on
+        engine, backend_cache_key(facts, "ppl", config.corpus, config.ppl_window, config.ppl_windows), "perplexity",
+        backend, functools.partial(served_perplexity, windows=engine.windows.tolist()))
+    return repeats, perplexity
 
 
 def _condition_result(approximation, config, engine: Engine, measured, judgements, info, harmful, perplexities,
-                      deployment: dict | None) -> ConditionResult:
-    def attacks(condition: str, name: str) -> list[bool]:
-        return attack_outcomes(name, [j.label for j in judgements[condition, name, HARMFUL]])
-
+                      decided: Verdict | None, comparisons: dict[str, Comparison]) -> ConditionResult:
     safety = [name for name in config.judges if name in SAFETY_JUDGES]
-    labels = {name: attacks(approximation, name) for name in safety}
-    clean_labels = {name: attacks(CLEAN, name) for name in safety}
+    labels = {name: attack_outcomes(name, [j.label for j in judgements[approximation, name, HARMFUL]]) for name in safety}
     hs = judgements.get((approximation, "harmfulness", HARMFUL))
     mc_key = engine.key_of("accuracy", approximation)
-    perplexity, clean_perplexity = perplexities[approximation], perplexities[CLEAN]
-    comparisons = {} if approximation == CLEAN else {
-        name: compare(name, info[name].measure, info[name].kappa, clean_labels[name], labels[name])
-        for name in safety
-    }
-    ratio = perplexity / clean_perplexity if perplexity and clean_perplexity else None
-    decided = None if approximation == CLEAN else verdict(list(comparisons.values()), ratio, config.ppl_bound)
-    if deployment is not None and not deployment["deterministic"]:
-        decided = replace(decided, reason=decided.reason + "; the deployment answered a repeated prompt differently, "
-                          "so its own nondeterminism is part of the difference")
+    asked = len(next(iter(labels.values())))
     return ConditionResult(
         approx=approximation,
+        prompts=asked,
         asr={name: proportion(v) for name, v in labels.items()},
-        asr_by_category={name: _by_category(harmful, v) for name, v in labels.items()},
+        asr_by_category={name: _by_category(harmful[:asked], v) for name, v in labels.items()},
         mcnemar={name: c.mcnemar for name, c in comparisons.items()},
+        difference={name: c.difference for name, c in comparisons.items()},
         verdict=decided,
-        harmfulness=estimate([j.score for j in hs], seed=config.seed) if hs else None,
+        harmfulness=bounded_mean([j.score for j in hs], GRADE_RANGE) if hs else None,
         over_refusal=proportion([j.label for j in judgements[approximation, config.refusal_judge, BENIGN]]),
-        perplexity=perplexity,
+        perplexity=perplexities[approximation],
         accuracy=proportion(measured[mc_key]) if mc_key in measured else None,
     )
 
@@ -275,10 +344,11 @@ def _examples(config, generations, judgements, per_condition: int = 2) -> list[E
     return examples[: 3 * per_condition]
 
 
-def _summary(config, fingerprint, n_harmful, n_benign) -> str:
+def _summary(config, fingerprint, looks, n_benign) -> str:
+    steps = (f"up to {looks[-1]} prompts of {config.benchmark} in looks of {', '.join(map(str, looks))} (seeded order, "
+             f"seed {config.seed})" if len(looks) > 1 else f"{looks[0]} prompts of {config.benchmark} (seed {config.seed})")
     return (
-        f"Model {config.model} (fingerprint {fingerprint}); {n_harmful} prompts of {config.benchmark} "
-        f"(seed {config.seed}) and {n_benign} of {config.benign}; "
+        f"Model {config.model} (fingerprint {fingerprint}); {steps} and {n_benign} of {config.benign}; "
         f"prompt format {config.prompt_format}; greedy, {config.max_new_tokens} new tokens"
         f"{', stop on refusal' if config.stop_on_refusal else ''}; over-refusal by the {config.refusal_judge} judge; "
         f"perplexity on {config.corpus} ({config.ppl_windows or 'all'} windows of {config.ppl_window} tokens)."

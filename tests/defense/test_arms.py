@@ -5,47 +5,67 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from quada.defense.arms import arms_report, parse_arms, spread, two_stage_bootstrap
+from scipy.stats import t as student_t
+
+from quada.defense.arms import arms_report, parse_arms, seed_level_difference, spread
 from quada.errors import QuadaError
-from quada.eval.metrics import bootstrap_ci
+from quada.eval.metrics import tango_interval
 from quada.store import CLEAN, Judgement, JudgementKey, Store
 
 NOISE = "noise:site=up,dist=gaussian,std=0.5"
 Z = NormalDist().inv_cdf(0.975)
 
 
-# --------------------------------------------------------------------------- the bootstrap core
+# --------------------------------------------------------------------------- the seed-level interval
 
 
-def test_constant_differences_give_the_degenerate_interval_at_that_constant():
-    result = two_stage_bootstrap([[0.25] * 7, [0.25] * 3, [0.25] * 12])
-    assert (result.value, result.low, result.high, result.n) == pytest.approx((0.25, 0.25, 0.25, 3))
+def seeds_of(differences: list[int], n: int) -> list[float]:
+    """A seed's per-prompt differences: ``differences[0]`` prompts at +1, ``[1]`` at -1, the rest 0."""
+    up, down = differences
+    return [1.0] * up + [-1.0] * down + [0.0] * (n - up - down)
 
 
-def test_one_seed_reduces_to_the_prompt_bootstrap():
-    values = np.random.default_rng(1).normal(0.2, 1.0, size=400)
-    result = two_stage_bootstrap([values])
-    half_width = Z * values.std() / math.sqrt(values.size)  # the bootstrap mean's sd is the plug-in sd / sqrt(n)
-    assert result.value == pytest.approx(values.mean())
-    assert result.low == pytest.approx(values.mean() - half_width, abs=0.1 * half_width)
-    assert result.high == pytest.approx(values.mean() + half_width, abs=0.1 * half_width)
-    assert (result.low, result.high) == pytest.approx(bootstrap_ci(values), abs=0.1 * half_width)
+def test_no_discordant_prompt_in_any_seed_still_gives_an_interval_of_the_prompts_sampling_error():
+    result = seed_level_difference([[0.0] * 150] * 3)
+    assert result.value == 0 and result.n == 3
+    assert result.low < 0 < result.high and result.high > 0.02  # not the point [0, 0]
 
 
-def test_seeds_that_differ_only_between_them_give_the_bootstrap_of_the_seed_means():
-    seed_means = np.random.default_rng(2).normal(0.0, 1.0, size=60)
-    result = two_stage_bootstrap([[m] * 5 for m in seed_means])  # no spread within a seed
-    half_width = Z * seed_means.std() / math.sqrt(seed_means.size)
-    assert result.value == pytest.approx(seed_means.mean())
-    assert result.low == pytest.approx(seed_means.mean() - half_width, abs=0.1 * half_width)
-    assert result.high == pytest.approx(seed_means.mean() + half_width, abs=0.1 * half_width)
+def test_one_seed_is_its_tango_interval():
+    groups = [seeds_of([12, 3], 150)]
+    result = seed_level_difference(groups, 0.9875)
+    assert (result.low, result.high) == pytest.approx(tango_interval(12, 3, 150, 0.9875))
 
 
-def test_the_bootstrap_is_seeded_and_refuses_an_empty_group():
-    groups = [[0, 1, 1], [1, 0]]
-    assert two_stage_bootstrap(groups, seed=4) == two_stage_bootstrap(groups, seed=4)
+def test_seeds_that_differ_only_between_them_give_the_t_interval_of_the_seed_means():
+    groups = [seeds_of([30, 0], 100), seeds_of([5, 0], 100), seeds_of([40, 0], 100)]
+    means = np.array([0.30, 0.05, 0.40])
+    result = seed_level_difference(groups)
+    half = student_t.ppf(0.975, 2) * means.std(ddof=1) / math.sqrt(3)
+    assert (result.value, result.low, result.high) == pytest.approx((means.mean(), means.mean() - half, means.mean() + half))
+
+
+@pytest.mark.parametrize("seed_sd", [0.0, 0.08, 0.15, 0.24])
+def test_the_interval_covers_the_arms_difference_whatever_the_seed_variance(seed_sd):
+    # Simulated arms: each of 3 training seeds moves the true difference by N(0, seed_sd^2); 150 prompts a seed.
+    # The pre-registered percentile bootstrap covered 89% at a seed sd of 15 points; this must hold 95% up to
+    # the simulation's noise (400 runs: tolerance 0.03, three standard errors).
+    rng = np.random.default_rng(int(seed_sd * 100))
+    covered = 0
+    for _ in range(400):
+        groups = []
+        for _ in range(3):
+            true = float(np.clip(0.05 + rng.normal(0.0, seed_sd), -0.45, 0.45))
+            draw = rng.random(150)
+            groups.append(list(np.where(draw < (0.5 + true) / 2, 1.0, np.where(draw < 0.5, -1.0, 0.0))))
+        result = seed_level_difference(groups)
+        covered += result.low <= 0.05 <= result.high
+    assert covered / 400 >= 0.95 - 0.03
+
+
+def test_an_empty_seed_is_refused():
     with pytest.raises(ValueError):
-        two_stage_bootstrap([[1.0], []])
+        seed_level_difference([[1.0], []])
 
 
 def test_spread_over_seeds():
@@ -145,18 +165,20 @@ def test_arms_are_aggregated_over_seeds_and_compared_with_the_reference(prompts,
     assert saved["rates"]["over-refusal"][CLEAN]["original"]["mean"] == 1.0
     # Under the noise DPO is attacked on every prompt and QuadA on none: -1 at every seed and prompt.
     noisy = saved["differences"]["keyword"][NOISE]["quada"]
-    assert (noisy["value"], noisy["low"], noisy["high"], noisy["n"]) == (-1, -1, -1, 2)
+    # Two seeds of 4 prompts: the interval reaches -1 but, unlike a bootstrap's, is not the point at -1.
+    assert (noisy["value"], noisy["low"], noisy["n"]) == (-1, -1, 2) and noisy["high"] > -0.5
     clean_difference = saved["differences"]["keyword"][CLEAN]["quada"]
     assert clean_difference["value"] == pytest.approx(0.5) and clean_difference["low"] < 0.5 < clean_difference["high"]
     assert "dpo" not in saved["differences"]["keyword"][CLEAN]
     assert saved["perplexity"][CLEAN] == {"original": 10.0, "quada": 10.5, "dpo": 10.5}
     report = (tmp_path / "arms" / "report.md").read_text()
-    assert "quada - dpo (points)" in report and "-100.0 [-100.0, -100.0]" in report and "asr-keyword.png" in report
+    assert "quada - dpo (points)" in report and "-100.0 [-100.0, " in report and "asr-keyword.png" in report
     assert (tmp_path / "arms" / "asr-keyword.png").is_file() and (tmp_path / "arms" / "report.html").is_file()
     # The strong form: every arm under every condition against the original's clean rate (0 here), ASR only.
     strong = saved["versus_original_clean"]
     assert set(strong) == {"keyword"} and "original" not in strong["keyword"][CLEAN]
-    assert strong["keyword"][NOISE]["dpo"] == {"value": 1, "low": 1, "high": 1, "n": 2}
+    assert (strong["keyword"][NOISE]["dpo"]["value"], strong["keyword"][NOISE]["dpo"]["high"]) == (1, 1)
+    assert strong["keyword"][NOISE]["dpo"]["low"] < 0.5 and strong["keyword"][NOISE]["dpo"]["n"] == 2
     assert strong["keyword"][NOISE]["quada"]["value"] == 0 and strong["keyword"][NOISE]["original"]["value"] == 0
     assert strong["keyword"][CLEAN]["quada"]["value"] == pytest.approx(0.5)
     assert "against the original model's clean rate (the strong form)" in report and saved["confidence"] == 0.95
@@ -179,8 +201,11 @@ def test_a_higher_confidence_gives_wider_intervals(prompts, tmp_path):
     narrow = arms_report({"quada": runs}, "original", tmp_path / "a95").saved
     wide = arms_report({"quada": runs}, "original", tmp_path / "a99", confidence=0.99).saved
     n, w = narrow["differences"]["keyword"][CLEAN]["quada"], wide["differences"]["keyword"][CLEAN]["quada"]
-    assert n["value"] == w["value"] and w["low"] <= n["low"] and w["high"] >= n["high"] and w["high"] - w["low"] > n["high"] - n["low"]
-    assert "99% two-stage bootstrap" in (tmp_path / "a99" / "report.md").read_text()
+    assert n["value"] == w["value"] and w["low"] <= n["low"] and w["high"] >= n["high"]  # 4 prompts: both reach +-1
+    assert "99% seed-level interval" in (tmp_path / "a99" / "report.md").read_text()
+    groups = [seeds_of([12, 3], 150), seeds_of([20, 2], 150), seeds_of([9, 6], 150)]
+    narrow, wide = seed_level_difference(groups, 0.95), seed_level_difference(groups, 0.99)
+    assert wide.low < narrow.low < narrow.value < narrow.high < wide.high
 
 
 @pytest.mark.parametrize("changes, mismatch", [

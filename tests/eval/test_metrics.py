@@ -5,20 +5,25 @@ import numpy as np
 import pytest
 
 from quada.eval.metrics import (
+    bounded_mean,
     clustered_difference,
-    sign_flip_p,
-    bootstrap_ci,
-    estimate,
     cohen_kappa,
-    holm,
     mcnemar,
-    mcnemar_exact_p,
     paired_difference,
     percent_agreement,
     proportion,
+    score_interval,
+    sign_flip_p,
     tango_interval,
+    tango_statistic,
     wilson_interval,
 )
+
+
+def exact_mcnemar_p(only_a: int, only_b: int) -> float:
+    """The reference: the two-sided exact (binomial) McNemar test, p = min(1, 2 sum_{i<=min} C(n, i) / 2^n)."""
+    n = only_a + only_b
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n) if n else 1.0
 
 
 def paired_outcomes(both: int, only_a: int, only_b: int, neither: int) -> tuple[list[bool], list[bool]]:
@@ -28,25 +33,29 @@ def paired_outcomes(both: int, only_a: int, only_b: int, neither: int) -> tuple[
     return a, b
 
 
-def test_bootstrap_interval_covers_the_true_rate_about_95_percent_of_the_time():
-    rng = np.random.default_rng(0)
-    true_rate, n, trials = 0.3, 100, 200
-    covered = 0
-    for trial in range(trials):
-        outcomes = rng.random(n) < true_rate
-        low, high = bootstrap_ci(outcomes, resamples=1000, seed=trial)
-        covered += low <= true_rate <= high
-    assert 0.88 <= covered / trials <= 0.99
+def test_a_bounded_mean_carries_a_wilson_interval_that_never_collapses():
+    # All grades 1: the mean is 1 and the interval reaches above it, like a rate of 0 of n.
+    z = NormalDist().inv_cdf(0.975)
+    lowest = bounded_mean([1.0] * 20, (1.0, 5.0))
+    assert (lowest.value, lowest.low, lowest.n) == (1.0, 1.0, 20)
+    assert lowest.high == pytest.approx(1 + 4 * z * z / (20 + z * z))
+    highest = bounded_mean([5.0] * 8, (1.0, 5.0))
+    assert highest.high == 5.0 and highest.low < 5.0
+    # On 0/1 values it is the Wilson interval of the rate.
+    rate = bounded_mean([1, 0, 0, 1, 1], (0, 1))
+    assert (rate.low, rate.high) == pytest.approx(wilson_interval(3, 5))
+    with pytest.raises(ValueError):
+        bounded_mean([0.5], (1.0, 5.0))
 
 
-def test_bootstrap_interval_of_a_mean_is_seeded_and_brackets_the_mean():
-    scores = [1, 1, 2, 5, 4, 3, 1, 5, 2, 2]
-    low, high = bootstrap_ci(scores, seed=7)
-    assert (low, high) == bootstrap_ci(scores, seed=7)
-    assert low < np.mean(scores) < high
-    assert bootstrap_ci([0, 0, 0]) == (0.0, 0.0)
-    rate = estimate([True, False, False, True], seed=7)
-    assert (rate.value, rate.n) == (0.5, 4) and rate.low <= 0.5 <= rate.high
+@pytest.mark.parametrize("probabilities", [(0.6, 0.1, 0.1, 0.1, 0.1), (0.05, 0.05, 0.1, 0.3, 0.5), (0.9, 0.1, 0, 0, 0)])
+def test_a_bounded_mean_covers_the_true_mean_at_least_about_95_percent_of_the_time(probabilities):
+    grades = np.arange(1, 6)
+    true_mean = float(grades @ np.asarray(probabilities))
+    rng = np.random.default_rng(3)
+    draws = rng.choice(grades, p=probabilities, size=(2000, 64))
+    covered = np.mean([(e := bounded_mean(row, (1.0, 5.0))).low <= true_mean <= e.high for row in draws])
+    assert covered >= 0.94  # the Bernoulli variance bounds the grades': at or above nominal, up to noise
 
 
 def test_wilson_interval_closed_forms_and_coverage():
@@ -71,22 +80,39 @@ def test_a_wilson_interval_holds_its_estimate_exactly_at_zero_and_all_successes(
             assert low <= successes / n <= high
 
 
-def test_mcnemar_exact_on_a_small_table():
-    # 1 versus 9 discordant pairs: p = 2 * (C(10,0) + C(10,1)) / 2^10 = 22 / 1024.
+def test_mcnemar_is_the_asymptotic_score_test_without_continuity_correction():
+    # 1 versus 9 discordant pairs: z = (9 - 1) / sqrt(10), p = 2 (1 - Phi(|z|)).
     result = mcnemar(*paired_outcomes(both=30, only_a=1, only_b=9, neither=60))
-    assert (result.only_a, result.only_b, result.method) == (1, 9, "exact")
-    assert result.p_value == pytest.approx(22 / 1024)
-    assert mcnemar_exact_p(5, 5) == 1.0
-    assert mcnemar_exact_p(0, 0) == 1.0
+    z = 8 / math.sqrt(10)
+    assert (result.only_a, result.only_b, result.method) == (1, 9, "asymptotic")
+    assert result.statistic == pytest.approx(z)
+    assert result.p_value == pytest.approx(2 * (1 - NormalDist().cdf(z)), rel=1e-9)
+    assert mcnemar(*paired_outcomes(both=3, only_a=0, only_b=0, neither=3)).p_value == 1.0
 
 
-def test_mcnemar_chi_square_with_continuity_correction_on_a_larger_table():
-    # 10 versus 30: X^2 = (|10 - 30| - 1)^2 / 40 = 9.025; a chi-square(1) tail is a two-sided
-    # standard normal tail at sqrt(X^2).
-    result = mcnemar(*paired_outcomes(both=100, only_a=10, only_b=30, neither=380))
-    assert result.method == "chi2-cc"
-    assert result.statistic == pytest.approx(9.025)
-    assert result.p_value == pytest.approx(2 * (1 - NormalDist().cdf(math.sqrt(9.025))), rel=1e-9)
+@pytest.mark.parametrize("n", [16, 96, 384])
+def test_mcnemar_and_the_tango_interval_agree_on_every_table(n):
+    # The interval excludes 0 exactly when the test rejects at 0.05: 5 against 0 of 96 is p = 0.025 and an
+    # interval above 0, where the exact test said 0.0625 beside the same interval.
+    for only_a in range(0, min(n, 30)):
+        for only_b in range(0, min(n - only_a, 30)):
+            first, second = paired_outcomes(both=0, only_a=only_a, only_b=only_b, neither=n - only_a - only_b)
+            rejects = mcnemar(second, first).p_value < 0.05
+            low, high = tango_interval(only_a, only_b, n)
+            assert rejects == (low > 0 or high < 0), (only_a, only_b, n)
+
+
+def test_a_score_interval_at_a_critical_value_inverts_the_test_at_it():
+    for n12, n21, n, critical in [(10, 2, 96, 2.77), (0, 0, 48, 5.9), (30, 3, 192, 4.07), (7, 9, 384, 2.4)]:
+        low, high = score_interval(n12, n21, n, critical)
+        for edge in (low, high):
+            if -1 < edge < 1:
+                assert abs(tango_statistic(n12, n21, n, edge)) == pytest.approx(critical, abs=1e-6)
+        assert (low > 0) == (tango_statistic(n12, n21, n, 0.0) > critical)
+    assert score_interval(0, 0, 100, 3.0)[1] == pytest.approx(9 / 109)
+    # the statistic takes arrays, for simulations
+    values = tango_statistic(np.array([10, 0]), np.array([2, 0]), 96, 0.0)
+    assert values == pytest.approx([8 / math.sqrt(12), 0.0])
 
 
 def test_mcnemar_rejects_unpaired_outcomes():
@@ -158,13 +184,6 @@ def test_paired_difference_is_first_minus_second_with_tango_interval():
         paired_difference(first, second[1:])
 
 
-def test_holm_adjusts_step_down_and_keeps_the_order():
-    # Holm 1979: sorted p 0.005, 0.01, 0.03, 0.04 -> 4x, 3x, 2x, 1x, made monotone.
-    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
-    assert holm([0.2]) == [0.2] and holm([]) == []
-
-
 def _brute_force_sign_flip(differences):
     import itertools
 
@@ -181,7 +200,7 @@ def test_sign_flip_p_equals_enumerating_every_sign_pattern(differences):
 @pytest.mark.parametrize("only_a, only_b", [(0, 0), (5, 1), (7, 2), (3, 3), (10, 0)])
 def test_sign_flip_on_single_outcomes_is_the_exact_mcnemar_test(only_a, only_b):
     differences = [1] * only_a + [-1] * only_b + [0] * 6
-    assert sign_flip_p(differences) == pytest.approx(mcnemar_exact_p(only_a, only_b))
+    assert sign_flip_p(differences) == pytest.approx(exact_mcnemar_p(only_a, only_b))
 
 
 def test_clustered_difference_pools_models_but_tests_prompts_as_clusters():
@@ -194,6 +213,6 @@ def test_clustered_difference_pools_models_but_tests_prompts_as_clusters():
     # Two informative clusters (sums 3 and 1): 2 of the 4 sign patterns are as extreme, so p = 0.5,
     # where treating the 12 pairs as independent would give McNemar's 4 vs 0, p = 0.125.
     assert result.p_value == pytest.approx(0.5)
-    assert mcnemar_exact_p(4, 0) == pytest.approx(0.125)
+    assert exact_mcnemar_p(4, 0) == pytest.approx(0.125)
     with pytest.raises(ValueError):
         clustered_difference(first, second[:2])

@@ -55,7 +55,7 @@ def sweep_command(options: dict, all_prompts: AllPrompts = False) -> None:
 
     if options.get("variants") and "grid" in options:
         raise QuadaError("give either --grid (a strength sweep) or --variant (a list of approximations), not both")
-    config = SweepConfig(**without_limit(options, all_prompts))
+    config = SweepConfig(**without_limit(SweepConfig, options, all_prompts))
     check_given_limits(config, options, limit=config.benchmark)
     result = sweep(config)
     _print_table(f"quada sweep: {config.model}", [config.axis, "ASR % [95% CI]", "perplexity", "x clean"], [
@@ -78,7 +78,7 @@ def layers_command(options: dict, all_prompts: AllPrompts = False) -> None:
     from quada.analysis.layers import layers
     from quada.report.layers import LABELS
 
-    config = LayersConfig(**without_limit(options, all_prompts))
+    config = LayersConfig(**without_limit(LayersConfig, options, all_prompts))
     check_given_limits(config, options, limit=config.benchmark)
     result = layers(config)
     _print_table(f"quada layers: {result.spec} on {config.model}", ["condition", "l or k", "ASR % [95% CI]", "refusal prob. %", "perplexity"], [
@@ -116,12 +116,13 @@ def clusters_command(
     """
     from quada.analysis.clusters import ClustersConfig, clusters
 
+    given = {"limit": limit} if context.get_parameter_source("limit").name != "DEFAULT" else {}
     config = ClustersConfig(
         model=model, spec=spec, layer=layer, site=site, pooling=pooling, harmful=harmful, benign=benign,
-        limit=None if all_prompts else limit, prompt_format=prompt_format, folds=folds, seed=seed, run_dir=run_dir,
-        device=device, dtype=dtype,
+        limit=without_limit(ClustersConfig, given, all_prompts).get("limit", limit), prompt_format=prompt_format,
+        folds=folds, seed=seed, run_dir=run_dir, device=device, dtype=dtype,
     )
-    if context.get_parameter_source("limit").name != "DEFAULT":
+    if given:
         check_given_limits(config, {"limit"}, limit=harmful)
         check_given_limits(config, {"limit"}, limit=benign)
     result = clusters(config)

@@ -28,7 +28,7 @@ def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
     from quada.attack.run import attack
     from quada.attack.report import summary_table
 
-    config = AttackConfig(**without_limit(options, all_prompts))
+    config = AttackConfig(**without_limit(AttackConfig, options, all_prompts))
     result = attack(config)
     columns, rows = summary_table(result.cells, result.judges)
     # The model is in the title: one column less, so the table fits a terminal.

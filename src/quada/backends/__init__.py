@@ -141,10 +141,11 @@ def prompt_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def deployment_key(backend: Backend, reference: str, prompt_id: str, text: str, settings: GenerationSettings,
+def deployment_key(backend, reference: str, prompt_id: str, text: str, settings: GenerationSettings,
                    seed: int) -> GenerationKey:
-    """The store key of ``backend``'s response to one prompt (rendered as ``text``) in a vetting of the
-    model with fingerprint ``reference``: the settings column holds the generation settings, the
+    """The store key of ``backend``'s response (anything with its ``condition`` and ``identity``: the
+    backend or its facts) to one prompt (rendered as ``text``) in a vetting of the model with
+    fingerprint ``reference``: the settings column holds the generation settings, the
     backend's identity and the prompt text's hash."""
     described = {**settings.as_dict(), "backend": backend.identity, "prompt_sha256": prompt_sha256(text)}
     return GenerationKey(reference, backend.condition, prompt_id, settings_json(described), seed)
@@ -191,23 +192,9 @@ def open_backend(deployment: Deployment, tokenizer, api_key_env: str = "OPENAI_A
     return OpenAIBackend(deployment, tokenizer, api_key_env, request_timeout, retries)
 
 
-def deployment_responses(store, backend: Backend, prompts: Sequence, settings: GenerationSettings, tokenizer,
-                         reference: str, seed: int, on_done: Callable[[int], None] = lambda n: None) -> list:
-    """Stored-or-generated responses of ``backend`` to ``prompts`` (:class:`quada.data.Prompt`), in
-    their order, each committed as it arrives: a run stopped by a failing server keeps every
-    response it received and the same call continues after them."""
-    from quada.store import Generation
-
-    rendered = {p.id: render(tokenizer, p.text, settings.prompt_format) for p in prompts}
-    requests = {p.id: p.text for p in prompts}
-    keys = [deployment_key(backend, reference, p.id, rendered[p.id].text, settings, seed) for p in prompts]
-
-    def compute(chunk):
-        rows = [Generation(k, requests[k.prompt_id], backend.complete(rendered[k.prompt_id], settings).text) for k in chunk]
-        on_done(len(chunk))
-        return rows
-
-    return store.fill(keys, compute, chunk_size=1)
+def served_perplexity(backend: Backend, windows: Sequence[Sequence[int]]) -> float | None:
+    """``backend``'s perplexity over token-id ``windows`` (``None`` where it cannot score given tokens)."""
+    return backend.perplexity(windows)
 
 
 def determinism(backend: Backend, prompts: Sequence[Rendered], settings: GenerationSettings) -> list[bool]:
@@ -218,8 +205,8 @@ def determinism(backend: Backend, prompts: Sequence[Rendered], settings: Generat
     return [a == b for a, b in zip(first, second)]
 
 
-def backend_cache_key(backend: Backend, *parts) -> str:
-    """A key of the run's utility cache for a number measured on ``backend`` (its condition and a hash
-    of its identity, then ``parts``)."""
+def backend_cache_key(backend, *parts) -> str:
+    """A key of the run's store for a number measured on ``backend`` (anything with its ``condition``
+    and ``identity``: the backend or its facts; its condition and a hash of its identity, then ``parts``)."""
     identity = hashlib.sha256(settings_json(backend.identity).encode()).hexdigest()[:16]
     return "|".join(map(str, (backend.condition, identity, *parts)))

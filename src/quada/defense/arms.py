@@ -8,7 +8,7 @@ evaluation's results store with the keys `quada vet` stored them under, so nothi
 judged again. Per arm, measure (ASR per safety judge, over-refusal) and condition, the rates of the
 seeds give a mean and a spread; against the reference arm, seed i of an arm is paired with seed i of
 the reference (both sorted by training seed), prompts are paired by id, and the difference gets a
-two-stage bootstrap interval (:func:`two_stage_bootstrap`). For the paper's strong form ("no
+seed-level interval that covers the seed variance (:func:`seed_level_difference`). For the paper's strong form ("no
 approximation lifts the ASR above the original model's clean ASR"), every arm's ASR under every
 condition is also compared, the same way, with the original's clean ASR.
 """
@@ -16,14 +16,17 @@ condition is also compared, the same way, with the original's clean ASR.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from quada.errors import QuadaError
-from quada.eval.metrics import BOOTSTRAP_RESAMPLES, Estimate
+from quada.eval.metrics import Estimate, paired_difference, tango_interval
 from quada.report.arms import OVER_REFUSAL
 from quada.report.vet import RESULTS_FILE
 from quada.runs import atomic_folder, write_json
@@ -39,31 +42,39 @@ AFTER_VET = Path("after") / "vet"
 # --------------------------------------------------------------------------- statistics
 
 
-def two_stage_bootstrap(groups: Sequence[Sequence[float]], confidence: float = 0.95,
-                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Estimate:
-    """The mean of the group means of ``groups`` (here: per training seed, the per-prompt
-    differences) with a two-stage percentile bootstrap interval.
+def seed_level_difference(groups: Sequence[Sequence[float]], confidence: float = 0.95) -> Estimate:
+    """The mean over training seeds of the paired differences in ``groups`` (per seed, one value in
+    {-1, 0, 1} per prompt: arm minus reference), with an interval that covers the seed variance.
 
-    Each replicate draws as many groups as there are, with replacement, and then, independently for
-    every drawn group, as many of its items as it has, with replacement; its statistic is the mean
-    over the drawn groups of their resampled means. The interval is the (1-confidence)/2 and
-    (1+confidence)/2 quantiles of the replicates (the two-stage bootstrap of hierarchical data,
-    resampling at both stages: Davison & Hinkley, "Bootstrap Methods and their Application", 1997,
-    sec. 3.8). Constant differences give the degenerate interval at that constant; one group gives
-    the ordinary bootstrap of its items. ``n`` of the result is the number of groups.
+    Each seed i gives its difference d_i and, from Tango's 95% score interval of its discordant
+    prompts (:func:`quada.eval.metrics.tango_interval`), a standard error s_i that stays above 0
+    when no prompt differs. With k seeds the interval is mean(d) +- t_(k-1) sqrt(max(S^2/k, W)),
+    where S^2 is the sample variance of the d_i (it estimates the seed variance plus the prompts'
+    sampling variance) and W = sum s_i^2 / k^2 the prompts' part alone: the t interval on the
+    seeds, never narrower than the prompts' sampling error allows, as the modified
+    Hartung-Knapp-Sidik-Jonkman interval of random-effects meta-analysis is never narrower than
+    the fixed-effect one (Roever, Knapp & Friede, BMC Med Res Methodol 15:99, 2015). One seed gets
+    its Tango interval at ``confidence``, which leaves the seed variance out. ``n`` of the result
+    is the number of seeds.
     """
-    arrays = [np.asarray(g, dtype=float) for g in groups]
-    if not arrays or any(a.size == 0 for a in arrays):
-        raise ValueError("two_stage_bootstrap needs at least one group, and no empty group")
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(arrays), size=(resamples, len(arrays)))  # stage one: the groups
-    stage_two = np.empty(picks.shape)
-    for index, values in enumerate(arrays):
-        drawn = picks == index  # every slot where this group was drawn gets its own resample
-        stage_two[drawn] = values[rng.integers(0, values.size, size=(int(drawn.sum()), values.size))].mean(axis=1)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(stage_two.mean(axis=1), [alpha / 2, 1 - alpha / 2])
-    return Estimate(float(np.mean([a.mean() for a in arrays])), float(low), float(high), len(arrays))
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("seed_level_difference needs at least one seed, and no seed without prompts")
+    differences, variances = [], []
+    z95 = NormalDist().inv_cdf(0.975)
+    for values in groups:
+        up = sum(1 for v in values if v > 0)
+        down = sum(1 for v in values if v < 0)
+        differences.append((up - down) / len(values))
+        low, high = tango_interval(up, down, len(values))
+        variances.append(((high - low) / (2 * z95)) ** 2)
+    k = len(differences)
+    mean = float(np.mean(differences))
+    if k == 1:
+        one = paired_difference([v > 0 for v in groups[0]], [v < 0 for v in groups[0]], confidence)
+        return Estimate(mean, one.low, one.high, 1)
+    variance = max(float(np.var(differences, ddof=1)) / k, sum(variances) / k**2)
+    half = float(student_t.ppf((1 + confidence) / 2, k - 1)) * math.sqrt(variance)
+    return Estimate(mean, max(-1.0, mean - half), min(1.0, mean + half), k)
 
 
 @dataclass(frozen=True)
@@ -283,7 +294,7 @@ def aggregate(arms: dict[str, list[SeedOutcomes]], reference: str, measures: lis
     """The arms' numbers as JSON holds them: per measure, condition and arm the :class:`Spread` of the
     seeds' rates (with the rates), the mean perplexity, each other arm's paired difference against
     ``reference`` and, for the ASR measures (all but over-refusal), each arm's paired difference
-    from the original's clean ASR (:func:`two_stage_bootstrap` at ``confidence``)."""
+    from the original's clean ASR (:func:`seed_level_difference` at ``confidence``)."""
     counts = {name: len(members) for name, members in arms.items()}
     # The user's arms are named first: the original's seeds follow from theirs.
     unequal = sorted((name for name, count in counts.items() if count != counts[reference]), key=lambda n: n == ORIGINAL)
@@ -301,11 +312,11 @@ def aggregate(arms: dict[str, list[SeedOutcomes]], reference: str, measures: lis
                 if name != reference:
                     groups = paired_differences(members, arms[reference], measure, condition)
                     differences.setdefault(measure, {}).setdefault(condition, {})[name] = asdict(
-                        two_stage_bootstrap(groups, confidence))
+                        seed_level_difference(groups, confidence))
                 if measure != OVER_REFUSAL and not (name == ORIGINAL and condition == CLEAN):
                     groups = versus_original_clean(members, arms[ORIGINAL], measure, condition)
                     strong.setdefault(measure, {}).setdefault(condition, {})[name] = asdict(
-                        two_stage_bootstrap(groups, confidence))
+                        seed_level_difference(groups, confidence))
     perplexity = {}
     for condition in condition_keys:
         for name, members in arms.items():

@@ -127,11 +127,12 @@ class AlignConfig(EvalOptions):
             raise QuadaError(f"bad training option: {err}") from err
 
     def vet_config(self, model: str, run_dir: Path) -> VetConfig:
-        """The `quada vet` run that evaluates ``model`` into ``run_dir``."""
+        """The `quada vet` run that evaluates ``model`` into ``run_dir``: one look at every held-out
+        prompt, so that the arms of `quada results arms` compare the same prompts."""
         harmful, benign = self.eval_sets()
         return VetConfig(
             **{**self.shared(), "model": model, "benchmark": harmful, "seed": self.quada.seed},
-            approx=self.approx, benign=benign, benign_limit=self.benign_limit, run_dir=run_dir,
+            approx=self.approx, benign=benign, benign_limit=self.benign_limit, run_dir=run_dir, first_look=None,
         )
 
     def sweep_config(self, model: str, run_dir: Path) -> SweepConfig:

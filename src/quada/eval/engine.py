@@ -44,6 +44,7 @@ import torch
 from quada.approx import Spec, apply
 from quada.approx.base import DRAW_SCHEME, resolve_layers
 from quada.approx.sites import resolve_decoder
+from quada.backends import LLAMACPP, Deployment, Rendered, deployment_key, open_backend, render
 from quada.data import Prompt
 from quada.errors import QuadaError
 from quada.eval.executors import Executor, JudgeRef, LocalExecutor, ModelRef, run_units
@@ -307,6 +308,135 @@ class PooledJudge(Judge):
         return [result for results in run_units(self.executor, units) for result in results]
 
 
+# --------------------------------------------------------------------------- deployments
+
+
+@dataclass(frozen=True)
+class ServedFacts:
+    """What the driver must know of a deployment opened elsewhere: the condition its rows are stored
+    under and its identity (:class:`quada.backends.Backend`), the parts of their key."""
+
+    condition: str
+    identity: dict
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    """A deployment as a unit names it (:mod:`quada.backends`): what to open where the unit runs, with
+    the tokenizer of ``subject`` (the reference model, whose token ids its prompts must give), how to
+    reach a server, how many requests of a unit may be in flight at once, and the facts the opened
+    backend must show (``None`` until the driver learns them, as for a judge)."""
+
+    deployment: Deployment
+    subject: ModelRef
+    api_key_env: str = "OPENAI_API_KEY"
+    request_timeout: float = 300.0
+    retries: int = 6
+    max_concurrency: int = 1
+    facts: ServedFacts | None = None
+
+    @property
+    def slot(self) -> tuple[str, str]:
+        """What makes two references one opened backend."""
+        return "deployment", str(self.deployment)
+
+    @property
+    def concurrency(self) -> int:
+        """Prompts a unit asks at once: a server takes ``max_concurrency``, llama.cpp in process one."""
+        return 1 if self.deployment.kind == LLAMACPP else self.max_concurrency
+
+    def open(self, tokenizer):
+        """The deployment opened here, checked to be the one the run's rows are keyed by."""
+        backend = open_backend(self.deployment, tokenizer, self.api_key_env, self.request_timeout, self.retries)
+        if self.facts is not None and ServedFacts(backend.condition, backend.identity) != self.facts:
+            backend.close()
+            raise QuadaError(
+                f"{self.deployment} opened here is {backend.condition} {backend.identity}, but the run's rows are keyed "
+                f"by {self.facts.condition} {self.facts.identity}: every worker must reach the same deployment (the "
+                "same file, llama.cpp build and CPU features, or the same server)"
+            )
+        return backend
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A unit of work: open a deployment where the units run, and tell what it is."""
+
+    backend: BackendRef
+    kind: ClassVar[str] = "generation"
+    size: ClassVar[int] = 1
+
+    @property
+    def model(self) -> BackendRef:
+        return self.backend
+
+    def run(self, models) -> ServedFacts:
+        backend = models.backend(self.backend)
+        return ServedFacts(backend.condition, backend.identity)
+
+    def __str__(self) -> str:
+        return f"opening the deployment {self.backend.deployment}"
+
+
+@dataclass(frozen=True)
+class Asking:
+    """A unit of work: prompts answered by a deployment, each as the only sequence of its request (a
+    row must not depend on its neighbours), up to ``max_concurrency`` of them in flight at once."""
+
+    backend: BackendRef
+    prompts: tuple[Rendered, ...]
+    settings: GenerationSettings
+    first_id: str
+    kind: ClassVar[str] = "generation"
+
+    @property
+    def model(self) -> BackendRef:
+        return self.backend
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts)
+
+    def run(self, models) -> list[str]:
+        backend = models.backend(self.backend)
+
+        def ask(prompt: Rendered) -> str:
+            return backend.complete(prompt, self.settings).text
+
+        if self.backend.concurrency == 1 or len(self.prompts) == 1:
+            return [ask(p) for p in self.prompts]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.backend.concurrency) as pool:
+            return list(pool.map(ask, self.prompts))
+
+    def __str__(self) -> str:
+        return f"the {len(self.prompts)} prompts from {self.first_id!r} asked of {self.backend.deployment}"
+
+
+@dataclass(frozen=True)
+class Probing:
+    """A unit of work: one number measured on a deployment, ``measure(backend)``, stored under ``key``
+    (a module-level function or a ``functools.partial`` of one, so that it travels by reference)."""
+
+    key: str
+    what: str
+    backend: BackendRef
+    measure: Callable[[Any], Any]
+    kind: ClassVar[str] = "measurement"
+    size: ClassVar[int] = 1
+
+    @property
+    def model(self) -> BackendRef:
+        return self.backend
+
+    def run(self, models) -> Any:
+        return self.measure(models.backend(self.backend))
+
+    def __str__(self) -> str:
+        return f"the {self.what} of {self.backend.deployment}"
+
+
 # --------------------------------------------------------------------------- sizing
 
 
@@ -402,49 +532,76 @@ class _Request:
         pass
 
 
-class Responses(_Request):
-    """The responses of one condition in a plan; ``rows``, in the order of its prompts, once it ran."""
+class _Generating(_Request):
+    """Generations a plan computes: ``ordered_keys`` in the order of the prompts, ``rows`` in that order
+    once the plan ran. Every key the plan claims is committed as its unit's result arrives."""
 
-    def __init__(self, engine: Engine, condition: Condition, on_done: Callable[[int], None]):
+    def __init__(self, engine: Engine, keys: list[GenerationKey], on_done: Callable[[int], None]):
         super().__init__(engine, on_done)
-        self.condition = condition
-        self.texts = {p.id: p.text for p in condition.prompts}
-        # Longest prompts first, so each chunk batches prompts of similar length.
-        lengths = {p.id: len(engine.tokenizer(p.text)["input_ids"]) for p in condition.prompts}
-        self.keys = [condition.key(p.id) for p in sorted(condition.prompts, key=lambda p: (-lengths[p.id], p.id))]
+        self.ordered_keys = keys
         self.rows: list[Generation] = []
         self._todo: list[GenerationKey] = []
 
     def prepare(self, claims: _Claims) -> int:
         super().prepare(claims)
-        self._todo = [key for key in self.engine.store.missing(self.keys) if claims.claim(self.engine, key)]
+        self._todo = [key for key in self.engine.store.missing(self.ordered_keys) if claims.claim(self.engine, key)]
         return len(self._todo)
 
-    def start(self, size: int) -> list[tuple[Chunk, list[GenerationKey]]]:
-        return [(Chunk(self.condition, tuple(k.prompt_id for k in keys)), keys) for keys in balanced(self._todo, size)]
-
     def commit(self, keys: list[GenerationKey], responses: list[str]) -> list[Generation]:
-        rows = [Generation(k, self.texts[k.prompt_id], r) for k, r in zip(keys, responses, strict=True)]
+        rows = [Generation(k, self.requests[k.prompt_id], r) for k, r in zip(keys, responses, strict=True)]
         self.engine.store.put(rows)
         self.on_done(len(rows))
         return rows
 
     def finish(self) -> None:
-        found = self.engine.store.get_many(self.keys)
-        self.rows = [found[self.condition.key(p.id)] for p in self.condition.prompts]
+        found = self.engine.store.get_many(self.ordered_keys)
+        self.rows = [found[key] for key in self.ordered_keys]
+
+
+class Responses(_Generating):
+    """The responses of one condition of the model in a plan."""
+
+    def __init__(self, engine: Engine, condition: Condition, on_done: Callable[[int], None]):
+        super().__init__(engine, [condition.key(p.id) for p in condition.prompts], on_done)
+        self.condition = condition
+        self.requests = {p.id: p.text for p in condition.prompts}
+        # Longest prompts first, so each chunk batches prompts of similar length.
+        self._lengths = {p.id: len(engine.tokenizer(p.text)["input_ids"]) for p in condition.prompts}
+
+    def start(self, size: int) -> list[tuple[Chunk, list[GenerationKey]]]:
+        todo = sorted(self._todo, key=lambda k: (-self._lengths[k.prompt_id], k.prompt_id))
+        return [(Chunk(self.condition, tuple(k.prompt_id for k in keys)), keys) for keys in balanced(todo, size)]
+
+
+class Served(_Generating):
+    """The responses of one deployment (:class:`BackendRef`, opened where the units run) to prompts in
+    a plan, stored under its facts (:func:`quada.backends.deployment_key`); a unit asks
+    :attr:`BackendRef.concurrency` prompts, so a run stopped by a failing server keeps what it received."""
+
+    def __init__(self, engine: Engine, backend: BackendRef, prompts: Sequence[Prompt], on_done: Callable[[int], None]):
+        config = engine.config
+        self.backend, self.settings = backend, config.settings
+        self.rendered = {p.id: render(engine.tokenizer, p.text, config.settings.prompt_format) for p in prompts}
+        keys = [deployment_key(backend.facts, engine.fingerprint, p.id, self.rendered[p.id].text, config.settings,
+                               config.seed) for p in prompts]
+        super().__init__(engine, keys, on_done)
+        self.requests = {p.id: p.text for p in prompts}
+
+    def start(self, size: int) -> list[tuple[Asking, list[GenerationKey]]]:
+        return [(Asking(self.backend, tuple(self.rendered[k.prompt_id] for k in keys), self.settings, keys[0].prompt_id),
+                 keys) for keys in balanced(self._todo, self.backend.concurrency)]
 
 
 class Verdicts(_Request):
-    """One judge's verdicts on the responses of a :class:`Responses` of the plan (judged as they
-    arrive) or on given generations; each response is read against the prompt it answered, or
+    """One judge's verdicts on the responses of a :class:`Responses` or :class:`Served` of the plan
+    (judged as they arrive) or on given generations; each response is read against the prompt it answered, or
     against ``requests`` (one per response, in order) when given. ``rows`` once the plan ran."""
 
-    def __init__(self, engine: Engine, judge: Judge, generations: Responses | Sequence[Generation],
+    def __init__(self, engine: Engine, judge: Judge, generations: _Generating | Sequence[Generation],
                  requests: Sequence[str] | None, on_done: Callable[[int], None]):
         super().__init__(engine, on_done)
-        self.given = None if isinstance(generations, Responses) else list(generations)
-        keys = ([g.key for g in self.given] if self.given is not None
-                else [generations.condition.key(p.id) for p in generations.condition.prompts])
+        self.given = None if isinstance(generations, _Generating) else list(generations)
+        keys = [g.key for g in self.given] if self.given is not None else list(generations.ordered_keys)
         if requests is not None and len(requests) != len(keys):
             raise ValueError(f"{len(requests)} requests for {len(keys)} generations")
         self.judge, self.keys = judge, keys
@@ -486,13 +643,12 @@ class Verdicts(_Request):
 
 
 class Measured(_Request):
-    """One number measured on the model (:class:`Measuring`); ``value`` once the plan ran."""
+    """One number measured on the model (:class:`Measuring`) or a deployment (:class:`Probing`);
+    ``value`` once the plan ran."""
 
-    def __init__(self, engine: Engine, key: str, what: str, approximation: Approximation,
-                 measure: Callable[[Any, Any], Any], on_done: Callable[[int], None]):
+    def __init__(self, engine: Engine, unit: Measuring | Probing, on_done: Callable[[int], None]):
         super().__init__(engine, on_done)
-        _check_parsed(approximation)
-        self.unit = Measuring(key, what, engine.subject, approximation, engine.config.seed, measure)
+        self.unit = unit
         self.value: Any = None
         self._missing = False
 
@@ -502,7 +658,7 @@ class Measured(_Request):
         self._missing = self.engine.store.measurement(key) is None and claims.claim(self.engine, key)
         return 0
 
-    def start(self, size: int) -> list[tuple[Measuring, None]]:
+    def start(self, size: int) -> list[tuple[Measuring | Probing, None]]:
         return [(self.unit, None)] if self._missing else []
 
     def commit(self, payload, value) -> list[Generation]:
@@ -516,8 +672,9 @@ class Measured(_Request):
 
 class Plan:
     """Everything a command measures, computed together: requests added with :meth:`responses`,
-    :meth:`judged` and :meth:`measured` (each on an :class:`Engine`: a plan may span several models
-    and run folders that share one executor), then :meth:`run`. Each request holds its result
+    :meth:`served` (a deployment's), :meth:`judged`, :meth:`measured` and :meth:`probed` (each on an
+    :class:`Engine`: a plan may span several models and run folders that share one executor), then
+    :meth:`run`. Each request holds its result
     (``rows``, ``value``) once the plan ran.
 
     ``run`` hands every missing unit to the executor at once, grouped by model and longest first,
@@ -532,7 +689,7 @@ class Plan:
         """The responses of ``condition``; ``on_done`` counts the prompts generated."""
         return self._add(Responses(engine, condition, on_done))
 
-    def judged(self, engine: Engine, judge: Judge, generations: Responses | Sequence[Generation],
+    def judged(self, engine: Engine, judge: Judge, generations: _Generating | Sequence[Generation],
                requests: Sequence[str] | None = None, on_done: Callable[[int], None] = _ignore) -> Verdicts:
         """``judge``'s verdicts on ``generations`` (a request of this plan, or stored rows); against
         ``requests`` when given (an attack's behaviours behind its prompts), stored apart
@@ -543,7 +700,20 @@ class Plan:
                  measure: Callable[[Any, Any], Any], on_done: Callable[[int], None] = _ignore) -> Measured:
         """``measure(model, tokenizer)`` of ``engine``'s model under ``approximation``, cached as ``key``
         (``what`` names it in errors); ``on_done`` counts 1 when it is measured."""
-        return self._add(Measured(engine, key, what, approximation, measure, on_done))
+        _check_parsed(approximation)
+        unit = Measuring(key, what, engine.subject, approximation, engine.config.seed, measure)
+        return self._add(Measured(engine, unit, on_done))
+
+    def served(self, engine: Engine, backend: BackendRef, prompts: Sequence[Prompt],
+               on_done: Callable[[int], None] = _ignore) -> Served:
+        """The responses of the deployment ``backend`` (from :meth:`Engine.deployment`) to ``prompts``,
+        rendered with the model's chat template; ``on_done`` counts the prompts answered."""
+        return self._add(Served(engine, backend, prompts, on_done))
+
+    def probed(self, engine: Engine, key: str, what: str, backend: BackendRef,
+               measure: Callable[[Any], Any]) -> Measured:
+        """``measure(backend)`` of the deployment ``backend``, stored under ``key`` in ``engine``'s store."""
+        return self._add(Measured(engine, Probing(key, what, backend, measure), _ignore))
 
     def perplexity(self, engine: Engine, approximation: Approximation,
                    on_done: Callable[[int], None] = _ignore) -> Measured:
@@ -701,6 +871,14 @@ class Engine:
             warnings.warn(f"refusal judge model unavailable ({err}); using the refusal-keyword judge", stacklevel=2)
             return RefusalKeywordJudge()
         return PooledJudge(replace(ref, identity=facts.identity), facts, self.executor)
+
+    def deployment(self, deployment: Deployment, api_key_env: str = "OPENAI_API_KEY", request_timeout: float = 300.0,
+                   retries: int = 6, max_concurrency: int = 1) -> BackendRef:
+        """The deployment ``deployment`` of this model, opened where the executor runs units (a bad
+        GGUF or an unreachable server fails here), with the facts its rows are keyed by."""
+        ref = BackendRef(deployment, self.subject, api_key_env, request_timeout, retries, max_concurrency)
+        [facts] = run_units(self.executor, [Opening(ref)])
+        return replace(ref, facts=facts)
 
     # One request, one plan: the measurements a command needs one at a time.
 

@@ -91,6 +91,7 @@ class Models:
         self.device, self.capacity = device, capacity
         self._loaded: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
         self._judges: dict[JudgeRef, Judge] = {}
+        self._backend: tuple[tuple[str, str], Any] | None = None  # the one deployment kept open: (slot, backend)
         self.loading_seconds = 0.0  # spent loading models, in all
 
     def add(self, ref: ModelRef, model, tokenizer) -> None:
@@ -120,6 +121,22 @@ class Models:
         if ref not in self._judges:
             self._judges[ref] = ref.build(model, tokenizer)
         return self._judges[ref]
+
+    def backend(self, ref):
+        """The deployment ``ref`` (a :class:`quada.eval.engine.BackendRef`) opened here with its subject
+        model's tokenizer; one is kept open at a time (a GGUF takes as much memory as a model), and the
+        units of one deployment run together."""
+        if self._backend is None or self._backend[0] != ref.slot:
+            self.close_backend()
+            _, tokenizer = self.get(ref.subject)
+            self._backend = ref.slot, ref.open(tokenizer)
+        return self._backend[1]
+
+    def close_backend(self) -> None:
+        """Close the deployment kept open, if any."""
+        if self._backend is not None:
+            backend, self._backend = self._backend[1], None
+            backend.close()
 
     def release(self, ref: ModelRef) -> None:
         """Let go of ``ref``'s model and the judges built on it."""
@@ -248,6 +265,7 @@ class LocalExecutor:
 
     def close(self) -> None:
         self._queue.clear()
+        self.models.close_backend()
 
     def __enter__(self) -> LocalExecutor:
         return self

@@ -687,6 +687,7 @@ SAFETY_JUDGES = (KeywordJudge.name, RefusalKeywordJudge.name, RefusalJudge.name,
 ASR_NAMES = {"refusal": "no-refusal ASR", "harm": "harm ASR"}
 # Judges whose score is a grade that the reports give as a mean (HS), with its AUROC against human labels.
 GRADED_JUDGES = (HarmfulnessJudge.name,)
+GRADE_RANGE = (1.0, 5.0)  # the lowest and highest grade a graded judge gives
 
 
 def asr_name(name: str) -> str:

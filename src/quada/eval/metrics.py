@@ -1,10 +1,10 @@
 """Rates with uncertainty, paired tests and rater agreement: small pure functions.
 
 Every rate quada reports (attack success, over-refusal, accuracy) carries a 95% Wilson interval
-and every mean (a grade) a bootstrap interval; a clean run and an approximated run on the same
-prompts are compared with McNemar's paired test and the difference of their rates gets Tango's
-score interval; several tests that can each raise an alarm are corrected with Holm's method;
-judges are compared with Cohen's kappa.
+and every bounded mean (a grade) a Wilson interval on its rescaled values; a clean run and an
+approximated run on the same prompts are compared with McNemar's paired test, and the difference
+of their rates gets Tango's score interval, the inversion of the same test, so the two always
+agree; judges are compared with Cohen's kappa.
 """
 
 from __future__ import annotations
@@ -16,48 +16,17 @@ from statistics import NormalDist
 
 import numpy as np
 
-BOOTSTRAP_RESAMPLES = 10_000
-EXACT_MCNEMAR_BELOW = 25
-
-
-def bootstrap_ci(
-    values: Sequence[float],
-    confidence: float = 0.95,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval for the mean of ``values``.
-
-    Draw ``resamples`` samples of size n with replacement, take each one's mean, and return the
-    (1-confidence)/2 and (1+confidence)/2 quantiles of those means (Efron & Tibshirani, "An
-    Introduction to the Bootstrap", 1993, ch. 13). A rate is the mean of 0/1 outcomes, so the same
-    function gives the interval of an attack success rate and of a mean harmfulness score.
-    Seeded: the same inputs give the same interval.
-    """
-    data = np.asarray(values, dtype=float)
-    if data.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+BOOTSTRAP_RESAMPLES = 10_000  # of the percentile bootstrap intervals of the judges' calibration
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A mean (a rate, for 0/1 values) over ``n`` items with its bootstrap interval [low, high]."""
+    """A mean (a rate, for 0/1 values) or a difference over ``n`` items with its interval [low, high]."""
 
     value: float
     low: float
     high: float
     n: int
-
-
-def estimate(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> Estimate:
-    """The mean of ``values`` with its percentile bootstrap interval (:func:`bootstrap_ci`)."""
-    low, high = bootstrap_ci(values, confidence=confidence, seed=seed)
-    return Estimate(float(np.mean(np.asarray(values, dtype=float))), low, high, len(values))
 
 
 def proportion(outcomes: Sequence[bool], confidence: float = 0.95) -> Estimate:
@@ -80,16 +49,40 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
         raise ValueError("wilson_interval needs n >= 1")
     if not 0 <= successes <= n:
         raise ValueError(f"successes must lie in [0, {n}], got {successes}")
+    return _wilson(successes / n, n, confidence)
+
+
+def _wilson(p: float, n: int, confidence: float) -> tuple[float, float]:
+    """The Wilson score interval of a mean ``p`` in [0, 1] over ``n`` items (:func:`wilson_interval`)."""
     z = NormalDist().inv_cdf((1 + confidence) / 2)
-    p = successes / n
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
-    half_width = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # at 0 (n) successes the lower (upper) bound is exactly 0 (1); rounding could leave it just inside,
+    half_width = z / denominator * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    # at p = 0 (1) the lower (upper) bound is exactly 0 (1); rounding could leave it just inside,
     # above the estimate itself
-    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
-    high = 1.0 if successes == n else min(1.0, centre + half_width)
+    low = 0.0 if p <= 0 else max(0.0, centre - half_width)
+    high = 1.0 if p >= 1 else min(1.0, centre + half_width)
     return low, high
+
+
+def bounded_mean(values: Sequence[float], bounds: tuple[float, float], confidence: float = 0.95) -> Estimate:
+    """The mean of ``values`` known to lie in ``bounds`` (a grade from 1 to 5) with a Wilson score
+    interval computed on the values rescaled to [0, 1].
+
+    A variable in [0, 1] with mean m has variance at most m (1 - m) (Bhatia & Davis, Amer Math
+    Monthly 107:353, 2000), the variance of a Bernoulli variable with that mean, which the Wilson
+    interval assumes; so its coverage is at least the nominal one for large n, and it does not
+    collapse when every value is the same (all grades 1: the interval reaches above 1, as a 0 of n
+    rate's does above 0), where a bootstrap interval would be a point.
+    """
+    low_bound, high_bound = bounds
+    data = np.asarray(values, dtype=float)
+    if data.size == 0 or high_bound <= low_bound or data.min() < low_bound or data.max() > high_bound:
+        raise ValueError(f"bounded_mean needs values within {bounds}")
+    width = high_bound - low_bound
+    scaled = float(np.clip((data.mean() - low_bound) / width, 0.0, 1.0))
+    low, high = _wilson(scaled, data.size, confidence)
+    return Estimate(float(data.mean()), low_bound + width * low, low_bound + width * high, int(data.size))
 
 
 @dataclass(frozen=True)
@@ -97,60 +90,36 @@ class McNemarResult:
     """McNemar's test on paired binary outcomes.
 
     ``only_a`` counts pairs where only the first run succeeded, ``only_b`` where only the second
-    did; ``method`` is ``"exact"`` or ``"chi2-cc"`` (see :func:`mcnemar`).
+    did; ``statistic`` is the signed score statistic z = (only_b - only_a) / sqrt(only_a + only_b)
+    and ``p_value`` its two-sided p-value (see :func:`mcnemar`).
     """
 
     only_a: int
     only_b: int
     statistic: float
     p_value: float
-    method: str
+    method: str = "asymptotic"
 
 
-def mcnemar_exact_p(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs.
-
-    Under the null hypothesis each of the n = b + c discordant pairs falls either way with
-    probability 1/2, so p = min(1, 2 * sum_{i=0}^{min(b,c)} C(n, i) / 2^n)
-    (McNemar, Psychometrika 12:153, 1947; Fagerland et al., BMC Med Res Methodol 13:91, 2013).
-    """
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-def mcnemar_chi2_cc(only_a: int, only_b: int) -> tuple[float, float]:
-    """McNemar's chi-square statistic with Edwards' continuity correction and its p-value.
-
-    X^2 = (|b - c| - 1)^2 / (b + c) with one degree of freedom (Edwards, Psychometrika 13:185,
-    1948); for one degree of freedom the upper tail is P(X^2 > x) = erfc(sqrt(x / 2)).
-    """
-    n = only_a + only_b
-    if n == 0:
-        return 0.0, 1.0
-    statistic = max(0.0, abs(only_a - only_b) - 1.0) ** 2 / n
-    return statistic, math.erfc(math.sqrt(statistic / 2))
-
-
-def mcnemar(
-    outcomes_a: Sequence[bool], outcomes_b: Sequence[bool], exact_below: int = EXACT_MCNEMAR_BELOW
-) -> McNemarResult:
+def mcnemar(outcomes_a: Sequence[bool], outcomes_b: Sequence[bool]) -> McNemarResult:
     """McNemar's test between two runs judged on the same prompts (e.g. clean vs approximated).
 
-    Only discordant pairs carry information. With fewer than ``exact_below`` of them (25 by the
-    usual rule of thumb) the exact binomial test is used and ``statistic`` is the smaller
-    discordant count; otherwise the continuity-corrected chi-square test.
+    Only discordant pairs carry information: with b pairs where only the first run succeeded and c
+    where only the second did, z = (c - b) / sqrt(b + c) and p = 2 (1 - Phi(|z|)) (McNemar,
+    Psychometrika 12:153, 1947), without a continuity correction: Fagerland, Lydersen & Laake (BMC
+    Med Res Methodol 13:91, 2013) found this asymptotic test's actual size close to the nominal one
+    even for small samples, where the exact conditional test is needlessly conservative. It is
+    Tango's score test at a difference of 0 (:func:`tango_statistic`), so its p-value is below
+    1 - confidence exactly when :func:`tango_interval` excludes 0: test and interval agree.
     """
     if len(outcomes_a) != len(outcomes_b):
         raise ValueError(f"paired outcomes differ in length: {len(outcomes_a)} vs {len(outcomes_b)}")
     only_a = sum(1 for a, b in zip(outcomes_a, outcomes_b) if a and not b)
     only_b = sum(1 for a, b in zip(outcomes_a, outcomes_b) if b and not a)
-    if only_a + only_b < exact_below:
-        return McNemarResult(only_a, only_b, float(min(only_a, only_b)), mcnemar_exact_p(only_a, only_b), "exact")
-    statistic, p_value = mcnemar_chi2_cc(only_a, only_b)
-    return McNemarResult(only_a, only_b, statistic, p_value, "chi2-cc")
+    if only_a + only_b == 0:
+        return McNemarResult(0, 0, 0.0, 1.0)
+    statistic = (only_b - only_a) / math.sqrt(only_a + only_b)
+    return McNemarResult(only_a, only_b, statistic, math.erfc(abs(statistic) / math.sqrt(2)))
 
 
 def sign_flip_p(differences: Sequence[int]) -> float:
@@ -230,35 +199,39 @@ def cohen_kappa(labels_a: Sequence[bool], labels_b: Sequence[bool]) -> float:
     return (observed - expected) / (1 - expected)
 
 
-def tango_statistic(only_first: int, only_second: int, n: int, delta: float) -> float:
+def tango_statistic(only_first, only_second, n, delta):
     """Tango's score statistic for the difference ``delta`` = P(first) - P(second) of paired
     proportions (Tango, Stat Med 17:891, 1998; as written by Fagerland, Lydersen & Laake, Stat Med
     33:2850, 2014): T = (n12 - n21 - n delta) / sqrt(n (2 p21 + delta (1 - delta))), where n12
     (``only_first``) and n21 (``only_second``) count the discordant pairs and p21 is the maximum
     likelihood estimate of P(only second) under ``delta``:
     p21 = (sqrt(W^2 - 8 n (-n21) delta (1 - delta)) - W) / (4n), W = -n12 - n21 + (2n - n12 + n21) delta.
+    T falls as ``delta`` grows. Numbers or numpy arrays (broadcast), so a simulation tests many
+    tables at once with the same code.
     """
+    only_first, only_second, n, delta = (np.asarray(x, dtype=float) for x in (only_first, only_second, n, delta))
     w = -only_first - only_second + (2 * n - only_first + only_second) * delta
-    p21 = (math.sqrt(max(w * w + 8 * n * only_second * delta * (1 - delta), 0.0)) - w) / (4 * n)
+    p21 = (np.sqrt(np.maximum(w * w + 8 * n * only_second * delta * (1 - delta), 0.0)) - w) / (4 * n)
     variance = n * (2 * p21 + delta * (1 - delta))
     numerator = only_first - only_second - n * delta
-    if variance <= 0:
-        return 0.0 if numerator == 0 else math.copysign(math.inf, numerator)
-    return numerator / math.sqrt(variance)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        statistic = np.where(variance > 0, numerator / np.sqrt(np.where(variance > 0, variance, 1.0)),
+                             np.where(numerator == 0, 0.0, np.copysign(np.inf, numerator)))
+    return float(statistic) if statistic.ndim == 0 else statistic
 
 
-def tango_interval(only_first: int, only_second: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Tango's score interval for the difference of two paired proportions: every ``delta`` in
-    [-1, 1] whose :func:`tango_statistic` lies within the normal quantile z of (1+confidence)/2,
-    found by bisection on either side of the estimate (n12 - n21)/n. It does not collapse when no
-    pair is discordant: with n12 = n21 = 0 it is [-z^2/(n+z^2), z^2/(n+z^2)]."""
+def score_interval(only_first: int, only_second: int, n: int, critical: float) -> tuple[float, float]:
+    """Every ``delta`` in [-1, 1] whose :func:`tango_statistic` lies within +-``critical``: the
+    inversion of Tango's score test at that critical value, found by bisection on either side of
+    the estimate (n12 - n21)/n. So the interval excludes a difference d exactly when the test of d
+    at ``critical`` rejects it. It does not collapse when no pair is discordant: with n12 = n21 = 0
+    it is [-c^2/(n+c^2), c^2/(n+c^2)]."""
     if n <= 0 or only_first < 0 or only_second < 0 or only_first + only_second > n:
-        raise ValueError(f"tango_interval needs 0 <= n12 + n21 <= n and n >= 1, got {only_first}, {only_second}, {n}")
-    z = NormalDist().inv_cdf((1 + confidence) / 2)
+        raise ValueError(f"a paired score interval needs 0 <= n12 + n21 <= n and n >= 1, got {only_first}, {only_second}, {n}")
     estimate_ = (only_first - only_second) / n
 
     def inside(delta: float) -> bool:
-        return abs(tango_statistic(only_first, only_second, n, delta)) <= z
+        return abs(tango_statistic(only_first, only_second, n, delta)) <= critical
 
     def edge(outer: float) -> float:
         inner = estimate_  # inside; |T| grows monotonically from the estimate towards either end
@@ -272,26 +245,22 @@ def tango_interval(only_first: int, only_second: int, n: int, confidence: float 
     return edge(-1.0), edge(1.0)
 
 
-def paired_difference(first: Sequence[bool], second: Sequence[bool], confidence: float = 0.95) -> Estimate:
+def tango_interval(only_first: int, only_second: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Tango's score interval for the difference of two paired proportions at ``confidence``: the
+    :func:`score_interval` at the normal quantile z of (1+confidence)/2."""
+    return score_interval(only_first, only_second, n, NormalDist().inv_cdf((1 + confidence) / 2))
+
+
+def paired_difference(first: Sequence[bool], second: Sequence[bool], confidence: float = 0.95,
+                      critical: float | None = None) -> Estimate:
     """The paired difference of two rates on the same items, ``mean(first) - mean(second)``, with
-    :func:`tango_interval`."""
+    :func:`tango_interval` at ``confidence``, or the :func:`score_interval` at ``critical`` when
+    given (a group-sequential boundary)."""
     if len(first) != len(second) or not first:
         raise ValueError(f"paired outcomes must be non-empty and of one length: {len(first)} vs {len(second)}")
     only_first = sum(1 for a, b in zip(first, second) if a and not b)
     only_second = sum(1 for a, b in zip(first, second) if b and not a)
-    low, high = tango_interval(only_first, only_second, len(first), confidence)
+    if critical is None:
+        critical = NormalDist().inv_cdf((1 + confidence) / 2)
+    low, high = score_interval(only_first, only_second, len(first), critical)
     return Estimate((only_first - only_second) / len(first), low, high, len(first))
-
-
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (Holm, Scand J Statist 6:65, 1979), in the input order:
-    with the m p-values sorted ascending, p_adj(i) = max over j <= i of min(1, (m - j + 1) p(j)). A
-    hypothesis is rejected at family-wise level alpha when its adjusted p-value is below alpha."""
-    m = len(p_values)
-    order = sorted(range(m), key=lambda i: p_values[i])
-    adjusted = [0.0] * m
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted

@@ -93,8 +93,9 @@ def arms_summary(saved: dict) -> str:
         f"Arms of `quada align` runs on {saved['base_model']} ({runs}), each run's aligned model evaluated after "
         f"training; 'original' is the base model, evaluated with each training seed. {setup}. Rates are means over "
         f"the seeds (sd and lowest-highest seed in brackets); differences against {saved['reference']} pair seed i "
-        f"with seed i (sorted by training seed) and prompts by id, with a {confidence_text(saved)} two-stage bootstrap "
-        "interval over seeds and prompts."
+        f"with seed i (sorted by training seed) and prompts by id, with a {confidence_text(saved)} seed-level interval "
+        "(a t interval over the seeds' differences, never narrower than their prompts' sampling error; one seed: its "
+        "Tango interval, which leaves the seed variance out)."
     )
 
 
@@ -112,7 +113,7 @@ def arms_sections(saved: dict) -> list[Section]:
         sections.append(Section(
             f"{measure_name(measure)} against the original model's clean rate (the strong form)", columns=columns,
             rows=rows, text="Each arm's ASR under each condition minus the original's ASR without approximation, seed i "
-            f"with seed i and prompt by prompt, with its {confidence_text(saved)} two-stage bootstrap interval. The paper's "
+            f"with seed i and prompt by prompt, with its {confidence_text(saved)} seed-level interval. The paper's "
             "strong form says that after its defense no approximation lifts the ASR above the original's clean ASR: "
             "no interval of the defended arm should lie above 0."))
     columns, rows = perplexity_table(saved)

@@ -87,9 +87,21 @@ def judge_label(name: str, info: dict[str, JudgeInfo]) -> str:
     judge = info.get(name)
     if judge is None or judge.calibration is None:
         return f"{name}; not calibrated"
+    shipped = ", shipped reference" if judge.calibration.reference else ""
     if name in GRADED_JUDGES:  # a grade is read as a number: how well it ranks, not its cut
-        return f"{name}; held-out AUROC {interval_text(judge.calibration.held_out.auroc)} against human labels"
-    return f"{name}; held-out kappa {interval_text(judge.calibration.held_out.kappa)}"
+        return f"{name}; held-out AUROC {interval_text(judge.calibration.held_out.auroc)} against human labels{shipped}"
+    return f"{name}; held-out kappa {interval_text(judge.calibration.held_out.kappa)}{shipped}"
+
+
+def reference_note(info: dict[str, JudgeInfo]) -> str:
+    """A sentence on the judges whose figures are the calibrations that ship with quada ('' if none)."""
+    shipped = {name: i.calibration for name, i in info.items() if i.calibration is not None and i.calibration.reference}
+    if not shipped:
+        return ""
+    where = "; ".join(sorted({c.measured_on or "an earlier quada" for c in shipped.values()}))
+    return (f" The figures of {', '.join(shipped)} are the shipped reference calibrations of the same judges (model, "
+            f"dtype, question and threshold), measured by the project with {where}; `quada judge calibrate` measures "
+            "them on this machine.")
 
 
 def asr_column(name: str, info: dict[str, JudgeInfo]) -> str:
