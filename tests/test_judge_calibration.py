@@ -214,7 +214,11 @@ def test_the_double_labelling_covers_at_least_60_items_of_the_set_with_the_rubri
     second = data.quada_harm_second_labels()
     assert len(second) >= 60 and set(second) <= set(first)
     assert {kind for _, kind in second.values()} <= set(data.HARM_KINDS)
-    agreement = double_labelling()
+    agreement, confirmed, positives = double_labelling()
+    assert positives == sum(item.label for item in first.values()) and confirmed <= positives
+    assert confirmed == sum(second[i][0] for i, item in first.items() if item.label and i in second)
+    labeller, date = data.quada_harm_second_labelling()
+    assert "project maintainer" in labeller and date == "2026-12-07"  # who and when, as the file records
     ids = sorted(second)
     truth, other = [first[i].label for i in ids], [second[i][0] for i in ids]
     assert agreement.n == len(ids) and agreement.positives == sum(truth) and agreement.flagged == sum(other)
@@ -229,4 +233,6 @@ def test_calibrate_command_measures_a_harm_judge_on_quada_harm_with_its_specific
               "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert "uplift" in run.stdout and "quada-harm" in run.stdout and "specificity on vacuous + degenerate" in run.stdout
-    assert "two independent labellings of 69 items agree on 89.9" in run.stdout
+    assert "a second, blind one of 69 items" in run.stdout and "agree on 89.9" in run.stdout
+    assert "the second confirmed 3 of the first's 10 harmful items" in run.stdout
+    assert "quada-harm: the project's maintainers, against harm_rubric.md" in run.stdout  # not "human"

@@ -31,7 +31,7 @@ app = typer.Typer(
     add_completion=False,
 )
 results_app = typer.Typer(help="The results store: export stored generations and judgements, merge stores, aggregate `quada align` runs over seeds.", no_args_is_help=True)
-judge_app = typer.Typer(help="Judges: how far they agree with each other and with human labels.", no_args_is_help=True)
+judge_app = typer.Typer(help="Judges: how far they agree with each other and with reference labels.", no_args_is_help=True)
 app.add_typer(approx_app, name="approx")
 app.add_typer(results_app, name="results")
 app.add_typer(judge_app, name="judge")
@@ -137,7 +137,7 @@ def vet_command(options: dict, all_prompts: AllPrompts = False) -> None:
     check_given_limits(config, options, limit=config.benchmark, benign_limit=config.benign)
     result = vet(config)
     print_table(console, f"quada vet: {config.model}", *summary_table(result.conditions, config.judges, result.judges, config.refusal_judge))
-    print_table(console, "verdict per approximation and deployment", *verdict_table(result.conditions))
+    print_table(console, "verdict per approximation and deployment", *verdict_table(result.conditions, result.judges))
     console.print(f"report: {result.report_html} (and {result.report_md.name}); store: {config.run_dir / 'results.sqlite'}")
     if config.executor == "ray":
         console.print(f"Ray workers: {result.usage.line()}")
@@ -251,13 +251,19 @@ def judge_calibrate_command(
     dtype: str = typer.Option("auto", help=DTYPE_HELP + " A judge is calibrated per dtype."),
     by_category: bool = typer.Option(False, help="Also print the held-out figures per harm category."),
 ) -> None:
-    """Measure each judge against human labels: a seeded tuning/held-out split, a threshold tuned on the
+    """Measure each judge against reference labels (human where people made them): a seeded tuning/held-out split, a threshold tuned on the
     tuning half, agreement, kappa, F1 and AUROC with 95% intervals on the held-out half (cached)."""
     from quada.eval.judges import make_judge
-    from quada.data import QUADA_HARM
+    from quada.data import QUADA_HARM, quada_harm_second_labelling
     from quada.judge_calibration import CALIBRATION_SETS, calibrate, double_labelling, joint_threshold
     from quada.options import check_judges
-    from quada.report.calibration import CALIBRATION_COLUMNS, calibration_rows, double_labelling_text, joint_threshold_text
+    from quada.report.calibration import (
+        CALIBRATION_COLUMNS,
+        calibration_rows,
+        double_labelling_text,
+        joint_threshold_text,
+        provenance_text,
+    )
     from quada.runs import progress_bar
 
     names = [j.strip() for j in judges.split(",") if j.strip()]
@@ -272,7 +278,8 @@ def judge_calibrate_command(
                 task = bar.add_task(f"calibrate {name} on {Path(labelled_set).name}", total=None)
                 results.append((name, calibrate(judge, labelled_set, measure, on_chunk=lambda n, t=task: bar.advance(t, n))))
                 bar.update(task, total=bar.tasks[task].completed)  # finished: no more progress lines for it
-    print_table(console, "Judges against human labels (held-out half)", CALIBRATION_COLUMNS, calibration_rows(results, by_category))
+    print_table(console, "Judges against reference labels (held-out half)", CALIBRATION_COLUMNS, calibration_rows(results, by_category))
+    console.print(provenance_text([calibration.labelled_set for _, calibration in results]), markup=False, soft_wrap=True)
     general_set, own_set = CALIBRATION_SETS["harm"]
     by_set = {(name, calibration.labelled_set): calibration for name, calibration in results}
     for name in names:
@@ -281,7 +288,9 @@ def judge_calibrate_command(
             if joint is not None:
                 console.print(joint_threshold_text(name, general_set, own_set, joint), markup=False, soft_wrap=True)
     if any(calibration.labelled_set == QUADA_HARM for _, calibration in results):
-        console.print(double_labelling_text(double_labelling()), markup=False, soft_wrap=True)
+        metrics, confirmed, positives = double_labelling()
+        console.print(double_labelling_text(metrics, *quada_harm_second_labelling(), confirmed, positives),
+                      markup=False, soft_wrap=True)
 
 
 # Progress bars of the libraries quada runs (model loading and saving, datasets), which in a log

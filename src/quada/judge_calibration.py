@@ -293,13 +293,16 @@ def joint_threshold(general: Calibration, own: Calibration, min_specificity: flo
     )
 
 
-def double_labelling() -> HeldOutMetrics:
+def double_labelling() -> tuple[HeldOutMetrics, int, int]:
     """How far the two labellings of the doubly labelled subset of ``quada-harm`` agree: agreement and
-    Cohen's kappa with 95% bootstrap intervals (the first labelling as truth, the second as the rater)."""
+    Cohen's kappa with 95% bootstrap intervals (the first labelling as truth, the second as the rater),
+    and how many of the first labelling's harmful items the second confirmed, of how many."""
     first = {item.id: item.label for item in load_labelled(QUADA_HARM)}
     second = quada_harm_second_labels()
     ids = sorted(second)
-    return held_out_metrics([first[i] for i in ids], [second[i][0] for i in ids], [float(second[i][0]) for i in ids])
+    positives = [i for i, label in first.items() if label]
+    metrics = held_out_metrics([first[i] for i in ids], [second[i][0] for i in ids], [float(second[i][0]) for i in ids])
+    return metrics, sum(second[i][0] for i in positives if i in second), len(positives)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from quada.approx.base import (
     list_specs,
     parse_spec,
     parse_technique,
+    short_label,
     spec_label,
 )
 from quada.approx.noise import NoiseConfig
@@ -60,5 +61,6 @@ __all__ = [
     "parse_spec",
     "parse_technique",
     "profile",
+    "short_label",
     "spec_label",
 ]

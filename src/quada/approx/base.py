@@ -389,6 +389,27 @@ def spec_label(spec: str) -> str:
     return spec
 
 
+def short_label(spec: str) -> str:
+    """A condition's name for a chart or a table cell: the preset's name, else each part's technique
+    with its numeric options and layers (``noise std=0.3``, ``teal sparsity=0.5 layers=0:4``); the
+    reports give the full spec beside it. Text that is no spec (a deployment) is returned as it is."""
+    label = spec_label(spec)
+    if label != spec:
+        return label
+    try:
+        parts = parse_spec(spec).parts()
+    except QuadaError:
+        return spec
+    names = []
+    for part in parts:
+        numbers = [f"{f.name}={_format(getattr(part, f.name))}" for f in dataclasses.fields(part)
+                   if f.name != "layers" and isinstance(getattr(part, f.name), (int, float))
+                   and not isinstance(getattr(part, f.name), bool) and getattr(part, f.name) != f.default]
+        layers = [f"layers={part.layers}"] if part.layers is not None else []
+        names.append(" ".join([part.name, *numbers, *layers]))
+    return " + ".join(names)
+
+
 # --------------------------------------------------------------------------- installation
 
 # The version of how random draws are keyed: part of every stream key, and of the generation keys of

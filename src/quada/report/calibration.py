@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from quada.eval.metrics import Estimate
 
 CALIBRATION_COLUMNS = [
-    "judge", "measure", "labelled set", "category", "held-out items (human +)", "judge +",
+    "judge", "measure", "labelled set", "category", "held-out items (reference +)", "judge +",
     "agreement % [95% CI]", "kappa [95% CI]", "F1", "AUROC", "threshold", "tuned threshold (held-out kappa)",
     "specificity on vacuous + degenerate [95% CI] (items)",
 ]
@@ -35,13 +35,24 @@ def specificity_text(estimate: Estimate | None) -> str:
     return f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}] ({estimate.n})"
 
 
-def double_labelling_text(metrics: HeldOutMetrics) -> str:
-    """One line on how far two independent labellings of the doubly labelled quada-harm items agree."""
+def double_labelling_text(metrics: HeldOutMetrics, labeller: str, date: str, confirmed: int, positives: int) -> str:
+    """One line on how far two independent labellings of the doubly labelled quada-harm items agree,
+    who made the second and when."""
     return (
-        f"quada-harm labels: two independent labellings of {metrics.n} items agree on "
-        f"{interval_text(metrics.agreement, 1)}% (Cohen's kappa {interval_text(metrics.kappa)}; "
-        f"harmful by the first {metrics.positives}, by the second {metrics.flagged})"
+        f"quada-harm labels: the project's maintainers' labelling and a second, blind one of {metrics.n} items "
+        f"({labeller}, {date}) agree on {interval_text(metrics.agreement, 1)}% (Cohen's kappa "
+        f"{interval_text(metrics.kappa)}); the second confirmed {confirmed} of the first's {positives} harmful items"
     )
+
+
+def provenance_text(labelled_sets: Sequence[str]) -> str:
+    """Who made the labels of each built-in labelled set in ``labelled_sets`` (a user's file: the user)."""
+    from quada.data import LABELLED_SETS
+
+    return "Reference labels: " + "; ".join(
+        f"{name}: {LABELLED_SETS[name].labelled_by if name in LABELLED_SETS else 'the file given (its labeller)'}"
+        for name in dict.fromkeys(labelled_sets)
+    ) + "."
 
 
 def joint_threshold_text(name: str, general_set: str, own_set: str, joint: JointThreshold) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class Example:
 class Section:
     heading: str
     text: str = ""
+    lead: str = ""  # what the section answers, in words: printed first and larger
     columns: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     figures: dict[str, Figure] = field(default_factory=dict)  # file stem -> figure
@@ -56,9 +58,28 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(columns), line(["---"] * len(columns)), *map(line, rows)])
 
 
+# A cell that holds a number: a value, maybe signed or in percent, maybe with its interval and a count,
+# or "-" for one not measured. Numbers are right-aligned, text left-aligned.
+NUMBER_CELL = re.compile(r"^(-|[-+]?\d[\d.,e+-]*%?x?( \[[-+]?[\d.]+, [-+]?[\d.]+\])?( \(\d+\))?)$")
+
+
+def inline_html(text: str) -> str:
+    """``text`` escaped for HTML, with Markdown's inline marks rendered: ``**strong**``, ``*emphasis*``
+    and ```code```."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    escaped = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
+    return re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", escaped)
+
+
+def _html_cell(text: str) -> str:
+    number = ' class="num"' if NUMBER_CELL.match(text) else ""
+    return f"<td{number}>{inline_html(text)}</td>"
+
+
 def _html_table(columns: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{inline_html(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(_html_cell(str(c)) for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -72,8 +93,9 @@ def _png(figure: Figure) -> bytes:
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.92em}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+td.num{text-align:right;white-space:nowrap}
+p.answer{font-size:1.1em;line-height:1.5}
 th{background:#f3f3f3} img{max-width:100%} .warning{background:#fff4e5;border:1px solid #f0b060;padding:0.6em}
 details{margin:1em 0} pre{white-space:pre-wrap;background:#f8f8f8;padding:0.5em}
 """
@@ -96,9 +118,12 @@ def write_report(out_dir: str | Path, title: str, summary: str, sections: list[S
     for section in sections:
         md += [f"## {section.heading}", ""]
         body.append(f"<h2>{html.escape(section.heading)}</h2>")
+        if section.lead:
+            md += [section.lead, ""]
+            body.append(f'<p class="answer">{inline_html(section.lead)}</p>')
         if section.text:
             md += [section.text, ""]
-            body.append(f"<p>{html.escape(section.text)}</p>")
+            body.append(f"<p>{inline_html(section.text)}</p>")
         if section.rows:
             md += [markdown_table(section.columns, section.rows), ""]
             body.append(_html_table(section.columns, section.rows))

@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from quada.approx import spec_label
+from quada.approx import short_label
 from quada.eval.judges import SAFETY_JUDGES, asr_name
 from quada.eval.metrics import Estimate, McNemarResult
-from quada.eval.verdict import Verdict
+from quada.eval.verdict import BREAKS_MODEL, BREAKS_SAFETY, NO_RISE, SAFER, Verdict
 from quada.judge_calibration import JudgeInfo, judge_info_from_json
 from quada.report.calibration import asr_column, interval_text, judge_label, reference_note
 from quada.report.format import percent_interval
@@ -57,12 +57,83 @@ def condition_from_json(saved: dict) -> ConditionResult:
     )
 
 
-def verdict_table(results: list[ConditionResult]) -> tuple[list[str], list[list[str]]]:
+def _deciding(result: ConditionResult, info: dict[str, JudgeInfo]) -> list[str]:
+    """The judges whose comparisons decided ``result``'s verdict: the calibrated ones, else all."""
+    judges = list(result.difference)
+    return [j for j in judges if j in info and info[j].kappa is not None] or judges
+
+
+def _quoted(result: ConditionResult, info: dict[str, JudgeInfo]) -> str | None:
+    """The judge a verdict is told by: for a rise the one that rules out the most (largest lower
+    bound), otherwise the one that leaves the largest rise open (largest upper bound)."""
+    judges = _deciding(result, info)
+    if not judges:
+        return None
+    if result.verdict.kind == BREAKS_SAFETY:
+        return max(judges, key=lambda j: result.difference[j].low)
+    return max(judges, key=lambda j: result.difference[j].high)
+
+
+def _rates(result: ConditionResult, judge: str) -> tuple[float, float]:
+    """The clean and the approximated rate, in percent, on the condition's own prompts."""
+    approximated = result.asr[judge].value
+    return 100 * (approximated - result.difference[judge].value), 100 * approximated
+
+
+def verdict_sentence(result: ConditionResult, info: dict[str, JudgeInfo]) -> str:
+    """One condition's verdict in words, with the figures that decided it."""
+    verdict, name = result.verdict, short_label(result.approx)
+    judge = _quoted(result, info)
+    at = f" ({verdict.prompts} prompts)" if verdict.prompts else ""
+    if verdict.kind == BREAKS_MODEL or judge is None:
+        return f"**{name}**: {verdict.kind}: {verdict.reason}{at}."
+    clean, approximated = _rates(result, judge)
+    d = result.difference[judge]
+    what = "harmful requests answered" if info[judge].measure == "refusal" else "responses flagged as harmful"
+    if verdict.kind == BREAKS_SAFETY:
+        change = ("more than doubles the" if approximated >= 2 * clean and clean > 0 else
+                  f"raises by {approximated - clean:.0f} points the")
+        return (f"**{name}** breaks safety: it {change} {what} ({clean:.1f}% to {approximated:.1f}%, "
+                f"{asr_name(judge)} by `{judge}`), a rise of at least {100 * d.low:.1f} points{at}.")
+    if verdict.kind == NO_RISE:
+        return (f"**{name}**: no rise beyond the margin: it rules out a rise of more than {max(0.0, 100 * d.high):.1f} "
+                f"points in the {what} ({clean:.1f}% to {approximated:.1f}%, by `{judge}`){at}.")
+    if verdict.kind == SAFER:
+        return f"**{name}** is safer: the {what} fall by at least {-100 * d.high:.1f} points (by `{judge}`){at}."
+    return (f"**{name}**: not decided at {verdict.prompts or result.prompts} prompts: the {what} went from "
+            f"{clean:.1f}% to {approximated:.1f}% (by `{judge}`), and the interval "
+            f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}] points neither excludes 0 nor a rise of the margin.")
+
+
+def verdict_table(results: list[ConditionResult], info: dict[str, JudgeInfo] | None = None) -> tuple[list[str], list[list[str]]]:
     """The report's first table: the verdict on each approximation and deployment, the look that
-    reached it and its critical values, and the numbers behind it."""
-    rows = [[spec_label(r.approx), r.verdict.kind, _look_text(r.verdict), _critical_text(r.verdict), r.verdict.reason]
-            for r in results if r.verdict is not None]
-    return ["condition", "verdict", "decided at", "critical z (rise / no rise)", "why"], rows
+    reached it, and the deciding judge's change with its repeated interval."""
+    info = info or {}
+    rows = []
+    for r in (r for r in results if r.verdict is not None):
+        judge = _quoted(r, info) if r.verdict.kind != BREAKS_MODEL else None
+        change = "-" if judge is None else f"{_points(r.difference[judge])} ({judge})"
+        rows.append([short_label(r.approx), r.verdict.kind, _look_text(r.verdict), change])
+    return ["condition", "verdict", "decided at", "change in points [repeated interval] (judge)"], rows
+
+
+def verdict_details(results: list[ConditionResult], info: dict[str, JudgeInfo]) -> tuple[list[str], list[list[str]]]:
+    """Every judge's comparison at the look that decided each condition: its rates, its change with
+    the repeated interval, the unadjusted paired statistic and the look's critical values."""
+    rows = []
+    for r in (r for r in results if r.verdict is not None):
+        deciding = _deciding(r, info)
+        for judge, d in r.difference.items():
+            clean, approximated = _rates(r, judge)
+            rows.append([short_label(r.approx), judge + ("" if judge in deciding else " (not deciding)"),
+                         f"{clean:.1f} -> {approximated:.1f}", _points(d), f"{r.mcnemar[judge].statistic:.2f}",
+                         _critical_text(r.verdict)])
+    return ["condition", "judge", "ASR % clean -> approximated", "change in points [repeated interval]",
+            "paired z", "critical z (rise / no rise)"], rows
+
+
+def _points(d: Estimate) -> str:
+    return f"{100 * d.value:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
 
 
 def _look_text(verdict: Verdict) -> str:
@@ -73,6 +144,12 @@ def _look_text(verdict: Verdict) -> str:
 
 def _critical_text(verdict: Verdict) -> str:
     return "-" if verdict.rise_critical is None else f"{verdict.rise_critical:.2f} / {verdict.within_critical:.2f}"
+
+
+def conditions_note(results: list[ConditionResult]) -> str:
+    """The full spec behind each short condition name of the tables and the chart ('' if none differs)."""
+    named = [(short_label(r.approx), r.approx) for r in results if short_label(r.approx) != r.approx]
+    return "" if not named else "Conditions: " + "; ".join(f"{short} = `{spec}`" for short, spec in named) + "."
 
 
 def deployment_table(deployments: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
@@ -99,7 +176,7 @@ def summary_table(
     info = info or {}
     safety = [j for j in judges if j in SAFETY_JUDGES]
     refusals = "over-refusal % [95% CI]" + (f" ({judge_label(refusal_judge, info)})" if refusal_judge else "")
-    columns = {"condition": lambda r: spec_label(r.approx), "prompts": lambda r: str(r.prompts)}
+    columns = {"condition": lambda r: short_label(r.approx), "prompts": lambda r: str(r.prompts)}
     for j in safety:
         columns[asr_column(j, info)] = lambda r, j=j: percent_interval(r.asr[j])
     for j in safety:
@@ -117,7 +194,7 @@ def summary_table(
 def category_table(results: list[ConditionResult], judge: str) -> tuple[list[str], list[list[str]]]:
     """ASR by ``judge`` per harm category (rows) and condition (columns)."""
     categories = sorted({c for r in results for c in r.asr_by_category.get(judge, {})})
-    columns = ["category", "prompts", *(spec_label(r.approx) for r in results)]
+    columns = ["category", "prompts", *(short_label(r.approx) for r in results)]
     rows = []
     for category in categories:
         cells = [r.asr_by_category.get(judge, {}).get(category) for r in results]
@@ -129,7 +206,7 @@ def category_table(results: list[ConditionResult], judge: str) -> tuple[list[str
 def asr_figure(results: list[ConditionResult], judges: Sequence[str]):
     """Bar chart of ASR per condition and safety judge, with the 95% intervals as error bars."""
     safety = [j for j in judges if j in SAFETY_JUDGES]
-    figure, ax = plt.subplots(figsize=(max(6, 0.6 * len(results) * max(1, len(safety))), 4))
+    figure, ax = plt.subplots(figsize=(max(6, 1.2 * len(results) * max(1, len(safety)) ** 0.5), 4))
     x = np.arange(len(results))
     width = 0.8 / max(1, len(safety))
     for i, judge in enumerate(safety):
@@ -137,9 +214,11 @@ def asr_figure(results: list[ConditionResult], judges: Sequence[str]):
         low = values - np.array([100 * r.asr[judge].low for r in results])
         high = np.array([100 * r.asr[judge].high for r in results]) - values
         ax.bar(x + i * width, values, width, yerr=[low, high], capsize=3, label=f"{judge} judge")
-    ax.set_xticks(x + width * (len(safety) - 1) / 2, [spec_label(r.approx) for r in results], rotation=45, ha="right")
+    labels = [short_label(r.approx) for r in results]
+    ax.set_xticks(x + width * (len(safety) - 1) / 2, labels, rotation=20 if max(map(len, labels)) > 12 else 0,
+                  ha="right" if max(map(len, labels)) > 12 else "center")
     ax.set_ylabel("attack success rate (%)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, never over them
     return figure
 
 
@@ -169,15 +248,24 @@ def report_sections(saved: dict, run_dir: Path) -> list[Section]:
     info = {name: judge_info_from_json(j) for name, j in saved.get("judges", {}).items()}
     results = [condition_from_json(c) for c in saved["conditions"]]
     columns, rows = summary_table(results, judges, info, config.get("refusal_judge"))
-    verdict_columns, verdict_rows = verdict_table(results)
+    verdict_columns, verdict_rows = verdict_table(results, info)
+    detail_columns, detail_rows = verdict_details(results, info)
     deployment_columns, deployment_rows = deployment_table(saved.get("deployments", {}))
+    judged = [r for r in results if r.verdict is not None]
     return [
         Section(
             "Verdict per approximation",
-            text=verdict_text(saved),
+            lead=" ".join(verdict_sentence(r, info) for r in judged),
+            text=conditions_note(results),
             columns=verdict_columns,
             rows=verdict_rows,
         ),
+        *([Section(
+            "How the verdicts were reached",
+            text=verdict_text(saved),
+            columns=detail_columns,
+            rows=detail_rows,
+        )] if detail_rows else []),
         *([Section(
             "Deployments",
             text="Each deployment serves the model with its own engine and is compared with the clean transformers "
