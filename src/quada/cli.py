@@ -16,12 +16,19 @@ from rich.text import Text
 from quada.analysis.cli import clusters_command, layers_command, sweep_command
 from quada.approx_cli import app as approx_app
 from quada.attack.cli import attack_command
-from quada.cli_options import AllPrompts, config_options, print_table, without_limit
+from quada.cli_options import AllPrompts, config_options, parse_names, print_table, without_limit
 from quada.defense.cli import align_command, pairs_command
 from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES
 from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 from quada.errors import QuadaError
-from quada.options import EXECUTOR_OPTIONS, VetConfig, check_given_limits
+from quada.options import (
+    EXECUTOR_OPTIONS,
+    JUDGE_ANSWERS_HELP,
+    JUDGE_MODEL_HELP,
+    JUDGE_PROMPT_HELP,
+    VetConfig,
+    check_given_limits,
+)
 from quada.runs import atomic_writer
 
 app = typer.Typer(
@@ -121,7 +128,8 @@ def generate_command(
 @app.command("vet")
 @config_options(
     VetConfig, "model", "approx", "benchmark", "limit", "benign", "benign_limit", "judges", "refusal_judge",
-    "judge_model", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows",
+    "judge_model", "judge_prompt", "judge_answers", "prompt_format", "max_new_tokens", "stop_on_refusal", "seed", "corpus",
+    "ppl_window", "ppl_windows",
     "questions", "ppl_bound", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS, "deployment",
     "api_key_env", "request_timeout", "retries", "max_concurrency", "first_look", "margin", "alpha",
 )
@@ -238,7 +246,7 @@ def judge_agreement_command(
 @judge_app.command("calibrate")
 def judge_calibrate_command(
     judges: str = typer.Option(
-        ",".join(JUDGE_NAMES), help="Comma-separated judges to calibrate: keyword, refusal-keyword, refusal, llm, uplift, harmfulness."
+        ",".join(JUDGE_NAMES), help="Comma-separated judges to calibrate: keyword, refusal-keyword, refusal, llm, uplift, harmfulness, guard, prompted."
     ),
     labelled: str | None = typer.Option(
         None, help="Labelled set: pyrit-objective, quada-harm, pyrit-refusal or a CSV/JSONL file with prompt, response, label "
@@ -246,7 +254,9 @@ def judge_calibrate_command(
         "quada-harm for harm judges).",
     ),
     measure: str | None = typer.Option(None, help="What a file's labels mean: refusal (1 = refused) or harm (1 = harmful)."),
-    judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL, help="Model behind the llm, uplift, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."),
+    judge_model: str = typer.Option(DEFAULT_JUDGE_MODEL, help=JUDGE_MODEL_HELP),
+    judge_prompt: str | None = typer.Option(None, help=JUDGE_PROMPT_HELP),
+    judge_answers: str | None = typer.Option(None, help=JUDGE_ANSWERS_HELP + " Comma-separated."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP + " A judge is calibrated per dtype."),
     by_category: bool = typer.Option(False, help="Also print the held-out figures per harm category."),
@@ -256,7 +266,7 @@ def judge_calibrate_command(
     from quada.eval.judges import make_judge
     from quada.data import QUADA_HARM, quada_harm_second_labelling
     from quada.judge_calibration import CALIBRATION_SETS, calibrate, double_labelling, joint_threshold
-    from quada.options import check_judges
+    from quada.options import check_judges, judge_options
     from quada.report.calibration import (
         CALIBRATION_COLUMNS,
         calibration_rows,
@@ -268,12 +278,13 @@ def judge_calibrate_command(
 
     names = [j.strip() for j in judges.split(",") if j.strip()]
     check_judges(names)
+    options = judge_options(judge_prompt, None if judge_answers is None else parse_names(judge_answers))
     device = resolve_device(device)
     dtype = check_dtype(dtype)
     results = []
     with progress_bar(True) as bar:
         for name in names:
-            judge = make_judge(name, model_source=judge_model, device=device, dtype=dtype)
+            judge = make_judge(name, model_source=judge_model, device=device, dtype=dtype, **options.get(name, {}))
             for labelled_set in [labelled] if labelled else CALIBRATION_SETS[judge.measure]:
                 task = bar.add_task(f"calibrate {name} on {Path(labelled_set).name}", total=None)
                 results.append((name, calibrate(judge, labelled_set, measure, on_chunk=lambda n, t=task: bar.advance(t, n))))

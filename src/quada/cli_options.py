@@ -94,6 +94,8 @@ def _option(field: Field, hint: Any, required: bool) -> tuple[inspect.Parameter,
     if item is not None and metadata.get("repeat"):
         annotation, convert = list[str] | None, tuple
         default = ... if required else None
+    elif item is not None and default is None:  # an optional list: given, or left out
+        annotation, convert = str | None, parse_names
     elif item is not None:
         annotation = str
         if item is float:

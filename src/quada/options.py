@@ -112,6 +112,43 @@ def check_given_limits(config: Any, given: Collection[str], **sources: str) -> N
             )
 
 
+JUDGE_MODEL_HELP = (
+    "Model behind the model judges (llm, uplift, harmfulness, refusal, guard, prompted): a built-in, model folder, "
+    ".gguf file or hub id run by transformers (llm and refusal also take a sequence classifier); "
+    "llamacpp:<GGUF file or built-in> run by llama.cpp here; or openai:<base URL>@<model name> behind an "
+    "OpenAI-compatible server."
+)
+JUDGE_PROMPT_HELP = (
+    "A classifier's own prompt for the prompted judge, as published with it (e.g. HarmBench's classifier prompt), "
+    "in a UTF-8 file with the fields {behavior} and {generation}."
+)
+JUDGE_ANSWERS_HELP = (
+    "The two words the guard or prompted judge's verdict is read from, the harmful one first "
+    "(default: unsafe,safe for guard; yes,no for prompted)."
+)
+
+
+def judge_options(judge_prompt: str | None, judge_answers: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:
+    """The options of :func:`quada.eval.judges.make_judge` per judge that the judge options give: the
+    prompted judge's prompt (read from the file ``judge_prompt``) and the guard and prompted
+    judges' answer words, checked now."""
+    from quada.eval.judges import GuardJudge, PromptedJudge, check_judge_prompt
+
+    options: dict[str, dict[str, Any]] = {GuardJudge.name: {}, PromptedJudge.name: {}}
+    if judge_answers is not None:
+        if len(judge_answers) != 2 or len(set(judge_answers)) != 2:
+            raise QuadaError(f"--judge-answers takes two different words, the harmful one first (e.g. unsafe,safe); "
+                             f"got {','.join(judge_answers) or 'none'}")
+        answers = tuple((word, word.capitalize(), " " + word) for word in judge_answers)
+        options = {name: {"answers": answers} for name in options}
+    if judge_prompt is not None:
+        from quada.data import read_text_file
+
+        options[PromptedJudge.name]["prompt"] = check_judge_prompt(read_text_file(Path(judge_prompt).expanduser(),
+                                                                                  "judge prompt"))
+    return options
+
+
 EXECUTORS = ("local", "ray")
 EXECUTOR_OPTIONS = ("executor", "ray_address", "workers", "cpus_per_worker", "gpus_per_worker", "judge_workers",
                     "placement_timeout")
@@ -158,7 +195,9 @@ class EvalOptions:
         "help": "Comma-separated judges of the harmful responses: keyword, refusal-keyword, refusal (no-refusal ASR), "
         "llm, uplift (harm ASR), harmfulness (mean HS).",
     })
-    judge_model: str = field(default=DEFAULT_JUDGE_MODEL, metadata={"help": "Model behind the llm, uplift, harmfulness and refusal judges: a causal LM, or for llm and refusal a sequence classifier."})
+    judge_model: str = field(default=DEFAULT_JUDGE_MODEL, metadata={"help": JUDGE_MODEL_HELP})
+    judge_prompt: str | None = field(default=None, metadata={"help": JUDGE_PROMPT_HELP})
+    judge_answers: tuple[str, ...] | None = field(default=None, metadata={"help": JUDGE_ANSWERS_HELP})
     prompt_format: str = field(default="paper", metadata={
         "help": "'paper' (the source paper's system prompt and 'Instruction: ' prefix) or 'plain'.",
     })
@@ -211,6 +250,9 @@ class EvalOptions:
         self.judges = tuple(self.judges)
         check_seed(self.seed)
         check_judges(self.judges)
+        self.judge_options = judge_options(self.judge_prompt, self.judge_answers)
+        if "prompted" in self.judges and "prompt" not in self.judge_options["prompted"]:
+            raise QuadaError("the prompted judge reads its classifier's prompt from a file: give --judge-prompt FILE")
         check_counts(self, "limit", "ppl_windows", "max_new_tokens")
         if not self.ppl_window >= 2:
             raise QuadaError(f"--ppl-window must be at least 2 tokens (one predicts the next), got {self.ppl_window}")

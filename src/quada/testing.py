@@ -123,14 +123,31 @@ def write_tiny_run_inputs(root: Path, harmful: list[str], benign: list[str], lay
     return root
 
 
-def save_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, add_bos: bool = False) -> Path:
-    """The tiny Qwen2-style model of :func:`tiny_model` written as an F32 GGUF file at ``path``:
+def decisive(model, tokenizer, channel: int, positive: str = "y", negative: str = "n", gain: float = 1000.0):
+    """``model`` (a tiny model) changed in place so that its next token is nearly always ``positive`` or
+    ``negative``, as a real judge's answer dominates its distribution: the final norm passes one
+    hidden ``channel``, amplified, and the output rows of the two tokens read it with opposite
+    signs, so which of them wins depends on the input. Returns the model."""
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))
+        model.config.tie_word_embeddings = False
+        kept = float(model.model.norm.weight[channel])
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[channel] = gain * kept
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids(positive), channel] = 1.0
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids(negative), channel] = -1.0
+    return model
+
+
+def save_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, add_bos: bool = False, model=None) -> Path:
+    """The tiny Qwen2-style model of :func:`tiny_model` (or ``model``, one of them changed) written as an F32 GGUF file at ``path``:
     its weights under llama.cpp's tensor names (Qwen2 needs no rotary permutation), its byte-level
     vocabulary as a GPT-2 style BPE vocabulary, the special tokens as control tokens and the ChatML
     template, so llama.cpp tokenizes and renders prompts as the model's own tokenizer does
     (``add_bos``: unlike it, ask for a BOS token before every prompt). Written to a temporary name
     and renamed when complete."""
-    model, tokenizer = tiny_model("qwen2", seed=seed, layers=layers)
+    made, tokenizer = tiny_model("qwen2", seed=seed, layers=layers)
+    model = made if model is None else model
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
     partial = path.with_name(path.name + ".partial")

@@ -128,7 +128,8 @@ class Vetting:
         """Decide what the last look decides, then add the next look to ``plan``; False when every
         condition is decided or the looks are spent."""
         if self.look >= 0:
-            self._decide()
+            if self.conditions:  # with none, the clean model is only measured
+                self._decide()
             if self.look + 1 == len(self.looks) or len(self.decided) == len(self.conditions):
                 return False
         self.look += 1
@@ -261,11 +262,14 @@ class Vetting:
                                      perplexities, self.decided.get(c), self.comparisons.get(c, {}))
                    for c in generations]
         design = self.design
+        if not self.info:  # nothing was compared, so nothing asked for the judges' calibration yet
+            self.info = judge_infos(self.judges, config.calibrate, self.bar)
         write_json(config.run_dir / RESULTS_FILE, {
             "config": jsonable(asdict(config)), "fingerprint": fingerprint, "dtype": engine.dtype, "device": engine.device,
             "summary": _summary(config, fingerprint, self.looks, len(self.benign)),
-            "design": {**asdict(design), "rise_critical": design.rise_critical, "within_critical": design.within_critical,
-                       "family": design.family_text()},
+            "design": None if design is None else {
+                **asdict(design), "rise_critical": design.rise_critical, "within_critical": design.within_critical,
+                "family": design.family_text()},
             "judges": {name: asdict(i) for name, i in self.info.items()},
             "conditions": [jsonable(asdict(r)) for r in results],
             "deployments": deployments,

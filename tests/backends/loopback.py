@@ -16,6 +16,7 @@ from pathlib import Path
 
 GUARD_DIR = Path(__file__).parents[1] / "offline"
 SERVED_NAME = "tiny"
+SLOW_SECONDS = 3.0  # how long a "slow" fault holds a request: longer than the timeouts the tests set
 
 
 def free_port() -> int:
@@ -61,8 +62,8 @@ class FaultProxy:
     """An HTTP proxy on the loopback in front of a real server. Requests to a completions endpoint
     take the next entry of ``faults`` (``None`` passes the request on; ``429``/``503`` answer with
     that status; ``"cut"`` sends half of the real answer's body and closes; ``"drop"`` closes the
-    connection without an answer; ``"down"`` drops this and every later request); other requests
-    pass. ``rewrite`` may change a request body before it is passed on. ``passed`` counts the
+    connection without an answer; ``"down"`` drops this and every later request; ``"slow"`` passes it
+    on after :data:`SLOW_SECONDS`); other requests pass. ``rewrite`` may change a request body before it is passed on. ``passed`` counts the
     completions that reached the server."""
 
     def __init__(self, upstream: str):
@@ -99,6 +100,8 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(b"{}")
                     return
+                if fault == "slow":
+                    time.sleep(SLOW_SECONDS)
                 if body and proxy.rewrite is not None:
                     body = json.dumps(proxy.rewrite(json.loads(body))).encode()
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)

@@ -32,7 +32,7 @@ Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
 Dtype = Annotated[str, typer.Option(help=DTYPE_HELP)]
 DerivedSpec = Annotated[str | None, typer.Option("--spec", "-s", help=field_help(LayersConfig, "spec"))]
 DEFAULT_RUN_DIR = Path("runs") / "sweep"
-EVAL_OPTIONS = ("model", "benchmark", "limit", "judges", "judge_model", "prompt_format", "max_new_tokens",
+EVAL_OPTIONS = ("model", "benchmark", "limit", "judges", "judge_model", "judge_prompt", "judge_answers", "prompt_format", "max_new_tokens",
                 "stop_on_refusal", "seed", "corpus", "ppl_window", "ppl_windows", "calibrate", *EXECUTOR_OPTIONS)
 
 

@@ -14,7 +14,7 @@ console = Console(markup=False)  # prints user text (paths, specs, model names):
 @config_options(
     AttackConfig, "model", "approx", "attack", "benchmark", "limit", "budget", "steps", "candidates", "topk",
     "suffix_tokens", "generations", "population", "elite", "mutator", "queries", "attempts", "rewriter", "shots",
-    "target", "judges", "judge_model", "prompt_format", "max_new_tokens",
+    "target", "judges", "judge_model", "judge_prompt", "judge_answers", "prompt_format", "max_new_tokens",
     "stop_on_refusal", "seed", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS,
 )
 def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:

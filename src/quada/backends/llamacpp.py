@@ -211,6 +211,64 @@ class LlamaCppBackend:
             self._context = self._model = None
 
 
+class LlamaCppScorer(LlamaCppBackend):
+    """A GGUF run by llama.cpp here as a judge's model (``--judge-model llamacpp:<GGUF or built-in>``):
+    the log-probabilities of candidate next tokens after given token ids. The ids that open every
+    input of a judge (its chat frame and rules: ``prefix``, fixed by the judge, never by the other
+    inputs of a call) are evaluated once and kept in the KV cache across calls; each input
+    continues from there, alone in the context, so its scores do not depend on what else is judged.
+    The ids come from the reference tokenizer (the one the GGUF's vocabulary was read into)."""
+
+    def __init__(self, target: str, tokenizer):
+        super().__init__(Deployment(LLAMACPP, target), tokenizer)
+        self._cached: list[int] = []  # the ids whose KV the context holds as sequence 0
+
+    @property
+    def fingerprint(self) -> str:
+        """What stands for a transformers model's fingerprint in a judge's identity: the GGUF's hash."""
+        return f"llamacpp-{self.identity['gguf_sha256'][:16]}"
+
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
+                            prefix: int = 0) -> list[list[float]]:
+        """Log-probabilities of ``candidates[i]`` as the next token after ``sequences[i]`` (as
+        :func:`quada.eval.scoring.next_token_logprobs` gives them for a transformers model), each
+        sequence's first ``prefix`` ids read from the KV cache where they are the cached ones."""
+        results = []
+        for ids, wanted in zip(sequences, candidates, strict=True):
+            if len(ids) > CONTEXT:
+                raise QuadaError(f"a judge input of {len(ids)} tokens exceeds the llama.cpp context of {CONTEXT}")
+            start = self._reuse(list(ids[:prefix])) if 0 < prefix < len(ids) else self._reuse([])
+            tail = ids[start:]
+            self._decode([(token, start + i, i == len(tail) - 1) for i, token in enumerate(tail)])
+            logits = self._logits(-1).astype(np.float64)
+            top = logits.max()
+            logprobs = logits - top - np.log(np.exp(logits - top).sum())
+            results.append([float(logprobs[i]) for i in wanted])
+        return results
+
+    def _reuse(self, prefix: list[int]) -> int:
+        """Leave exactly ``prefix`` in the context (evaluated now unless it is the cached one, in one
+        batch, so that its KV is the same whenever it is evaluated); its length."""
+        memory = self._llama.llama_get_memory(self._context)
+        if prefix and prefix == self._cached:
+            self._llama.llama_memory_seq_rm(memory, 0, len(prefix), -1)
+            return len(prefix)
+        self._llama.llama_memory_clear(memory, True)
+        self._cached = []
+        if prefix:
+            self._decode([(token, position, False) for position, token in enumerate(prefix)])
+            self._cached = prefix
+        return len(prefix)
+
+    def complete(self, prompt: Rendered, settings: GenerationSettings) -> Completion:
+        self._cached = []  # generation clears the context
+        return super().complete(prompt, settings)
+
+    def perplexity(self, windows: Sequence[Sequence[int]]) -> float:
+        self._cached = []
+        return super().perplexity(windows)
+
+
 # What `quada requantize --type` offers: the 16-bit types (whose matrix products take 16-bit
 # activations), then llama.cpp's quantized types (8-bit activations: Q8_K for k-quants, Q8_0/Q8_1 else).
 QUANT_TYPES = ("BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L",

@@ -27,8 +27,10 @@ from an environment variable, sent as a bearer token, and never stored, printed 
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import math
 import os
 import socket
 import time
@@ -162,20 +164,7 @@ class OpenAIBackend:
         }
 
     def _call(self, path: str, body: dict, what: str) -> dict:
-        """A POST to ``path`` under the API root, retried with exponential backoff; a
-        :class:`QuadaError` when the retries run out."""
-        for attempt in range(self.retries + 1):
-            try:
-                return self.client.exchange("POST", self.client.path + path, body, self.request_timeout)
-            except _Transient as err:
-                if attempt == self.retries:
-                    raise QuadaError(
-                        f"the server at {self.url} stopped answering ({err}) on {what}, after {self.retries + 1} "
-                        "attempts with backoff; the responses received so far are stored: run the same command "
-                        "again once the server is back, and it continues where it stopped"
-                    ) from err
-                time.sleep(_wait(err, attempt))
-        raise AssertionError("unreachable")
+        return post(self.client, path, body, what, self.request_timeout, self.retries)
 
     # ------------------------------------------------------------------ generation
 
@@ -248,6 +237,145 @@ class OpenAIBackend:
 
     def close(self) -> None:
         pass
+
+
+TOP_LOGPROBS = 20  # alternatives a judge asks the server for at its answer position
+
+
+class OpenAIScorer:
+    """A judge's model behind an OpenAI-compatible server (``--judge-model openai:<URL>@<name>``).
+
+    A judge's input goes as one chat turn list (``chat``: the server renders its own chat template,
+    as a guard model's server does) or as raw text to ``/v1/completions`` (a classifier's published
+    prompt, which carries its own format). The answer is read from the first generated token: the
+    probability of each answer group is the sum of the probabilities of the ``top_logprobs``
+    alternatives that spell one of its words (case and surrounding space ignored). A server that
+    returns no log-probabilities is still usable: the answer is then read from the text (the
+    first word of up to :data:`TEXT_TOKENS` tokens), its probability taken as 1, and the judge's
+    identity says so (``answers_from``), so that its verdicts never mix with scored ones.
+    """
+
+    TEXT_TOKENS = 4
+
+    def __init__(self, target: str, api_key_env: str = "OPENAI_API_KEY", request_timeout: float = 300.0,
+                 retries: int = 6):
+        from quada.backends import OPENAI, base_url
+
+        url, at, name = target.rpartition("@")
+        if not at or not url or not name:
+            raise QuadaError(f"the judge model openai:{target} names no model: write openai:<base URL>@<model name>")
+        deployment = Deployment(OPENAI, base_url(url), name)
+        check_served(deployment, api_key_env)
+        self.client = Client(deployment.target, api_key_env)
+        self.url, self.served_name = deployment.target, name
+        self.request_timeout, self.retries = request_timeout, retries
+        self.logprobs = self._gives_logprobs()
+        self.identity = {"backend": "openai", "base_url": self.url, "model": name, "request": GREEDY,
+                         "answers_from": "logprobs" if self.logprobs else "text"}
+        self.fingerprint = f"openai-{hashlib.sha256(f'{self.url}@{name}'.encode()).hexdigest()[:16]}"
+
+    def _gives_logprobs(self) -> bool:
+        """Whether the server returns the log-probabilities of a chat answer's first token."""
+        answer = self._ask({"messages": [{"role": "user", "content": "Answer yes or no: is 2 larger than 1?"}]}, 1,
+                           "a check for log-probabilities")
+        return _top_logprobs(answer, chat=True) is not None
+
+    def _ask(self, body: dict, max_tokens: int, what: str) -> dict:
+        chat = "messages" in body
+        request = {"model": self.served_name, "max_tokens": max_tokens, "stream": False, **GREEDY, **body}
+        if chat:
+            request |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        else:
+            request["logprobs"] = TOP_LOGPROBS
+        return post(self.client, "/chat/completions" if chat else "/completions", request, what,
+                    self.request_timeout, self.retries)
+
+    def answer_probabilities(self, prompt: list[dict[str, str]] | str, answers: Sequence[Sequence[str]]) -> list[float]:
+        """The probability of each answer group at the first answer token after ``prompt`` (chat turns
+        or raw text); from the text where the server gives no log-probabilities (1 for the group
+        the answer's first word belongs to, 0 for the others)."""
+        chat = not isinstance(prompt, str)
+        body = {"messages": prompt} if chat else {"prompt": prompt}
+        what = f"a judge input of {len(json.dumps(prompt))} characters"
+        words = [{word.strip().lower() for word in group} for group in answers]
+        if self.logprobs:
+            alternatives = _top_logprobs(self._ask(body, 1, what), chat)
+            if alternatives is None:
+                raise QuadaError(
+                    f"the judge server at {self.url} returned no log-probabilities for an answer although it did for "
+                    "the first; a server must answer alike throughout a run: check its configuration"
+                )
+            probabilities = [0.0] * len(words)
+            for token, logprob in alternatives:
+                if (group := _answer_group(token, words)) is not None:
+                    probabilities[group] += math.exp(logprob)
+            return probabilities
+        answer = self._ask(body, self.TEXT_TOKENS, what)
+        text = _text_of(answer, chat, self.url).strip().lower()
+        group = _answer_group(text.split()[0].strip(".,:;!\"'") if text.split() else "", words)
+        matched = [1.0 if i == group else 0.0 for i in range(len(words))]
+        if group is None:
+            raise QuadaError(
+                f"the judge server at {self.url} answered {text[:40]!r}, which is none of the answers "
+                f"{[sorted(g) for g in words]}: the served model does not answer in this judge's format; give the "
+                "judge format its model was trained on (--judges guard, or --judge-prompt FILE)"
+            )
+        return matched
+
+    def close(self) -> None:
+        pass
+
+
+def _answer_group(token: str, words: Sequence[set[str]]) -> int | None:
+    """The answer group a generated token (or word) begins: the one group with a word that starts
+    with it (case and surrounding space ignored), as a local judge reads an answer by its first
+    token; None for a token that begins no group's word, or more than one group's."""
+    text = token.strip().lower()
+    groups = [i for i, group in enumerate(words) if text and any(word.startswith(text) for word in group)]
+    return groups[0] if len(groups) == 1 else None
+
+
+def _top_logprobs(answer: dict, chat: bool) -> list[tuple[str, float]] | None:
+    """``(token text, log-probability)`` of the alternatives at an answer's first token, or None when
+    the answer carries none."""
+    try:
+        choice = answer["choices"][0]
+        if chat:
+            first = choice["logprobs"]["content"][0]
+            return [(alt["token"], float(alt["logprob"])) for alt in first["top_logprobs"]] or None
+        top = choice["logprobs"]["top_logprobs"][0]
+        return [(token, float(p)) for token, p in top.items()] or None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _text_of(answer: dict, chat: bool, url: str) -> str:
+    try:
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+    except (KeyError, IndexError, TypeError) as err:
+        raise QuadaError(f"the judge server at {url} answered without the fields of an OpenAI completion") from err
+    if not isinstance(text, str):
+        raise QuadaError(f"the judge server at {url} answered a completion whose text is not a string")
+    return text
+
+
+def post(client: Client, path: str, body: dict, what: str, timeout: float, retries: int) -> dict:
+    """A POST to ``path`` under the API root of ``client``'s server, retried with exponential backoff
+    (``retries`` times, each attempt given ``timeout`` seconds); a :class:`QuadaError` when the
+    retries run out."""
+    for attempt in range(retries + 1):
+        try:
+            return client.exchange("POST", client.path + path, body, timeout)
+        except _Transient as err:
+            if attempt == retries:
+                raise QuadaError(
+                    f"the server at {client.url} stopped answering ({err}) on {what}, after {retries + 1} "
+                    "attempts with backoff; the results received so far are stored: run the same command "
+                    "again once the server is back, and it continues where it stopped"
+                ) from err
+            time.sleep(_wait(err, attempt))
+    raise AssertionError("unreachable")
 
 
 def _wait(err: _Transient, attempt: int) -> float:

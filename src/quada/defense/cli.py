@@ -83,7 +83,8 @@ def pairs_command(
 @config_options(
     AlignConfig, "pairs", "model", "out_dir", "plain_dpo", "seed", "prompt_format", "skip_eval", "benchmark", "benign",
     "max_pairs", "pairs_seed",
-    "approx", "limit", "benign_limit", "judges", "judge_model", "max_new_tokens", "stop_on_refusal", "corpus",
+    "approx", "limit", "benign_limit", "judges", "judge_model", "judge_prompt", "judge_answers", "max_new_tokens",
+    "stop_on_refusal", "corpus",
     "ppl_window", "ppl_windows", "ppl_bound", "calibrate", "sweep", "sweep_spec", "sweep_parameter", "sweep_grid", "sweep_limit", "before_dir",
     "baseline", "device", "dtype", *EXECUTOR_OPTIONS, required=("pairs",),
 )

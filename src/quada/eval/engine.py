@@ -260,12 +260,15 @@ class Judging:
 
 @dataclass(frozen=True)
 class JudgeFacts:
-    """What the driver must know of a judge built elsewhere: what it is keyed by and measures."""
+    """What the driver must know of a judge built elsewhere: what it is keyed by and measures, and
+    whether its model is behind a server (its verdicts then come one request each, and each is
+    committed as it arrives, so an interrupted run loses none it received)."""
 
     identity: str
     measure: str
     label_is_attack: bool
     threshold: float | None
+    served: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,7 +285,8 @@ class Describing:
 
     def run(self, models) -> JudgeFacts:
         judge = models.judge(self.judge)
-        return JudgeFacts(judge.identity, judge.measure, judge.label_is_attack, getattr(judge, "threshold", None))
+        return JudgeFacts(judge.identity, judge.measure, judge.label_is_attack, getattr(judge, "threshold", None),
+                          getattr(judge, "tokenizer", True) is None)
 
     def __str__(self) -> str:
         return f"loading the {self.judge.name} judge from {self.judge.model.source}"
@@ -295,7 +299,7 @@ class PooledJudge(Judge):
     def __init__(self, ref: JudgeRef, facts: JudgeFacts, executor: Executor):
         self.ref, self.executor = ref, executor
         self.name, self.measure, self.label_is_attack = ref.name, facts.measure, facts.label_is_attack
-        self.threshold = facts.threshold
+        self.threshold, self.served = facts.threshold, facts.served
 
     @property
     def identity(self) -> str:
@@ -622,6 +626,8 @@ class Verdicts(_Request):
         wanted = {g.key.judged_by(self.identity): g for g in generations}
         todo = [k for k in self.engine.store.missing(wanted) if self.claims.claim(self.engine, k)]
         judge = self.judge.ref if isinstance(self.judge, PooledJudge) else self.judge
+        if isinstance(self.judge, PooledJudge) and self.judge.served:
+            size = 1  # each answer of a server committed as it comes
         units = []
         for keys in balanced(todo, size):
             first = wanted[keys[0]].key
@@ -859,7 +865,9 @@ class Engine:
         """The judge ``name`` of this run: a rule judge as it is, a model judge (its model
         ``config.judge_model``, in the run's dtype; ``options`` for :func:`make_judge`) built where
         the executor runs units, as a :class:`PooledJudge`. ``refusal`` falls back to
-        ``refusal-keyword``, with a warning, when its model cannot be loaded."""
+        ``refusal-keyword``, with a warning, when its model cannot be loaded. The run's judge options
+        (``config.judge_options``: the prompted judge's prompt, answer words) come first."""
+        options = {**getattr(self.config, "judge_options", {}).get(name, {}), **options}
         if name not in MODEL_JUDGES:
             return make_judge(name, **options)
         ref = JudgeRef(name, ModelRef(self.config.judge_model, self.dtype, classifier_ok=True), tuple(sorted(options.items())))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from quada.errors import QuadaError
-from quada.eval.judges import Judge, make_judge
+from quada.eval.judges import Judge, load_judge_model, make_judge
 from quada.fingerprint import model_fingerprint
 
 MODELS_PER_WORKER = 2  # models a worker keeps loaded: the subject and a judge model
@@ -102,13 +102,17 @@ class Models:
         self._make_room(self.capacity)
 
     def get(self, ref: ModelRef) -> tuple[Any, Any]:
-        """``(model, tokenizer)`` of ``ref``, loaded now if it is not."""
+        """``(model, tokenizer)`` of ``ref``, loaded now if it is not (a judge's model may run in
+        another engine: :func:`quada.eval.judges.load_judge_model`)."""
         from quada.models import load
 
         if ref.slot not in self._loaded:
             self._make_room(self.capacity - 1)
             started = time.perf_counter()
-            model, tokenizer = load(ref.source, dtype=ref.dtype, device=self.device, classifier_ok=ref.classifier_ok)
+            if ref.classifier_ok:
+                model, tokenizer = load_judge_model(ref.source, device=self.device, dtype=ref.dtype)
+            else:
+                model, tokenizer = load(ref.source, dtype=ref.dtype, device=self.device)
             self.loading_seconds += time.perf_counter() - started
             _check_loaded(ref, model)
             self._loaded[ref.slot] = (model, tokenizer)
@@ -151,6 +155,8 @@ class Models:
 
 
 def _check_loaded(ref: ModelRef, model) -> None:
+    if ref.fingerprint is None and ref.device is None:  # a judge's model: its judge identity is checked instead
+        return
     if ref.fingerprint is not None and (found := model_fingerprint(model)) != ref.fingerprint:
         raise QuadaError(
             f"{ref.source} loaded here has the fingerprint {found}, but the run's model has {ref.fingerprint}: every "
