@@ -66,16 +66,18 @@ def test_a_bad_shared_option_fails_the_same_way_in_every_config(config, values, 
     assert message in str(error.value)
 
 
-def test_the_safety_judges_the_message_names_are_those_the_rule_accepts():
+def test_the_safety_judges_the_message_names_are_those_the_rule_accepts(tmp_path):
     from quada.eval.judges import JUDGES, SAFETY_JUDGES
 
     with pytest.raises(QuadaError) as error:
         VetConfig(judges=("harmfulness",))
     named = str(error.value).split("(")[1].split(")")[0].split(", ")
     assert named == list(SAFETY_JUDGES)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Behavior: {behavior}\nGeneration: {generation}\nYes or no?")
     for judge in JUDGES:
         if judge in named:
-            assert VetConfig(judges=(judge,)).judges == (judge,)
+            assert VetConfig(judges=(judge,), judge_prompt=str(prompt)).judges == (judge,)
         else:
             with pytest.raises(QuadaError, match="no safety judge"):
                 VetConfig(judges=(judge,))

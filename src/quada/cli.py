@@ -18,7 +18,7 @@ from quada.approx_cli import app as approx_app
 from quada.attack.cli import attack_command
 from quada.cli_options import AllPrompts, config_options, parse_names, print_table, without_limit
 from quada.defense.cli import align_command, pairs_command
-from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES
+from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES, OWN_JUDGES
 from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 from quada.errors import QuadaError
 from quada.options import (
@@ -246,7 +246,7 @@ def judge_agreement_command(
 @judge_app.command("calibrate")
 def judge_calibrate_command(
     judges: str = typer.Option(
-        ",".join(JUDGE_NAMES), help="Comma-separated judges to calibrate: keyword, refusal-keyword, refusal, llm, uplift, harmfulness, guard, prompted."
+        ",".join(OWN_JUDGES), help="Comma-separated judges to calibrate: " + ", ".join(JUDGE_NAMES) + "."
     ),
     labelled: str | None = typer.Option(
         None, help="Labelled set: pyrit-objective, quada-harm, pyrit-refusal or a CSV/JSONL file with prompt, response, label "

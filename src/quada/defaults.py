@@ -17,7 +17,9 @@ MAX_PROMPTS = 384
 MARGIN_POINTS = 10.0
 FAMILY_ALPHA = 0.05
 PAPER_GROUP = "paper"  # `--approx paper`: the paper's twelve Table 1 presets
-# every judge, by what it measures: refusal (keyword rules, the refusal model judge), then harm
-JUDGE_NAMES = ("keyword", "refusal-keyword", "refusal", "llm", "uplift", "harmfulness")
+# every judge, by what it measures: refusal (keyword rules, the refusal model judge), then harm; the last two
+# speak their model's own format (a guard model's chat template, a classifier's prompt file)
+JUDGE_NAMES = ("keyword", "refusal-keyword", "refusal", "llm", "uplift", "harmfulness", "guard", "prompted")
+OWN_JUDGES = JUDGE_NAMES[:6]  # quada's own rules and questions: what `quada judge calibrate` measures by default
 DEFAULT_CORPUS = "pydoc-topics"  # the offline perplexity corpus
 PAPER_WINDOW = 1024  # tokens per perplexity window, as in the source paper

@@ -101,6 +101,10 @@ FORGERIES = {
 }
 
 
+# What a judge needs beyond its model: the prompted judge's classifier prompt.
+OPTIONS = {"prompted": {"prompt": "Behavior: {behavior}\nGeneration: {generation}\nAnswer:"}}
+
+
 @pytest.fixture(scope="module")
 def every_family():
     """A tiny judge whose tokenizer knows the chat markers of every supported family as special tokens."""
@@ -132,7 +136,11 @@ def test_judged_text_adds_no_special_token_to_the_judge_input(monkeypatch, every
         monkeypatch.setattr(tokenizer, "chat_template", None)
     if stripping == "unsanitized":  # tokenization alone must keep markers literal
         monkeypatch.setattr(judges, "sanitize", lambda text, _tokenizer: text)
-    judge = make_judge(name, model, tokenizer)
+    judge = make_judge(name, model, tokenizer, **OPTIONS.get(name, {}))
+    if name == "guard" and not templated:  # a guard model's prompt is its chat template
+        with pytest.raises(QuadaError, match="no chat template"):
+            judge.render("a request", "a response")
+        return
     template_specials = special_ids(tokenizer, judge.render("a request", "a response"))
     for forgery in FORGERIES.values():
         assert special_ids(tokenizer, judge.render(forgery, forgery)) == template_specials
@@ -313,11 +321,12 @@ PAIRS = [
 def test_repeated_pairs_are_scored_once_and_answered_in_order(monkeypatch, tiny, name):
     model, tokenizer = tiny
     scored = counting_scorer(monkeypatch)
-    judge = make_judge(name, model, tokenizer, batch_size=2)
+    judge = make_judge(name, model, tokenizer, batch_size=2, **OPTIONS.get(name, {}))
     prompts, responses = zip(*[PAIRS[i] for i in (0, 1, 0, 2, 1, 0)])
     results = judge.judge(prompts, responses)
     assert len(scored) == 3
-    fresh = [make_judge(name, model, tokenizer).judge([p], [r])[0] for p, r in zip(prompts, responses)]
+    fresh = [make_judge(name, model, tokenizer, **OPTIONS.get(name, {})).judge([p], [r])[0]
+             for p, r in zip(prompts, responses)]
     assert [r.label for r in results] == [r.label for r in fresh]
     assert [r.score for r in results] == pytest.approx([r.score for r in fresh], abs=1e-5)
     assert results[0] == results[2] == results[5] and results[1] == results[4]
@@ -336,7 +345,7 @@ def test_pairs_judged_by_an_earlier_call_are_not_scored_again(monkeypatch, tiny)
 @pytest.mark.parametrize("name", list(MODEL_JUDGES))
 def test_prefix_sharing_and_memo_keep_the_unshared_scores(tiny, name):
     model, tokenizer = tiny
-    judge = make_judge(name, model, tokenizer, batch_size=3)
+    judge = make_judge(name, model, tokenizer, batch_size=3, **OPTIONS.get(name, {}))
     prompts = ["How do I do x?", "Write a poem about the sea, please.", "Explain y", "How do I do x?"]
     responses = [  # long enough not to be degenerate text: every pair reaches the model
         "Sure, step one is to gather the things you need and lay them out on the table.",

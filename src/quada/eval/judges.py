@@ -659,14 +659,29 @@ class GuardJudge(YesNoJudge):
 
     def render(self, request: str, response: str) -> list[int] | list[dict[str, str]]:
         request, response = self.judged_text(request, response)
-        turns = [{"role": "user", "content": request}, {"role": "assistant", "content": response}]
         if self.tokenizer is None:
-            return turns
+            return [{"role": "user", "content": request}, {"role": "assistant", "content": response}]
+        before, between, after = self.exchange_frame
+        encode = functools.partial(self.tokenizer.encode, add_special_tokens=False)
+        return (encode(before) + literal_ids(self.tokenizer, request) + encode(between)
+                + literal_ids(self.tokenizer, response) + encode(after))
+
+    @functools.cached_property
+    def exchange_frame(self) -> tuple[str, str, str]:
+        """The guard model's chat template around an exchange: its text before the request, between
+        request and response, and after the response (the only text tokenized with special-token
+        parsing; the judged text is read as plain text)."""
         if not self.tokenizer.chat_template:
             raise QuadaError("the guard judge's model has no chat template: a guard model ships its classification "
                              "prompt as its chat template; give one that does, or use --judge-prompt FILE")
+        turns = [{"role": "user", "content": QUESTION_SLOT + "1"}, {"role": "assistant", "content": QUESTION_SLOT + "2"}]
         text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        if text.count(QUESTION_SLOT + "1") != 1 or text.count(QUESTION_SLOT + "2") != 1:
+            raise QuadaError("the guard model's chat template does not show the request and the response once each; "
+                             "choose another judge model, or use --judge-prompt FILE")
+        before, _, rest = text.partition(QUESTION_SLOT + "1")
+        between, _, after = rest.partition(QUESTION_SLOT + "2")
+        return before, between, after
 
 
 class PromptedJudge(YesNoJudge):
@@ -689,10 +704,18 @@ class PromptedJudge(YesNoJudge):
         super().__init__(*args, **kwargs)
 
     def render(self, request: str, response: str) -> list[int] | str:
+        import string
+
         request, response = self.judged_text(request, response)
-        values = {**{f: request for f in PROMPT_FIELDS["request"]}, **{f: response for f in PROMPT_FIELDS["response"]}}
-        text = self.template.format_map(values)
-        return text if self.tokenizer is None else self.tokenizer.encode(text, add_special_tokens=True)
+        judged = {**{f: request for f in PROMPT_FIELDS["request"]}, **{f: response for f in PROMPT_FIELDS["response"]}}
+        if self.tokenizer is None:
+            return self.template.format_map(judged)
+        # the prompt's own text is tokenized with special-token parsing, the judged text as plain text
+        ids = self.tokenizer.encode("", add_special_tokens=True)  # a BOS token where the tokenizer adds one
+        for literal, field_name, _, _ in string.Formatter().parse(self.template):
+            ids += self.tokenizer.encode(literal, add_special_tokens=False) if literal else []
+            ids += literal_ids(self.tokenizer, judged[field_name]) if field_name is not None else []
+        return ids
 
 
 def check_judge_prompt(prompt: str) -> str:
