@@ -22,7 +22,7 @@ from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES
 from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 from quada.errors import QuadaError
 from quada.options import EXECUTOR_OPTIONS, VetConfig, check_given_limits
-from quada.runs import atomic_writer
+from quada.runs import atomic_writer, check_apart
 
 app = typer.Typer(
     help="Safety of LLMs under activation approximations: apply, measure, analyse, defend.",
@@ -99,6 +99,7 @@ def generate_command(
 
     resolve_device(device)  # a bad or absent device fails before any work
     check_dtype(dtype)
+    check_apart([("--prompts", prompts), ("--model", model)], files=[("--out", out)])
     settings = GenerationSettings(max_new_tokens=max_new_tokens, prompt_format=prompt_format)
     items = load_benchmark(prompts)[:limit]
     lm, tokenizer = load(model, dtype=dtype, device=device)  # the name: ``balanced`` is more than a torch device
@@ -193,6 +194,7 @@ def results_merge_command(
 
     for path in stores:  # every input is checked before the output is created
         readable_store(path)
+    check_apart([("STORES", path) for path in stores], files=[("OUT", out)])
     with Store(out) as store:
         for path in stores:
             added = store.merge_from(path)

@@ -215,6 +215,12 @@ class EvalOptions:
 
         return GenerationSettings(self.max_new_tokens, self.prompt_format, self.stop_on_refusal)
 
+    def inputs(self) -> list[tuple[str, Any]]:
+        """What the run reads by option: the models, prompt files and corpus (a name that is no path,
+        such as a benchmark's, is left to :func:`quada.runs.check_apart` to skip)."""
+        return [("--model", self.model), ("--benchmark", self.benchmark), ("--corpus", self.corpus),
+                ("--judge-model", self.judge_model)]
+
     def shared(self) -> dict[str, Any]:
         """The shared options by name, to configure another evaluating run the same way."""
         return {f.name: getattr(self, f.name) for f in fields(EvalOptions)}
@@ -308,3 +314,9 @@ class VetConfig(EvalOptions):
         if self.questions is not None and self.questions < 0:
             raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")
         self.run_dir = Path(self.run_dir)
+
+    def inputs(self) -> list[tuple[str, Any]]:
+        from quada.backends import LLAMACPP
+
+        return [*super().inputs(), ("--benign", self.benign),
+                *(("--deployment", d.target) for d in self.deployments if d.kind == LLAMACPP)]

@@ -148,6 +148,9 @@ class AttackConfig(EvalOptions):
         self.approx = tuple(map(str, self.approximations))
         self.run_dir = Path(self.run_dir)
 
+    def inputs(self) -> list[tuple[str, str]]:
+        return [*super().inputs(), ("--mutator", self.mutator), ("--rewriter", self.rewriter)]
+
     def parameters(self, attack: str) -> dict:
         """The options that decide ``attack``'s prompts (its identity in the store)."""
         optimised = {"target": self.target, "prompt_format": self.prompt_format}

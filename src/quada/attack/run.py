@@ -68,8 +68,8 @@ from quada.eval.generate import generate
 from quada.eval.judges import attack_outcomes, check_judge_model, refusal_phrase
 from quada.eval.metrics import proportion
 from quada.judge_calibration import JudgeInfo, judge_infos
-from quada.models import load
-from quada.runs import jsonable, open_run_dir, progress_bar, write_json
+from quada.models import check_source, load
+from quada.runs import check_apart, jsonable, open_run_dir, progress_bar, write_json
 from quada.seeds import derived_seed
 from quada.store import CLEAN, Store
 
@@ -299,13 +299,17 @@ def answered_prompts(behaviours: list[Prompt], found: list[AttackPrompt], identi
 
 def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
     """Run every attack of ``config`` under every approximation; store, judge, report."""
+    check_apart(config.inputs(), run_dirs=[("--run-dir", config.run_dir)])
     behaviours = behaviours_of(config)
     for name in config.attack:
         MATERIAL.get(name, lambda: None)()
     check_judge_model(config.judges, config.judge_model)
-    open_run_dir(config.run_dir)
+    for name, source in (("autodan", config.mutator), ("past-tense", config.rewriter)):
+        if name in config.attack and source:  # loaded only when the attack starts: checked now
+            check_source(source)
     model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, config.approximations)
+    open_run_dir(config.run_dir)
     attackers = {"": (model, tokenizer), str(config.model): (model, tokenizer)}
 
     def attacker(source: str):

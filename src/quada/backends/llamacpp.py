@@ -32,6 +32,7 @@ from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import refusal_phrase
 from quada.models import BUILTINS, file_sha256, gguf_file
+from quada.runs import atomic_path, check_apart
 
 CONTEXT = 4096  # tokens per context: room for a prompt and its response, and for a perplexity window
 MICRO_BATCH = 512  # llama.cpp's default ubatch
@@ -222,7 +223,7 @@ def requantize(source: str, out: Path, quant: str, threads: int | None = None) -
     own quantizer (``llama_model_quantize``, the code behind its ``llama-quantize`` tool). Tensors
     that are already quantized are dequantized first (``allow_requantize``), so quantizing a k-quant
     further compounds both errors, as any requantization of a released GGUF does. Written to a
-    temporary name and renamed when complete."""
+    temporary name and renamed when complete; an ``out`` that is the source is refused."""
     if quant not in QUANT_TYPES:
         raise QuadaError(f"unknown quantization type {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
     llama = llama_cpp_module()
@@ -230,17 +231,17 @@ def requantize(source: str, out: Path, quant: str, threads: int | None = None) -
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise QuadaError(f"the output {out} must end in .gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+    check_apart([("SOURCE", path)], files=[("OUT", out)])
     params = llama.llama_model_quantize_default_params()
     params.ftype = gguf.LlamaFileType[f"MOSTLY_{quant}"].value
     params.allow_requantize = True
     params.nthread = threads or default_threads()
     try:
-        status = llama.llama_model_quantize(str(path).encode(), str(partial).encode(), ctypes.byref(params))
-        if status != 0:
-            raise QuadaError(f"llama.cpp could not quantize {path} to {quant} (status {status})")
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as partial:
+            status = llama.llama_model_quantize(str(path).encode(), str(partial).encode(), ctypes.byref(params))
+            if status != 0:
+                raise QuadaError(f"llama.cpp could not quantize {path} to {quant} (status {status})")
+    except OSError as err:
+        raise QuadaError(f"cannot write {out} ({err.strerror}); choose a writable OUT") from err
     return out

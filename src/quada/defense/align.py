@@ -42,7 +42,7 @@ from quada.eval.generate import check_prompts_fit
 from quada.eval.judges import check_judge_model
 from quada.report.align import align_sections, comparison_table, layers_phrase, method_name, model_card
 from quada.report.render import write_report
-from quada.runs import atomic_folder, atomic_write_text, jsonable, open_run_dir, write_json
+from quada.runs import atomic_folder, atomic_write_text, check_apart, jsonable, open_run_dir, write_json
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -283,8 +283,24 @@ def evaluation_subjects(config: AlignConfig, record: dict) -> dict[str, tuple[st
     return subjects
 
 
+def check_outputs(config: AlignConfig) -> None:
+    """Refuse, before any work, a run folder whose writes would replace one of the run's inputs (its
+    data, checkpoints, adapter and model folders are replaced whole; its report and the results of its
+    evaluations are written), or where a file stands in the way of one of its folders."""
+    harmful, benign = config.eval_sets()
+    inputs = [("--pairs", config.pairs), ("--model", config.model), ("--benchmark", harmful), ("--benign", benign),
+              ("--corpus", config.corpus), ("--judge-model", config.judge_model)]
+    out = config.out_dir
+    before = ("--before-dir", config.before_dir) if config.before_dir else ("--out", out / "before")
+    evaluations = [(option, folder / part) for option, folder in (before, ("--out", out / "after"))
+                   for part in ("vet", "sweep")]
+    check_apart(inputs, folders=[("--out", out / name) for name in (DATA_DIR, CHECKPOINT_DIR, ADAPTER_DIR, MODEL_DIR)],
+                run_dirs=[("--out", out), *evaluations])
+
+
 def align(config: AlignConfig, progress: bool = True) -> AlignResult:
     """Train (or resume, or reuse a finished model), then evaluate before/after and report."""
+    check_outputs(config)
     pairs = stratified_pairs(load_pairs(config.pairs), config.max_pairs, config.pairs_seed)
     harmful, benign = config.eval_sets()
     if not config.skip_eval:

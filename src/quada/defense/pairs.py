@@ -60,8 +60,8 @@ from quada.errors import QuadaError, check_seed
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import keyword_verdict, refusal_phrase
 from quada.hub import require_hub
-from quada.models import DEFAULT_MODEL
-from quada.runs import atomic_write_text, open_run_dir, progress_bar
+from quada.models import DEFAULT_MODEL, check_source
+from quada.runs import atomic_write_text, check_apart, open_run_dir, progress_bar
 from quada.store import CLEAN, Store
 
 PKU_HUB_ID = "PKU-Alignment/PKU-SafeRLHF"
@@ -76,6 +76,7 @@ PAIRS_FILE = "pairs.jsonl"
 SPLIT_FILE = "split.json"
 HELDOUT_HARMFUL = "heldout-harmful.jsonl"
 HELDOUT_BENIGN = "heldout-benign.jsonl"
+STORE_FILE = "results.sqlite"  # the generation store of the generated sources
 # Refusals written for quada, used where the model has no refusal of its own to offer (chosen for a
 # prompt it answered, rejected for a benign prompt).
 WRITTEN_REFUSALS = (
@@ -101,6 +102,13 @@ class PreferencePair:
 def written_refusal(key: str) -> str:
     """One of :data:`WRITTEN_REFUSALS`, fixed by ``key`` (a prompt id)."""
     return WRITTEN_REFUSALS[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(WRITTEN_REFUSALS)]
+
+
+def check_out_dir(out_dir: Path, inputs) -> None:
+    """Refuse an output folder where the pairs, the split, the held-out prompt files or the generation
+    store would replace one of the ``inputs`` (``(option, value)`` pairs), before any work."""
+    written = (PAIRS_FILE, SPLIT_FILE, HELDOUT_HARMFUL, HELDOUT_BENIGN, STORE_FILE)
+    check_apart(inputs, files=[("--out", Path(out_dir) / name) for name in written])
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -355,6 +363,14 @@ class PairsConfig:
         check_seed(self.seed)
         self.out_dir = Path(self.out_dir)
 
+    def models(self) -> list[tuple[str, str]]:
+        """The models that answer, by option."""
+        return [("--model", self.model)]
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """The prompt files and models the pairs are made from, by option."""
+        return [("--harmful", self.harmful), ("--benign", self.benign), *self.models()]
+
 
 def _check_at_least_one(config, names: Sequence[str], optional: bool = False) -> None:
     """A user error naming the first field of ``names`` below 1; ``optional`` ones may be None (all)."""
@@ -397,6 +413,9 @@ class GenericPairsConfig(PairsConfig):
         super().__post_init__()
         if not self.rejected_model.strip():
             raise QuadaError(f"rejected-model must name a model; the default is {UNALIGNED_MODEL}, an unaligned one")
+
+    def models(self) -> list[tuple[str, str]]:
+        return [*super().models(), ("--rejected-model", self.rejected_model)]
 
 
 @dataclass
@@ -498,7 +517,11 @@ def many_shot_pairs(prompts, answers, clean) -> list[PreferencePair]:
 
 def _split_prompt_sets(config: PairsConfig) -> tuple[Split, list[Prompt], list[Prompt], list[Prompt]]:
     """``(split, harmful_train, harmful_heldout, benign_train)``: both prompt sets split, the
-    training parts subset (``limit``, ``benign_limit``), the split and held-out files written."""
+    training parts subset (``limit``, ``benign_limit``), the split and held-out files written once
+    the models and the output folder are checked."""
+    check_out_dir(config.out_dir, config.inputs())
+    for _, source in config.models():
+        check_source(source)
     harmful_train, harmful_heldout = split_prompts(load_benchmark(config.harmful), config.heldout, config.seed)
     benign_train, benign_heldout = split_prompts(load_benchmark(config.benign), config.benign_heldout, config.seed)
     harmful_train = subset(harmful_train, config.limit, config.seed)
@@ -647,6 +670,7 @@ def pku_pairs(file: str | Path | None, out_dir: Path, limit: int | None = None, 
     """PKU-SafeRLHF pairs written to ``out_dir/pairs.jsonl``. Their prompts are not AdvBench's or
     the bundled benign suite's, so the split records every one of those as held out."""
     check_seed(seed)
+    check_out_dir(out_dir, [("--file", file)])
     pairs = load_pku_saferlhf(file, limit, seed)
     open_run_dir(out_dir, "--out")
     advbench, benign = load_benchmark("advbench"), load_benchmark("quada-benign")
