@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import typer
@@ -20,7 +21,7 @@ from quada.cli_options import AllPrompts, config_options, print_table, without_l
 from quada.defense.cli import align_command, pairs_command
 from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES
 from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
-from quada.errors import QuadaError
+from quada.errors import QuadaError, QuadaWarning
 from quada.options import EXECUTOR_OPTIONS, VetConfig, check_given_limits
 from quada.runs import atomic_writer, check_apart
 
@@ -292,13 +293,30 @@ def judge_calibrate_command(
 THIRD_PARTY_BARS_OFF = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
+def _warning_printer(others):
+    """A ``warnings.showwarning`` that prints a :class:`QuadaWarning` as one line on stderr and hands
+    any other warning to ``others``."""
+
+    def show(message, category, *args, **kwargs) -> None:
+        if issubclass(category, QuadaWarning):
+            err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False)
+        else:
+            others(message, category, *args, **kwargs)
+
+    return show
+
+
 def main() -> None:
-    """Entry point: user errors print one message and exit 2, never a traceback."""
+    """Entry point: user errors print one message and exit 2, never a traceback; warnings print one
+    line each."""
     if not sys.stderr.isatty():
         for name, value in THIRD_PARTY_BARS_OFF.items():
             os.environ.setdefault(name, value)
     try:
-        app()
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", QuadaWarning)  # each distinct warning once
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            app()
     except QuadaError as err:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
