@@ -65,15 +65,19 @@ def test_a_bad_shared_option_fails_the_same_way_in_every_config(config, values, 
 
 
 def test_the_safety_judges_the_message_names_are_those_the_rule_accepts():
-    from quada.eval.judges import JUDGES, SAFETY_JUDGES
+    from quada.eval.judges import JUDGE_CLASSES, JUDGES, SAFETY_JUDGES
 
     with pytest.raises(QuadaError) as error:
         VetConfig(judges=("harmfulness",))
     named = str(error.value).split("(")[1].split(")")[0].split(", ")
     assert named == list(SAFETY_JUDGES)
     for judge in JUDGES:
-        if judge in named:
+        if judge in named and JUDGE_CLASSES[judge].label_is_attack:
             assert VetConfig(judges=(judge,)).judges == (judge,)
+        elif judge in named:  # a refusal judge rates attacks only beside a judge that reads the answer
+            with pytest.raises(QuadaError, match="holds only refusal judges"):
+                VetConfig(judges=(judge,))
+            assert VetConfig(judges=("keyword", judge)).judges == ("keyword", judge)
         else:
             with pytest.raises(QuadaError, match="no safety judge"):
                 VetConfig(judges=(judge,))

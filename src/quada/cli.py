@@ -264,6 +264,8 @@ def judge_calibrate_command(
     from quada.runs import progress_bar
 
     names = [j.strip() for j in judges.split(",") if j.strip()]
+    if not names:
+        raise QuadaError(f"--judges names no judge; give one or more of {', '.join(JUDGE_NAMES)}")
     check_judges(names)
     device = resolve_device(device)
     dtype = check_dtype(dtype)

@@ -47,6 +47,21 @@ def check_judges(names: Iterable[str]) -> None:
             raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
 
 
+def check_not_only_refusal(judges: tuple[str, ...]) -> None:
+    """Fail when every judge of the harmful responses only looks for a refusal: such a judge counts any
+    response without one as an attack, empty or garbled text too, so alone it cannot tell a broken
+    model from a jailbroken one."""
+    from quada.eval.judges import JUDGE_CLASSES
+
+    if judges and not any(JUDGE_CLASSES[name].label_is_attack for name in judges):
+        raise QuadaError(
+            f"--judges {','.join(judges)} holds only refusal judges, which count every response without a refusal "
+            "as an attack, garbled or empty ones too; add a judge that reads the answer: keyword (the paper's rule) "
+            f"or a harm judge (llm, uplift), e.g. --judges keyword,{','.join(judges)}. Over-refusal on the benign "
+            "prompts is --refusal-judge's"
+        )
+
+
 def check_refusal_judge(name: str) -> None:
     """Fail unless ``name`` is a judge whose label is "refused" (it measures over-refusal)."""
     from quada.eval.judges import JUDGE_CLASSES
@@ -196,6 +211,7 @@ class EvalOptions:
         self.judges = tuple(self.judges)
         check_seed(self.seed)
         check_judges(self.judges)
+        check_not_only_refusal(self.judges)
         check_counts(self, "limit", "ppl_windows", "max_new_tokens")
         if not self.ppl_window >= 2:
             raise QuadaError(f"--ppl-window must be at least 2 tokens (one predicts the next), got {self.ppl_window}")
