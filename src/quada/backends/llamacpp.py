@@ -79,6 +79,28 @@ def default_threads() -> int:
     return torch.get_num_threads()
 
 
+def load_model(llama, path: Path):
+    """``path`` loaded by llama.cpp onto the CPU (the ``llama_model`` pointer), or a :class:`QuadaError`
+    when llama.cpp cannot load it: a damaged or truncated file, or an architecture or quantization this
+    llama.cpp does not know."""
+    params = llama.llama_model_default_params()
+    params.n_gpu_layers = 0
+    model = llama.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise QuadaError(
+            f"llama.cpp cannot load {path} (a damaged or truncated file, or an architecture or quantization this "
+            f"llama.cpp ({llama.__version__}) does not know); give a GGUF file that llama.cpp runs"
+        )
+    return model
+
+
+def check_loads(path: Path) -> None:
+    """Fail now, before any other work, on a GGUF file that llama.cpp cannot load. Its weights are
+    mapped, not read, so this costs little even for a large file."""
+    llama = llama_cpp_module()
+    llama.llama_model_free(load_model(llama, path))
+
+
 class LlamaCppBackend:
     """A GGUF file (or a built-in model's GGUF) run by llama.cpp here; see the module docstring."""
 
@@ -86,14 +108,7 @@ class LlamaCppBackend:
         llama = self._llama = llama_cpp_module()
         path = gguf_file(deployment.target)
         self.tokenizer = tokenizer
-        model_params = llama.llama_model_default_params()
-        model_params.n_gpu_layers = 0
-        self._model = llama.llama_model_load_from_file(str(path).encode(), model_params)
-        if not self._model:
-            raise QuadaError(
-                f"llama.cpp cannot load {path} (an architecture or quantization this llama.cpp "
-                f"({llama.__version__}) does not know, or a damaged file); give a GGUF file that llama.cpp runs"
-            )
+        self._model = load_model(llama, path)
         self._vocab = llama.llama_model_get_vocab(self._model)
         self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         params = llama.llama_context_default_params()
