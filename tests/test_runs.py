@@ -271,3 +271,14 @@ def test_progress_interval_comes_from_the_environment_and_a_bad_value_is_a_user_
         monkeypatch.setenv(PROGRESS_INTERVAL_ENV, bad)
         with pytest.raises(QuadaError, match=f"{PROGRESS_INTERVAL_ENV} must be a number of seconds"):
             progress_interval()
+
+
+def test_the_run_folder_files_name_every_results_file_the_commands_write():
+    from quada.attack.report import RESULTS_FILE as ATTACK_FILE
+    from quada.defense.arms import ALIGN_FILE, ARMS_FILE
+    from quada.report import clusters, layers, sweep, vet
+    from quada.runs import RUN_FOLDER_FILES
+
+    written = {vet.RESULTS_FILE, sweep.POINTS_FILE, layers.RESULTS_FILE, clusters.RESULTS_FILE, ATTACK_FILE, ALIGN_FILE,
+               ARMS_FILE, "results.sqlite", "report.md", "report.html"}
+    assert written <= set(RUN_FOLDER_FILES) and "*.png" in RUN_FOLDER_FILES  # the report's figures
