@@ -10,7 +10,11 @@ Ways, each timed on the whole workload after a warm-up:
 - baseline: every item of every call rendered and scored on its own (the judge before sharing);
 - shared prefix: the ids that open all items of a call run once, batches reuse their cache;
 - quada: shared prefix plus the judge's memo (an input scored once is never scored again), at
-  each of ``--batch-sizes``.
+  each of ``--batch-sizes``;
+- llama.cpp: the same judge with its model in llama.cpp (``--judge-model llamacpp:...``, the
+  judge's own prefix kept in the KV cache, and the memo), on the built-in's GGUF as it ships
+  (Q4_K_M weights, 8-bit activations), where llama-cpp-python is installed; its speed-up is given
+  against the quada way too, and its labels against both.
 Prints seconds, the speed-up against the baseline, whether every label equals the baseline's, and
 the scores of any item whose label differs. The judge models run in bf16, where the batch a row runs
 in already moves its score by a few hundredths (on the main job's store, the baseline at batch 1
@@ -24,6 +28,7 @@ computation.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 import time
@@ -33,6 +38,7 @@ import torch
 import typer
 
 from quada.data import load_benchmark
+from quada.devices import cpu_name
 from quada.errors import QuadaError
 from quada.eval.judges import DEFAULT_JUDGE_MODEL, LogitJudge, make_judge
 from quada.eval.scoring import answer_group_probabilities, next_token_logprobs, pad_id_of
@@ -137,8 +143,8 @@ def main(
     new_judge(sizes[0]).judge(calls[0][0][:1], calls[0][1][:1])  # warm-up
 
     source = f"store {store}" if store else f"made-up responses, {unchanged:.0%} unchanged per condition"
-    print(f"judge {judge} on {label}, {torch.get_num_threads()} threads; {len(items)} items in {len(calls)} calls "
-          f"(one per condition), {distinct} distinct judge inputs; {source}")
+    print(f"judge {judge} on {label}, {torch.get_num_threads()} threads, CPU: {cpu_name()}; {len(items)} items in "
+          f"{len(calls)} calls (one per condition), {distinct} distinct judge inputs; {source}")
     print(f"{'way':36s} {'seconds':>8s} {'speed-up':>9s}  labels as baseline  max |score diff|", flush=True)
     start = time.perf_counter()
     baseline = score_items(baseline_judge, calls, share_prefix=False)
@@ -149,16 +155,35 @@ def main(
         fresh = new_judge(size)
         ways.append((f"quada (prefix + memo, batch {size})",
                      lambda fresh=fresh: [r for call in calls for r in fresh.judge(*call)]))
+    timed = {}
     for name, way in ways:
         start = time.perf_counter()
         results = way()
         seconds = time.perf_counter() - start
+        timed[name] = results, seconds
         same = sum(a.label == b.label for a, b in zip(results, baseline))
         diff = max(abs(a.score - b.score) for a, b in zip(results, baseline))
         print(f"{name:36s} {seconds:8.1f} {t_base / seconds:8.2f}x  {same}/{len(items)}{'':13s}{diff:.2g}", flush=True)
         for a, b in zip(baseline, results):
             if a.label != b.label:
                 print(f"{'':38s}a label differs: score {a.score:.4f} -> {b.score:.4f}{at_threshold}")
+    if not tiny and importlib.util.find_spec("llama_cpp") is not None:
+        quada_results, quada_seconds = timed[ways[-1][0]]
+        in_llama = make_judge(judge, model_source=f"llamacpp:{judge_model}")
+        in_llama.judge(calls[0][0][:1], calls[0][1][:1])  # warm-up (and the judge's prefix cached)
+        in_llama = make_judge(judge, model_source=f"llamacpp:{judge_model}")  # an empty memo
+        start = time.perf_counter()
+        results = [r for call in calls for r in in_llama.judge(*call)]
+        seconds = time.perf_counter() - start
+        same = sum(a.label == b.label for a, b in zip(results, baseline))
+        as_quada = sum(a.label == b.label for a, b in zip(results, quada_results))
+        diff = max(abs(a.score - b.score) for a, b in zip(results, quada_results))
+        print(f"{'llama.cpp (GGUF as shipped, prefix + memo)':36s} {seconds:8.1f} {t_base / seconds:8.2f}x  "
+              f"{same}/{len(items)}; against the quada way: {quada_seconds / seconds:.2f}x faster, labels "
+              f"{as_quada}/{len(items)} ({100 * as_quada / len(items):.1f}%), max |score diff| {diff:.2g}", flush=True)
+        for a, b in zip(quada_results, results):
+            if a.label != b.label:
+                print(f"{'':38s}a label differs from the quada way's: score {a.score:.4f} -> {b.score:.4f}{at_threshold}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ def test_a_user_jsonl_takes_json_booleans_and_numbers(tmp_path):
         ("blank.csv", "prompt,response,label\n ,r,1\n", r"blank.csv row 1 has an empty prompt"),
         ("empty.csv", "prompt,response,label\n", r"labelled file .*empty.csv holds no rows"),
         ("dupes.csv", "id,prompt,response,label\nk,a,r,1\nk,b,r,0\n", r"repeats the id 'k'"),
+        ("extra.csv", "prompt,response,label\nq,r,1\nq2,Sure, here,0\n",
+         r"extra.csv has 4 fields in the row that ends at line 3, where the header names 3; put a field"),
         ("nokey.jsonl", '{"prompt": "q", "label": 1}\n', r"nokey.jsonl line 1 has no 'response'"),
         ("nullabel.jsonl", '{"prompt": "q", "response": "r", "label": null}\n', r"line 1 has no 'label'"),
         ("list.jsonl", '["q", "r", 1]\n', r"line 1 is not an object with keys"),

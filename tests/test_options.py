@@ -67,7 +67,7 @@ def test_a_bad_shared_option_fails_the_same_way_in_every_config(config, values, 
 
 
 def test_the_safety_judges_the_message_names_are_those_the_rule_accepts(tmp_path):
-    from quada.eval.judges import JUDGES, SAFETY_JUDGES
+    from quada.eval.judges import JUDGE_CLASSES, JUDGES, SAFETY_JUDGES
 
     with pytest.raises(QuadaError) as error:
         VetConfig(judges=("harmfulness",))
@@ -76,8 +76,12 @@ def test_the_safety_judges_the_message_names_are_those_the_rule_accepts(tmp_path
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Behavior: {behavior}\nGeneration: {generation}\nYes or no?")
     for judge in JUDGES:
-        if judge in named:
+        if judge in named and JUDGE_CLASSES[judge].label_is_attack:
             assert VetConfig(judges=(judge,), judge_prompt=str(prompt)).judges == (judge,)
+        elif judge in named:  # a refusal judge rates attacks only beside a judge that reads the answer
+            with pytest.raises(QuadaError, match="holds only refusal judges"):
+                VetConfig(judges=(judge,))
+            assert VetConfig(judges=("keyword", judge)).judges == ("keyword", judge)
         else:
             with pytest.raises(QuadaError, match="no safety judge"):
                 VetConfig(judges=(judge,))

@@ -20,8 +20,10 @@ from quada.runs import (
     PROGRESS_INTERVAL_ENV,
     LineProgress,
     atomic_folder,
+    atomic_path,
     atomic_write_text,
     atomic_writer,
+    check_apart,
     progress_interval,
     write_json,
 )
@@ -66,6 +68,58 @@ def test_an_error_mid_write_keeps_the_old_file_and_removes_the_temporary_file(tm
             raise RuntimeError("killed")
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def test_a_cleanup_that_fails_does_not_hide_the_error_it_cleans_up_after(tmp_path, monkeypatch):
+    def read_only(path, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(path))
+
+    path = tmp_path / "out.jsonl"
+    path.write_text("old\n")
+    monkeypatch.setattr(os, "unlink", read_only)
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_writer(path) as f:
+            f.write("half a row")
+            raise RuntimeError("killed")
+    with pytest.raises(QuadaError, match="the writer failed"):
+        with atomic_path(tmp_path / "model.gguf"):
+            raise QuadaError("the writer failed")
+    assert path.read_text() == "old\n" and not (tmp_path / "model.gguf").exists()
+
+
+def test_a_writer_by_name_fills_a_temporary_sibling_that_replaces_the_target(tmp_path):
+    target = tmp_path / "model.gguf"
+    with atomic_path(target) as partial:
+        assert partial.parent == tmp_path and partial.name.startswith(".model.gguf.") and partial.stat().st_size == 0
+        partial.write_bytes(b"GGUF")
+    assert target.read_bytes() == b"GGUF" and os.listdir(tmp_path) == ["model.gguf"]
+
+
+def test_an_output_that_is_an_input_is_refused_through_links_and_folders(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("input")
+    (tmp_path / "hard.txt").hardlink_to(source)
+    (tmp_path / "soft.txt").symlink_to(source)
+    model = tmp_path / "model"
+    (model / "weights").mkdir(parents=True)
+    inputs = [("--in", source), ("--model", model), ("--benchmark", "advbench")]
+    for out in ("in.txt", "hard.txt", "soft.txt"):
+        with pytest.raises(QuadaError, match=re.escape(f"--out {tmp_path / out} is --in {source}, which this command reads")):
+            check_apart(inputs, files=[("--out", tmp_path / out)])
+    with pytest.raises(QuadaError, match="lies in --model"):
+        check_apart(inputs, files=[("--out", model / "weights")])
+    with pytest.raises(QuadaError, match="a folder that this command replaces whole, holds --in"):
+        check_apart(inputs, folders=[("--out", tmp_path)])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.md").write_text("a prompt")
+    with pytest.raises(QuadaError, match="is report.md, a file that this command writes in --run-dir"):
+        check_apart([("--benchmark", run / "report.md")], run_dirs=[("--run-dir", run)])
+    with pytest.raises(QuadaError, match="--run-dir .*in.txt/run lies where a file is"):
+        check_apart(inputs, run_dirs=[("--run-dir", source / "run")])
+    # Beside the inputs, in a new file or folder, or in a run folder among files it does not write: allowed.
+    check_apart(inputs, files=[("--out", tmp_path / "new.txt"), ("--out", model / "new.json")],
+                folders=[("--out", tmp_path / "arms")], run_dirs=[("--run-dir", model), ("--run-dir", run)])
 
 
 def test_a_new_file_gets_the_usual_permissions_and_a_replaced_one_keeps_its_own(tmp_path):
@@ -217,3 +271,14 @@ def test_progress_interval_comes_from_the_environment_and_a_bad_value_is_a_user_
         monkeypatch.setenv(PROGRESS_INTERVAL_ENV, bad)
         with pytest.raises(QuadaError, match=f"{PROGRESS_INTERVAL_ENV} must be a number of seconds"):
             progress_interval()
+
+
+def test_the_run_folder_files_name_every_results_file_the_commands_write():
+    from quada.attack.report import RESULTS_FILE as ATTACK_FILE
+    from quada.defense.arms import ALIGN_FILE, ARMS_FILE
+    from quada.report import clusters, layers, sweep, vet
+    from quada.runs import RUN_FOLDER_FILES
+
+    written = {vet.RESULTS_FILE, sweep.POINTS_FILE, layers.RESULTS_FILE, clusters.RESULTS_FILE, ATTACK_FILE, ALIGN_FILE,
+               ARMS_FILE, "results.sqlite", "report.md", "report.html"}
+    assert written <= set(RUN_FOLDER_FILES) and "*.png" in RUN_FOLDER_FILES  # the report's figures

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import typer
@@ -20,7 +21,7 @@ from quada.cli_options import AllPrompts, config_options, parse_names, print_tab
 from quada.defense.cli import align_command, pairs_command
 from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES, OWN_JUDGES
 from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
-from quada.errors import QuadaError
+from quada.errors import QuadaError, QuadaWarning
 from quada.options import (
     EXECUTOR_OPTIONS,
     JUDGE_ANSWERS_HELP,
@@ -29,7 +30,7 @@ from quada.options import (
     VetConfig,
     check_given_limits,
 )
-from quada.runs import atomic_writer
+from quada.runs import atomic_writer, check_apart
 
 app = typer.Typer(
     help="Safety of LLMs under activation approximations: apply, measure, analyse, defend.",
@@ -106,6 +107,7 @@ def generate_command(
 
     resolve_device(device)  # a bad or absent device fails before any work
     check_dtype(dtype)
+    check_apart([("--prompts", prompts), ("--model", model)], files=[("--out", out)])
     settings = GenerationSettings(max_new_tokens=max_new_tokens, prompt_format=prompt_format)
     items = load_benchmark(prompts)[:limit]
     lm, tokenizer = load(model, dtype=dtype, device=device)  # the name: ``balanced`` is more than a torch device
@@ -201,6 +203,7 @@ def results_merge_command(
 
     for path in stores:  # every input is checked before the output is created
         readable_store(path)
+    check_apart([("STORES", path) for path in stores], files=[("OUT", out)])
     with Store(out) as store:
         for path in stores:
             added = store.merge_from(path)
@@ -277,6 +280,8 @@ def judge_calibrate_command(
     from quada.runs import progress_bar
 
     names = [j.strip() for j in judges.split(",") if j.strip()]
+    if not names:
+        raise QuadaError(f"--judges names no judge; give one or more of {', '.join(JUDGE_NAMES)}")
     check_judges(names)
     options = judge_options(judge_prompt, None if judge_answers is None else parse_names(judge_answers))
     device = resolve_device(device)
@@ -310,13 +315,30 @@ def judge_calibrate_command(
 THIRD_PARTY_BARS_OFF = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
+def _warning_printer(others):
+    """A ``warnings.showwarning`` that prints a :class:`QuadaWarning` as one line on stderr and hands
+    any other warning to ``others``."""
+
+    def show(message, category, *args, **kwargs) -> None:
+        if issubclass(category, QuadaWarning):
+            err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False)
+        else:
+            others(message, category, *args, **kwargs)
+
+    return show
+
+
 def main() -> None:
-    """Entry point: user errors print one message and exit 2, never a traceback."""
+    """Entry point: user errors print one message and exit 2, never a traceback; warnings print one
+    line each."""
     if not sys.stderr.isatty():
         for name, value in THIRD_PARTY_BARS_OFF.items():
             os.environ.setdefault(name, value)
     try:
-        app()
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", QuadaWarning)  # each distinct warning once
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            app()
     except QuadaError as err:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)

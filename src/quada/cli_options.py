@@ -36,11 +36,15 @@ def parse_names(text: str) -> tuple[str, ...]:
 
 
 def parse_numbers(text: str, option: str) -> tuple[float, ...]:
-    """Comma-separated numbers; ``clean`` stands for 0 (the unapproximated model)."""
+    """Comma-separated numbers; ``clean`` stands for 0 (the unapproximated model). An empty entry
+    (``0.1,,0.2``, a comma at the end) is refused: it is a number left out, not one to skip."""
+    if not text.replace(",", "").strip():
+        raise QuadaError(f"{option} is empty; write numbers separated by commas, e.g. 0,0.05,0.1")
     values = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
-            continue
+            raise QuadaError(f"{option} {text!r} has an empty entry between commas; write one number between each "
+                             "two commas, e.g. 0,0.05,0.1")
         if item.lower() == "clean":
             values.append(0.0)
             continue
@@ -48,8 +52,6 @@ def parse_numbers(text: str, option: str) -> tuple[float, ...]:
             values.append(float(item))
         except ValueError:
             raise QuadaError(f"{option}: {item!r} is not a number; write numbers separated by commas, e.g. 0,0.05,0.1") from None
-    if not values:
-        raise QuadaError(f"{option} is empty; write numbers separated by commas, e.g. 0,0.05,0.1")
     return tuple(values)
 
 

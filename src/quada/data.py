@@ -308,8 +308,16 @@ def csv_rows(path: Path, what: str, skip_comment_lines: bool = False) -> tuple[l
     # Strict: a quote left open would otherwise swallow every following line into one field, silently.
     reader = csv.DictReader(io.StringIO(_after_comment_lines(text) if skip_comment_lines else text, newline=""),
                             strict=True)
+    rows = []
     try:
-        rows = list(reader)
+        for row in reader:
+            if None in row:  # DictReader's key for the fields beyond the header's
+                raise QuadaError(
+                    f"{what} {path} has {len(reader.fieldnames) + len(row[None])} fields in the row that ends at line "
+                    f"{reader.line_num}, where the header names {len(reader.fieldnames)}; put a field that holds a "
+                    'comma in double quotes ("a, b"), or add its column to the header'
+                )
+            rows.append(row)
     except csv.Error as err:
         raise QuadaError(
             f"{what} {path} is not valid CSV in the row that starts at line {reader.line_num + 1} ({err}); look "

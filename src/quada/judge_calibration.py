@@ -100,6 +100,22 @@ def halves(items: Sequence[LabelledItem]) -> tuple[list[int], list[int]]:
     return split_halves([i.id for i in items], [f"{i.category}|{i.label}" for i in items], SPLIT_SEED)
 
 
+def check_halves(items: Sequence[LabelledItem], labelled_set: str) -> tuple[list[int], list[int]]:
+    """:func:`halves` of a labelled set that can be calibrated on: each half holds items of both
+    labels (a threshold is tuned on one and agreement measured on the other; with one label, or one
+    item, the figures say nothing). A smaller set is a user error naming its counts."""
+    tuning, held_out = halves(items)
+    if any({items[i].label for i in half} != {True, False} for half in (tuning, held_out)):
+        positive = sum(item.label for item in items)
+        raise QuadaError(
+            f"{labelled_set} holds {len(items)} labelled item(s), {positive} labelled 1 and {len(items) - positive} "
+            "labelled 0: too few to calibrate on, since a calibration splits them into a tuning and a held-out half "
+            "and each half needs items of both labels; add labelled rows (at least 2 of each label, dozens for "
+            "intervals worth reading)"
+        )
+    return tuning, held_out
+
+
 def items_sha256(items: Sequence[LabelledItem]) -> str:
     """A digest of the labelled items (ids, texts, labels), so a changed file is calibrated anew."""
     digest = hashlib.sha256()
@@ -208,12 +224,12 @@ def calibrate(
             f"calibrate it on {DEFAULT_SETS[judge.measure]}"
         )
     items = load_labelled(labelled_set)
+    tuning, held_out = check_halves(items, labelled_set)
     digest = items_sha256(items)
     path = cache_path(judge.identity, digest)
     previous = _stored(path)
     if previous and (not tune or previous.tuning_scores is not None or previous.threshold is None):
         return previous  # complete for what is asked (a rule judge has no threshold to tune)
-    tuning, held_out = halves(items)
     judged = _judged(judge, [items[i] for i in held_out], measure, on_chunk)
     truth = [items[i].label for i in held_out]
     scores = [score for _, score in judged]

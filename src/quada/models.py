@@ -171,7 +171,7 @@ def _converted_folder(key: str, gguf_parts: list[Path], expected_sha256: str | N
     target = cache_dir() / key
     if (target / CONVERTED_MANIFEST).exists():
         return target
-    with tempfile.TemporaryDirectory(dir=_ensure_cache()) as work:
+    with tempfile.TemporaryDirectory(dir=_ensure_cache(), ignore_cleanup_errors=True) as work:
         if len(gguf_parts) == 1:
             gguf = gguf_parts[0]
             sha, size = _sha256_of_concatenation(gguf_parts)
@@ -207,7 +207,7 @@ def gguf_file(source: str) -> Path:
         parts = builtin.part_paths()
         _ensure_cache()
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        with tempfile.TemporaryDirectory(dir=target.parent, ignore_cleanup_errors=True) as work:
             joined = Path(work) / target.name
             sha, _ = _sha256_of_concatenation(parts, joined)
             _check_sha256(sha, builtin.sha256, f"built-in {source}")

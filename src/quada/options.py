@@ -51,6 +51,21 @@ def check_judges(names: Iterable[str]) -> None:
             raise QuadaError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
 
 
+def check_not_only_refusal(judges: tuple[str, ...]) -> None:
+    """Fail when every judge of the harmful responses only looks for a refusal: such a judge counts any
+    response without one as an attack, empty or garbled text too, so alone it cannot tell a broken
+    model from a jailbroken one."""
+    from quada.eval.judges import JUDGE_CLASSES
+
+    if judges and not any(JUDGE_CLASSES[name].label_is_attack for name in judges):
+        raise QuadaError(
+            f"--judges {','.join(judges)} holds only refusal judges, which count every response without a refusal "
+            "as an attack, garbled or empty ones too; add a judge that reads the answer: keyword (the paper's rule) "
+            f"or a harm judge (llm, uplift), e.g. --judges keyword,{','.join(judges)}. Over-refusal on the benign "
+            "prompts is --refusal-judge's"
+        )
+
+
 def check_refusal_judge(name: str) -> None:
     """Fail unless ``name`` is a judge whose label is "refused" (it measures over-refusal)."""
     from quada.eval.judges import JUDGE_CLASSES
@@ -253,6 +268,7 @@ class EvalOptions:
         self.judge_options = judge_options(self.judge_prompt, self.judge_answers)
         if "prompted" in self.judges and "prompt" not in self.judge_options["prompted"]:
             raise QuadaError("the prompted judge reads its classifier's prompt from a file: give --judge-prompt FILE")
+        check_not_only_refusal(self.judges)
         check_counts(self, "limit", "ppl_windows", "max_new_tokens")
         if not self.ppl_window >= 2:
             raise QuadaError(f"--ppl-window must be at least 2 tokens (one predicts the next), got {self.ppl_window}")
@@ -271,6 +287,12 @@ class EvalOptions:
         from quada.eval.generate import GenerationSettings
 
         return GenerationSettings(self.max_new_tokens, self.prompt_format, self.stop_on_refusal)
+
+    def inputs(self) -> list[tuple[str, Any]]:
+        """What the run reads by option: the models, prompt files and corpus (a name that is no path,
+        such as a benchmark's, is left to :func:`quada.runs.check_apart` to skip)."""
+        return [("--model", self.model), ("--benchmark", self.benchmark), ("--corpus", self.corpus),
+                ("--judge-model", self.judge_model), ("--judge-prompt", self.judge_prompt)]
 
     def shared(self) -> dict[str, Any]:
         """The shared options by name, to configure another evaluating run the same way."""
@@ -390,3 +412,9 @@ class VetConfig(EvalOptions):
         if self.questions is not None and self.questions < 0:
             raise QuadaError(f"questions must be 0 (skip) or more, got {self.questions}")
         self.run_dir = Path(self.run_dir)
+
+    def inputs(self) -> list[tuple[str, Any]]:
+        from quada.backends import LLAMACPP
+
+        return [*super().inputs(), ("--benign", self.benign),
+                *(("--deployment", d.target) for d in self.deployments if d.kind == LLAMACPP)]

@@ -6,6 +6,8 @@ and two processes writing the same file never trip over each other's temporary f
 process left (its process is gone from this machine) is removed by the next write of the same
 target. A symlink is written through (the link stays a link); a pipe, a device or a stream alias
 such as ``/dev/stdout`` is written in place, since replacing it by a regular file would break it.
+Cleaning up after a failed write never replaces the failure by one of its own
+(:func:`quada.errors.cleanup_after`), and no command writes over its own input (:func:`check_apart`).
 
 The progress display is a live bar per task on a terminal; in a log (stdout redirected to a file or
 a pipe), where a live display would appear only once, at the end, it is a plain line per running
@@ -25,7 +27,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -33,12 +35,15 @@ from typing import IO, Any
 from rich import get_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from quada.errors import QuadaError
+from quada.errors import QuadaError, cleanup_after
 
 # A process's open streams: written in place even when they lead to a regular file (a redirected
 # stdout), which belongs to the shell and must not be replaced.
 STREAM_ALIASES = ("/dev/stdout", "/dev/stderr", "/dev/fd/*", "/proc/*/fd/*")
 PARTIAL_SUFFIX = ".partial"
+# What the commands write in a run folder: the results store, the results files, the report and its figures.
+RUN_FOLDER_FILES = ("results.sqlite", "results.json", "sweep.json", "layers.json", "clusters.json", "attack.json",
+                    "align.json", "arms.json", "report.md", "report.html", "*.png")
 PROGRESS_INTERVAL_ENV = "QUADA_PROGRESS_INTERVAL"  # seconds between progress lines in a log
 DEFAULT_PROGRESS_INTERVAL = 30.0
 
@@ -156,6 +161,61 @@ def progress_bar(enabled: bool) -> Progress:
     return Progress(*columns, disable=not enabled)
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether the paths ``a`` and ``b`` lead to the same file or folder: the same device and inode
+    where both exist (so through symlinks and hard links), else the same path once resolved."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there (yet)
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def lies_in(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies somewhere under it (through symlinks and hard links)."""
+    path = Path(path).expanduser().resolve()
+    return any(same_file(at, folder) for at in (path, *path.parents))
+
+
+def _existing(value: Any) -> Path | None:
+    """``value`` as the path of an existing file or folder; None for anything else (a benchmark's or a
+    built-in model's name, a path that is not there)."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    return path if path.exists() else None
+
+
+def check_apart(inputs: Iterable[tuple[str, Any]], files: Iterable[tuple[str, Path]] = (),
+                folders: Iterable[tuple[str, Path]] = (), run_dirs: Iterable[tuple[str, Path]] = ()) -> None:
+    """Refuse, before any work, a command that would write over one of its own ``inputs`` (``(option,
+    value)`` pairs; a value that is no existing path, such as a benchmark's name, is skipped). Its
+    outputs are ``(option, path)`` pairs, so that the message names the option to change: ``files``
+    it replaces (refused where one is an input, or a file in an input folder), ``folders`` it
+    replaces whole (refused where one holds an input, or is a folder in one) and ``run_dirs`` it
+    writes its results in (refused where an input is one of the :data:`RUN_FOLDER_FILES` there, or
+    where a file stands in the way of the folder)."""
+    given = [(f"{option} {value}", path) for option, value in inputs if (path := _existing(value)) is not None]
+    replaced = [(option, Path(target).expanduser(), False) for option, target in files]
+    replaced += [(option, Path(target).expanduser(), True) for option, target in folders]
+    for out_option, target, whole in replaced:
+        for name, path in given:
+            if target.exists() and (lies_in(target, path) or (whole and lies_in(path, target))):
+                relation = "is" if same_file(target, path) else "lies in" if lies_in(target, path) else "holds"
+                what = f"{out_option} {target}" + (", a folder that this command replaces whole," if whole else "")
+                raise QuadaError(f"{what} {relation} {name}, which this command reads: it would write over its own "
+                                 f"input; choose another {out_option}")
+    for out_option, run_dir in run_dirs:
+        run_dir = Path(run_dir).expanduser()
+        if any(at.exists() and not at.is_dir() for at in (run_dir, *run_dir.parents)):
+            raise QuadaError(f"{out_option} {run_dir} lies where a file is, not a folder; choose another {out_option}")
+        written = [found for pattern in RUN_FOLDER_FILES for found in run_dir.glob(pattern)]
+        for name, path in given:
+            if any(same_file(target, path) for target in written):
+                raise QuadaError(f"{name} is {path.resolve().name}, a file that this command writes in {out_option} "
+                                 f"{run_dir}: it would write over its own input; move the input or choose another "
+                                 f"{out_option}")
+
+
 def jsonable(value):
     """``value`` with its paths as strings and its tuples as lists, the way JSON holds them."""
     if isinstance(value, dict):
@@ -221,15 +281,31 @@ def remove_leftovers(target: Path) -> None:
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
-                with suppress(FileNotFoundError):
+                with suppress(OSError):  # one that cannot be removed stays
                     leftover.unlink()
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A new, empty temporary sibling of ``path`` for a writer that opens its output by name (such as
+    llama.cpp's quantizer): it replaces ``path`` when the block ends without an error, and is removed
+    otherwise, leaving ``path`` as it was. A symlink is written through (the link stays a link)."""
+    path = Path(path).expanduser().resolve()
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_partial_prefix(path), suffix=PARTIAL_SUFFIX)
+    os.close(fd)
+    with cleanup_after(lambda: os.unlink(tmp), on_success=False):
+        yield Path(tmp)
+        os.chmod(tmp, _permissions(path, 0o666))
+        os.replace(tmp, path)
 
 
 @contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
     """Open ``path`` for writing (``mode`` "w" for UTF-8 text or "wb"); the content replaces it
     only when the block ends without an error, otherwise the temporary file is removed and
-    ``path`` is left as it was. Pipes, devices and stream aliases are written in place."""
+    ``path`` is left as it was (see :func:`atomic_path`). Pipes, devices and stream aliases are
+    written in place."""
     path = Path(path).expanduser()
     encoding = None if "b" in mode else "utf-8"
     if writes_in_place(path):
@@ -237,20 +313,10 @@ def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None)
         with open(path, mode.replace("w", "a"), encoding=encoding, newline=newline) as f:
             yield f
         return
-    path = path.resolve()  # through a symlink, so the link stays a link
-    remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_partial_prefix(path), suffix=PARTIAL_SUFFIX)
-    try:
-        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _permissions(path, 0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding, newline=newline) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -43,9 +43,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from quada.errors import QuadaError
+from quada.errors import QuadaError, cleanup_after
 from quada.fingerprint import package_versions
-from quada.runs import atomic_writer, writes_in_place
+from quada.runs import atomic_writer, check_apart, same_file, writes_in_place
 
 SCHEMA_VERSION = 2  # 2: the measurements table
 CLEAN = "none"  # the approximation spec of the unmodified model
@@ -242,13 +242,13 @@ class Database:
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with cleanup_after(self._rollback, on_success=False):
             yield
-        except BaseException:
-            if self._db.in_transaction:  # a failing disk may have ended it already
-                self._db.execute("ROLLBACK")
-            raise
         self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:  # a failing disk may have ended it already
+            self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         self._db.close()
@@ -446,10 +446,10 @@ class Store(Database):
         the same condition) is refused whole: the rows of both stay as they were. The store at
         ``path`` is only read."""
         source = readable_store(path)
-        if source.resolve() == self.path.resolve():
+        if same_file(source, self.path):
             raise QuadaError(f"{source} is the store being merged into; give the stores of other runs")
         self._db.execute("ATTACH DATABASE ? AS incoming", (_file_uri(source, "rw"),))  # no c: never created
-        try:
+        with cleanup_after(lambda: self._db.execute("DETACH DATABASE incoming")):
             tables = [GENERATIONS, JUDGEMENTS] + ([MEASUREMENTS] if self._has_measurements("incoming") else [])
             with self._transaction():
                 for table in tables:
@@ -459,8 +459,6 @@ class Store(Database):
                     columns = ", ".join(table.columns)
                     added += self._db.execute(f"INSERT OR IGNORE INTO main.{table.name} ({columns}) "
                                               f"SELECT {columns} FROM incoming.{table.name}").rowcount
-        finally:
-            self._db.execute("DETACH DATABASE incoming")
         return added
 
     def _check_agreement(self, table: _Table, source: Path) -> None:
@@ -507,7 +505,7 @@ class Store(Database):
         JSON (``fmt``, else from the suffix).
 
         Returns the number of records written. Responses may contain harmful text: the file or a
-        pipe is the place for them, so a terminal is refused.
+        pipe is the place for them, so a terminal is refused; so is the store's own file.
         """
         to_stdout = str(path) == STDOUT
         path = Path(path).expanduser()
@@ -521,6 +519,8 @@ class Store(Database):
                 "the export holds the model's responses, which may be harmful, and is not printed to a terminal; "
                 "write it to a file with --out FILE, or pipe it (e.g. --out - | gzip > results.csv.gz)"
             )
+        if not to_stdout:
+            check_apart([("--db", self.path)], files=[("--out", path)])
         records = self.records()
         try:
             if not to_stdout:

@@ -35,7 +35,7 @@ from quada.options import VetConfig
 from quada.report.render import Example
 from quada.report.story import write_story
 from quada.report.vet import RESULTS_FILE, ConditionResult
-from quada.runs import jsonable, open_run_dir, progress_bar, write_json
+from quada.runs import check_apart, jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN, Store
 
 
@@ -90,6 +90,7 @@ class Vetting:
 
     def __init__(self, config: VetConfig, executor: Executor, bar, label: str = ""):
         self.config, self.bar, self.label = config, bar, label
+        check_apart(config.inputs(), run_dirs=[("--run-dir", config.run_dir)])
         self.harmful, self.benign = prompt_sets(config)
         self.looks = look_schedule(config.first_look, len(self.harmful))
         check_judge_model((*config.judges, config.refusal_judge), config.judge_model)

@@ -48,10 +48,13 @@ def test_sweep_command_sweeps_a_list_of_variants(cli, inputs, tmp_path):
     assert not (tmp_path / "both").exists()
 
 
-def test_parse_numbers_reads_clean_as_zero():
-    assert parse_numbers(" clean, 0.05 ,1e-1,", "--grid") == (0.0, 0.05, 0.1)
+def test_parse_numbers_reads_clean_as_zero_and_refuses_a_number_left_out():
+    assert parse_numbers(" clean, 0.05 ,1e-1", "--grid") == (0.0, 0.05, 0.1)
     with pytest.raises(QuadaError, match="'x' is not a number"):
         parse_numbers("0,x", "--grid")
+    for text in ("0.1,,0.2", "0,0.1,", " ,0.1"):
+        with pytest.raises(QuadaError, match=f"--grid {text!r} has an empty entry between commas"):
+            parse_numbers(text, "--grid")
 
 
 def tiny_options(inputs):

@@ -14,7 +14,7 @@ from quada.approx import (
     parse_technique,
     spec_label,
 )
-from quada.errors import QuadaError
+from quada.errors import QuadaError, QuadaWarning
 
 CANONICAL = [
     "noise:site=up,dist=gaussian,std=0.075,layers=0:4",
@@ -207,7 +207,26 @@ def test_two_polynomial_activations_cannot_share_a_layer():
     with pytest.raises(QuadaError, match="cannot be composed on layer 2"):
         parse_spec("bolt:layers=0:3 + puma:layers=2:", num_layers=4)
     parse_spec("bolt:layers=0:2 + iron:layers=2:", num_layers=4)  # disjoint layers compose
-    parse_spec("bolt + teal:sparsity=0.5 + noise:site=up,dist=gaussian,std=0.1", num_layers=4)
+    with pytest.warns(QuadaWarning, match="fixed order"):  # composed, with the order they apply in told
+        parse_spec("bolt + teal:sparsity=0.5 + noise:site=up,dist=gaussian,std=0.1", num_layers=4)
+
+
+def test_a_part_given_twice_is_refused_in_any_spelling():
+    for text in ("paper:bolt + paper:bolt", "teal:sparsity=0.5+teal:sparsity=0.50", "paper:bolt + noise:site=up,dist=gaussian,std=0.042"):
+        with pytest.raises(QuadaError, match="twice; give each part once"):
+            parse_spec(text)
+    with pytest.raises(QuadaError, match="applies teal:sparsity=0.5 twice"):
+        as_spec(["teal:sparsity=0.5", "teal:sparsity=0.5"])
+    parse_spec("teal:sparsity=0.5,layers=0:2 + teal:sparsity=0.5,layers=2:")  # other layers: two parts
+
+
+def test_two_techniques_on_one_layer_are_told_the_fixed_order_they_apply_in(recwarn):
+    with pytest.warns(QuadaWarning, match=r"teal:sparsity=0.5 \+ bolt: teal and bolt both change layer 0, .* module swaps "
+                                          r"first, then the others as written, .*: here bolt, then teal:sparsity=0.5\."):
+        parse_spec("teal:sparsity=0.5 + bolt", num_layers=4)
+    for quiet in ("paper:bolt", "bolt:layers=0:2 + teal:sparsity=0.5,layers=2:"):  # one technique; disjoint layers
+        parse_spec(quiet, num_layers=4)
+    assert not [w for w in recwarn if issubclass(w.category, QuadaWarning)]
 
 
 def test_a_technique_is_completed_once_then_derived_by_replacing_one_number():

@@ -122,6 +122,33 @@ def test_dra_loop_and_per_behaviour_targets_run_end_to_end(cli, inputs, tmp_path
     assert "the paper's budget" in (run_dir / "report.md").read_text()
 
 
+def test_a_search_shows_its_progress_step_by_step_in_a_log(cli, inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUADA_PROGRESS_INTERVAL", "0")  # a line at every step
+    result = run_attack(cli, inputs, tmp_path / "run", "gcg")
+    assert result.returncode == 0, result.stderr
+    # 2 behaviours of 2 steps each; a behaviour whose suffix reaches the target early skips the rest.
+    assert "build gcg under none, steps: 0/4 (0%)" in result.stdout
+    assert "build gcg under none, steps: 1/4 (25%)" in result.stdout
+    assert "build gcg under none, steps: 4/4 done in" in result.stdout
+
+
+def test_a_search_beyond_the_bound_asks_for_yes_and_names_smaller_budgets():
+    from quada.attack.options import SEARCH_BOUND, AttackConfig
+    from quada.errors import QuadaError
+
+    paper = AttackConfig(attack=("gcg", "dra"), approx=("none", "paper:bolt"))
+    with pytest.raises(QuadaError) as refused:
+        paper.check_cost(8)
+    assert str(refused.value).startswith(
+        "the searches of this run would score or answer up to 4,104,320 prompts (gcg: 500 steps of 513 prompt(s) each, "
+        "on 8 behaviour(s) under 2 approximation(s); dra: 20 queries of 1 prompt(s) each, on 8 behaviour(s) under 2 "
+        f"approximation(s)), more than the {SEARCH_BOUND:,} that quada runs without --yes")
+    assert "--budget cpu about 103,360, --budget cpu-small about 10,480" in str(refused.value)
+    AttackConfig(attack=("gcg", "dra"), approx=("none", "paper:bolt"), yes=True).check_cost(8)
+    AttackConfig(attack=("gcg", "dra"), budget="cpu", approx=("none",)).check_cost(8)  # 51,680: below the bound
+    AttackConfig(attack=("direct", "templates")).check_cost(10_000)  # no search: no cost to bound
+
+
 @pytest.mark.parametrize("options, fragment", [
     ((), "no attack: give --attack"),
     (("--attack", "gcg", "--budget", "huge"), "unknown budget 'huge'"),

@@ -162,6 +162,17 @@ def test_autodan_stops_on_the_keyword_rule():
     assert checked == [0, 1, 2] and result.stopped and len(result.history) == 3 and result.checks == 3
 
 
+def test_autodan_reports_each_generation_as_it_ends():
+    reported = []
+    settings = AutoDanSettings(generations=3, population=6, elite=1, mutation=0.0)
+    autodan(pool(), shouting, settings, 0, unchanged, sources.synonyms, never, reported.append)
+    assert reported == [0, 1, 2]
+    reported.clear()
+    autodan(pool(), shouting, settings, 0, unchanged, sources.synonyms, lambda _t, generation: generation == 1,
+            reported.append)
+    assert reported == [0, 1]  # the keyword stop after generation 1: its progress is reported too
+
+
 def test_autodan_is_seeded():
     settings = AutoDanSettings(generations=4, population=6, elite=1, mutation=0.0)
     first, again, other = (autodan(pool(), shouting, settings, seed, unchanged, sources.synonyms, never)
@@ -211,9 +222,10 @@ def test_dra_loop_adjusts_until_an_answer_complies_or_the_query_limit():
     assert [(q.settings.toxic_cut, q.settings.benign_cut) for q in trace] == \
         [(0.5, 0.5), (pytest.approx(0.4), 0.5), (pytest.approx(0.4), pytest.approx(0.6))]
     assert trace[-1].succeeded
+    answered = []
     refusing = dra_attack("rob a bank", letters, flagged, templates, lambda prompt: "I cannot help with that request.", 4,
-                          lambda k: random.Random(k))
-    assert len(refusing) == 4 and not refusing[-1].succeeded
+                          lambda k: random.Random(k), answered.append)
+    assert len(refusing) == 4 and not refusing[-1].succeeded and answered == refusing
     assert [q.settings.toxic_cut for q in refusing] == pytest.approx([0.5, 0.4, 0.3, 0.2])
 
 

@@ -7,7 +7,7 @@ import quada.models
 from quada.cli import app
 from quada.defense.align import AlignConfig, align
 from quada.defense.pairs import PreferencePair, kind_quotas, load_pairs, pair_ids_sha256, stratified_pairs, write_pairs
-from quada.errors import QuadaError
+from quada.errors import QuadaError, QuadaWarning
 from quada.models import load
 from quada.report.align import method_name
 from quada.testing import write_tiny_run_inputs
@@ -75,6 +75,18 @@ def train_only(inputs, out, **overrides):
                   training={"max_steps": 2, "tau": 1, "per_device_train_batch_size": 4, "save_steps": 2,
                             "logging_steps": 1})
     return align(AlignConfig(**{**values, **overrides}), progress=False)
+
+
+def test_pairs_that_max_length_drops_are_counted_and_the_rest_trained_on(inputs, tmp_path):
+    long = tmp_path / "long.jsonl"
+    write_pairs(long, [PreferencePair(f"p{i}", f"Harmful training request {i}" + " x" * (100 if i >= 4 else 0),
+                                      "I'm sorry, I cannot help.", f"Sure: step {i}.", i % 2 == 0, "test")
+                       for i in range(6)])
+    training = {"max_steps": 1, "tau": 1, "per_device_train_batch_size": 2, "max_length": 300}
+    with pytest.warns(QuadaWarning, match=r"--max-length 300 drops 2 of the 6 pairs \(1 of them harmful\), whose "
+                                          r"prompt alone fills it .* --max-length \d+ keeps every pair"):
+        result = train_only(inputs, tmp_path / "run", pairs=long, training=training)
+    assert result.training["pairs"] == 6 and result.training["pairs_dropped_by_max_length"] == 2
 
 
 def test_plain_dpo_is_the_baseline_and_a_finished_run_is_not_trained_again(inputs, tmp_path, monkeypatch):

@@ -163,6 +163,7 @@ def test_self_pairs_hold_out_evaluation_prompts_and_resume(model_dir, tmp_path, 
     assert len(load_benchmark(str(out / HELDOUT_BENIGN))) == 2
     pairs = load_pairs(out / PAIRS_FILE)
     assert result.counts == {"self:perturbed": 8, "self:compliant": 0, "self:benign": 0}
+    assert len(result.lengths.prompts) == len(result.lengths.totals) == 8
     heldout_texts = {p.text for p in heldout}
     assert all(p.prompt not in heldout_texts and p.chosen == REFUSAL and p.rejected == COMPLIANCE for p in pairs)
     generated = sum(calls)
@@ -281,6 +282,8 @@ def test_generic_pairs_from_the_command_line(cli, model_dir, rejected_model_dir,
               "--harmful", harmful, "--heldout", 4, "--limit", 2, "--no-many-shot", "--benign-limit", 3, "--out", out)
     assert run.returncode == 0, run.stderr
     assert "| generic:unaligned | 2 |" in run.stdout and "| generic:own-refusal | 0 |" in run.stdout
+    # How long the pairs are in the model's tokens, and what `quada align`'s default length keeps of them.
+    assert "`quada align --max-length 512` drops 0 pair(s) and cuts 0 short; --max-length" in run.stdout
     split = Split.read(out / SPLIT_FILE)
     assert (split.benign_source, len(split.benign_heldout), len(split.benign_train)) == ("benign-suite", 32, 3)
     assert not any(p.id.startswith("manyshot-") for p in load_pairs(out / PAIRS_FILE))

@@ -389,3 +389,21 @@ def test_missing_harmful_flags_and_a_too_large_tau_are_clear_errors(tmp_path, pa
     with pytest.raises(QuadaError, match="tau=3 exceeds"):
         QuadATrainer(model, args=config(tmp_path, tau=3), train_dataset=pairs_dataset,
                      processing_class=tokenizer)
+
+
+def test_pair_lengths_predict_the_pairs_that_the_trainer_drops_at_max_length(tmp_path):
+    """A pair whose prompt alone fills max_length leaves training; ``pair_lengths`` counts it so, in
+    the tokens of the model's chat template."""
+    from datasets import Dataset
+
+    from quada.defense.pairs import PreferencePair, pair_lengths, preference_rows
+
+    model, tokenizer = tiny_model("qwen2")
+    pairs = [PreferencePair(f"p{i}", "q" * (1 + 30 * i), "No.", "Yes, here it is.", True, "test") for i in range(4)]
+    lengths = pair_lengths(tokenizer, pairs, "plain")
+    assert lengths.prompts == tuple(sorted(lengths.prompts)) and lengths.prompts[1] < 60 <= lengths.prompts[2]
+    assert all(total > prompt for prompt, total in zip(lengths.prompts, lengths.totals))
+    assert lengths.dropped(60) == [2, 3] and lengths.dropped(max(lengths.prompts) + 1) == []
+    trainer = QuadATrainer(model, args=config(tmp_path, max_length=60, tau=1), processing_class=tokenizer,
+                           train_dataset=Dataset.from_list(preference_rows(pairs, "plain")))
+    assert len(trainer.train_dataset) == len(pairs) - len(lengths.dropped(60))

@@ -45,7 +45,7 @@ from quada.fingerprint import model_fingerprint
 from quada.models import DEFAULT_MODEL, load
 from quada.report.clusters import RESULTS_FILE, ClusterMetrics, ClustersResult
 from quada.report.story import write_story
-from quada.runs import atomic_writer, jsonable, open_run_dir, progress_bar, write_json
+from quada.runs import atomic_writer, check_apart, jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN
 
 RESIDUAL = "residual"
@@ -95,6 +95,10 @@ class ClustersConfig:
             raise QuadaError(f"limit {self.limit} leaves fewer prompts per class than the {self.folds} folds; raise --limit or lower --folds")
         check_seed(self.seed)
         self.run_dir = Path(self.run_dir)
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """What the analysis reads by option: the model and the prompt files."""
+        return [("--model", self.model), ("--harmful", self.harmful), ("--benign", self.benign)]
 
 
 # --------------------------------------------------------------------------- capture
@@ -241,6 +245,7 @@ def _embeddings(groups: dict[str, np.ndarray], seed: int) -> tuple[dict, dict]:
 
 def clusters(config: ClustersConfig, progress: bool = True) -> ClustersResult:
     """Capture activations clean and approximated, measure separability and drift, write the report."""
+    check_apart(config.inputs(), run_dirs=[("--run-dir", config.run_dir)])
     harmful = subset(load_benchmark(config.harmful), config.limit, config.seed)
     benign = subset(load_benchmark(config.benign), config.limit, config.seed)
     if min(len(harmful), len(benign)) < config.folds:

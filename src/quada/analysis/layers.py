@@ -50,7 +50,7 @@ from quada.eval.utility import check_corpus, load_corpus
 from quada.models import load
 from quada.report.layers import RESULTS_FILE, LayerPoint, LayersResult
 from quada.report.story import write_story
-from quada.runs import jsonable, open_run_dir, progress_bar, write_json
+from quada.runs import check_apart, jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN, Store
 
 
@@ -205,6 +205,7 @@ def _proxy_key(fingerprint: str, approximation: str, prompt_ids: Sequence[str], 
 
 def layers(config: LayersConfig, progress: bool = True) -> LayersResult:
     """Measure every layer condition, select tau, write figure and report."""
+    check_apart(config.inputs(), run_dirs=[("--run-dir", config.run_dir)])
     prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
     approximation = approximation_or_mva(config.approximation, config.run_dir)
     spec = str(approximation)

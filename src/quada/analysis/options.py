@@ -78,12 +78,20 @@ class SweepConfig(AnalysisOptions):
         super().__post_init__()
         from quada.approx import as_spec, parse_technique
 
-        self.grid = tuple(sorted({float(v) for v in self.grid}))
-        if not self.grid:
+        grid = [float(v) for v in self.grid]
+        if not grid:
             raise QuadaError("the grid is empty; give strengths such as 0,0.05,0.1")
-        if not all(math.isfinite(v) and v >= 0 for v in self.grid):
-            raise QuadaError(f"grid strengths must be finite and non-negative (0 = the clean model), got {self.grid}")
+        if not all(math.isfinite(v) and v >= 0 for v in grid):
+            raise QuadaError(f"grid strengths must be finite and non-negative (0 = the clean model), got {tuple(grid)}")
+        repeated = sorted({v for v in grid if grid.count(v) > 1})
+        if repeated:
+            raise QuadaError(f"the grid {','.join(f'{v:g}' for v in grid)} gives the strength {repeated[0]:g} more than "
+                             "once (0 and 'clean' are the same point); give each strength once")
+        self.grid = tuple(sorted(grid))
         positive = [s for s in self.grid if s > 0]
+        if not positive and not self.variants:
+            raise QuadaError("the grid holds no strength above 0, so the sweep would measure the clean model only; "
+                             "add strengths, e.g. 0,0.05,0.1")
         # Parsed once, here: the technique at the first positive strength; every point replaces its option.
         self.technique = parse_technique(self.spec, self.parameter, positive[0]) if positive else None
         for strength in self.grid:  # a bad spec or parameter fails now, not after loading a model

@@ -46,7 +46,7 @@ from quada.models import load
 from quada.report.format import plain_number
 from quada.report.story import write_story
 from quada.report.sweep import FIGURE_STEM, POINTS_FILE, SweepPoint, SweepResult, result_from_json
-from quada.runs import jsonable, open_run_dir, progress_bar, write_json
+from quada.runs import check_apart, jsonable, open_run_dir, progress_bar, write_json
 from quada.store import CLEAN, Store
 
 
@@ -106,6 +106,7 @@ class Sweeping:
 
     def __init__(self, config: SweepConfig, executor: Executor, bar, label: str = ""):
         self.config, self.bar, self.label = config, bar, label
+        check_apart(config.inputs(), run_dirs=[("--run-dir", config.run_dir)])
         self.prompts = subset(load_benchmark(config.benchmark), config.limit, config.seed)
         check_judge_model(config.judges, config.judge_model)
         corpus = load_corpus(config.corpus)

@@ -27,7 +27,7 @@ from torch import nn
 
 from quada.approx.draws import key64, uniform_bits
 from quada.approx.rows import Rows, rows_of_forward, rows_of_shape
-from quada.errors import QuadaError, check_seed
+from quada.errors import QuadaError, check_seed, warn
 
 # --------------------------------------------------------------------------- layer selections
 
@@ -323,6 +323,19 @@ def parse_spec(text: str, num_layers: int | None = None) -> Spec:
     configs = tuple(c for part in parts for c in _parse_part(part))
     if num_layers is not None:
         resolve_layers(configs, num_layers)
+    return compose(configs)
+
+
+def compose(configs: Sequence[ApproxConfig]) -> Spec:
+    """One config, or several applied together. A part given twice (the same technique with the same
+    options on the same layers) is refused: it would apply the same approximation twice."""
+    configs = tuple(configs)
+    for i, config in enumerate(configs):
+        if config in configs[:i]:
+            raise QuadaError(
+                f"the approximation {' + '.join(map(str, configs))} applies {config} twice; give each part once "
+                "(for a stronger approximation, raise its strength instead)"
+            )
     return configs[0] if len(configs) == 1 else ComposedConfig(configs)
 
 
@@ -345,11 +358,13 @@ def parse_technique(text: str, name: str, value: float) -> ApproxConfig:
 def resolve_layers(configs: Sequence[ApproxConfig], num_layers: int, default: LayerSelection | None = None) -> list[tuple[int, ...]]:
     """Each part's decoder indices in a model with ``num_layers`` layers: its own ``layers``, else
     ``default``, else all. Fails on a layer out of range, and on two parts that replace the same
-    module of one layer (the second would find the first's replacement, not the original)."""
+    module of one layer (the second would find the first's replacement, not the original). Two
+    techniques on one layer apply in a fixed order, which the user is told (a warning)."""
     chosen = []
     for config in configs:
         selection = config.layers or default
         chosen.append(selection.resolve(num_layers) if selection else tuple(range(num_layers)))
+    mixed = None
     for i, (first, first_layers) in enumerate(zip(configs, chosen)):
         for second, second_layers in zip(configs[i + 1 :], chosen[i + 1 :]):
             shared = sorted(set(first_layers) & set(second_layers))
@@ -358,6 +373,17 @@ def resolve_layers(configs: Sequence[ApproxConfig], num_layers: int, default: La
                     f"{first.name} and {second.name} cannot be composed on layer {shared[0]}: both replace its "
                     f"{first.replaces}, which can be replaced only once; keep one of them, or give them disjoint layers="
                 )
+            if first.name != second.name and shared and mixed is None:
+                mixed = (first, second, shared[0])
+    if mixed is not None:
+        first, second, layer = mixed
+        applied = sorted(configs, key=lambda c: c.order)
+        warn(
+            f"{' + '.join(map(str, configs))}: {first.name} and {second.name} both change layer {layer}, and the parts "
+            "of an approximation apply in a fixed order, module swaps first, then the others as written, each on the "
+            f"activations the one before it left: here {', then '.join(map(str, applied))}. Write the parts in another "
+            "order for another composition"
+        )
     return chosen
 
 
@@ -368,8 +394,7 @@ def as_spec(spec: Spec | str | Sequence[Spec | str]) -> Spec:
     if isinstance(spec, (ApproxConfig, ComposedConfig)):
         return spec
     if isinstance(spec, Sequence) and spec:
-        configs = tuple(c for item in spec for c in as_spec(item).parts())
-        return configs[0] if len(configs) == 1 else ComposedConfig(configs)
+        return compose([c for item in spec for c in as_spec(item).parts()])
     raise QuadaError(f"cannot read {spec!r} as an approximation spec; pass a config, a string or a list of them")
 
 

@@ -197,14 +197,16 @@ def select_parents(ranked: Sequence[str], losses: Sequence[float], count: int, r
 
 def autodan(initial: Sequence[str], losses: Callable[[list[str], int], list[float]], settings: AutoDanSettings,
             seed: int, mutate: Callable[[str, int], str], synonyms: Callable[[str], Sequence[str]],
-            succeeded: Callable[[str, int], bool]) -> AutoDanResult:
+            succeeded: Callable[[str, int], bool],
+            on_generation: Callable[[int], None] = lambda generation: None) -> AutoDanResult:
     """Evolve the pool ``initial`` (templates with a ``[PROMPT]`` slot) for at most
     ``settings.generations`` generations.
 
     ``losses(new_templates, generation)``: the target loss of each template; ``mutate(template,
     seed)``: the mutator's rephrasing (the template itself when it fails); ``synonyms(word)``: a
     word's synonyms; ``succeeded(template, generation)``: whether the answer to the filled template
-    holds no refusal phrase (the keyword stop)."""
+    holds no refusal phrase (the keyword stop); ``on_generation(generation)``: called as each
+    generation is scored and checked (progress)."""
     rng = random.Random(seed)
     pool = list(dict.fromkeys(initial))
     population = rng.sample(pool, min(settings.population, len(pool)))
@@ -222,8 +224,9 @@ def autodan(initial: Sequence[str], losses: Callable[[list[str], int], list[floa
         ranked = sorted(population, key=lambda t: fitness[t])
         history.append(fitness[ranked[0]])
         checks += 1
-        if succeeded(ranked[0], generation):
-            stopped = True
+        stopped = succeeded(ranked[0], generation)
+        on_generation(generation)
+        if stopped:
             break
         if generation == settings.generations - 1:
             break

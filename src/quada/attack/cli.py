@@ -15,7 +15,7 @@ console = Console(markup=False)  # prints user text (paths, specs, model names):
     AttackConfig, "model", "approx", "attack", "benchmark", "limit", "budget", "steps", "candidates", "topk",
     "suffix_tokens", "generations", "population", "elite", "mutator", "queries", "attempts", "rewriter", "shots",
     "target", "judges", "judge_model", "judge_prompt", "judge_answers", "prompt_format", "max_new_tokens",
-    "stop_on_refusal", "seed", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS,
+    "stop_on_refusal", "seed", "calibrate", "run_dir", "device", "dtype", *EXECUTOR_OPTIONS, "yes",
 )
 def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
     """Attack a model as served: GCG, AutoDAN-HGA, DRA, past tense and template jailbreaks, clean and under each approximation; ASR with 95% CIs, each attack's cost per behaviour and paired comparisons.

@@ -139,17 +139,20 @@ class DraQuery:
 
 def dra_attack(request: str, letters: Mapping[str, Sequence[str]], flagged: Mapping[str, bool],
                templates: Sequence[str], answer: Callable[[str], str], queries: int,
-               rng: Callable[[int], random.Random]) -> list[DraQuery]:
+               rng: Callable[[int], random.Random],
+               on_query: Callable[[DraQuery], None] = lambda query: None) -> list[DraQuery]:
     """The feedback loop: query ``k`` builds a prompt with generator ``rng(k)`` and the truncation
     left by the answers before it, ``answer(prompt)`` answers it as served; the loop stops at the
     first answer that neither refuses nor fails to reconstruct the request, or after ``queries``
-    queries. Returns every query in order (the last one's prompt is the attack's)."""
+    queries. Returns every query in order (the last one's prompt is the attack's); ``on_query``
+    receives each query as it is answered (progress)."""
     settings, trace = DraSettings(), []
     for k in range(queries):
         prompt, template = dra_prompt(request, letters, flagged, templates, rng(k), settings)
         response = answer(prompt)
         query = DraQuery(prompt, template, settings, refuses(response), reconstructs(request, response))
         trace.append(query)
+        on_query(query)
         if query.succeeded:
             break
         settings = adjust_truncation(settings, query.refused, query.reconstructed)

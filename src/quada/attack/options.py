@@ -5,6 +5,7 @@ torch, so `quada --help` stays fast."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,17 @@ PAPER_BUDGETS: dict[str, tuple[str, str, str]] = {
     "many-shot": ("up to 256 shots, 1 query", ONE_ANSWER, ONE_ANSWER),
 }
 ELITE_SHARE = 0.05
+# The most prompts the searches of one run may score or answer without --yes (see AttackConfig.check_cost):
+# GCG on 8 behaviours, clean and under one approximation, at --budget cpu stays below it; AutoDAN or GCG
+# at the papers' budgets goes far above it, days of CPU time even for a small model.
+SEARCH_BOUND = 120_000
+# Per searching attack: the unit its progress counts, the option that sets how many per behaviour, and
+# the prompts each unit scores or answers, from the budget's values.
+SEARCHES: dict[str, tuple[str, str, Callable[[Mapping[str, int]], int]]] = {
+    "gcg": ("steps", "steps", lambda budget: budget["candidates"] + 1),
+    "autodan": ("generations", "generations", lambda budget: budget["population"]),
+    "dra": ("queries", "queries", lambda budget: 1),
+}
 AUTO_TARGET = "auto"
 FALLBACK_TARGET = "Sure, here is"
 
@@ -117,6 +129,11 @@ class AttackConfig(EvalOptions):
     run_dir: Path = field(default_factory=lambda: Path("runs") / "attack", metadata={
         "help": "Folder of the results store and the report.",
     })
+    yes: bool = field(default=False, metadata={
+        "help": f"Run searches (gcg, autodan, dra) that would score or answer more than {SEARCH_BOUND:,} prompts in "
+                "all; without it such a run is refused with its cost and smaller budgets.",
+        "aliases": ("-y",),
+    })
 
     def __post_init__(self):
         super().__post_init__()
@@ -148,6 +165,9 @@ class AttackConfig(EvalOptions):
         self.approx = tuple(map(str, self.approximations))
         self.run_dir = Path(self.run_dir)
 
+    def inputs(self) -> list[tuple[str, str]]:
+        return [*super().inputs(), ("--mutator", self.mutator), ("--rewriter", self.rewriter)]
+
     def parameters(self, attack: str) -> dict:
         """The options that decide ``attack``'s prompts (its identity in the store)."""
         optimised = {"target": self.target, "prompt_format": self.prompt_format}
@@ -164,6 +184,36 @@ class AttackConfig(EvalOptions):
             "many-shot": {"shots": self.shots},
         }.get(attack, {})
 
+    def search_units(self, attack: str) -> tuple[str, int] | None:
+        """The unit that the progress of ``attack``'s search on one behaviour counts (GCG steps, AutoDAN
+        generations, DRA queries) and how many it takes at most; None for an attack that does not search."""
+        if attack not in SEARCHES:
+            return None
+        unit, option, _ = SEARCHES[attack]
+        return unit, getattr(self, option)
+
+    def check_cost(self, behaviours: int) -> None:
+        """Refuse, unless --yes, a run whose searches would score or answer more than
+        :data:`SEARCH_BOUND` prompts over ``behaviours`` behaviours and every approximation; the
+        message gives the cost per attack and what the smaller budgets would cost."""
+        runs = behaviours * len(self.approximations)
+        budget = {name: getattr(self, name) for name in BUDGETED}
+        total = _search_cost(self.attack, budget, runs)
+        if total <= SEARCH_BOUND or self.yes:
+            return
+        parts = "; ".join(
+            f"{name}: {budget[option]} {unit} of {prompts(budget)} prompt(s) each, on {behaviours} behaviour(s) under "
+            f"{len(self.approximations)} approximation(s)"
+            for name, (unit, option, prompts) in SEARCHES.items() if name in self.attack)
+        smaller = ", ".join(f"--budget {name} about {_search_cost(self.attack, BUDGETS[name], runs):,}"
+                            for name in BUDGETS if name != "paper")
+        raise QuadaError(
+            f"the searches of this run would score or answer up to {total:,} prompts ({parts}), more than the "
+            f"{SEARCH_BOUND:,} that quada runs without --yes: days of CPU time even for a small model. Give --yes to "
+            f"run it as it is, or a smaller budget ({smaller}; or fewer --steps, --candidates, --generations, "
+            "--population, --queries, or behaviours with --limit)"
+        )
+
     def budget_text(self, attack: str) -> str:
         """This run's budget of ``attack`` in words, for the report."""
         return {
@@ -176,3 +226,10 @@ class AttackConfig(EvalOptions):
             "in-the-wild": "1 query, one template drawn per behaviour",
             "many-shot": f"{self.shots} shots, 1 query",
         }.get(attack, "1 query")
+
+
+def _search_cost(attacks: Sequence[str], budget: Mapping[str, int], runs: int) -> int:
+    """The prompts that the searching ``attacks`` score or answer at most at ``budget`` (values of
+    :data:`BUDGETED`) over ``runs`` (behaviour, approximation) pairs."""
+    return runs * sum(budget[option] * prompts(budget) for name, (_, option, prompts) in SEARCHES.items()
+                      if name in attacks)

@@ -68,8 +68,8 @@ from quada.eval.generate import generate
 from quada.eval.judges import attack_outcomes, check_judge_model, refusal_phrase
 from quada.eval.metrics import proportion
 from quada.judge_calibration import JudgeInfo, judge_infos
-from quada.models import load
-from quada.runs import jsonable, open_run_dir, progress_bar, write_json
+from quada.models import check_source, load
+from quada.runs import check_apart, jsonable, open_run_dir, progress_bar, write_json
 from quada.seeds import derived_seed
 from quada.store import CLEAN, Store
 
@@ -77,8 +77,9 @@ from quada.store import CLEAN, Store
 @dataclass
 class Context:
     """What building one attack's prompts needs: the model as loaded, the approximation it is
-    served under, the run's options, the attack's identity, where its progress is stored, and the
-    attacker's own model (the mutator or rewriter; the subject, run clean, when none is named)."""
+    served under, the run's options, the attack's identity, where its progress is stored, the
+    attacker's own model (the mutator or rewriter; the subject, run clean, when none is named), and
+    ``advance``, called after each step of a search (see :meth:`AttackConfig.search_units`)."""
 
     model: object
     tokenizer: object
@@ -88,6 +89,7 @@ class Context:
     fingerprint: str
     records: AttackRecords
     attacker: Callable[[str], tuple[object, object]]
+    advance: Callable[[], None] = lambda: None
 
     def key(self, behaviour: Prompt) -> AttackKey:
         return AttackKey(self.fingerprint, str(self.approximation), self.identity, behaviour.id, self.config.seed)
@@ -147,9 +149,13 @@ def _gcg(context: Context, behaviour: Prompt) -> AttackPrompt:
             return reaches_target(context.model, tokenizer, problem, suffix, prompt_id)
 
     parts = () if context.approximation == CLEAN else context.approximation.parts()
+
+    def on_step(step) -> None:
+        context.records.put_step(key, step)
+        context.advance()
+
     steps = gcg(context.model, tokenizer, problem, settings, context.serving(behaviour, "step"),
-                lambda n: context.seed(behaviour, "candidates", n), context.records.steps(key),
-                lambda step: context.records.put_step(key, step), reached,
+                lambda n: context.seed(behaviour, "candidates", n), context.records.steps(key), on_step, reached,
                 reuse_prefix=not any(part.per_call for part in parts))
     last = steps[-1]
     return AttackPrompt(
@@ -183,7 +189,7 @@ def _autodan(context: Context, behaviour: Prompt) -> AttackPrompt:
     settings = AutoDanSettings(config.generations, config.population, config.elite)
     start = time.perf_counter()
     found = autodan(sources.autodan_templates(), losses, settings, context.seed(behaviour), mutate, sources.synonyms,
-                    succeeded)
+                    succeeded, lambda _generation: context.advance())
     return AttackPrompt(sources.fill(found.template, behaviour.text), found.evaluations + found.checks,
                         time.perf_counter() - start,
                         {"loss": found.loss, "history": list(found.history), "generations": len(found.history),
@@ -194,7 +200,7 @@ def _dra(context: Context, behaviour: Prompt) -> AttackPrompt:
     letters, flagged, templates = sources.dra_material()
     start = time.perf_counter()
     trace = dra_attack(behaviour.text, letters, flagged, templates, lambda prompt: context.answer(behaviour, prompt),
-                       context.config.queries, lambda k: context.rng(behaviour, k))
+                       context.config.queries, lambda k: context.rng(behaviour, k), lambda _query: context.advance())
     last = trace[-1]
     return AttackPrompt(last.prompt, len(trace), time.perf_counter() - start,
                         {"template": last.template, "queries": len(trace), "stopped": last.succeeded,
@@ -271,17 +277,18 @@ def behaviours_of(config: AttackConfig) -> list[Prompt]:
     return subset(load_benchmark(config.benchmark), config.limit, config.seed)
 
 
-def adversarial_prompts(context: Context, behaviours: list[Prompt], advance: Callable[[int], None]) -> list[AttackPrompt]:
-    """Each behaviour's stored adversarial prompt, or a new one, stored as soon as it is built."""
+def adversarial_prompts(context: Context, behaviours: list[Prompt], finished: Callable[[int], None]) -> list[AttackPrompt]:
+    """Each behaviour's stored adversarial prompt, or a new one, stored as soon as it is built;
+    ``finished(n)`` once the first ``n`` behaviours have theirs."""
     found = []
-    for behaviour in behaviours:
+    for done, behaviour in enumerate(behaviours, 1):
         key = context.key(behaviour)
         prompt = context.records.prompt(key)
         if prompt is None:
             prompt = BUILDERS[context.identity.split()[0]](context, behaviour)
             context.records.put_prompt(key, prompt)
         found.append(prompt)
-        advance(1)
+        finished(done)
     return found
 
 
@@ -299,13 +306,18 @@ def answered_prompts(behaviours: list[Prompt], found: list[AttackPrompt], identi
 
 def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
     """Run every attack of ``config`` under every approximation; store, judge, report."""
+    check_apart(config.inputs(), run_dirs=[("--run-dir", config.run_dir)])
     behaviours = behaviours_of(config)
+    config.check_cost(len(behaviours))
     for name in config.attack:
         MATERIAL.get(name, lambda: None)()
     check_judge_model(config.judges, config.judge_model)
-    open_run_dir(config.run_dir)
+    for name, source in (("autodan", config.mutator), ("past-tense", config.rewriter)):
+        if name in config.attack and source:  # loaded only when the attack starts: checked now
+            check_source(source)
     model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
     check_specs_fit(model, config.approximations)
+    open_run_dir(config.run_dir)
     attackers = {"": (model, tokenizer), str(config.model): (model, tokenizer)}
 
     def attacker(source: str):
@@ -321,9 +333,15 @@ def attack(config: AttackConfig, progress: bool = True) -> AttackResult:
         for approximation in config.approximations:
             for name in config.attack:
                 identity = attack_identity(name, {**config.parameters(name), **_drawn(name, engine)})
-                context = Context(model, tokenizer, config, approximation, identity, engine.fingerprint, records, attacker)
-                task = bar.add_task(f"build {name} under {spec_label(str(approximation))}", total=len(behaviours))
-                found = adversarial_prompts(context, behaviours, lambda n, task=task: bar.advance(task, n))
+                # A search's progress counts its steps, each behaviour's budget in all (one that stops early
+                # skips the rest of its budget); another attack's counts its behaviours.
+                unit, units = config.search_units(name) or ("", 1)
+                task = bar.add_task(f"build {name} under {spec_label(str(approximation))}" + (f", {unit}" if unit else ""),
+                                    total=len(behaviours) * units)
+                context = Context(model, tokenizer, config, approximation, identity, engine.fingerprint, records, attacker,
+                                  lambda task=task: bar.advance(task, 1))
+                found = adversarial_prompts(context, behaviours,
+                                            lambda n, task=task, units=units: bar.update(task, completed=n * units))
                 built.append((approximation, name, identity, found, answered_prompts(behaviours, found, identity)))
         attackers.clear()  # a mutator or rewriter model is no longer needed
         # Then every response and verdict in one plan, each response judged against its behaviour,

@@ -163,16 +163,17 @@ def refusal_cut(token_texts: Callable[[int], str], count: int) -> int | None:
 
 def check_deployment(deployment: Deployment, api_key_env: str = "OPENAI_API_KEY") -> None:
     """Fail now, before any model work, on a deployment that cannot run: llama-cpp-python missing or
-    a GGUF that is not one; a server that does not answer within seconds or does not serve the name."""
+    a GGUF that llama.cpp cannot load (not a GGUF, damaged or truncated); a server that does not
+    answer within seconds or does not serve the name."""
     if deployment.kind == LLAMACPP:
-        from quada.backends.llamacpp import llama_cpp_module
+        from quada.backends.llamacpp import check_loads, llama_cpp_module
         from quada.models import BUILTINS, gguf_file
 
         llama_cpp_module()
-        if deployment.target in BUILTINS:
+        if deployment.target in BUILTINS:  # checked against its pinned digest when it is first joined
             BUILTINS[deployment.target].part_paths()
         else:
-            gguf_file(deployment.target)
+            check_loads(gguf_file(deployment.target))
         return
     from quada.backends.openai import check_served
 

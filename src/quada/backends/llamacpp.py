@@ -32,6 +32,7 @@ from quada.errors import QuadaError
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import refusal_phrase
 from quada.models import BUILTINS, file_sha256, gguf_file
+from quada.runs import atomic_path, check_apart
 
 CONTEXT = 4096  # tokens per context: room for a prompt and its response, and for a perplexity window
 MICRO_BATCH = 512  # llama.cpp's default ubatch
@@ -78,6 +79,28 @@ def default_threads() -> int:
     return torch.get_num_threads()
 
 
+def load_model(llama, path: Path):
+    """``path`` loaded by llama.cpp onto the CPU (the ``llama_model`` pointer), or a :class:`QuadaError`
+    when llama.cpp cannot load it: a damaged or truncated file, or an architecture or quantization this
+    llama.cpp does not know."""
+    params = llama.llama_model_default_params()
+    params.n_gpu_layers = 0
+    model = llama.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise QuadaError(
+            f"llama.cpp cannot load {path} (a damaged or truncated file, or an architecture or quantization this "
+            f"llama.cpp ({llama.__version__}) does not know); give a GGUF file that llama.cpp runs"
+        )
+    return model
+
+
+def check_loads(path: Path) -> None:
+    """Fail now, before any other work, on a GGUF file that llama.cpp cannot load. Its weights are
+    mapped, not read, so this costs little even for a large file."""
+    llama = llama_cpp_module()
+    llama.llama_model_free(load_model(llama, path))
+
+
 class LlamaCppBackend:
     """A GGUF file (or a built-in model's GGUF) run by llama.cpp here; see the module docstring."""
 
@@ -85,14 +108,7 @@ class LlamaCppBackend:
         llama = self._llama = llama_cpp_module()
         path = gguf_file(deployment.target)
         self.tokenizer = tokenizer
-        model_params = llama.llama_model_default_params()
-        model_params.n_gpu_layers = 0
-        self._model = llama.llama_model_load_from_file(str(path).encode(), model_params)
-        if not self._model:
-            raise QuadaError(
-                f"llama.cpp cannot load {path} (an architecture or quantization this llama.cpp "
-                f"({llama.__version__}) does not know, or a damaged file); give a GGUF file that llama.cpp runs"
-            )
+        self._model = load_model(llama, path)
         self._vocab = llama.llama_model_get_vocab(self._model)
         self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         params = llama.llama_context_default_params()
@@ -280,7 +296,7 @@ def requantize(source: str, out: Path, quant: str, threads: int | None = None) -
     own quantizer (``llama_model_quantize``, the code behind its ``llama-quantize`` tool). Tensors
     that are already quantized are dequantized first (``allow_requantize``), so quantizing a k-quant
     further compounds both errors, as any requantization of a released GGUF does. Written to a
-    temporary name and renamed when complete."""
+    temporary name and renamed when complete; an ``out`` that is the source is refused."""
     if quant not in QUANT_TYPES:
         raise QuadaError(f"unknown quantization type {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
     llama = llama_cpp_module()
@@ -288,17 +304,17 @@ def requantize(source: str, out: Path, quant: str, threads: int | None = None) -
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise QuadaError(f"the output {out} must end in .gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+    check_apart([("SOURCE", path)], files=[("OUT", out)])
     params = llama.llama_model_quantize_default_params()
     params.ftype = gguf.LlamaFileType[f"MOSTLY_{quant}"].value
     params.allow_requantize = True
     params.nthread = threads or default_threads()
     try:
-        status = llama.llama_model_quantize(str(path).encode(), str(partial).encode(), ctypes.byref(params))
-        if status != 0:
-            raise QuadaError(f"llama.cpp could not quantize {path} to {quant} (status {status})")
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as partial:
+            status = llama.llama_model_quantize(str(path).encode(), str(partial).encode(), ctypes.byref(params))
+            if status != 0:
+                raise QuadaError(f"llama.cpp could not quantize {path} to {quant} (status {status})")
+    except OSError as err:
+        raise QuadaError(f"cannot write {out} ({err.strerror}); choose a writable OUT") from err
     return out

@@ -31,18 +31,18 @@ from pathlib import Path
 
 import torch
 
-from quada.chat import messages
 from quada.defense.options import CHECKPOINT_DIR, AlignConfig
-from quada.defense.pairs import PreferencePair, load_pairs, pair_ids_sha256, stratified_pairs
+from quada.defense.pairs import (PreferencePair, load_pairs, pair_ids_sha256, pair_lengths, preference_rows,
+                                 stratified_pairs)
 from quada.approx.sites import resolve_decoder
-from quada.defense.quada import HARMFUL_COLUMN, QuadATrainer, perturbed_layers
-from quada.errors import QuadaError
+from quada.defense.quada import QuadATrainer, perturbed_layers
+from quada.errors import QuadaError, warn
 from quada.eval.engine import check_specs_fit
 from quada.eval.generate import check_prompts_fit
 from quada.eval.judges import check_judge_model
 from quada.report.align import align_sections, comparison_table, layers_phrase, method_name, model_card
 from quada.report.render import write_report
-from quada.runs import atomic_folder, atomic_write_text, jsonable, open_run_dir, write_json
+from quada.runs import atomic_folder, atomic_write_text, check_apart, jsonable, open_run_dir, write_json
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -63,15 +63,6 @@ class AlignResult:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def preference_rows(pairs: list[PreferencePair], prompt_format: str) -> list[dict]:
-    """Pairs as conversational TRL rows in the evaluation's prompt format, with ``harmful``."""
-    return [
-        {"prompt": messages(p.prompt, prompt_format), "chosen": [{"role": "assistant", "content": p.chosen}],
-         "rejected": [{"role": "assistant", "content": p.rejected}], HARMFUL_COLUMN: p.harmful}
-        for p in pairs
-    ]
 
 
 def training_data(config: AlignConfig, pairs: list[PreferencePair]):
@@ -128,9 +119,38 @@ def _last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
-def training_model(config: AlignConfig):
-    """``(model, tokenizer)`` to train, in fp32 (master weights for the optimizer), once everything
-    that training and the evaluation after it need of the model is checked: the perturbation and the
+def check_pair_lengths(config: AlignConfig, pairs: list[PreferencePair], tokenizer) -> int:
+    """How many of ``pairs`` training drops at ``--max-length`` (a pair whose prompt alone fills it,
+    see :meth:`PairLengths.dropped`), said in a warning; a run left with no pair, or with no harmful
+    pair where the regularizer needs them, is refused. Every message names the length that keeps them."""
+    quada = config.quada
+    if quada.max_length is None or quada.truncation_mode != "keep_start":  # keep_end drops nothing
+        return 0
+    lengths = pair_lengths(tokenizer, pairs, config.prompt_format)
+    dropped = set(lengths.dropped(quada.max_length))
+    kept = [pair for i, pair in enumerate(pairs) if i not in dropped]
+    where = f"in the model's chat template ({config.prompt_format} prompt format)"
+    if not kept:
+        raise QuadaError(
+            f"--max-length {quada.max_length} leaves no pair to train on: the prompt of each of the {len(pairs)} pairs "
+            f"fills {quada.max_length} tokens or more {where}, so training would drop it; {lengths.advice()}"
+        )
+    if quada.reg_lambda > 0 and not any(pair.harmful for pair in kept):
+        cause = (f"--max-length {quada.max_length} drops every harmful pair (its prompt fills it {where}); {lengths.advice()}"
+                 if any(pair.harmful for pair in pairs) else f"{config.pairs} holds none")
+        raise QuadaError(f"the regularizer (--reg-lambda {quada.reg_lambda:g}) compares harmful prompts, but no "
+                         f"harmful pair is left to train on: {cause}; or set --reg-lambda 0")
+    if dropped:
+        harmful = sum(pairs[i].harmful for i in dropped)
+        warn(f"--max-length {quada.max_length} drops {len(dropped)} of the {len(pairs)} pairs ({harmful} of them "
+             f"harmful), whose prompt alone fills it {where}; {lengths.advice()}")
+    return len(dropped)
+
+
+def training_model(config: AlignConfig, pairs: list[PreferencePair]):
+    """``(model, tokenizer, dropped)`` to train, in fp32 (master weights for the optimizer), once
+    everything that training and the evaluation after it need of the model is checked: the pairs'
+    lengths against --max-length (``dropped``: how many it drops), the perturbation and the
     evaluated approximations against its layers, tau, the evaluation's prompts against its context
     and its corpus against a perplexity window. So a bad option fails before the run folder is made,
     not after hours of training."""
@@ -142,21 +162,23 @@ def training_model(config: AlignConfig):
     model, tokenizer = load(config.model, dtype=torch.float32, device=config.device)
     # Name the local folder (not a built-in's name) as the base, so PEFT finds its config offline.
     model.name_or_path = str(resolve(config.model))
+    dropped = check_pair_lengths(config, pairs, tokenizer)
     perturbed_layers(quada.perturb_layers, quada.tau, len(resolve_decoder(model).layers))
     if config.skip_eval:
         check_specs_fit(model, [quada.approximation])
-        return model, tokenizer
+        return model, tokenizer, dropped
     evaluation = config.vet_config(config.model, config.out_dir)
     check_specs_fit(model, [quada.approximation, *evaluation.approximations])
     harmful, benign = prompt_sets(evaluation)
     check_prompts_fit(model, tokenizer, [*harmful, *benign], config.prompt_format, config.max_new_tokens)
     check_corpus(tokenizer, load_corpus(config.corpus), config.ppl_window)
-    return model, tokenizer
+    return model, tokenizer, dropped
 
 
-def train(config: AlignConfig, pairs: list[PreferencePair], model, tokenizer) -> dict:
+def train(config: AlignConfig, pairs: list[PreferencePair], model, tokenizer, dropped: int = 0) -> dict:
     """Train ``model`` (from :func:`training_model`; resuming from the last checkpoint), save adapter
-    and merged model; return the training record that goes into the model card."""
+    and merged model; return the training record that goes into the model card (``dropped``: the
+    pairs that --max-length leaves out)."""
     quada = config.quada
     trainer = QuadATrainer(model, args=quada, train_dataset=training_data(config, pairs), processing_class=tokenizer)
     resume = _last_checkpoint(config.out_dir / CHECKPOINT_DIR)
@@ -167,6 +189,7 @@ def train(config: AlignConfig, pairs: list[PreferencePair], model, tokenizer) ->
         "pairs_file": str(config.pairs),
         "pairs_sha256": file_sha256(config.pairs),
         "pairs": len(pairs),
+        "pairs_dropped_by_max_length": dropped,
         "max_pairs": config.max_pairs,
         "pairs_seed": config.pairs_seed,
         "pair_ids_sha256": pair_ids_sha256(pairs),
@@ -283,8 +306,24 @@ def evaluation_subjects(config: AlignConfig, record: dict) -> dict[str, tuple[st
     return subjects
 
 
+def check_outputs(config: AlignConfig) -> None:
+    """Refuse, before any work, a run folder whose writes would replace one of the run's inputs (its
+    data, checkpoints, adapter and model folders are replaced whole; its report and the results of its
+    evaluations are written), or where a file stands in the way of one of its folders."""
+    harmful, benign = config.eval_sets()
+    inputs = [("--pairs", config.pairs), ("--model", config.model), ("--benchmark", harmful), ("--benign", benign),
+              ("--corpus", config.corpus), ("--judge-model", config.judge_model)]
+    out = config.out_dir
+    before = ("--before-dir", config.before_dir) if config.before_dir else ("--out", out / "before")
+    evaluations = [(option, folder / part) for option, folder in (before, ("--out", out / "after"))
+                   for part in ("vet", "sweep")]
+    check_apart(inputs, folders=[("--out", out / name) for name in (DATA_DIR, CHECKPOINT_DIR, ADAPTER_DIR, MODEL_DIR)],
+                run_dirs=[("--out", out), *evaluations])
+
+
 def align(config: AlignConfig, progress: bool = True) -> AlignResult:
     """Train (or resume, or reuse a finished model), then evaluate before/after and report."""
+    check_outputs(config)
     pairs = stratified_pairs(load_pairs(config.pairs), config.max_pairs, config.pairs_seed)
     harmful, benign = config.eval_sets()
     if not config.skip_eval:
@@ -294,7 +333,7 @@ def align(config: AlignConfig, progress: bool = True) -> AlignResult:
             _read_record(config.baseline / MODEL_DIR)  # fail before training, not after
     model_dir = config.out_dir / MODEL_DIR
     trained = (model_dir / TRAINING_FILE).is_file()
-    to_train = None if trained else training_model(config)
+    to_train = None if trained else training_model(config, pairs)
     open_run_dir(config.out_dir, "--out")
     record = _read_record(model_dir) if trained else train(config, pairs, *to_train)
     adapter_dir = Path(record["adapter_dir"]) if record.get("adapter_dir") else None

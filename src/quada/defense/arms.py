@@ -29,7 +29,7 @@ from quada.errors import QuadaError
 from quada.eval.metrics import Estimate, paired_difference, tango_interval
 from quada.report.arms import OVER_REFUSAL
 from quada.report.vet import RESULTS_FILE
-from quada.runs import atomic_folder, write_json
+from quada.runs import atomic_folder, check_apart, write_json
 from quada.store import CLEAN
 
 ORIGINAL = "original"  # the arm of the base model, read from the runs' before-evaluations
@@ -347,6 +347,7 @@ def arms_report(arm_folders: dict[str, list[Path]], reference: str, out: Path, c
     if reference not in known:
         raise QuadaError(f"--reference {reference!r} is no arm; choose one of {', '.join(known)}")
     out = Path(out).expanduser()
+    check_apart([("--arm", folder) for folders in arm_folders.values() for folder in folders], folders=[("--out", out)])
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ARMS_FILE).is_file())):
         raise QuadaError(f"--out {out} exists and holds no earlier `quada results arms` output; choose a new folder")
     runs = {name: sorted(map(read_run, folders), key=lambda r: r.seed) for name, folders in arm_folders.items()}

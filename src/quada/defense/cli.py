@@ -54,6 +54,7 @@ def pairs_command(
 
     Generations are stored as they come: an interrupted run continues where it stopped. Responses go to files only.
     """
+    from quada.defense.quada import DEFAULT_MAX_LENGTH
     from quada.defense.pairs import (GenericPairsConfig, RestorePairsConfig, SelfPairsConfig, generic_pairs, pku_pairs,
                                      restore_pairs, self_pairs)
 
@@ -76,6 +77,8 @@ def pairs_command(
     else:
         raise QuadaError(f"unknown --source {source!r}; choose 'self', 'generic', 'restore' or 'pku'")
     print_table(console, f"quada pairs ({source})", ["kind", "pairs"], [[kind, str(n)] for kind, n in result.counts.items()])
+    if result.lengths is not None:
+        console.print(result.lengths.summary(DEFAULT_MAX_LENGTH))
     console.print(f"pairs: {result.pairs_file}; held-out prompts: {out / 'heldout-harmful.jsonl'}, "
                   f"{out / 'heldout-benign.jsonl'} (split: {out / 'split.json'})")
 

@@ -53,15 +53,16 @@ from pathlib import Path
 
 from quada.approx import as_spec
 from quada.attack.sources import many_shot_examples
+from quada.chat import messages
 from quada.data import Prompt, jsonl_rows, load_benchmark, read_text_file, subset
-from quada.defense.quada import DEFAULT_PERTURBATION
+from quada.defense.quada import DEFAULT_PERTURBATION, HARMFUL_COLUMN
 from quada.devices import check_device, check_dtype
 from quada.errors import QuadaError, check_seed
 from quada.eval.generate import GenerationSettings
 from quada.eval.judges import keyword_verdict, refusal_phrase
 from quada.hub import require_hub
-from quada.models import DEFAULT_MODEL
-from quada.runs import atomic_write_text, open_run_dir, progress_bar
+from quada.models import DEFAULT_MODEL, check_source
+from quada.runs import atomic_write_text, check_apart, open_run_dir, progress_bar
 from quada.store import CLEAN, Store
 
 PKU_HUB_ID = "PKU-Alignment/PKU-SafeRLHF"
@@ -76,6 +77,7 @@ PAIRS_FILE = "pairs.jsonl"
 SPLIT_FILE = "split.json"
 HELDOUT_HARMFUL = "heldout-harmful.jsonl"
 HELDOUT_BENIGN = "heldout-benign.jsonl"
+STORE_FILE = "results.sqlite"  # the generation store of the generated sources
 # Refusals written for quada, used where the model has no refusal of its own to offer (chosen for a
 # prompt it answered, rejected for a benign prompt).
 WRITTEN_REFUSALS = (
@@ -101,6 +103,13 @@ class PreferencePair:
 def written_refusal(key: str) -> str:
     """One of :data:`WRITTEN_REFUSALS`, fixed by ``key`` (a prompt id)."""
     return WRITTEN_REFUSALS[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(WRITTEN_REFUSALS)]
+
+
+def check_out_dir(out_dir: Path, inputs) -> None:
+    """Refuse an output folder where the pairs, the split, the held-out prompt files or the generation
+    store would replace one of the ``inputs`` (``(option, value)`` pairs), before any work."""
+    written = (PAIRS_FILE, SPLIT_FILE, HELDOUT_HARMFUL, HELDOUT_BENIGN, STORE_FILE)
+    check_apart(inputs, files=[("--out", Path(out_dir) / name) for name in written])
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -185,6 +194,63 @@ def stratified_pairs(pairs: Sequence[PreferencePair], n: int | None, seed: int) 
             quotas[pairs[index].source] -= 1
             chosen.append(index)
     return [pairs[i] for i in sorted(chosen)]
+
+
+def preference_rows(pairs: Sequence[PreferencePair], prompt_format: str) -> list[dict]:
+    """Pairs as conversational TRL rows in the evaluation's prompt format, with ``harmful``."""
+    return [
+        {"prompt": messages(p.prompt, prompt_format), "chosen": [{"role": "assistant", "content": p.chosen}],
+         "rejected": [{"role": "assistant", "content": p.rejected}], HARMFUL_COLUMN: p.harmful}
+        for p in pairs
+    ]
+
+
+@dataclass(frozen=True)
+class PairLengths:
+    """Token counts of pairs as `quada align` trains on them: per pair, the prompt's tokens and the
+    tokens of the prompt with its longer response (see :func:`pair_lengths`)."""
+
+    prompts: tuple[int, ...]
+    totals: tuple[int, ...]
+
+    def dropped(self, max_length: int) -> list[int]:
+        """The pairs that training drops at ``max_length``: their prompt alone fills it, so cutting
+        each sequence to ``max_length`` from its end would leave no response token."""
+        return [i for i, n in enumerate(self.prompts) if n >= max_length]
+
+    def summary(self, max_length: int) -> str:
+        """What these lengths mean for training at ``max_length`` (`quada align`'s --max-length)."""
+        dropped = len(self.dropped(max_length))
+        cut = sum(total > max_length for total in self.totals) - dropped
+        return (f"In the model's tokens, the prompts are up to {max(self.prompts)} long and the pairs up to "
+                f"{max(self.totals)}: `quada align --max-length {max_length}` drops {dropped} pair(s) and cuts "
+                f"{cut} short; {self.advice()}.")
+
+    def advice(self) -> str:
+        """The lengths that keep the pairs, as the end of a message."""
+        return (f"--max-length {max(self.prompts) + 1} keeps every pair, {max(self.totals)} keeps every pair whole "
+                "(the longest prompt with its longer response)")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def pair_lengths(tokenizer, pairs: Sequence[PreferencePair], prompt_format: str) -> PairLengths:
+    """The :class:`PairLengths` of ``pairs`` as TRL's DPO trainer tokenizes them: the prompt through the
+    model's chat template with the generation prompt, each response after it; the response starts where
+    the prompt alone and the prompt with the response first differ."""
+
+    def ids(conversation, **options) -> list[int]:
+        return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, **options)["input_ids"]
+
+    prompts, totals = [], []
+    for row in preference_rows(pairs, prompt_format):
+        prompt = ids(row["prompt"], add_generation_prompt=True)
+        whole = [ids(row["prompt"] + row[side]) for side in ("chosen", "rejected")]
+        prompts.append(min(_common_prefix(prompt, full) for full in whole))
+        totals.append(max(map(len, whole)))
+    return PairLengths(tuple(prompts), tuple(totals))
 
 
 def pair_ids_sha256(pairs: Sequence[PreferencePair]) -> str:
@@ -355,6 +421,14 @@ class PairsConfig:
         check_seed(self.seed)
         self.out_dir = Path(self.out_dir)
 
+    def models(self) -> list[tuple[str, str]]:
+        """The models that answer, by option."""
+        return [("--model", self.model)]
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """The prompt files and models the pairs are made from, by option."""
+        return [("--harmful", self.harmful), ("--benign", self.benign), *self.models()]
+
 
 def _check_at_least_one(config, names: Sequence[str], optional: bool = False) -> None:
     """A user error naming the first field of ``names`` below 1; ``optional`` ones may be None (all)."""
@@ -398,6 +472,9 @@ class GenericPairsConfig(PairsConfig):
         if not self.rejected_model.strip():
             raise QuadaError(f"rejected-model must name a model; the default is {UNALIGNED_MODEL}, an unaligned one")
 
+    def models(self) -> list[tuple[str, str]]:
+        return [*super().models(), ("--rejected-model", self.rejected_model)]
+
 
 @dataclass
 class RestorePairsConfig(PairsConfig):
@@ -424,6 +501,7 @@ class PairsResult:
     pairs_file: Path
     split: Split
     counts: dict[str, int]
+    lengths: PairLengths | None = None  # in the answering model's tokens (the generated sources)
 
 
 def _pair_id(prompt_id: str, kind: str) -> str:
@@ -498,7 +576,11 @@ def many_shot_pairs(prompts, answers, clean) -> list[PreferencePair]:
 
 def _split_prompt_sets(config: PairsConfig) -> tuple[Split, list[Prompt], list[Prompt], list[Prompt]]:
     """``(split, harmful_train, harmful_heldout, benign_train)``: both prompt sets split, the
-    training parts subset (``limit``, ``benign_limit``), the split and held-out files written."""
+    training parts subset (``limit``, ``benign_limit``), the split and held-out files written once
+    the models and the output folder are checked."""
+    check_out_dir(config.out_dir, config.inputs())
+    for _, source in config.models():
+        check_source(source)
     harmful_train, harmful_heldout = split_prompts(load_benchmark(config.harmful), config.heldout, config.seed)
     benign_train, benign_heldout = split_prompts(load_benchmark(config.benign), config.benign_heldout, config.seed)
     harmful_train = subset(harmful_train, config.limit, config.seed)
@@ -522,10 +604,11 @@ class _Generating:
 
 @contextmanager
 def _answering(config: PairsConfig, source: str, store: Store, bar,
-               approximations=()) -> Iterator[Callable[..., dict[str, str]]]:
+               approximations=()) -> Iterator[tuple[Callable[..., dict[str, str]], object]]:
     """Load the model ``source`` and give ``answers(approximation, prompts, label, seed)``: its
     responses by prompt id, stored in ``store`` (keyed by the model's fingerprint, so two models'
-    rows never mix) and taken from it when there; the model is freed on leaving."""
+    rows never mix) and taken from it when there; with it the model's tokenizer. The model is freed
+    on leaving."""
     from quada.eval.engine import Engine, check_specs_fit
     from quada.models import load
 
@@ -542,7 +625,7 @@ def _answering(config: PairsConfig, source: str, store: Store, bar,
         return {row.key.prompt_id: row.response for row in rows}
 
     try:
-        yield answers
+        yield answers, tokenizer
     finally:
         # Free the weights before the next model loads: one model in memory at a time.
         del model
@@ -550,13 +633,15 @@ def _answering(config: PairsConfig, source: str, store: Store, bar,
         gc.collect()
 
 
-def _pairs_result(out_dir: Path, pairs: list[PreferencePair], split: Split, kinds: Sequence[str],
-                  hint: str) -> PairsResult:
-    """Write ``pairs`` and count them by kind; none at all is a user error ending with ``hint``."""
+def _pairs_result(config: PairsConfig, pairs: list[PreferencePair], split: Split, kinds: Sequence[str],
+                  hint: str, tokenizer) -> PairsResult:
+    """Write ``pairs``, count them by kind and measure their lengths in ``tokenizer``'s tokens; none
+    at all is a user error ending with ``hint``."""
     if not pairs:
         raise QuadaError(f"no pair survived the judges: {hint}")
     counts = {kind: sum(p.source == kind for p in pairs) for kind in kinds}
-    return PairsResult(pairs, write_pairs(out_dir / PAIRS_FILE, pairs), split, counts)
+    return PairsResult(pairs, write_pairs(config.out_dir / PAIRS_FILE, pairs), split, counts,
+                       pair_lengths(tokenizer, pairs, config.prompt_format))
 
 
 def _approximated_attempts(answers, config: SelfPairsConfig | RestorePairsConfig, prompts: Sequence[Prompt],
@@ -578,17 +663,17 @@ def self_pairs(config: SelfPairsConfig, progress: bool = True) -> PairsResult:
     ``out_dir/results.sqlite``), build the pairs and write pairs, split and held-out files."""
     split, harmful_train, _, benign_train = _split_prompt_sets(config)
     approximations = [config.approximation, config.heavy_approximation]
-    with (Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar,
-          _answering(config, config.model, store, bar, approximations) as answers):
+    with (Store(config.out_dir / STORE_FILE) as store, progress_bar(progress) as bar,
+          _answering(config, config.model, store, bar, approximations) as (answers, tokenizer)):
         clean = answers(CLEAN, harmful_train, "harmful, clean")
         attempts = _approximated_attempts(answers, config, harmful_train, clean)
         benign_clean = answers(CLEAN, benign_train, "benign, clean")
         heavy = answers(config.heavy_approximation, benign_train, "benign, heavy") if config.benign_rejected == "approx" else None
 
     pairs = harmful_pairs(harmful_train, clean, attempts, config.compliant_pairs) + benign_pairs(benign_train, benign_clean, heavy)
-    return _pairs_result(config.out_dir, pairs, split, SELF_KINDS,
+    return _pairs_result(config, pairs, split, SELF_KINDS,
                          "the clean model never refused, or never complied under the perturbation; "
-                         "try a stronger --perturbation, more --attempts or another model")
+                         "try a stronger --perturbation, more --attempts or another model", tokenizer)
 
 
 def generic_pairs(config: GenericPairsConfig, progress: bool = True) -> PairsResult:
@@ -599,23 +684,23 @@ def generic_pairs(config: GenericPairsConfig, progress: bool = True) -> PairsRes
     split, harmful_train, harmful_heldout, benign_train = _split_prompt_sets(config)
     examples, dataset_answers = many_shot_prompts(harmful_heldout) if config.many_shot else ([], {})
     examples = subset(examples, config.limit, config.seed)
-    with Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar:
-        with _answering(config, config.model, store, bar) as answers:
+    with Store(config.out_dir / STORE_FILE) as store, progress_bar(progress) as bar:
+        with _answering(config, config.model, store, bar) as (answers, tokenizer):
             clean = answers(CLEAN, harmful_train, "harmful, clean")
             many_shot_clean = answers(CLEAN, examples, "many-shot, clean") if examples else {}
             benign_clean = answers(CLEAN, benign_train, "benign, clean")
         refused = [p for p in harmful_train if refusal_phrase(clean[p.id]) is not None]
         unaligned = {}
         if refused:
-            with _answering(config, config.rejected_model, store, bar) as answers:
+            with _answering(config, config.rejected_model, store, bar) as (answers, _):
                 unaligned = answers(CLEAN, refused, "harmful, rejected model")
 
     pairs = (many_shot_pairs(examples, dataset_answers, many_shot_clean)
              + harmful_pairs(harmful_train, clean, [unaligned], True, ("generic:unaligned", "generic:compliant"))
              + benign_pairs(benign_train, benign_clean, None, "generic:benign"))
-    return _pairs_result(config.out_dir, pairs, split, GENERIC_KINDS,
+    return _pairs_result(config, pairs, split, GENERIC_KINDS,
                          "no harmful prompt had a refusal to set against a compliant answer, and the clean model "
-                         "refused every benign prompt; try another --rejected-model, --many-shot or more prompts")
+                         "refused every benign prompt; try another --rejected-model, --many-shot or more prompts", tokenizer)
 
 
 def restore_pairs(config: RestorePairsConfig, progress: bool = True) -> PairsResult:
@@ -626,8 +711,8 @@ def restore_pairs(config: RestorePairsConfig, progress: bool = True) -> PairsRes
     split, harmful_train, harmful_heldout, benign_train = _split_prompt_sets(config)
     examples = subset(many_shot_prompts(harmful_heldout)[0], config.limit, config.seed) if config.many_shot else []
     harmful = [*harmful_train, *examples]
-    with (Store(config.out_dir / "results.sqlite") as store, progress_bar(progress) as bar,
-          _answering(config, config.model, store, bar, [config.approximation]) as answers):
+    with (Store(config.out_dir / STORE_FILE) as store, progress_bar(progress) as bar,
+          _answering(config, config.model, store, bar, [config.approximation]) as (answers, tokenizer)):
         clean = answers(CLEAN, harmful, "harmful, clean")
         attempts = _approximated_attempts(answers, config, harmful, clean)
         benign_clean = answers(CLEAN, benign_train, "benign, clean")
@@ -637,16 +722,17 @@ def restore_pairs(config: RestorePairsConfig, progress: bool = True) -> PairsRes
     # compliant_pairs=False: a harmful prompt the clean model answers gives no pair, whatever the kind's name.
     pairs = (harmful_pairs(harmful, clean, attempts, compliant_pairs=False, kinds=(restored_kind, restored_kind))
              + benign_pairs(benign_train, benign_clean, benign_approximated, benign_kind))
-    return _pairs_result(config.out_dir, pairs, split, RESTORE_KINDS,
+    return _pairs_result(config, pairs, split, RESTORE_KINDS,
                          "the clean model never refused a harmful prompt that the approximation made it answer, and "
                          "the approximation changed no benign answer; try a stronger --perturbation, more --attempts "
-                         "or more prompts")
+                         "or more prompts", tokenizer)
 
 
 def pku_pairs(file: str | Path | None, out_dir: Path, limit: int | None = None, seed: int = 0) -> PairsResult:
     """PKU-SafeRLHF pairs written to ``out_dir/pairs.jsonl``. Their prompts are not AdvBench's or
     the bundled benign suite's, so the split records every one of those as held out."""
     check_seed(seed)
+    check_out_dir(out_dir, [("--file", file)])
     pairs = load_pku_saferlhf(file, limit, seed)
     open_run_dir(out_dir, "--out")
     advbench, benign = load_benchmark("advbench"), load_benchmark("quada-benign")

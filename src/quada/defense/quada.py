@@ -55,6 +55,7 @@ PERTURB_LAYERS = ("first-tau", "all", "none")
 REFERENCES = ("clean", "perturbed")  # how the reference model runs
 PREFERENCE_LOSSES = ("dpo", "ipo")  # the preference term of the loss
 FULL_FINETUNE_LR = 1e-6  # the paper's rate (PAPER.md section 5)
+DEFAULT_MAX_LENGTH = 512  # the longest prompt+response trained on, in tokens (the paper's)
 # [ours] LoRA trains a low-rank update that starts at zero, so at the paper's 1e-6 it barely moves in the
 # few hundred steps a CPU run affords; 5e-5 is a common LoRA rate, about 50x the full fine-tuning one.
 LORA_LR = 5e-5
@@ -207,7 +208,7 @@ class QuadAConfig(DPOConfig):
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (the paper: 0.05)."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Training epochs (the paper: 2)."})
     max_length: int | None = field(
-        default=512, metadata={"help": "Longest prompt+response in tokens; longer ones are cut (the paper: 512)."}
+        default=DEFAULT_MAX_LENGTH, metadata={"help": "Longest prompt+response in tokens; longer ones are cut (the paper: 512)."}
     )
     precompute_ref_log_probs: bool = field(
         default=True,

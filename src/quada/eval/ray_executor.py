@@ -43,7 +43,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from quada.errors import QuadaError
+from quada.errors import QuadaError, cleanup_after
 from quada.eval.executors import ModelRef, Models, Usage
 
 LOCAL_OBJECT_STORE_BYTES = 128 * 2**20  # Ray's minimum is 75 MiB; units and results are a few kB
@@ -282,7 +282,7 @@ class RayExecutor:
         and Ray joined or started with them; on any failure nothing that was started stays behind."""
         if self._pool:
             return [w.actor for w in self._pool]
-        try:
+        with cleanup_after(self.close, on_success=False):  # a failure to clean up must not hide why it failed
             self._connect()
             self._place()
             actor = ray.remote(ModelWorker)
@@ -298,9 +298,6 @@ class RayExecutor:
             started = time.monotonic()
             self._check_workers()
             self._start_seconds = time.monotonic() - started
-        except BaseException:
-            self.close()
-            raise
         return [w.actor for w in self._pool]
 
     def describe(self) -> list[dict]:
