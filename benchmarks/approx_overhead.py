@@ -16,10 +16,10 @@ import torch
 import typer
 
 from quada.approx import apply
-from quada.approx.calibration import CALIBRATION_PROMPTS
+from quada.approx.activation_stats import CALIBRATION_PROMPTS
 from quada.chat import format_prompt
 from quada.errors import QuadaError
-from quada.eval.generate import greedy_batch
+from quada.measures.generate import greedy_batch
 
 FAMILIES = {
     "noise (paper:bolt)": "paper:bolt",

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import typer
 
-from quada.backends import Deployment, LLAMACPP, OPENAI, render
+from quada.backends import LLAMACPP, OPENAI, Deployment, render
 from quada.backends.llamacpp import LlamaCppBackend
 from quada.backends.openai import OpenAIBackend
 from quada.data import load_benchmark, subset
-from quada.eval.generate import GenerationSettings, generate
+from quada.measures.generate import GenerationSettings, generate
 from quada.models import gguf_file, load
 
 

@@ -33,9 +33,9 @@ import typer
 from quada.data import load_benchmark, subset
 from quada.defaults import VET_APPROXIMATIONS
 from quada.devices import cpu_name
-from quada.eval.engine import Engine, Plan
-from quada.eval.executors import make_executor
-from quada.eval.utility import load_corpus
+from quada.engine.executors import make_executor
+from quada.engine.plan import Engine, Plan
+from quada.measures.utility import load_corpus
 from quada.models import load
 from quada.options import VetConfig
 from quada.store import CLEAN, Generation, Store

@@ -21,7 +21,7 @@ import typer
 from quada.chat import format_prompt
 from quada.data import load_benchmark
 from quada.devices import cpu_name, resolve_dtype
-from quada.eval.generate import GenerationSettings, generate
+from quada.measures.generate import GenerationSettings, generate
 from quada.models import DEFAULT_MODEL, load
 
 

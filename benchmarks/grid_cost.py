@@ -5,7 +5,7 @@ The grid (docs/scale-out.md): ``--models`` models x ``--conditions`` conditions 
 and the paper's approximations) x ``--prompts`` AdvBench prompts of at most ``--new-tokens`` new
 tokens, and one perplexity of ``--ppl-windows`` windows per condition. Each model is one command
 whose whole plan goes to the pool at once; this script cuts that plan into units exactly as the
-engine does (:func:`quada.eval.engine.chunk_size`, :func:`quada.eval.engine.balanced`) and
+engine does (:func:`quada.engine.plan.chunk_size`, :func:`quada.engine.plan.balanced`) and
 schedules them as the pool does (largest first, each to the worker that frees up first), so the
 only modelled quantity is the cost of one unit:
 
@@ -26,7 +26,7 @@ import heapq
 
 import typer
 
-from quada.eval.engine import balanced, chunk_size
+from quada.engine.plan import balanced, chunk_size
 
 WORKERS = (8, 32, 128)
 

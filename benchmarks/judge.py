@@ -40,8 +40,12 @@ import typer
 from quada.data import load_benchmark
 from quada.devices import cpu_name
 from quada.errors import QuadaError
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, LogitJudge, make_judge
-from quada.eval.scoring import answer_group_probabilities, next_token_logprobs, pad_id_of
+from quada.judging import DEFAULT_JUDGE_MODEL, LogitJudge, make_judge
+from quada.measures.scoring import (
+    answer_group_probabilities,
+    next_token_logprobs,
+    pad_id_of,
+)
 from quada.store import CLEAN, Generation, Store
 
 Call = tuple[list[str], list[str]]  # one judge call: prompts and responses of one condition

@@ -3,7 +3,7 @@
 Paired outcomes are simulated for every condition and deciding judge of a run (clean against
 approximated, per prompt: P(only approximated) - P(only clean) = the condition's rise, P(only one
 of the two) = the discordance) and decided look by look exactly as a vet decides them
-(quada.eval.sequential.simulate). Printed:
+(quada.stats.sequential.simulate). Printed:
 
 - the family-wise error: the share of runs in which some condition with no rise is called "breaks
   safety" (at most alpha/2 by design), and in which some condition whose rates rose by the margin
@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from quada.defaults import FAMILY_ALPHA, FIRST_LOOK, MARGIN_POINTS, MAX_PROMPTS
-from quada.eval.sequential import Design, look_schedule, simulate
+from quada.stats.sequential import Design, look_schedule, simulate
 
 JUDGES, CONDITIONS = 3, 3  # the main job: keyword, refusal-keyword and llm decide on three approximations
 

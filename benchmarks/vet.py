@@ -14,8 +14,8 @@ import time
 import typer
 
 from quada.data import load_benchmark, subset
-from quada.eval.generate import GenerationSettings, generate
-from quada.eval.judges import DEFAULT_JUDGE_MODEL, agreement, make_judge
+from quada.judging import DEFAULT_JUDGE_MODEL, agreement, make_judge
+from quada.measures.generate import GenerationSettings, generate
 from quada.models import DEFAULT_MODEL, load
 
 

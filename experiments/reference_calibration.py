@@ -1,4 +1,4 @@
-"""Write the reference calibrations that ship with quada (src/quada/data/calibration/): the built-in
+"""Write the reference calibrations that ship with quada (src/quada/bundled/calibration/): the built-in
 judges calibrated on this machine against their default labelled sets, both halves, so that a vet
 with the same judge (model, dtype, question, threshold) prints its held-out figures without judging
 the labelled set first. Each file records the quada and torch versions and the processor.
@@ -16,8 +16,8 @@ from dataclasses import asdict, replace
 
 from quada.defaults import DEFAULT_JUDGE_MODEL
 from quada.devices import check_dtype, resolve_device
-from quada.eval.judges import make_judge
-from quada.judge_calibration import DEFAULT_SETS, REFERENCE_DIR, cache_path, calibrate
+from quada.judging import make_judge
+from quada.judging.calibration import DEFAULT_SETS, REFERENCE_DIR, cache_path, calibrate
 from quada.runs import write_json
 
 

@@ -8,13 +8,14 @@ import torch
 import quada.analysis.clusters
 import quada.analysis.layers
 import quada.analysis.sweep
+import quada.devices
 import quada.models
 import quada.vet
+from quada import judging as judges
+from quada.judging import registry
 from quada.cli import main
-import quada.devices
 from quada.devices import check_device, check_dtype, resolve_device, resolve_dtype
 from quada.errors import QuadaError
-from quada.eval import judges
 from quada.models import load
 from quada.testing import tiny_model
 
@@ -82,7 +83,7 @@ def test_the_judge_model_loads_on_the_given_device(monkeypatch):
         calls.append((source, device))
         return tiny_model("llama")
 
-    monkeypatch.setattr(judges, "load_judge_model", fake)
+    monkeypatch.setattr(registry, "load_judge_model", fake)
     judges.make_judge("llm", model_source="judge-folder", device="cpu")
     assert calls == [("judge-folder", "cpu")]
 

@@ -2,10 +2,17 @@ import pytest
 import torch
 
 from quada.chat import PAPER_SYSTEM, format_prompt
-from quada.errors import QuadaError
 from quada.data import Prompt
-from quada.eval.generate import (GenerationSettings, auto_batch_size, check_prompts_fit, check_room, context_length,
-                                 free_memory, generate)
+from quada.errors import QuadaError
+from quada.measures.generate import (
+    GenerationSettings,
+    auto_batch_size,
+    check_prompts_fit,
+    check_room,
+    context_length,
+    free_memory,
+    generate,
+)
 from quada.testing import tiny_model
 
 PROMPTS = [
@@ -88,7 +95,7 @@ def test_bad_settings_are_user_errors():
 
 def test_auto_batch_size_shrinks_with_length(monkeypatch):
     model, _ = tiny_model()
-    monkeypatch.setattr("quada.eval.generate.available_memory", lambda: 64 * 2**20)
+    monkeypatch.setattr("quada.measures.generate.available_memory", lambda: 64 * 2**20)
     short = auto_batch_size(model, prompt_tokens=16, max_new_tokens=16, cap=10_000)
     long = auto_batch_size(model, prompt_tokens=1024, max_new_tokens=128, cap=10_000)
     assert short > long >= 1
@@ -98,10 +105,10 @@ def test_auto_batch_size_shrinks_with_length(monkeypatch):
 def test_a_gpu_batch_is_sized_by_the_gpu_free_memory_not_the_host(monkeypatch):
     asked = []
     monkeypatch.setattr("torch.cuda.mem_get_info", lambda device: asked.append(device) or (3 * 2**30, 80 * 2**30))
-    monkeypatch.setattr("quada.eval.generate.available_memory", lambda: pytest.fail("read the host's memory"))
+    monkeypatch.setattr("quada.measures.generate.available_memory", lambda: pytest.fail("read the host's memory"))
     gpu = torch.device("cuda", 1)
     assert free_memory(gpu) == 3 * 2**30 and asked == [gpu]
-    monkeypatch.setattr("quada.eval.generate.available_memory", lambda: 5 * 2**30)
+    monkeypatch.setattr("quada.measures.generate.available_memory", lambda: 5 * 2**30)
     assert free_memory(torch.device("cpu")) == 5 * 2**30
 
 
@@ -110,7 +117,7 @@ def test_stop_on_refusal_cuts_at_the_phrase_and_keeps_the_keyword_verdict(monkey
     full = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=24), progress=False)
     # Make a piece of one full answer count as a refusal phrase for this test.
     phrase = full[1][4:8]
-    monkeypatch.setattr("quada.eval.generate.refusal_phrase", lambda text: phrase if phrase in text else None)
+    monkeypatch.setattr("quada.measures.generate.refusal_phrase", lambda text: phrase if phrase in text else None)
     early = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=24, stop_on_refusal=True), progress=False)
     for whole, cut in zip(full, early):
         assert whole.startswith(cut)

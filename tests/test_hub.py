@@ -6,7 +6,7 @@ from quada import hub
 from quada.data import load_benchmark
 from quada.defense.pairs import load_pku_saferlhf
 from quada.errors import QuadaError
-from quada.eval.utility import load_corpus
+from quada.measures.utility import load_corpus
 from quada.models import load
 
 

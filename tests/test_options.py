@@ -11,11 +11,10 @@ from rich.markup import escape
 from quada.analysis.options import LayersConfig, SweepConfig
 from quada.cli import app
 from quada.cli_options import parse_names, parse_numbers
-from quada.options import flag
 from quada.defaults import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, VET_MODEL
 from quada.defense.options import AlignConfig
 from quada.errors import QuadaError
-from quada.options import EXECUTOR_OPTIONS, EvalOptions, VetConfig
+from quada.options import EXECUTOR_OPTIONS, EvalOptions, VetConfig, flag
 
 CONFIGS = {"vet": VetConfig, "sweep": SweepConfig, "layers": LayersConfig, "align": AlignConfig}
 SHARED = [field.name for field in dataclasses.fields(EvalOptions)]
@@ -67,7 +66,7 @@ def test_a_bad_shared_option_fails_the_same_way_in_every_config(config, values, 
 
 
 def test_the_safety_judges_the_message_names_are_those_the_rule_accepts(tmp_path):
-    from quada.eval.judges import JUDGE_CLASSES, JUDGES, SAFETY_JUDGES
+    from quada.judging import JUDGE_CLASSES, JUDGES, SAFETY_JUDGES
 
     with pytest.raises(QuadaError) as error:
         VetConfig(judges=("harmfulness",))

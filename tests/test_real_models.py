@@ -2,7 +2,7 @@
 
 import pytest
 
-from quada.eval.generate import GenerationSettings, generate
+from quada.measures.generate import GenerationSettings, generate
 from quada.models import BUILTINS, load
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,7 @@ def qwen05():
 
 
 def test_05b_answers_a_benign_request_and_refuses_a_harmful_one(qwen05):
-    from quada.eval.judges import keyword_verdict
+    from quada.judging import keyword_verdict
 
     model, tokenizer = qwen05
     benign = "What is the capital of France? Answer in one sentence."

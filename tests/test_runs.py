@@ -262,6 +262,19 @@ def test_progress_in_a_log_is_plain_lines_with_counts_rate_and_time_left():
     assert steady[0] == "generate none: 0/10 (0%)" and re.fullmatch(r"generate none: 10/10 done in \d+s", steady[1])
 
 
+def test_a_task_whose_total_is_raised_after_it_completed_reports_again():
+    # a vet's next look asks more prompts of a condition whose first look was done
+    out = io.StringIO()
+    with LineProgress(interval=30, console=Console(file=out, width=60)) as bar:
+        task = bar.add_task("generate none", total=4)
+        bar.advance(task, 4)
+        bar.update(task, total=8)
+        bar.advance(task, 4)
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(r"generate none: 4/4 done in \d+s", lines[1]), lines
+    assert re.fullmatch(r"generate none: 8/8 done in \d+s", lines[-1]), lines
+
+
 def test_progress_interval_comes_from_the_environment_and_a_bad_value_is_a_user_error(monkeypatch):
     monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "2.5")
     assert progress_interval() == 2.5

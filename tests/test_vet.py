@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-import quada.eval.engine as engine_module
+import quada.engine.plan as engine_module
 from quada.data import load_benchmark, seeded_order
 from quada.errors import QuadaError
-from quada.eval.verdict import VERDICTS
+from quada.stats.verdict import VERDICTS
 from quada.store import Generation, Judgement, Store
 from quada.testing import write_tiny_run_inputs
 from quada.vet import VetConfig, vet
@@ -80,7 +80,7 @@ def test_a_run_without_calibration_says_so(inputs, tmp_path):
 
 
 def test_a_killed_run_writes_no_results_and_keeps_what_it_committed(inputs, tmp_path, monkeypatch):
-    # How a killed run resumes is tested once, on the engine (tests/eval/test_engine.py).
+    # How a killed run resumes is tested once, on the engine (tests/engine/test_engine.py).
     monkeypatch.setattr(engine_module, "GENERATION_CHUNK", 2)
     real_generate = engine_module.generate
     calls = []

@@ -55,7 +55,7 @@ def profile_command(
 
         texts = [p.text for p in load_benchmark(prompts)]
     if limit is not None:
-        from quada.approx.calibration import CALIBRATION_PROMPTS
+        from quada.approx.activation_stats import CALIBRATION_PROMPTS
 
         texts = list(texts or CALIBRATION_PROMPTS)[:limit]
     lm, tokenizer = load(model, dtype=dtype, device=target)

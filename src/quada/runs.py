@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from rich import get_console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from quada.errors import QuadaError, cleanup_after
 
@@ -135,6 +142,10 @@ class LineProgress(Progress):
 
     def update(self, task_id: TaskID, *args: Any, **kwargs: Any) -> None:
         super().update(task_id, *args, **kwargs)
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is not None and task_id in self._done and not task.finished:
+                self._done.discard(task_id)  # its total was raised (a vet's next look): it runs again
         self._report(task_id)
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:

@@ -111,7 +111,7 @@ class Judgement:
 @dataclass(frozen=True)
 class MeasurementKey:
     """What decides a number measured on the model: one string naming the model, the condition and
-    the measurement's settings (see :func:`quada.eval.engine.perplexity_key`)."""
+    the measurement's settings (see :func:`quada.engine.plan.perplexity_key`)."""
 
     key: str
 

@@ -5,10 +5,10 @@ For every condition (the clean model, each approximation, each deployment: the m
 llama.cpp or an OpenAI-compatible server, :mod:`quada.backends`) it generates responses to a
 harmful benchmark and to a benign suite, judges them, and measures perplexity and (when a
 question source is available) multiple-choice accuracy, all through the measurement engine
-(:mod:`quada.eval.engine`) and the results store: stored, so a rerun or a resumed run computes
+(:mod:`quada.engine.plan`) and the results store: stored, so a rerun or a resumed run computes
 only what is missing. Every condition is compared with the clean model on the same prompts by the
 same judges and the same verdict rules, in looks that ask more harmful prompts only of the
-conditions not yet decided (:mod:`quada.eval.sequential`, :mod:`quada.eval.verdict`).
+conditions not yet decided (:mod:`quada.stats.sequential`, :mod:`quada.stats.verdict`).
 """
 
 from __future__ import annotations
@@ -19,25 +19,45 @@ from pathlib import Path
 from typing import Any
 
 from quada.approx import spec_label
-from quada.backends import backend_cache_key, check_deployment, determinism, render, served_perplexity
+from quada.backends import (
+    backend_cache_key,
+    check_deployment,
+    determinism,
+    render,
+    served_perplexity,
+)
 from quada.data import Prompt, load_benchmark, seeded_order, subset
-from quada.eval.engine import BackendRef, Engine, Measured, Plan, Verdicts, check_specs_fit, run_jobs
-from quada.eval.executors import Executor, Usage, make_executor
-from quada.eval.generate import check_prompts_fit
-from quada.eval.judges import GRADE_RANGE, JUDGE_CLASSES, SAFETY_JUDGES, Judge, attack_outcomes, check_judge_model
-from quada.eval.metrics import Estimate, bounded_mean, proportion
-from quada.eval.sequential import Design, look_schedule
-from quada.eval.utility import check_corpus, load_corpus, load_questions
-from quada.eval.verdict import Comparison, Verdict, compare, verdict
-from quada.judge_calibration import JudgeInfo, judge_infos
+from quada.engine.executors import Executor, Usage, make_executor
+from quada.engine.plan import (
+    BackendRef,
+    Engine,
+    Measured,
+    Plan,
+    Verdicts,
+    check_specs_fit,
+    run_jobs,
+)
+from quada.judging import (
+    GRADE_RANGE,
+    JUDGE_CLASSES,
+    SAFETY_JUDGES,
+    Judge,
+    attack_outcomes,
+    check_judge_model,
+)
+from quada.judging.calibration import JudgeInfo, judge_infos
+from quada.measures.generate import check_prompts_fit
+from quada.measures.utility import check_corpus, load_corpus, load_questions
 from quada.models import load
 from quada.options import VetConfig
 from quada.report.render import Example
 from quada.report.story import write_story
 from quada.report.vet import RESULTS_FILE, ConditionResult
 from quada.runs import check_apart, jsonable, open_run_dir, progress_bar, write_json
+from quada.stats.metrics import Estimate, bounded_mean, proportion
+from quada.stats.sequential import Design, look_schedule
+from quada.stats.verdict import Comparison, Verdict, compare, verdict
 from quada.store import CLEAN, Store
-
 
 HARMFUL, BENIGN = "harmful", "benign"  # which prompts a judgement is of
 DETERMINISM_PROMPTS = 2  # harmful prompts each deployment answers twice, to check it is deterministic
@@ -79,12 +99,12 @@ def vet(config: VetConfig, progress: bool = True) -> VetResult:
 
 
 class Vetting:
-    """One model vetted into one run folder, as a job of :func:`quada.eval.engine.run_jobs`: its
+    """One model vetted into one run folder, as a job of :func:`quada.engine.plan.run_jobs`: its
     inputs checked, its model loaded and its deployments opened when made. Each round is one look
-    of the group-sequential design (:mod:`quada.eval.sequential`): it adds to the plan the harmful
+    of the group-sequential design (:mod:`quada.stats.sequential`): it adds to the plan the harmful
     prompts of the look for the clean model and every condition not yet decided (at the first look
     also every condition's benign prompts, perplexity and accuracy), with their verdicts; the next
-    round first decides what the look's results decide (:func:`quada.eval.verdict.verdict`).
+    round first decides what the look's results decide (:func:`quada.stats.verdict.verdict`).
     :meth:`report` writes the report. `quada align` runs the vettings of several models (each one
     look) in one plan."""
 

@@ -102,7 +102,7 @@ def test_layers_and_clusters_reject_bad_options_without_a_traceback(cli, tmp_pat
     ],
 )
 def test_specs_are_checked_against_the_model_before_any_generation(cli, inputs, tmp_path, monkeypatch, command, args, fragment):
-    monkeypatch.setattr("quada.eval.engine.generate", lambda *a, **k: pytest.fail("generated before checking"))
+    monkeypatch.setattr("quada.engine.plan.generate", lambda *a, **k: pytest.fail("generated before checking"))
     cli(command, *tiny_options(inputs), *args, "--run-dir", str(tmp_path / "run")).assert_user_error(fragment)
 
 

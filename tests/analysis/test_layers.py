@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-import quada.eval.engine as engine_module
+import quada.engine.plan as engine_module
 from quada.analysis.layers import (
     REFUSAL_OPENINGS,
     LayerPoint,
@@ -22,8 +22,8 @@ from quada.analysis.sweep import SweepConfig, sweep
 from quada.approx import parse_spec
 from quada.chat import format_prompt
 from quada.errors import QuadaError
-from quada.eval.judges import REFUSAL_PHRASES
-from quada.eval.metrics import Estimate
+from quada.judging import REFUSAL_PHRASES
+from quada.stats.metrics import Estimate
 from quada.store import Generation, Judgement, Store
 from quada.testing import tiny_model
 
@@ -144,7 +144,7 @@ def test_layers_measures_every_condition_and_writes_the_report(inputs, tmp_path)
 
 
 def test_a_rerun_of_a_layer_analysis_computes_nothing_new(inputs, tmp_path, monkeypatch):
-    # How a killed run resumes is tested once, on the engine (tests/eval/test_engine.py).
+    # How a killed run resumes is tested once, on the engine (tests/engine/test_engine.py).
     first_run = layers(config(inputs, tmp_path / "run"), progress=False)
     monkeypatch.setattr(engine_module, "generate", lambda *a, **k: pytest.fail("generated again"))
     monkeypatch.setattr(engine_module, "windows_perplexity", lambda *a, **k: pytest.fail("measured again"))

@@ -3,7 +3,7 @@ import json
 import matplotlib.figure
 import pytest
 
-import quada.eval.engine as engine_module
+import quada.engine.plan as engine_module
 from quada.analysis.sweep import (
     SweepConfig,
     SweepPoint,
@@ -15,8 +15,8 @@ from quada.analysis.sweep import (
 )
 from quada.approx import parse_spec, parse_technique
 from quada.errors import QuadaError
-from quada.eval.metrics import Estimate
 from quada.report.sweep import point_label, sweep_figure
+from quada.stats.metrics import Estimate
 from quada.store import Generation, Judgement, Store
 
 BASE = "noise:site=up,dist=gaussian"
@@ -60,7 +60,7 @@ def test_the_grid_gives_one_stored_condition_per_strength(inputs, tmp_path):
 
 
 def test_a_killed_sweep_writes_no_results(inputs, tmp_path, monkeypatch):
-    # How a killed run resumes is tested once, on the engine (tests/eval/test_engine.py).
+    # How a killed run resumes is tested once, on the engine (tests/engine/test_engine.py).
     monkeypatch.setattr(engine_module, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         sweep(config(inputs, tmp_path / "split"), progress=False)

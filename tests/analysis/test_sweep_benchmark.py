@@ -2,7 +2,7 @@ import importlib.util
 from pathlib import Path
 
 from quada.analysis.sweep import SweepConfig, SweepPoint, SweepResult, most_vulnerable
-from quada.eval.metrics import Estimate
+from quada.stats.metrics import Estimate
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep.py"
 spec = importlib.util.spec_from_file_location("sweep_benchmark", SCRIPT)

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from quada.approx import NoiseConfig, TealConfig, apply, list_specs, parse_spec
+from quada.approx import activation_stats as calibration_module
 from quada.approx import noise as noise_module
 from quada.approx.base import HANDLERS, REGISTRY, Installation
 from quada.approx.noise import install_noise
-from quada.approx import calibration as calibration_module
 from quada.approx.poly import ApproxActivation
 from quada.chat import format_prompt
 from quada.errors import QuadaError
-from quada.eval.generate import GenerationSettings, generate
+from quada.measures.generate import GenerationSettings, generate
 from quada.testing import tiny_model
 
 TEXT = "Explain, step by step, how a refrigerator keeps food cold."

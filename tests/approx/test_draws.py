@@ -7,7 +7,14 @@ import numpy as np
 import scipy.stats
 import torch
 
-from quada.approx.draws import centred_uniform, key64, laplace, mix32, standard_normal, uniform_bits
+from quada.approx.draws import (
+    centred_uniform,
+    key64,
+    laplace,
+    mix32,
+    standard_normal,
+    uniform_bits,
+)
 from quada.approx.rows import prompt_key, words
 
 

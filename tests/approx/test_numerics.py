@@ -8,11 +8,16 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from quada.approx.calibration import AbsHistogram
-from quada.approx.noise import gaussian_noise, laplace_noise, zero_small
-from quada.approx.poly import APPROXIMATIONS, ApproxActivation, iron_tanh_activation, piecewise_poly
-from quada.approx.quant import fake_quant, smoothing_factors
+from quada.approx.activation_stats import AbsHistogram
 from quada.approx.draws import uniform_bits
+from quada.approx.noise import gaussian_noise, laplace_noise, zero_small
+from quada.approx.poly import (
+    APPROXIMATIONS,
+    ApproxActivation,
+    iron_tanh_activation,
+    piecewise_poly,
+)
+from quada.approx.quant import fake_quant, smoothing_factors
 from quada.approx.sparse import teal_positions, teal_sparsify
 
 GRID = torch.linspace(-10, 10, 200_001, dtype=torch.float64)

@@ -61,7 +61,7 @@ def test_an_attack_run_stores_everything_and_prints_only_rates(cli, inputs, tmp_
 
 
 def test_responses_are_judged_against_the_behaviour_not_the_adversarial_prompt(cli, inputs, tmp_path, monkeypatch):
-    from quada.eval.judges import make_judge
+    from quada.judging import make_judge
 
     shown = []
 
@@ -71,7 +71,7 @@ def test_responses_are_judged_against_the_behaviour_not_the_adversarial_prompt(c
         monkeypatch.setattr(judge, "judge", lambda prompts, responses: shown.extend(prompts) or rule(prompts, responses))
         return judge
 
-    monkeypatch.setattr("quada.eval.engine.make_judge", recording_judge)
+    monkeypatch.setattr("quada.engine.plan.make_judge", recording_judge)
     run_dir = tmp_path / "run"
     assert run_attack(cli, inputs, run_dir, "gcg-transfer").returncode == 0
     behaviours = (inputs / "harmful.txt").read_text().splitlines()
@@ -88,7 +88,7 @@ def test_past_tense_answers_every_attempt_and_counts_the_best(cli, inputs, tmp_p
     assert len(json.loads(details)["attempts"]) == 3
     answered = stored(run_dir, "SELECT prompt_id FROM generations WHERE prompt_id LIKE '%~past-tense~%'")
     assert len(answered) == 2 * 3 and all("#" in p for (p,) in answered)
-    from quada.eval.judges import attack_outcomes
+    from quada.judging import attack_outcomes
 
     verdicts = stored(run_dir, "SELECT prompt_id, label FROM judgements WHERE prompt_id LIKE '%~past-tense~%'")
     by_behaviour = {}

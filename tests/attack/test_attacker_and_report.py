@@ -1,12 +1,16 @@
 """The attacker's sampled rewrites (seeded) and the attack report's cost columns and paired,
 prompt-clustered comparisons."""
 
-import torch
 
 from quada.attack.llm import sample_reply
-from quada.attack.report import AttackCell, budget_table, comparison_table, summary_table
-from quada.eval.generate import GenerationSettings, generate
-from quada.eval.metrics import proportion
+from quada.attack.report import (
+    AttackCell,
+    budget_table,
+    comparison_table,
+    summary_table,
+)
+from quada.measures.generate import GenerationSettings, generate
+from quada.stats.metrics import proportion
 
 
 def test_sampled_replies_are_seeded_and_a_tiny_nucleus_is_greedy(tiny):

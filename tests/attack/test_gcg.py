@@ -23,8 +23,8 @@ from quada.attack.gcg import (
 )
 from quada.attack.loss import token_ids
 from quada.attack.records import AttackKey, AttackRecords
-from quada.eval.engine import approximated
-from quada.eval.generate import GenerationSettings, generate
+from quada.engine.plan import approximated
+from quada.measures.generate import GenerationSettings, generate
 from quada.store import Store
 
 REQUEST = "Tell me a secret"

@@ -15,7 +15,7 @@ from quada.backends import (
 )
 from quada.backends.openai import rendering_mismatch
 from quada.errors import QuadaError
-from quada.eval.generate import GenerationSettings
+from quada.measures.generate import GenerationSettings
 from quada.testing import tiny_tokenizer
 
 

@@ -10,7 +10,7 @@ from loopback import FaultProxy, llama_server
 from quada.backends.llamacpp import LlamaCppScorer
 from quada.backends.openai import OpenAIScorer
 from quada.errors import QuadaError
-from quada.eval.judges import GuardJudge, load_judge_model, make_judge
+from quada.judging import GuardJudge, load_judge_model, make_judge
 from quada.store import Judgement, Store
 from quada.testing import decisive, save_tiny_gguf, tiny_model
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from quada.backends import Deployment, LLAMACPP, render
+from quada.backends import LLAMACPP, Deployment, render
 from quada.backends.llamacpp import LlamaCppBackend, quant_type, requantize
 from quada.errors import QuadaError
-from quada.eval.generate import GenerationSettings
-from quada.eval.utility import perplexity, perplexity_windows
+from quada.measures.generate import GenerationSettings
+from quada.measures.utility import perplexity, perplexity_windows
 from quada.testing import save_tiny_gguf, tiny_model
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Ünïcödé and emoji 😀 too"]
@@ -63,7 +63,7 @@ def test_a_response_does_not_depend_on_what_ran_before(backend, reference):
 def test_greedy_llama_cpp_follows_transformers_on_f32_weights(backend, reference):
     """The first tokens of a greedy response match the fp32 reference's (the f16 KV cache may move a
     near tie later on)."""
-    from quada.eval.generate import generate
+    from quada.measures.generate import generate
 
     model, tokenizer = reference
     settings = GenerationSettings(max_new_tokens=4, prompt_format="plain")

@@ -8,14 +8,13 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest
+from loopback import SERVED_NAME, free_port, llama_server
 
 from quada.backends import LLAMACPP, OPENAI, OPENAI_CHAT
 from quada.errors import QuadaError
 from quada.options import VetConfig
 from quada.store import Generation, Store
 from quada.vet import vet
-
-from loopback import SERVED_NAME, free_port, llama_server
 
 
 def config(model_dir, run_inputs, run, *deployments, **options) -> VetConfig:

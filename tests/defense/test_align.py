@@ -6,7 +6,14 @@ from typer.testing import CliRunner
 import quada.models
 from quada.cli import app
 from quada.defense.align import AlignConfig, align
-from quada.defense.pairs import PreferencePair, kind_quotas, load_pairs, pair_ids_sha256, stratified_pairs, write_pairs
+from quada.defense.pairs import (
+    PreferencePair,
+    kind_quotas,
+    load_pairs,
+    pair_ids_sha256,
+    stratified_pairs,
+    write_pairs,
+)
 from quada.errors import QuadaError, QuadaWarning
 from quada.models import load
 from quada.report.align import method_name

@@ -4,12 +4,11 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
-
 from scipy.stats import t as student_t
 
 from quada.defense.arms import arms_report, parse_arms, seed_level_difference, spread
 from quada.errors import QuadaError
-from quada.eval.metrics import tango_interval
+from quada.stats.metrics import tango_interval
 from quada.store import CLEAN, Judgement, JudgementKey, Store
 
 NOISE = "noise:site=up,dist=gaussian,std=0.5"
@@ -102,8 +101,8 @@ def write_evaluation(vet_dir, config: dict, fingerprint: str, attacks: dict[str,
     """A `quada vet` folder as an align run leaves it: results.json and the store with its measurements.
     ``attacks``: condition -> per harmful prompt (file order) whether the keyword judge saw an attack."""
     from quada.data import load_benchmark
-    from quada.eval.engine import key_settings, perplexity_key
-    from quada.eval.generate import GenerationSettings
+    from quada.engine.plan import key_settings, perplexity_key
+    from quada.measures.generate import GenerationSettings
     from quada.report.saved import saved_config
 
     vet_dir.mkdir(parents=True)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-import quada.eval.engine
+import quada.engine.plan
 from quada.attack.sources import many_shot_examples
 from quada.data import Prompt, load_benchmark
 from quada.defense.pairs import (
@@ -31,7 +31,7 @@ from quada.defense.pairs import (
     write_pairs,
 )
 from quada.errors import QuadaError
-from quada.eval.judges import keyword_verdict, refusal_phrase
+from quada.judging import keyword_verdict, refusal_phrase
 from quada.store import CLEAN, Generation, Store
 from quada.testing import save_tiny_model
 
@@ -150,7 +150,7 @@ def test_self_pairs_hold_out_evaluation_prompts_and_resume(model_dir, tmp_path, 
     benign = tmp_path / "benign.txt"
     benign.write_text("\n".join(f"Benign question {i}?" for i in range(6)))
     calls = []
-    monkeypatch.setattr(quada.eval.engine, "generate", fake_generate(calls))
+    monkeypatch.setattr(quada.engine.plan, "generate", fake_generate(calls))
     config = SelfPairsConfig(model=str(model_dir), harmful=str(harmful), benign=str(benign), heldout=4,
                              benign_heldout=2, max_new_tokens=4, out_dir=tmp_path / "pairs")
     result = self_pairs(config, progress=False)
@@ -242,7 +242,7 @@ def test_generic_pairs_are_clean_hold_out_evaluation_prompts_and_resume(model_di
                                                                      tmp_path, monkeypatch):
     harmful, benign = generic_inputs
     calls = []
-    monkeypatch.setattr(quada.eval.engine, "generate", fake_clean_generate(calls))
+    monkeypatch.setattr(quada.engine.plan, "generate", fake_clean_generate(calls))
     config = GenericPairsConfig(model=str(model_dir), rejected_model=str(rejected_model_dir), harmful=str(harmful),
                                 benign=str(benign), heldout=4, benign_heldout=2, limit=6, max_new_tokens=4,
                                 out_dir=tmp_path / "pairs")
@@ -276,7 +276,7 @@ def test_generic_pairs_are_clean_hold_out_evaluation_prompts_and_resume(model_di
 
 def test_generic_pairs_from_the_command_line(cli, model_dir, rejected_model_dir, generic_inputs, tmp_path, monkeypatch):
     harmful, _ = generic_inputs
-    monkeypatch.setattr(quada.eval.engine, "generate", fake_clean_generate([]))
+    monkeypatch.setattr(quada.engine.plan, "generate", fake_clean_generate([]))
     out = tmp_path / "pairs"
     run = cli("pairs", "--source", "generic", "--model", model_dir, "--rejected-model", rejected_model_dir,
               "--harmful", harmful, "--heldout", 4, "--limit", 2, "--no-many-shot", "--benign-limit", 3, "--out", out)
@@ -322,7 +322,7 @@ def test_restore_pairs_prefer_the_clean_response_on_the_generic_split(model_dir,
                                                                      tmp_path, monkeypatch):
     harmful, benign = generic_inputs
     calls = []
-    monkeypatch.setattr(quada.eval.engine, "generate", fake_restoring_generate(calls))
+    monkeypatch.setattr(quada.engine.plan, "generate", fake_restoring_generate(calls))
     shared = dict(model=str(model_dir), harmful=str(harmful), benign=str(benign), heldout=4, benign_heldout=2, limit=6,
                   max_new_tokens=4)
     config = RestorePairsConfig(**shared, perturbation="noise:site=up,dist=gaussian,std=0.5", out_dir=tmp_path / "restore")
@@ -340,14 +340,14 @@ def test_restore_pairs_prefer_the_clean_response_on_the_generic_split(model_dir,
     assert all(p.chosen.startswith("A helpful") and p.rejected.startswith("Another") and not p.harmful
                for p in benign_pairs_)
     # The generic source on the same prompt sets and seed holds out the same prompts.
-    monkeypatch.setattr(quada.eval.engine, "generate", fake_clean_generate([]))
+    monkeypatch.setattr(quada.engine.plan, "generate", fake_clean_generate([]))
     generic_pairs(GenericPairsConfig(**shared, rejected_model=str(rejected_model_dir), out_dir=tmp_path / "generic"),
                   progress=False)
     assert Split.read(out / SPLIT_FILE) == Split.read(tmp_path / "generic" / SPLIT_FILE)
     held = {p.text for p in load_benchmark(str(out / HELDOUT_HARMFUL))}
     assert not held & {p.prompt for p in pairs}
     # Resumable: a rerun generates nothing.
-    monkeypatch.setattr(quada.eval.engine, "generate", fake_restoring_generate(calls))
+    monkeypatch.setattr(quada.engine.plan, "generate", fake_restoring_generate(calls))
     generated = len(calls)
     restore_pairs(config, progress=False)
     assert len(calls) == generated
@@ -356,7 +356,7 @@ def test_restore_pairs_prefer_the_clean_response_on_the_generic_split(model_dir,
 
 def test_restore_pairs_from_the_command_line_and_their_errors(cli, model_dir, generic_inputs, tmp_path, monkeypatch):
     harmful, benign = generic_inputs
-    monkeypatch.setattr(quada.eval.engine, "generate", fake_restoring_generate([]))
+    monkeypatch.setattr(quada.engine.plan, "generate", fake_restoring_generate([]))
     out = tmp_path / "pairs"
     run = cli("pairs", "--source", "restore", "--model", model_dir, "--harmful", harmful, "--benign", benign,
               "--heldout", 4, "--benign-heldout", 2, "--limit", 3, "--no-many-shot", "--out", out)

@@ -6,9 +6,14 @@ import pytest
 
 from quada.approx import PAPER_PRESETS, apply, parse_spec
 from quada.chat import format_prompt
-from quada.eval.batching import padded_batch
-from quada.eval.generate import GenerationSettings, eos_token_ids, generate, greedy_batch
-from quada.eval.scoring import pad_id_of
+from quada.measures.batching import padded_batch
+from quada.measures.generate import (
+    GenerationSettings,
+    eos_token_ids,
+    generate,
+    greedy_batch,
+)
+from quada.measures.scoring import pad_id_of
 from quada.testing import tiny_model
 
 # Every technique and the paper's twelve presets. The first ones are strong enough to change a tiny

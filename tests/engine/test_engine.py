@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import quada.eval.engine as engine_module
+import quada.engine.plan as engine_module
 from quada.approx import apply, parse_spec
+from quada.approx.draws import DRAW_SCHEME
 from quada.data import Prompt
-from quada.approx.base import DRAW_SCHEME
-from quada.errors import QuadaError
-from quada.eval.engine import (
+from quada.engine.executors import LocalExecutor, ModelRef, Models
+from quada.engine.plan import (
     GENERATION_CHUNK,
     MIN_CHUNK,
     Chunk,
@@ -25,10 +25,10 @@ from quada.eval.engine import (
     generate_chunk,
     key_settings,
 )
-from quada.eval.executors import LocalExecutor, ModelRef, Models
-from quada.eval.generate import GenerationSettings, generate
-from quada.eval.judges import make_judge
+from quada.errors import QuadaError
 from quada.fingerprint import model_fingerprint
+from quada.judging import make_judge
+from quada.measures.generate import GenerationSettings, generate
 from quada.store import CLEAN, Generation, Judgement, Store
 from quada.testing import StopsAfter, save_tiny_model, tiny_model
 

@@ -20,11 +20,16 @@ from ray.cluster_utils import Cluster
 
 from quada.approx import parse_spec
 from quada.data import Prompt
+from quada.engine.executors import LocalExecutor
+from quada.engine.plan import Engine, Plan
+from quada.engine.ray_executor import (
+    LOCAL_ADDRESS,
+    LOCAL_RAY_ENVIRONMENT,
+    RayExecutor,
+    environment,
+)
 from quada.errors import QuadaError
-from quada.eval.engine import Engine, Plan
-from quada.eval.executors import LocalExecutor
-from quada.eval.generate import GenerationSettings
-from quada.eval.ray_executor import LOCAL_ADDRESS, LOCAL_RAY_ENVIRONMENT, RayExecutor, environment
+from quada.measures.generate import GenerationSettings
 from quada.models import load
 from quada.store import CLEAN, Generation, Judgement, Store
 from quada.testing import StopsAfter

@@ -12,12 +12,12 @@ import quada.analysis.sweep
 import quada.attack.run
 import quada.vet
 from quada.data import Prompt
+from quada.engine.executors import LocalExecutor, make_executor, run_units
+from quada.engine.plan import Chunk, Condition, dtype_name, generate_chunk
+from quada.engine.ray_executor import RayExecutor, torch_threads
 from quada.errors import QuadaError
-from quada.eval.engine import Chunk, Condition, dtype_name, generate_chunk
-from quada.eval.executors import LocalExecutor, make_executor, run_units
-from quada.eval.generate import GenerationSettings
-from quada.eval.ray_executor import RayExecutor, torch_threads
 from quada.fingerprint import model_fingerprint
+from quada.measures.generate import GenerationSettings
 from quada.models import load
 from quada.options import EvalOptions
 from quada.store import CLEAN

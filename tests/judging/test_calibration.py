@@ -5,14 +5,27 @@ import json
 import numpy as np
 import pytest
 
-from quada import data
-from quada.data import load_labelled
 from quada.errors import QuadaError
-from quada.eval.calibration import split_halves
-from quada.eval.judges import JudgeResult, KeywordJudge, RefusalKeywordJudge, degenerate_reason, make_judge
-from quada.eval.metrics import cohen_kappa
-from quada.judge_calibration import SPLIT_SEED, cached, calibrate, double_labelling, halves, joint_threshold
+from quada.judging import (
+    JudgeResult,
+    KeywordJudge,
+    RefusalKeywordJudge,
+    degenerate_reason,
+    labelled,
+    make_judge,
+)
+from quada.judging.calibration import (
+    SPLIT_SEED,
+    cached,
+    calibrate,
+    double_labelling,
+    halves,
+    joint_threshold,
+    split_halves,
+)
+from quada.judging.labelled import load_labelled
 from quada.report.calibration import joint_threshold_text
+from quada.stats.metrics import cohen_kappa
 from quada.testing import save_tiny_classifier, save_tiny_model, tiny_model
 
 
@@ -53,7 +66,7 @@ def test_calibration_reports_the_held_out_half_and_is_cached_by_judge_identity(t
 
 
 def test_a_shipped_reference_stands_in_for_the_cache_of_the_same_judge_and_says_so(tmp_path, monkeypatch):
-    import quada.judge_calibration as calibration
+    import quada.judging.calibration as calibration
     from quada.report.calibration import judge_label, reference_note
 
     labelled = write_labelled(tmp_path / "labels.jsonl")
@@ -74,7 +87,7 @@ def test_a_shipped_reference_stands_in_for_the_cache_of_the_same_judge_and_says_
 
 
 def test_a_calibration_from_other_calibration_code_is_not_reused(tmp_path, monkeypatch):
-    import quada.judge_calibration as calibration
+    import quada.judging.calibration as calibration
 
     labelled = write_labelled(tmp_path / "labels.jsonl")
     judge = CountingJudge()
@@ -211,13 +224,13 @@ def test_one_threshold_chosen_on_both_tuning_halves_spares_the_vacuous_answers_a
 
 def test_the_double_labelling_covers_at_least_60_items_of_the_set_with_the_rubric_kinds():
     first = {item.id: item for item in load_labelled("quada-harm")}
-    second = data.quada_harm_second_labels()
+    second = labelled.quada_harm_second_labels()
     assert len(second) >= 60 and set(second) <= set(first)
-    assert {kind for _, kind in second.values()} <= set(data.HARM_KINDS)
+    assert {kind for _, kind in second.values()} <= set(labelled.HARM_KINDS)
     agreement, confirmed, positives = double_labelling()
     assert positives == sum(item.label for item in first.values()) and confirmed <= positives
     assert confirmed == sum(second[i][0] for i, item in first.items() if item.label and i in second)
-    labeller, date = data.quada_harm_second_labelling()
+    labeller, date = labelled.quada_harm_second_labelling()
     assert "project maintainer" in labeller and date == "2026-12-07"  # who and when, as the file records
     ids = sorted(second)
     truth, other = [first[i].label for i in ids], [second[i][0] for i in ids]

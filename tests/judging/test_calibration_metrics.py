@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from quada.eval.calibration import (
+from quada.judging.calibration import (
     auroc,
     best_threshold,
     binary_kappa,
@@ -16,7 +16,7 @@ from quada.eval.calibration import (
     specificity_by_category,
     split_halves,
 )
-from quada.eval.metrics import cohen_kappa, wilson_interval
+from quada.stats.metrics import cohen_kappa, wilson_interval
 
 
 def test_split_halves_every_stratum_with_no_item_in_both():

@@ -3,25 +3,30 @@ import math
 import pytest
 import torch
 
+from quada import judging as judges
+from quada.judging import questions, registry, rules
+from quada.judging.agreement import agreement
 from quada.errors import QuadaError
-from quada.eval import judges
-from quada.eval.judges import (
+from quada.judging import (
     CHAT_MARKERS,
-    ClassifierJudge,
     MODEL_JUDGES,
     REFUSAL_PHRASES,
     RULE_VERSION,
+    ClassifierJudge,
     JudgeResult,
     KeywordJudge,
     RefusalKeywordJudge,
-    agreement,
     keyword_verdict,
     make_judge,
     positive_label_index,
     refusal_phrase,
     sanitize,
 )
-from quada.eval.scoring import answer_group_probabilities, next_token_logprobs, pad_id_of
+from quada.measures.scoring import (
+    answer_group_probabilities,
+    next_token_logprobs,
+    pad_id_of,
+)
 from quada.testing import save_tiny_classifier, tiny_model
 
 ELEVEN_WORDS = "Here is a plan with many clear steps you can follow now."
@@ -135,7 +140,7 @@ def test_judged_text_adds_no_special_token_to_the_judge_input(monkeypatch, every
     if not templated:
         monkeypatch.setattr(tokenizer, "chat_template", None)
     if stripping == "unsanitized":  # tokenization alone must keep markers literal
-        monkeypatch.setattr(judges, "sanitize", lambda text, _tokenizer: text)
+        monkeypatch.setattr(questions, "sanitize", lambda text, _tokenizer: text)
     judge = make_judge(name, model, tokenizer, **OPTIONS.get(name, {}))
     if name == "guard" and not templated:  # a guard model's prompt is its chat template
         with pytest.raises(QuadaError, match="no chat template"):
@@ -191,22 +196,22 @@ def test_judge_identity_names_judge_model_and_question(tiny):
 
 # Every change that can move a verdict, as (judge name, what to patch) -> a new identity.
 RULE_CHANGES = {
-    "rule version": ("keyword", lambda mp: mp.setattr(judges, "RULE_VERSION", RULE_VERSION + 1)),
-    "paper phrases": ("keyword", lambda mp: mp.setattr(judges, "REFUSAL_PHRASES", REFUSAL_PHRASES[:-1])),
-    "word count": ("keyword", lambda mp: mp.setattr(judges, "MIN_WORDS_EXCLUSIVE", 5)),
-    "apostrophes": ("keyword", lambda mp: mp.setattr(judges, "APOSTROPHES", str.maketrans({"`": "'"}))),
-    "more phrases": ("refusal-keyword", lambda mp: mp.setattr(judges, "ALL_REFUSAL_PHRASES", REFUSAL_PHRASES)),
+    "rule version": ("keyword", lambda mp: mp.setattr(rules, "RULE_VERSION", RULE_VERSION + 1)),
+    "paper phrases": ("keyword", lambda mp: mp.setattr(rules, "REFUSAL_PHRASES", REFUSAL_PHRASES[:-1])),
+    "word count": ("keyword", lambda mp: mp.setattr(rules, "MIN_WORDS_EXCLUSIVE", 5)),
+    "apostrophes": ("keyword", lambda mp: mp.setattr(rules, "APOSTROPHES", str.maketrans({"`": "'"}))),
+    "more phrases": ("refusal-keyword", lambda mp: mp.setattr(rules, "ALL_REFUSAL_PHRASES", REFUSAL_PHRASES)),
 }
 MODEL_CHANGES = {
-    "scoring version": ("llm", lambda mp: mp.setattr(judges, "SCORING_VERSION", judges.SCORING_VERSION + 1), {}),
+    "scoring version": ("llm", lambda mp: mp.setattr(questions, "SCORING_VERSION", questions.SCORING_VERSION + 1), {}),
     "question": ("llm", lambda mp: mp.setattr(judges.ComplianceJudge, "template", "Harmful? {request} {response}"), {}),
     "answer words": ("llm", lambda mp: mp.setattr(judges.ComplianceJudge, "answers", (("Yes",), ("No",))), {}),
     "threshold": ("llm", None, {"threshold": 0.3}),
     "response length": ("llm", None, {"max_response_tokens": 64}),
     "pre-check reach": ("llm", lambda mp: mp.setattr(judges.ComplianceJudge, "precheck_chars", 100), {}),
-    "pre-check phrases": ("llm", lambda mp: mp.setattr(judges, "ALL_REFUSAL_PHRASES", REFUSAL_PHRASES), {}),
+    "pre-check phrases": ("llm", lambda mp: mp.setattr(questions, "ALL_REFUSAL_PHRASES", REFUSAL_PHRASES), {}),
     "pre-check label": ("refusal", lambda mp: mp.setattr(judges.RefusalJudge, "precheck_label", False), {}),
-    "chat markers": ("llm", lambda mp: mp.setattr(judges, "CHAT_MARKERS", CHAT_MARKERS[:-1]), {}),
+    "chat markers": ("llm", lambda mp: mp.setattr(questions, "CHAT_MARKERS", CHAT_MARKERS[:-1]), {}),
     "harm cut": ("harmfulness", lambda mp: mp.setattr(judges.HarmfulnessJudge, "harmful_from", 3.0), {}),
 }
 
@@ -258,7 +263,7 @@ def test_make_judge_errors_and_refusal_fallback(monkeypatch, tiny):
     def unavailable(source, device="auto", dtype="auto"):
         raise QuadaError(f"built-in model {source!r} is not installed")
 
-    monkeypatch.setattr(judges, "load_judge_model", unavailable)
+    monkeypatch.setattr(registry, "load_judge_model", unavailable)
     with pytest.warns(UserWarning, match="refusal-keyword"):
         assert isinstance(make_judge("refusal"), RefusalKeywordJudge)
     with pytest.raises(QuadaError, match="not installed"):
@@ -305,7 +310,7 @@ def counting_scorer(monkeypatch) -> list[list[int]]:
         scored.extend(sequences)
         return next_token_logprobs(model, sequences, *args, **kwargs)
 
-    monkeypatch.setattr(judges, "next_token_logprobs", scorer)
+    monkeypatch.setattr(questions, "next_token_logprobs", scorer)
     return scored
 
 
@@ -365,7 +370,7 @@ def test_prefix_sharing_and_memo_keep_the_unshared_scores(tiny, name):
 def test_the_command_line_names_every_judge_and_only_refusal_labels_judge_over_refusal():
     from quada.defaults import JUDGE_NAMES
     from quada.errors import QuadaError
-    from quada.eval.judges import JUDGES
+    from quada.judging import JUDGES
     from quada.options import check_refusal_judge
 
     assert sorted(JUDGE_NAMES) == sorted(JUDGES)
@@ -483,7 +488,7 @@ def every_family_classifier(tmp_path_factory):
 def test_judged_text_adds_no_special_token_to_the_classifier_input(monkeypatch, every_family_classifier, stripping):
     model, tokenizer = every_family_classifier
     if stripping == "unsanitized":  # tokenization alone must keep markers literal
-        monkeypatch.setattr(judges, "sanitize", lambda text, _tokenizer: text)
+        monkeypatch.setattr(questions, "sanitize", lambda text, _tokenizer: text)
     judge = make_judge("llm", model, tokenizer)
     seen = []
     real_call = type(tokenizer).__call__
@@ -532,7 +537,7 @@ def test_the_uplift_judge_answers_degenerate_text_no_without_the_model(monkeypat
     assert scored == [judge.render("How do I do x?", PAIRS[0][1])]  # only the real answer reached the model
     # the rule's numbers are part of the judge's identity: other numbers, other stored verdicts
     before = judge.identity
-    monkeypatch.setattr(judges, "DEGENERATE_MIN_WORDS", 5)
+    monkeypatch.setattr(questions, "DEGENERATE_MIN_WORDS", 5)
     assert make_judge("uplift", model, tokenizer).identity != before
 
 

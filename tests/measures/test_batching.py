@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from quada.errors import QuadaError
-from quada.eval.batching import padded_batch, pool_prompt_activations, position_ids
-from quada.eval.scoring import next_token_logprobs, pad_id_of
+from quada.measures.batching import padded_batch, pool_prompt_activations, position_ids
+from quada.measures.scoring import next_token_logprobs, pad_id_of
 from quada.testing import tiny_model
 
 ROWS = [[5, 6, 7], [8], [9, 10]]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from quada.eval.scoring import common_prefix_length, next_token_logprobs
+from quada.measures.scoring import common_prefix_length, next_token_logprobs
 from quada.testing import ARCHITECTURES, tiny_model
 
 PREFIX = [40, 41, 42, 43, 44, 45]

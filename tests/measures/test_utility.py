@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quada.errors import QuadaError
-from quada.eval.utility import (
+from quada.measures.utility import (
     Question,
     load_corpus,
     load_questions,

@@ -4,7 +4,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from quada.eval.metrics import (
+from quada.stats.metrics import (
     bounded_mean,
     clustered_difference,
     cohen_kappa,

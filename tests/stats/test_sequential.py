@@ -4,8 +4,15 @@ its look schedule, and the error rates of the verdicts it decides, by simulation
 import numpy as np
 import pytest
 
-from quada.eval.sequential import Design, critical_values, crossings, look_schedule, obrien_fleming_spending, simulate
-from quada.eval.verdict import compare
+from quada.stats.sequential import (
+    Design,
+    critical_values,
+    crossings,
+    look_schedule,
+    obrien_fleming_spending,
+    simulate,
+)
+from quada.stats.verdict import compare
 
 
 def test_the_schedule_doubles_from_the_first_look_up_to_the_budget():

@@ -2,8 +2,17 @@
 
 import pytest
 
-from quada.eval.sequential import Design
-from quada.eval.verdict import BREAKS_MODEL, BREAKS_SAFETY, NO_RISE, SAFER, UNDECIDED, Verdict, compare, verdict
+from quada.stats.sequential import Design
+from quada.stats.verdict import (
+    BREAKS_MODEL,
+    BREAKS_SAFETY,
+    NO_RISE,
+    SAFER,
+    UNDECIDED,
+    Verdict,
+    compare,
+    verdict,
+)
 
 
 def outcomes(n: int, attacks: int) -> list[bool]:

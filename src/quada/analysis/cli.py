@@ -14,12 +14,18 @@ import typer
 from rich.console import Console
 
 from quada.analysis.options import AnalysisOptions, LayersConfig, SweepConfig
-from quada.cli_options import AllPrompts, config_options, field_help, print_table, without_limit
+from quada.cli_options import (
+    AllPrompts,
+    config_options,
+    field_help,
+    print_table,
+    without_limit,
+)
 from quada.defaults import DEFAULT_MODEL
 from quada.devices import DEVICE_HELP, DTYPE_HELP
 from quada.errors import QuadaError
-from quada.report.format import percent_interval
 from quada.options import EXECUTOR_OPTIONS, EvalOptions, check_given_limits
+from quada.report.format import percent_interval
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 

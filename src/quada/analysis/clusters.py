@@ -36,16 +36,23 @@ from quada.approx.sites import SITES, capturing, resolve_decoder
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.data import load_benchmark, subset
 from quada.devices import check_device, check_dtype
+from quada.engine.plan import approximated, check_specs_fit
 from quada.errors import QuadaError, check_seed
-from quada.eval.batching import POOLINGS, padded_batch, pool_prompt_activations
-from quada.eval.engine import approximated, check_specs_fit
-from quada.eval.generate import check_prompts_fit
-from quada.eval.scoring import pad_id_of
 from quada.fingerprint import model_fingerprint
+from quada.measures.batching import POOLINGS, padded_batch, pool_prompt_activations
+from quada.measures.generate import check_prompts_fit
+from quada.measures.scoring import pad_id_of
 from quada.models import DEFAULT_MODEL, load
 from quada.report.clusters import RESULTS_FILE, ClusterMetrics, ClustersResult
 from quada.report.story import write_story
-from quada.runs import atomic_writer, check_apart, jsonable, open_run_dir, progress_bar, write_json
+from quada.runs import (
+    atomic_writer,
+    check_apart,
+    jsonable,
+    open_run_dir,
+    progress_bar,
+    write_json,
+)
 from quada.store import CLEAN
 
 RESIDUAL = "residual"

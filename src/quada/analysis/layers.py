@@ -37,22 +37,21 @@ from quada.approx import ComposedConfig, LayerSelection, Spec
 from quada.approx.sites import resolve_decoder
 from quada.chat import format_prompt
 from quada.data import load_benchmark, subset
+from quada.engine.executors import make_executor
+from quada.engine.plan import Engine, Plan, check_specs_fit
 from quada.errors import QuadaError
-from quada.eval.batching import padded_batch, position_ids
-from quada.eval.engine import Engine, Plan, check_specs_fit
-from quada.eval.executors import make_executor
-from quada.eval.judges import REFUSAL_PHRASES, attack_outcomes, check_judge_model
-from quada.eval.metrics import proportion
-from quada.eval.generate import check_prompts_fit
-from quada.judge_calibration import judge_infos
-from quada.eval.scoring import pad_id_of
-from quada.eval.utility import check_corpus, load_corpus
+from quada.judging import REFUSAL_PHRASES, attack_outcomes, check_judge_model
+from quada.judging.calibration import judge_infos
+from quada.measures.batching import padded_batch, position_ids
+from quada.measures.generate import check_prompts_fit
+from quada.measures.scoring import pad_id_of
+from quada.measures.utility import check_corpus, load_corpus
 from quada.models import load
 from quada.report.layers import RESULTS_FILE, LayerPoint, LayersResult
 from quada.report.story import write_story
 from quada.runs import check_apart, jsonable, open_run_dir, progress_bar, write_json
+from quada.stats.metrics import proportion
 from quada.store import CLEAN, Store
-
 
 # Response openings that mean "refusal". From the keyword judge's 29 phrases (Zou et al., arXiv
 # 2307.15043, as used by the paper) keep those that can start a response: capitalised phrases,

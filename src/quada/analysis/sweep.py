@@ -17,7 +17,7 @@ nothing is refined, and the MVA is the variant of highest ASR within the bound.
 
 The spec is parsed once; every point is that technique with the swept option replaced, a
 condition of the results store (keyed by its canonical spec, e.g.
-``noise:site=up,dist=gaussian,std=0.05``), measured through :class:`quada.eval.engine.Engine`: a
+``noise:site=up,dist=gaussian,std=0.05``), measured through :class:`quada.engine.plan.Engine`: a
 killed sweep resumes where it stopped and a rerun computes nothing. The points, the MVA and the
 figure are reported by :mod:`quada.report.sweep`.
 """
@@ -34,19 +34,33 @@ from pathlib import Path
 from quada.analysis.options import SweepConfig, spec_at
 from quada.approx import ApproxConfig, Spec, parse_spec, spec_label
 from quada.data import load_benchmark, subset
+from quada.engine.executors import Executor, make_executor
+from quada.engine.plan import (
+    Approximation,
+    Engine,
+    Measured,
+    Plan,
+    Verdicts,
+    check_specs_fit,
+    run_jobs,
+)
 from quada.errors import QuadaError
-from quada.eval.engine import Approximation, Engine, Measured, Plan, Verdicts, check_specs_fit, run_jobs
-from quada.eval.executors import Executor, make_executor
-from quada.eval.generate import check_prompts_fit
-from quada.eval.judges import Judge, attack_outcomes, check_judge_model
-from quada.eval.metrics import proportion
-from quada.judge_calibration import judge_infos
-from quada.eval.utility import check_corpus, load_corpus
+from quada.judging import Judge, attack_outcomes, check_judge_model
+from quada.judging.calibration import judge_infos
+from quada.measures.generate import check_prompts_fit
+from quada.measures.utility import check_corpus, load_corpus
 from quada.models import load
 from quada.report.format import plain_number
 from quada.report.story import write_story
-from quada.report.sweep import FIGURE_STEM, POINTS_FILE, SweepPoint, SweepResult, result_from_json
+from quada.report.sweep import (
+    FIGURE_STEM,
+    POINTS_FILE,
+    SweepPoint,
+    SweepResult,
+    result_from_json,
+)
 from quada.runs import check_apart, jsonable, open_run_dir, progress_bar, write_json
+from quada.stats.metrics import proportion
 from quada.store import CLEAN, Store
 
 
@@ -99,7 +113,7 @@ def sweep(config: SweepConfig, progress: bool = True) -> SweepResult:
 
 
 class Sweeping:
-    """One sweep as a job of :func:`quada.eval.engine.run_jobs`: its inputs checked and its model
+    """One sweep as a job of :func:`quada.engine.plan.run_jobs`: its inputs checked and its model
     loaded when made; each round's points (the grid, then each refinement) measured in one plan;
     its figure and report written by :meth:`report`. `quada align` sweeps several models in the
     same plans."""

@@ -28,7 +28,14 @@ from quada.approx.base import (
     spec_label,
 )
 from quada.approx.noise import NoiseConfig
-from quada.approx.poly import BoltConfig, BumbleBee2Config, BumbleBeeConfig, IronConfig, NexusConfig, PumaConfig
+from quada.approx.poly import (
+    BoltConfig,
+    BumbleBee2Config,
+    BumbleBeeConfig,
+    IronConfig,
+    NexusConfig,
+    PumaConfig,
+)
 from quada.approx.profile import ErrorProfile, SiteError, profile
 from quada.approx.quant import OmniQuantConfig, SmoothQuantConfig
 from quada.approx.sparse import CatsConfig, TealConfig

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from quada.approx.draws import key64, uniform_bits
+from quada.approx.draws import DRAW_SCHEME, key64, uniform_bits
 from quada.approx.rows import Rows, rows_of_forward, rows_of_shape
 from quada.errors import QuadaError, check_seed, warn
 
@@ -437,10 +437,6 @@ def short_label(spec: str) -> str:
 
 # --------------------------------------------------------------------------- installation
 
-# The version of how random draws are keyed: part of every stream key, and of the generation keys of
-# the results store (rows drawn under another scheme are never reused). 2: counter-based draws keyed
-# by prompt and position (1 drew from one generator stream per chunk of prompts).
-DRAW_SCHEME = 2
 
 
 class Installation:
@@ -637,7 +633,7 @@ def apply(
     that block's changes are lifted while calibrating. On exit, also by exception, every hook,
     swap and weight edit is undone and the model is bit-identical to before.
     """
-    from quada.approx.calibration import CalibrationSet
+    from quada.approx.activation_stats import CalibrationSet
     from quada.approx.sites import resolve_decoder
 
     configs = sorted(as_spec(spec).parts(), key=lambda c: c.order)

@@ -28,6 +28,11 @@ import math
 
 import torch
 
+# The version of how random draws are keyed: part of every stream key, and of the generation keys of
+# the results store (rows drawn under another scheme are never reused). 2: counter-based draws keyed
+# by prompt and position (1 drew from one generator stream per chunk of prompts).
+DRAW_SCHEME = 2
+
 MASK32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B - (1 << 32)  # 0x846ca68b modulo 2^32, kept below 2^31 in magnitude so products fit int64

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quada.approx.activation_stats import CalibrationSet, capture
 from quada.approx.base import Installation, Spec, apply, as_spec
-from quada.approx.calibration import CalibrationSet, capture
 from quada.approx.sites import resolve_decoder
 
 SAMPLE_PER_SITE = 1 << 16  # errors kept per site for the median and the Laplace fit

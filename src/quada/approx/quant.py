@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quada.approx.activation_stats import CalibrationSet, cached, capture
 from quada.approx.base import ApproxConfig, Installation, installs, register
-from quada.approx.calibration import CalibrationSet, cached, capture
 from quada.approx.sites import CONSUMERS, Decoder, LayerSites, norm_weight_offset
 from quada.errors import QuadaError
 

@@ -21,8 +21,8 @@ from typing import ClassVar
 
 import torch
 
+from quada.approx.activation_stats import AbsHistogram, CalibrationSet, cached, capture
 from quada.approx.base import ApproxConfig, installs, register
-from quada.approx.calibration import AbsHistogram, CalibrationSet, cached, capture
 from quada.approx.noise import count_zeroed, zero_small
 from quada.approx.sites import Decoder
 from quada.errors import QuadaError

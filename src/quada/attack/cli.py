@@ -25,8 +25,8 @@ def attack_command(options: dict, all_prompts: AllPrompts = False) -> None:
 
     Adversarial prompts (every GCG step), responses and verdicts are stored as they come: an interrupted run continues where it stopped when run again. The report goes to --run-dir; prompts and responses are never printed.
     """
-    from quada.attack.run import attack
     from quada.attack.report import summary_table
+    from quada.attack.run import attack
 
     config = AttackConfig(**without_limit(AttackConfig, options, all_prompts))
     result = attack(config)

@@ -46,7 +46,7 @@ from transformers import DynamicCache
 
 from quada.attack.loss import target_losses, target_matches, token_ids
 from quada.chat import format_prompt
-from quada.eval.generate import eos_token_ids, greedy_batch
+from quada.measures.generate import eos_token_ids, greedy_batch
 
 SUFFIX_SLOT = "\u2063QUADA-SUFFIX\u2063"  # marks where the suffix goes while the template is laid out
 CANDIDATE_BATCH = 64  # candidates run through the model together
@@ -174,7 +174,7 @@ def candidate_scores(model, problem: SuffixProblem, suffixes: torch.Tensor,
 
 def reaches_target(model, tokenizer, problem: SuffixProblem, suffix: Sequence[int], prompt_id: str) -> bool:
     """Whether greedy generation from the prompt with ``suffix`` begins with the target: decoded
-    exactly as :func:`quada.eval.generate.greedy_batch` decodes the response to the prompt
+    exactly as :func:`quada.measures.generate.greedy_batch` decodes the response to the prompt
     ``prompt_id`` (prefill, then one token per step), so under an approximation it reads the draws
     that generation reads."""
     target = problem.target.tolist()

@@ -11,7 +11,7 @@ import torch
 
 from quada.attack.loss import token_ids
 from quada.chat import format_prompt
-from quada.eval.generate import eos_token_ids
+from quada.measures.generate import eos_token_ids
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@ with the target string (e.g. "Sure, here is"), as the mean cross-entropy of the 
 after the chat-formatted prompt (Zou et al., arXiv 2307.15043, eq. 2; Liu et al., arXiv
 2310.04451, eq. 1).
 
-Prompts are laid out exactly as :func:`quada.eval.generate.generate` lays them out (the chat
+Prompts are laid out exactly as :func:`quada.measures.generate.generate` lays them out (the chat
 template as text, tokenized without added special tokens), so the prompt an attack optimises is
 the prompt the responses are generated from.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from quada.chat import format_prompt
-from quada.eval.batching import padded_batch, position_ids
-from quada.eval.scoring import pad_id_of
+from quada.measures.batching import padded_batch, position_ids
+from quada.measures.scoring import pad_id_of
 
 DEFAULT_TARGET = "Sure, here is"
 

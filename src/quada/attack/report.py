@@ -17,12 +17,12 @@ from pathlib import Path
 
 from quada.approx import spec_label
 from quada.attack.options import PAPER_BUDGETS
-from quada.eval.metrics import Estimate, clustered_difference
-from quada.store import CLEAN
-from quada.judge_calibration import JudgeInfo, judge_info_from_json
+from quada.judging.calibration import JudgeInfo, judge_info_from_json
 from quada.report.calibration import asr_column
 from quada.report.format import percent_interval
 from quada.report.render import Section, write_report
+from quada.stats.metrics import Estimate, clustered_difference
+from quada.store import CLEAN
 
 RESULTS_FILE = "attack.json"
 CELL_KEY = ("fingerprint", "approx", "identity", "benchmark", "n", "seed")

@@ -4,7 +4,7 @@ and judge them, and report the attack success rates.
 For every approximation (the clean model is ``none``) and every attack, each behaviour gets its
 adversarial prompt (:data:`BUILDERS`), stored as soon as it is found (:mod:`quada.attack.records`;
 GCG stores every step); the responses are generated and judged through the measurement engine
-(:class:`quada.eval.engine.Engine`), so a rerun computes only what is missing.
+(:class:`quada.engine.plan.Engine`), so a rerun computes only what is missing.
 
 Randomness. Every draw is seeded by what it belongs to (``quada.seeds.derived_seed``), never by run
 history, so a resumed run equals an uninterrupted one:
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quada.approx import spec_label
-from quada.approx.base import DRAW_SCHEME
+from quada.approx.draws import DRAW_SCHEME
 from quada.approx.rows import prompt_rows
 from quada.attack import sources
 from quada.attack.autodan import (
@@ -45,7 +45,13 @@ from quada.attack.autodan import (
     mutation_request,
 )
 from quada.attack.dra import dra_attack
-from quada.attack.gcg import GcgSettings, adversarial_request, gcg, reaches_target, suffix_problem
+from quada.attack.gcg import (
+    GcgSettings,
+    adversarial_request,
+    gcg,
+    reaches_target,
+    suffix_problem,
+)
 from quada.attack.llm import sample_reply
 from quada.attack.loss import prompt_losses, token_ids
 from quada.attack.many_shot import many_shot_prompt
@@ -57,20 +63,31 @@ from quada.attack.past_tense import (
     parse_reformulation,
     rewrite_instruction,
 )
-from quada.attack.records import AttackKey, AttackPrompt, AttackRecords, attack_identity, attack_prompt_id
-from quada.attack.report import RESULTS_FILE, AttackCell, merge_cells, write_attack_report
+from quada.attack.records import (
+    AttackKey,
+    AttackPrompt,
+    AttackRecords,
+    attack_identity,
+    attack_prompt_id,
+)
+from quada.attack.report import (
+    RESULTS_FILE,
+    AttackCell,
+    merge_cells,
+    write_attack_report,
+)
 from quada.attack.templates import template_prompt
 from quada.attack.transfer import transfer_prompt
 from quada.data import Prompt, load_benchmark, subset
-from quada.eval.engine import Approximation, Engine, Plan, approximated, check_specs_fit
-from quada.eval.executors import make_executor
-from quada.eval.generate import generate
-from quada.eval.judges import attack_outcomes, check_judge_model, refusal_phrase
-from quada.eval.metrics import proportion
-from quada.judge_calibration import JudgeInfo, judge_infos
+from quada.engine.executors import make_executor
+from quada.engine.plan import Approximation, Engine, Plan, approximated, check_specs_fit
+from quada.judging import attack_outcomes, check_judge_model, refusal_phrase
+from quada.judging.calibration import JudgeInfo, judge_infos
+from quada.measures.generate import generate
 from quada.models import check_source, load
 from quada.runs import check_apart, jsonable, open_run_dir, progress_bar, write_json
 from quada.seeds import derived_seed
+from quada.stats.metrics import proportion
 from quada.store import CLEAN, Store
 
 

@@ -1,6 +1,6 @@
 """Deployments: the same model served by another engine, compared with quada's own generation.
 
-quada's reference is the model run by transformers (:mod:`quada.eval.generate`, where the
+quada's reference is the model run by transformers (:mod:`quada.measures.generate`, where the
 approximations hook in). A *deployment* is that model as a user serves it, one of:
 
 - ``llamacpp:<GGUF file or built-in name>``: llama.cpp in this process (``llama-cpp-python``,
@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 
 from quada.chat import format_prompt, messages
 from quada.errors import QuadaError
-from quada.eval.generate import GenerationSettings
-from quada.eval.judges import refusal_phrase
+from quada.judging import refusal_phrase
+from quada.measures.generate import GenerationSettings
 from quada.store import GenerationKey, settings_json
 
 LLAMACPP, OPENAI, OPENAI_CHAT = "llamacpp", "openai", "openai-chat"
@@ -154,7 +154,7 @@ def deployment_key(backend, reference: str, prompt_id: str, text: str, settings:
 def refusal_cut(token_texts: Callable[[int], str], count: int) -> int | None:
     """The number of tokens after which the reference's stop-on-refusal rule would have ended a
     response of ``count`` tokens, whose first ``n`` tokens decode to ``token_texts(n)``; ``None`` if
-    it never would. The rule (:mod:`quada.eval.generate`): stop at the first token whose prefix
+    it never would. The rule (:mod:`quada.measures.generate`): stop at the first token whose prefix
     contains a refusal phrase."""
     if refusal_phrase(token_texts(count)) is None:
         return None

@@ -27,10 +27,18 @@ import gguf
 import numpy as np
 import torch
 
-from quada.backends import LENGTH, LLAMACPP, REFUSAL, STOP, Completion, Deployment, Rendered
+from quada.backends import (
+    LENGTH,
+    LLAMACPP,
+    REFUSAL,
+    STOP,
+    Completion,
+    Deployment,
+    Rendered,
+)
 from quada.errors import QuadaError
-from quada.eval.generate import GenerationSettings
-from quada.eval.judges import refusal_phrase
+from quada.judging import refusal_phrase
+from quada.measures.generate import GenerationSettings
 from quada.models import BUILTINS, file_sha256, gguf_file
 from quada.runs import atomic_path, check_apart
 
@@ -203,7 +211,7 @@ class LlamaCppBackend:
 
     def perplexity(self, windows: Sequence[Sequence[int]]) -> float:
         """exp(mean NLL) over the windows' predicted tokens, each window evaluated in a cleared
-        context as one batch (the protocol of :func:`quada.eval.utility.perplexity`)."""
+        context as one batch (the protocol of :func:`quada.measures.utility.perplexity`)."""
         total, count = 0.0, 0
         for window in windows:
             if len(window) > CONTEXT:
@@ -247,7 +255,7 @@ class LlamaCppScorer(LlamaCppBackend):
     def next_token_logprobs(self, sequences: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
                             prefix: int = 0) -> list[list[float]]:
         """Log-probabilities of ``candidates[i]`` as the next token after ``sequences[i]`` (as
-        :func:`quada.eval.scoring.next_token_logprobs` gives them for a transformers model), each
+        :func:`quada.measures.scoring.next_token_logprobs` gives them for a transformers model), each
         sequence's first ``prefix`` ids read from the KV cache where they are the cached ones."""
         results = []
         for ids, wanted in zip(sequences, candidates, strict=True):

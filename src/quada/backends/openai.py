@@ -37,9 +37,18 @@ import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from quada.backends import LENGTH, OPENAI_CHAT, REFUSAL, STOP, Completion, Deployment, Rendered, refusal_cut
+from quada.backends import (
+    LENGTH,
+    OPENAI_CHAT,
+    REFUSAL,
+    STOP,
+    Completion,
+    Deployment,
+    Rendered,
+    refusal_cut,
+)
 from quada.errors import QuadaError
-from quada.eval.generate import GenerationSettings
+from quada.measures.generate import GenerationSettings
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach the server (and, for the first check, to answer it)
 BACKOFF = 1.0  # seconds before the first retry; doubled for each further one

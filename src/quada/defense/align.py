@@ -31,18 +31,37 @@ from pathlib import Path
 
 import torch
 
-from quada.defense.options import CHECKPOINT_DIR, AlignConfig
-from quada.defense.pairs import (PreferencePair, load_pairs, pair_ids_sha256, pair_lengths, preference_rows,
-                                 stratified_pairs)
 from quada.approx.sites import resolve_decoder
+from quada.defense.options import CHECKPOINT_DIR, AlignConfig
+from quada.defense.pairs import (
+    PreferencePair,
+    load_pairs,
+    pair_ids_sha256,
+    pair_lengths,
+    preference_rows,
+    stratified_pairs,
+)
 from quada.defense.quada import QuadATrainer, perturbed_layers
+from quada.engine.plan import check_specs_fit
 from quada.errors import QuadaError, warn
-from quada.eval.engine import check_specs_fit
-from quada.eval.generate import check_prompts_fit
-from quada.eval.judges import check_judge_model
-from quada.report.align import align_sections, comparison_table, layers_phrase, method_name, model_card
+from quada.judging import check_judge_model
+from quada.measures.generate import check_prompts_fit
+from quada.report.align import (
+    align_sections,
+    comparison_table,
+    layers_phrase,
+    method_name,
+    model_card,
+)
 from quada.report.render import write_report
-from quada.runs import atomic_folder, atomic_write_text, check_apart, jsonable, open_run_dir, write_json
+from quada.runs import (
+    atomic_folder,
+    atomic_write_text,
+    check_apart,
+    jsonable,
+    open_run_dir,
+    write_json,
+)
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -154,7 +173,7 @@ def training_model(config: AlignConfig, pairs: list[PreferencePair]):
     evaluated approximations against its layers, tau, the evaluation's prompts against its context
     and its corpus against a perplexity window. So a bad option fails before the run folder is made,
     not after hours of training."""
-    from quada.eval.utility import check_corpus, load_corpus
+    from quada.measures.utility import check_corpus, load_corpus
     from quada.models import load, resolve
     from quada.vet import prompt_sets
 
@@ -256,8 +275,8 @@ def evaluate(config: AlignConfig, subjects: dict[str, tuple[str, Path]], progres
     (label -> (model source, evaluation folder)), all in the same plans on one executor: the
     conditions by label, and the sweeps by label (or ``None``)."""
     from quada.analysis.sweep import Sweeping
-    from quada.eval.engine import run_jobs
-    from quada.eval.executors import make_executor
+    from quada.engine.executors import make_executor
+    from quada.engine.plan import run_jobs
     from quada.runs import progress_bar
     from quada.vet import Vetting
 

@@ -19,17 +19,17 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from statistics import NormalDist
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 from scipy.stats import t as student_t
 
 from quada.errors import QuadaError
-from quada.eval.metrics import Estimate, paired_difference, tango_interval
 from quada.report.arms import OVER_REFUSAL
 from quada.report.vet import RESULTS_FILE
 from quada.runs import atomic_folder, check_apart, write_json
+from quada.stats.metrics import Estimate, paired_difference, tango_interval
 from quada.store import CLEAN
 
 ORIGINAL = "original"  # the arm of the base model, read from the runs' before-evaluations
@@ -47,7 +47,7 @@ def seed_level_difference(groups: Sequence[Sequence[float]], confidence: float =
     {-1, 0, 1} per prompt: arm minus reference), with an interval that covers the seed variance.
 
     Each seed i gives its difference d_i and, from Tango's 95% score interval of its discordant
-    prompts (:func:`quada.eval.metrics.tango_interval`), a standard error s_i that stays above 0
+    prompts (:func:`quada.stats.metrics.tango_interval`), a standard error s_i that stays above 0
     when no prompt differs. With k seeds the interval is mean(d) +- t_(k-1) sqrt(max(S^2/k, W)),
     where S^2 is the sample variance of the d_i (it estimates the seed variance plus the prompts'
     sampling variance) and W = sum s_i^2 / k^2 the prompts' part alone: the t interval on the
@@ -148,7 +148,7 @@ def read_run(folder: Path) -> AlignRun:
 
 def safety_judges(evaluation: dict) -> list[str]:
     """The judges of an evaluation that decide an ASR."""
-    from quada.eval.judges import SAFETY_JUDGES
+    from quada.judging import SAFETY_JUDGES
 
     return [j for j in evaluation["judges"] if j in SAFETY_JUDGES]
 
@@ -205,9 +205,9 @@ def _stored_labels(vet_dir: Path, fingerprint: str, settings: str, seed: int) ->
 def evaluation_outcomes(run: AlignRun, vet_dir: Path) -> SeedOutcomes:
     """The per-prompt outcomes of the evaluation in ``vet_dir`` (the run's after- or
     before-evaluation), rebuilt from its results store with the keys `quada vet` used."""
-    from quada.eval.engine import key_settings, perplexity_key, stored_measurements
-    from quada.eval.generate import GenerationSettings
-    from quada.eval.judges import attack_outcomes
+    from quada.engine.plan import key_settings, perplexity_key, stored_measurements
+    from quada.judging import attack_outcomes
+    from quada.measures.generate import GenerationSettings
     from quada.report.saved import saved_config
     from quada.vet import prompt_sets
 

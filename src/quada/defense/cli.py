@@ -11,9 +11,8 @@ from quada.cli_options import config_options, print_table
 from quada.defaults import DEFAULT_MODEL
 from quada.defense.options import AlignConfig
 from quada.devices import DEVICE_HELP, DTYPE_HELP
-from quada.options import check_given_limits
 from quada.errors import QuadaError
-from quada.options import EXECUTOR_OPTIONS
+from quada.options import EXECUTOR_OPTIONS, check_given_limits
 
 console = Console(markup=False)  # prints user text (paths, specs, model names): brackets stay literal
 
@@ -54,9 +53,16 @@ def pairs_command(
 
     Generations are stored as they come: an interrupted run continues where it stopped. Responses go to files only.
     """
+    from quada.defense.pairs import (
+        GenericPairsConfig,
+        RestorePairsConfig,
+        SelfPairsConfig,
+        generic_pairs,
+        pku_pairs,
+        restore_pairs,
+        self_pairs,
+    )
     from quada.defense.quada import DEFAULT_MAX_LENGTH
-    from quada.defense.pairs import (GenericPairsConfig, RestorePairsConfig, SelfPairsConfig, generic_pairs, pku_pairs,
-                                     restore_pairs, self_pairs)
 
     shared = dict(model=model, harmful=harmful, heldout=heldout, benign_heldout=benign_heldout, limit=limit,
                   benign_limit=benign_limit, prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed,

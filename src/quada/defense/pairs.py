@@ -58,9 +58,9 @@ from quada.data import Prompt, jsonl_rows, load_benchmark, read_text_file, subse
 from quada.defense.quada import DEFAULT_PERTURBATION, HARMFUL_COLUMN
 from quada.devices import check_device, check_dtype
 from quada.errors import QuadaError, check_seed
-from quada.eval.generate import GenerationSettings
-from quada.eval.judges import keyword_verdict, refusal_phrase
 from quada.hub import require_hub
+from quada.judging import keyword_verdict, refusal_phrase
+from quada.measures.generate import GenerationSettings
 from quada.models import DEFAULT_MODEL, check_source
 from quada.runs import atomic_write_text, check_apart, open_run_dir, progress_bar
 from quada.store import CLEAN, Store
@@ -594,7 +594,7 @@ def _split_prompt_sets(config: PairsConfig) -> tuple[Split, list[Prompt], list[P
 
 @dataclass(frozen=True)
 class _Generating:
-    """What the measurement engine reads from its config to generate (no perplexity is measured here)."""
+    """The engine's :class:`quada.engine.plan.GenerationConfig` of a pairs run (it only generates)."""
 
     model: str
     settings: GenerationSettings
@@ -609,7 +609,7 @@ def _answering(config: PairsConfig, source: str, store: Store, bar,
     responses by prompt id, stored in ``store`` (keyed by the model's fingerprint, so two models'
     rows never mix) and taken from it when there; with it the model's tokenizer. The model is freed
     on leaving."""
-    from quada.eval.engine import Engine, check_specs_fit
+    from quada.engine.plan import Engine, check_specs_fit
     from quada.models import load
 
     model, tokenizer = load(source, dtype=config.dtype, device=config.device)

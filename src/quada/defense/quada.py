@@ -46,7 +46,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from quada.approx import apply, as_spec
 from quada.approx.sites import capturing, resolve_decoder
 from quada.errors import QuadaError, check_seed
-from quada.eval.batching import POOLINGS, pool_prompt_activations
+from quada.measures.batching import POOLINGS, pool_prompt_activations
 from quada.seeds import derived_seed
 
 HARMFUL_COLUMN = "harmful"

@@ -1,15 +1,15 @@
 """Where units of work run: the models a worker holds, the executors that run units, what they cost.
 
-A unit of work (:mod:`quada.eval.engine` defines them: a chunk of generations, a batch of verdicts,
+A unit of work (:mod:`quada.engine.plan` defines them: a chunk of generations, a batch of verdicts,
 a perplexity) is a small value that pickles. It names the model it needs by a :class:`ModelRef`
 (``None`` when it needs none) and computes its result with ``unit.run(models)``, where ``models``
 (:class:`Models`) holds the models of the process it runs in, loaded once on first use. So the same
 unit runs unchanged in this process (:class:`LocalExecutor`) or on a Ray worker
-(:class:`quada.eval.ray_executor.RayExecutor`), and a unit of one model can follow a unit of
+(:class:`quada.engine.ray_executor.RayExecutor`), and a unit of one model can follow a unit of
 another on the same worker.
 
 An :class:`Executor` takes units as they are submitted and hands back ``(unit, result)`` pairs as
-they finish, in any order: the engine (:class:`quada.eval.engine.Plan`), the only writer of the
+they finish, in any order: the engine (:class:`quada.engine.plan.Plan`), the only writer of the
 results store, commits each result as it arrives and submits the units that depend on it (the
 verdicts on a chunk of responses). Every executor keeps a :class:`Usage`: how busy its workers
 were while units were pending.
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from quada.errors import QuadaError
-from quada.eval.judges import Judge, load_judge_model, make_judge
 from quada.fingerprint import model_fingerprint
+from quada.judging import Judge, load_judge_model, make_judge
 
 MODELS_PER_WORKER = 2  # models a worker keeps loaded: the subject and a judge model
 
@@ -53,7 +53,7 @@ class ModelRef:
 @dataclass(frozen=True)
 class JudgeRef:
     """How to build a model judge where it runs: the judge's name, its model, the options of
-    :func:`quada.eval.judges.make_judge` and the identity the built judge must have (``None`` until
+    :func:`quada.judging.make_judge` and the identity the built judge must have (``None`` until
     it is known: the driver learns it from a worker before any verdict is keyed by it)."""
 
     name: str
@@ -103,7 +103,7 @@ class Models:
 
     def get(self, ref: ModelRef) -> tuple[Any, Any]:
         """``(model, tokenizer)`` of ``ref``, loaded now if it is not (a judge's model may run in
-        another engine: :func:`quada.eval.judges.load_judge_model`)."""
+        another engine: :func:`quada.judging.load_judge_model`)."""
         from quada.models import load
 
         if ref.slot not in self._loaded:
@@ -127,7 +127,7 @@ class Models:
         return self._judges[ref]
 
     def backend(self, ref):
-        """The deployment ``ref`` (a :class:`quada.eval.engine.BackendRef`) opened here with its subject
+        """The deployment ``ref`` (a :class:`quada.engine.plan.BackendRef`) opened here with its subject
         model's tokenizer; one is kept open at a time (a GGUF takes as much memory as a model), and the
         units of one deployment run together."""
         if self._backend is None or self._backend[0] != ref.slot:
@@ -285,7 +285,7 @@ def make_executor(config) -> Executor:
     each model a unit names on ``config.device``. Ray is imported only when it is asked for."""
     if config.executor == "local":
         return LocalExecutor(config.device)
-    from quada.eval.ray_executor import RayExecutor
+    from quada.engine.ray_executor import RayExecutor
 
     return RayExecutor(device=config.device, workers=config.workers, cpus_per_worker=config.cpus_per_worker,
                        gpus_per_worker=config.gpus_per_worker, judge_workers=config.judge_workers,

@@ -7,9 +7,9 @@ condition and prompt set, the judges' verdicts on them, the perplexities, accura
 numbers measured on the model. The plan cuts what the results store lacks into units of work,
 small values that pickle: a :class:`Chunk` of prompts to generate (longest first, so that a chunk
 batches prompts of similar length), a :class:`Judging` of responses to judge, a :class:`Measuring`
-of one number. Each names the model it runs on (:class:`quada.eval.executors.ModelRef`). The plan
+of one number. Each names the model it runs on (:class:`quada.engine.executors.ModelRef`). The plan
 sizes the chunks so that every worker of the executor gets several (:func:`chunk_size`), hands all
-units to the executor together (:mod:`quada.eval.executors`: this process, or a pool of Ray
+units to the executor together (:mod:`quada.engine.executors`: this process, or a pool of Ray
 workers that hold the subject and the judge models), and submits the verdicts on a chunk's
 responses as soon as they arrive. The driver, the only writer of the store, commits every result
 as it comes, in whatever order the workers finish.
@@ -37,23 +37,58 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from quada.approx import Spec, apply
-from quada.approx.base import DRAW_SCHEME, resolve_layers
+from quada.approx.base import resolve_layers
+from quada.approx.draws import DRAW_SCHEME
 from quada.approx.sites import resolve_decoder
-from quada.backends import LLAMACPP, Deployment, Rendered, deployment_key, open_backend, render
+from quada.backends import (
+    LLAMACPP,
+    Deployment,
+    Rendered,
+    deployment_key,
+    open_backend,
+    render,
+)
 from quada.data import Prompt
+from quada.engine.executors import (
+    Executor,
+    JudgeRef,
+    LocalExecutor,
+    ModelRef,
+    run_units,
+)
 from quada.errors import QuadaError
-from quada.eval.executors import Executor, JudgeRef, LocalExecutor, ModelRef, run_units
-from quada.eval.generate import GenerationSettings, generate
-from quada.eval.judges import MODEL_JUDGES, Judge, JudgeResult, RefusalJudge, RefusalKeywordJudge, attack_outcomes, make_judge
-from quada.eval.metrics import Estimate, proportion
-from quada.eval.utility import Question, multiple_choice, perplexity_windows, windows_perplexity
 from quada.fingerprint import model_fingerprint
-from quada.store import CLEAN, Generation, GenerationKey, Judgement, Store, readable_store, settings_json
+from quada.judging import (
+    MODEL_JUDGES,
+    Judge,
+    JudgeResult,
+    RefusalJudge,
+    RefusalKeywordJudge,
+    attack_outcomes,
+    make_judge,
+)
+from quada.measures.generate import GenerationSettings, generate
+from quada.measures.utility import (
+    Question,
+    multiple_choice,
+    perplexity_windows,
+    windows_perplexity,
+)
+from quada.stats.metrics import Estimate, proportion
+from quada.store import (
+    CLEAN,
+    Generation,
+    GenerationKey,
+    Judgement,
+    Store,
+    readable_store,
+    settings_json,
+)
 
 GENERATION_CHUNK = 64  # most prompts in a generation unit (committed together; one batch composition)
 MIN_CHUNK = 8  # fewest prompts a plan puts in a generation unit: smaller batches waste an accelerator
@@ -95,7 +130,7 @@ def key_settings(settings: GenerationSettings, dtype: str | None, device: str | 
     """The ``settings`` column of a generation's key: the generation settings, and what else decides
     a row besides the model, the condition, the prompt and the seed: the dtype the model runs in,
     the device type (``cpu``, ``cuda``) and the scheme of the approximations' random draws
-    (:data:`quada.approx.base.DRAW_SCHEME`). ``dtype=None`` gives the key of stores written before
+    (:data:`quada.approx.draws.DRAW_SCHEME`). ``dtype=None`` gives the key of stores written before
     these were recorded, which can still be read."""
     extra = {} if dtype is None else {"dtype": dtype, "device": device, "draws": DRAW_SCHEME}
     return settings_json({**settings.as_dict(), **extra})
@@ -106,14 +141,40 @@ def _where(dtype: str | None, device: str | None) -> str:
     return "" if dtype is None else f"|{dtype}|{device}|draws{DRAW_SCHEME}"
 
 
-def perplexity_key(fingerprint: str, approximation: str, config, dtype: str | None, device: str | None) -> str:
+class GenerationConfig(Protocol):
+    """What an engine reads of its command's configuration to generate: the subject model's source,
+    the generation settings, the seed and the run folder."""
+
+    model: str
+    settings: GenerationSettings
+    seed: int
+    run_dir: Path
+
+
+class MeasurementConfig(GenerationConfig, Protocol):
+    """What an engine reads besides, to measure more than generations (every evaluating command's
+    :class:`quada.options.EvalOptions` has it): the perplexity corpus and its windows, the
+    multiple-choice questions, the judge model, the judges' options and the device."""
+
+    corpus: str
+    ppl_window: int
+    ppl_windows: int | None
+    questions: int | None
+    judge_model: str
+    judge_options: dict[str, dict[str, Any]]
+    device: str
+
+
+def perplexity_key(fingerprint: str, approximation: str, config: MeasurementConfig, dtype: str | None,
+                   device: str | None) -> str:
     """Cache key of a perplexity: the model, the condition, the corpus and its windows, the seed,
     and as in :func:`key_settings` the dtype, device type and draw scheme."""
     return (f"{fingerprint}|{approximation}|ppl|{config.corpus}|{config.ppl_window}|{config.ppl_windows}|{config.seed}"
             + _where(dtype, device))
 
 
-def accuracy_key(fingerprint: str, approximation: str, config, dtype: str | None, device: str | None) -> str:
+def accuracy_key(fingerprint: str, approximation: str, config: MeasurementConfig, dtype: str | None,
+                 device: str | None) -> str:
     """Cache key of multiple-choice answers: the model, the condition, the question count, the seed,
     and as in :func:`key_settings` the dtype, device type and draw scheme."""
     return f"{fingerprint}|{approximation}|mc|{config.questions}|{config.seed}" + _where(dtype, device)
@@ -221,7 +282,7 @@ class Measuring:
 
 
 def window_perplexity(model, tokenizer, windows: torch.Tensor) -> float:
-    """The perplexity of ``model`` on the token-id ``windows`` (:func:`quada.eval.utility.perplexity_windows`)."""
+    """The perplexity of ``model`` on the token-id ``windows`` (:func:`quada.measures.utility.perplexity_windows`)."""
     return windows_perplexity(model, windows).perplexity
 
 
@@ -233,7 +294,7 @@ def answers_right(model, tokenizer, questions: tuple[Question, ...]) -> list[boo
 @dataclass(frozen=True)
 class Judging:
     """A unit of work: one judge's verdicts on responses, each read against its request. The judge is
-    a :class:`quada.eval.executors.JudgeRef` built where the unit runs, or a judge that needs no
+    a :class:`quada.engine.executors.JudgeRef` built where the unit runs, or a judge that needs no
     model (a rule judge), which travels as it is; ``about`` names the responses in errors."""
 
     judge: JudgeRef | Judge
@@ -814,15 +875,14 @@ class Engine:
 
     Generations, judgements and numbers measured on the model go through the results store, each
     keyed by everything that decides it; so `quada vet`, the sweeps and the layer analysis share
-    one another's work in a run folder and a killed run resumes where it stopped. ``config``
-    provides ``model``, ``settings``, ``seed`` and ``run_dir``, for perplexity ``corpus``,
-    ``ppl_window`` and ``ppl_windows``, for accuracy ``questions``, for model judges
-    ``judge_model``. Units run on ``executor`` (default: this process), which is handed ``model``:
-    the engine keeps only what keys its rows (fingerprint, dtype, device type).
+    one another's work in a run folder and a killed run resumes where it stopped. ``config`` is a
+    :class:`GenerationConfig`, and a :class:`MeasurementConfig` for anything besides generations
+    (perplexity, accuracy, model judges). Units run on ``executor`` (default: this process), which
+    is handed ``model``: the engine keeps only what keys its rows (fingerprint, dtype, device type).
     """
 
-    def __init__(self, store: Store, model, tokenizer, config, corpus_text: str = "",
-                 executor: Executor | None = None):
+    def __init__(self, store: Store, model, tokenizer, config: GenerationConfig | MeasurementConfig,
+                 corpus_text: str = "", executor: Executor | None = None):
         self.store, self.tokenizer, self.config = store, tokenizer, config
         self.corpus_text = corpus_text
         self.executor = executor if executor is not None else LocalExecutor(getattr(config, "device", "auto"))

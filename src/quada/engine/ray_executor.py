@@ -1,6 +1,6 @@
 """Units of work on a pool of Ray workers: :class:`RayExecutor`, the executor of ``--executor ray``.
 
-Each worker is a Ray actor with its own :class:`quada.eval.executors.Models`: it loads the subject
+Each worker is a Ray actor with its own :class:`quada.engine.executors.Models`: it loads the subject
 model as it starts (and shows its fingerprint before it gets any work), and any other model a unit
 names (a judge model) on first use, keeping two at a time. Its torch computes on as many threads as
 the CPUs Ray reserves for it (``cpus_per_worker``). Optionally a second pool of ``judge_workers``
@@ -22,7 +22,7 @@ writer of the results store, commits it. Failures:
 Without an address the executor starts a local Ray instance (with a small object store: units and
 results are text and a few token ids) and stops it when closed or dropped; with one it joins that
 cluster and leaves it running. Ray is imported here, and this module only where Ray is asked for
-(:func:`quada.eval.executors.make_executor`), so the command line stays light.
+(:func:`quada.engine.executors.make_executor`), so the command line stays light.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from ray.exceptions import RayError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from quada.engine.executors import ModelRef, Models, Usage
 from quada.errors import QuadaError, cleanup_after
-from quada.eval.executors import ModelRef, Models, Usage
 
 LOCAL_OBJECT_STORE_BYTES = 128 * 2**20  # Ray's minimum is 75 MiB; units and results are a few kB
 # A local instance talks over the loopback only. Ray swaps 127.0.0.1 for the machine's network

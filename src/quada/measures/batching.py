@@ -2,7 +2,7 @@
 
 Generation, next-token scoring, the refusal proxy, activation capture and QuadA's regularizer all
 run prompts of different lengths together; they pad them here, with the pad id of
-:func:`quada.eval.scoring.pad_id_of` (any id works under the attention mask).
+:func:`quada.measures.scoring.pad_id_of` (any id works under the attention mask).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from quada.approx.rows import prompt_rows
 from quada.chat import PROMPT_FORMATS, format_prompt
 from quada.data import Prompt
 from quada.errors import QuadaError
-from quada.eval.batching import padded_batch, position_ids
-from quada.eval.judges import refusal_phrase
-from quada.eval.scoring import pad_id_of
+from quada.judging import refusal_phrase
+from quada.measures.batching import padded_batch, position_ids
+from quada.measures.scoring import pad_id_of
 from quada.runs import progress_bar
 
 MAX_BATCH_SIZE = 64

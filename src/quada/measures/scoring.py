@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from quada.errors import QuadaError
-from quada.eval.batching import padded_batch, position_ids
+from quada.measures.batching import padded_batch, position_ids
 
 
 @torch.inference_mode()

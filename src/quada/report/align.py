@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import matplotlib.pyplot as plt
 
 from quada.approx import spec_label
-from quada.eval.judges import SAFETY_JUDGES
+from quada.judging import SAFETY_JUDGES
 from quada.report.format import percent_interval
 from quada.report.render import Section
 from quada.report.sweep import SweepResult, mva_sentence, sweep_figure

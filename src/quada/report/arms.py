@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from quada.approx import spec_label
-from quada.eval.judges import asr_name
+from quada.judging import asr_name
 from quada.report.render import Section
 
 OVER_REFUSAL = "over-refusal"  # the measure beside the ASR of each safety judge

@@ -1,4 +1,4 @@
-"""Tables of judge calibrations (see :mod:`quada.judge_calibration`)."""
+"""Tables of judge calibrations (see :mod:`quada.judging.calibration`)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from quada.eval.judges import GRADED_JUDGES, asr_name
-from quada.judge_calibration import Calibration, JointThreshold, JudgeInfo, judge_info_from_json
+from quada.judging import GRADED_JUDGES, asr_name
+from quada.judging.calibration import (
+    Calibration,
+    JointThreshold,
+    JudgeInfo,
+    judge_info_from_json,
+)
 
 if TYPE_CHECKING:
-    from quada.eval.calibration import HeldOutMetrics, Interval
-    from quada.eval.metrics import Estimate
+    from quada.judging.calibration import HeldOutMetrics, Interval
+    from quada.stats.metrics import Estimate
 
 CALIBRATION_COLUMNS = [
     "judge", "measure", "labelled set", "category", "held-out items (reference +)", "judge +",
@@ -47,7 +52,7 @@ def double_labelling_text(metrics: HeldOutMetrics, labeller: str, date: str, con
 
 def provenance_text(labelled_sets: Sequence[str]) -> str:
     """Who made the labels of each built-in labelled set in ``labelled_sets`` (a user's file: the user)."""
-    from quada.data import LABELLED_SETS
+    from quada.judging.labelled import LABELLED_SETS
 
     return "Reference labels: " + "; ".join(
         f"{name}: {LABELLED_SETS[name].labelled_by if name in LABELLED_SETS else 'the file given (its labeller)'}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from quada.eval.metrics import Estimate
+    from quada.stats.metrics import Estimate
 
 
 def percent_interval(estimate: Estimate | None) -> str:

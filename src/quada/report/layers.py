@@ -9,11 +9,11 @@ from typing import Any
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from quada.eval.metrics import Estimate
 from quada.report.calibration import saved_asr_header
 from quada.report.format import percent_interval
 from quada.report.render import Section
 from quada.report.saved import estimate_or_none, saved_config
+from quada.stats.metrics import Estimate
 
 RESULTS_FILE = "layers.json"
 KINDS = ("single", "first", "last")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from quada.eval.metrics import Estimate
+from quada.stats.metrics import Estimate
 
 
 def saved_config(saved: dict, run_dir: Path) -> SimpleNamespace:

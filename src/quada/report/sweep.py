@@ -15,11 +15,11 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from quada.approx import spec_label
-from quada.eval.metrics import Estimate
 from quada.report.calibration import saved_asr_header
 from quada.report.format import percent_interval, plain_number
 from quada.report.render import Section
 from quada.report.saved import saved_config
+from quada.stats.metrics import Estimate
 from quada.store import CLEAN
 
 FIGURE_STEM = "sweep"

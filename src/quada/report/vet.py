@@ -10,14 +10,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from quada.approx import short_label
-from quada.eval.judges import SAFETY_JUDGES, asr_name
-from quada.eval.metrics import Estimate, McNemarResult
-from quada.eval.verdict import BREAKS_MODEL, BREAKS_SAFETY, NO_RISE, SAFER, Verdict
-from quada.judge_calibration import JudgeInfo, judge_info_from_json
-from quada.report.calibration import asr_column, interval_text, judge_label, reference_note
+from quada.judging import SAFETY_JUDGES, asr_name
+from quada.judging.calibration import JudgeInfo, judge_info_from_json
+from quada.report.calibration import (
+    asr_column,
+    interval_text,
+    judge_label,
+    reference_note,
+)
 from quada.report.format import percent_interval
 from quada.report.render import Example, Section
 from quada.report.saved import estimate_or_none
+from quada.stats.metrics import Estimate, McNemarResult
+from quada.stats.verdict import BREAKS_MODEL, BREAKS_SAFETY, NO_RISE, SAFER, Verdict
 
 RESULTS_FILE = "results.json"
 
@@ -91,9 +96,9 @@ def verdict_sentence(result: ConditionResult, info: dict[str, JudgeInfo]) -> str
     d = result.difference[judge]
     what = "harmful requests answered" if info[judge].measure == "refusal" else "responses flagged as harmful"
     if verdict.kind == BREAKS_SAFETY:
-        change = ("more than doubles the" if approximated >= 2 * clean and clean > 0 else
-                  f"raises by {approximated - clean:.0f} points the")
-        return (f"**{name}** breaks safety: it {change} {what} ({clean:.1f}% to {approximated:.1f}%, "
+        change = (f"more than doubles the {what}" if approximated >= 2 * clean and clean > 0 else
+                  f"raises the {what} by {approximated - clean:.0f} points")
+        return (f"**{name}** breaks safety: it {change} ({clean:.1f}% to {approximated:.1f}%, "
                 f"{asr_name(judge)} by `{judge}`), a rise of at least {100 * d.low:.1f} points{at}.")
     if verdict.kind == NO_RISE:
         return (f"**{name}**: no rise beyond the margin: it rules out a rise of more than {max(0.0, 100 * d.high):.1f} "
@@ -112,9 +117,9 @@ def verdict_table(results: list[ConditionResult], info: dict[str, JudgeInfo] | N
     rows = []
     for r in (r for r in results if r.verdict is not None):
         judge = _quoted(r, info) if r.verdict.kind != BREAKS_MODEL else None
-        change = "-" if judge is None else f"{_points(r.difference[judge])} ({judge})"
-        rows.append([short_label(r.approx), r.verdict.kind, _look_text(r.verdict), change])
-    return ["condition", "verdict", "decided at", "change in points [repeated interval] (judge)"], rows
+        change = "-" if judge is None else _points(r.difference[judge])
+        rows.append([short_label(r.approx), r.verdict.kind, _look_text(r.verdict), change, judge or "-"])
+    return ["condition", "verdict", "decided at", "change in points [repeated interval]", "by judge"], rows
 
 
 def verdict_details(results: list[ConditionResult], info: dict[str, JudgeInfo]) -> tuple[list[str], list[list[str]]]:

@@ -15,7 +15,7 @@ At look k, with n_k of at most N prompts answered, the information fraction is t
 the two-sided critical value c_k is set so that a standard normal statistic with independent
 increments crosses +-c_j at some look j <= k with probability alpha(t_k) (:func:`critical_values`).
 Inverting the paired score test at c_k gives the repeated confidence interval of look k
-(:func:`quada.eval.metrics.score_interval`): all of a comparison's intervals cover the true
+(:func:`quada.stats.metrics.score_interval`): all of a comparison's intervals cover the true
 difference at once with probability at least 1 - alpha (Jennison & Turnbull, JRSS B 51:305,
 1989), so a verdict read from the interval of whatever look it stopped at keeps that level.
 """
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from quada.eval.metrics import tango_statistic
+from quada.stats.metrics import tango_statistic
 
 GRID_POINTS = 801  # Simpson grid of the continuation region in the numerical integration (odd)
 
@@ -150,7 +150,7 @@ class Design:
 
 
 def crossings(only_first, only_second, n, rise_critical: float, within_critical: float, margin: float):
-    """What the paired score test (:func:`quada.eval.metrics.tango_statistic`, difference = first
+    """What the paired score test (:func:`quada.stats.metrics.tango_statistic`, difference = first
     minus second) rejects at a look: ``rises`` (a difference of 0 or less, upward at
     ``rise_critical``), ``within`` (a difference of ``margin`` or more, downward at
     ``within_critical``) and ``falls`` (a difference of 0 or more, downward at ``within_critical``).

@@ -2,7 +2,7 @@
 matters, or can we not tell yet?
 
 Each condition is compared with the clean model on the same prompts, look after look of a
-group-sequential design (:class:`quada.eval.sequential.Design`). At each look, every deciding
+group-sequential design (:class:`quada.stats.sequential.Design`). At each look, every deciding
 judge's paired difference (approximated minus clean attack rate) gets a repeated confidence
 interval: the inversion of Tango's score test at the look's critical values, so an interval
 excludes a difference exactly when the test that decides rejects it. Rules, in order:
@@ -21,7 +21,7 @@ Calibrated judges (those with a held-out kappa) decide; the others only when no 
 calibrated, and the reason then says so.
 
 The error rates hold over the whole run, every look, condition and deciding judge
-(:class:`quada.eval.sequential.Design`): a false *breaks safety* (a condition called unsafe whose
+(:class:`quada.stats.sequential.Design`): a false *breaks safety* (a condition called unsafe whose
 rate did not rise) has probability at most alpha/2, a union over judges and conditions corrected
 by Bonferroni; a false *no rise beyond the margin* or *safer* (claimed although some judge's rate
 rose by the margin, or did not fall) at most alpha/2, a claim about every judge at once
@@ -34,9 +34,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from quada.eval.judges import ASR_NAMES
-from quada.eval.metrics import Estimate, McNemarResult, mcnemar, proportion, score_interval
-from quada.eval.sequential import Design, crossings
+from quada.judging import ASR_NAMES
+from quada.stats.metrics import (
+    Estimate,
+    McNemarResult,
+    mcnemar,
+    proportion,
+    score_interval,
+)
+from quada.stats.sequential import Design, crossings
 
 BREAKS_MODEL = "breaks the model"
 BREAKS_SAFETY = "breaks safety"

@@ -1,0 +1,1 @@
+"""Measures of a model: generation, next-token scoring, batching, perplexity and accuracy."""
