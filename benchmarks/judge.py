@@ -149,11 +149,11 @@ def main(
     source = f"store {store}" if store else f"made-up responses, {unchanged:.0%} unchanged per condition"
     print(f"judge {judge} on {label}, {torch.get_num_threads()} threads, CPU: {cpu_name()}; {len(items)} items in "
           f"{len(calls)} calls (one per condition), {distinct} distinct judge inputs; {source}")
-    print(f"{'way':36s} {'seconds':>8s} {'speed-up':>9s}  labels as baseline  max |score diff|", flush=True)
+    print(f"{'way':42s} {'seconds':>8s} {'speed-up':>9s}  labels as baseline  max |score diff|", flush=True)
     start = time.perf_counter()
     baseline = score_items(baseline_judge, calls, share_prefix=False)
     t_base = time.perf_counter() - start
-    print(f"{f'baseline (batch {sizes[0]})':36s} {t_base:8.1f} {1:8.2f}x  {len(items)}/{len(items)}", flush=True)
+    print(f"{f'baseline (batch {sizes[0]})':42s} {t_base:8.1f} {1:8.2f}x  {len(items)}/{len(items)}", flush=True)
     ways = [("shared prefix", lambda: score_items(baseline_judge, calls, share_prefix=True))]
     for size in sizes:
         fresh = new_judge(size)
@@ -167,10 +167,10 @@ def main(
         timed[name] = results, seconds
         same = sum(a.label == b.label for a, b in zip(results, baseline))
         diff = max(abs(a.score - b.score) for a, b in zip(results, baseline))
-        print(f"{name:36s} {seconds:8.1f} {t_base / seconds:8.2f}x  {same}/{len(items)}{'':13s}{diff:.2g}", flush=True)
+        print(f"{name:42s} {seconds:8.1f} {t_base / seconds:8.2f}x  {same}/{len(items)}{'':13s}{diff:.2g}", flush=True)
         for a, b in zip(baseline, results):
             if a.label != b.label:
-                print(f"{'':38s}a label differs: score {a.score:.4f} -> {b.score:.4f}{at_threshold}")
+                print(f"{'':44s}a label differs: score {a.score:.4f} -> {b.score:.4f}{at_threshold}")
     if not tiny and importlib.util.find_spec("llama_cpp") is not None:
         quada_results, quada_seconds = timed[ways[-1][0]]
         in_llama = make_judge(judge, model_source=f"llamacpp:{judge_model}")
@@ -182,12 +182,12 @@ def main(
         same = sum(a.label == b.label for a, b in zip(results, baseline))
         as_quada = sum(a.label == b.label for a, b in zip(results, quada_results))
         diff = max(abs(a.score - b.score) for a, b in zip(results, quada_results))
-        print(f"{'llama.cpp (GGUF as shipped, prefix + memo)':36s} {seconds:8.1f} {t_base / seconds:8.2f}x  "
-              f"{same}/{len(items)}; against the quada way: {quada_seconds / seconds:.2f}x faster, labels "
+        print(f"{'llama.cpp (GGUF as shipped, prefix + memo)':42s} {seconds:8.1f} {t_base / seconds:8.2f}x  "
+              f"{same}/{len(items)}; against the quada way: speed-up {quada_seconds / seconds:.2f}x, labels "
               f"{as_quada}/{len(items)} ({100 * as_quada / len(items):.1f}%), max |score diff| {diff:.2g}", flush=True)
         for a, b in zip(quada_results, results):
             if a.label != b.label:
-                print(f"{'':38s}a label differs from the quada way's: score {a.score:.4f} -> {b.score:.4f}{at_threshold}")
+                print(f"{'':44s}a label differs from the quada way's: score {a.score:.4f} -> {b.score:.4f}{at_threshold}")
 
 
 if __name__ == "__main__":

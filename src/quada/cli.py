@@ -280,7 +280,7 @@ def judge_calibrate_command(
     from quada.judging import make_judge
     from quada.judging.calibration import (
         CALIBRATION_SETS,
-        calibrate,
+        calibrate_with_progress,
         double_labelling,
         joint_threshold,
     )
@@ -307,9 +307,8 @@ def judge_calibrate_command(
         for name in names:
             judge = make_judge(name, model_source=judge_model, device=device, dtype=dtype, **options.get(name, {}))
             for labelled_set in [labelled] if labelled else CALIBRATION_SETS[judge.measure]:
-                task = bar.add_task(f"calibrate {name} on {Path(labelled_set).name}", total=None)
-                results.append((name, calibrate(judge, labelled_set, measure, on_chunk=lambda n, t=task: bar.advance(t, n))))
-                bar.update(task, total=bar.tasks[task].completed)  # finished: no more progress lines for it
+                results.append((name, calibrate_with_progress(bar, f"calibrate {name} on {Path(labelled_set).name}",
+                                                              judge, labelled_set, measure)))
     print_table(console, "Judges against reference labels (held-out half)", CALIBRATION_COLUMNS, calibration_rows(results, by_category))
     console.print(provenance_text([calibration.labelled_set for _, calibration in results]), markup=False, soft_wrap=True)
     general_set, own_set = CALIBRATION_SETS["harm"]

@@ -54,13 +54,15 @@ def write_labelled(path, n=40):
 def test_calibration_reports_the_held_out_half_and_is_cached_by_judge_identity(tmp_path):
     labelled = write_labelled(tmp_path / "labels.jsonl")
     judge = CountingJudge()
-    result = calibrate(judge, str(labelled), "refusal")
+    totals, chunks = [], []
+    result = calibrate(judge, str(labelled), "refusal", on_chunk=chunks.append, on_total=totals.append)
+    assert totals == [20] and sum(chunks) == 20  # the progress bar's total is what gets judged
     assert result.held_out.n == 20 and result.tuning_items == 20
     assert result.held_out.kappa.value == 1.0  # the rule separates these items perfectly
     assert set(result.by_category) == {"a", "b"}
     assert judge.items == 20  # a rule judge has no threshold to tune: only the held-out half is judged
-    assert calibrate(judge, str(labelled), "refusal") == result
-    assert judge.items == 20  # the second call reads the cache
+    assert calibrate(judge, str(labelled), "refusal", on_total=totals.append) == result
+    assert judge.items == 20 and totals == [20]  # the second call reads the cache
     assert cached(judge.identity, str(labelled)) == result
     assert cached(KeywordJudge().identity, str(labelled)) is None  # another judge: not calibrated
 
@@ -103,7 +105,9 @@ def test_a_tuned_threshold_comes_from_the_tuning_half_and_a_new_threshold_is_a_n
     labelled = write_labelled(tmp_path / "labels.jsonl", n=24)
     model, tokenizer = tiny_model("qwen2", seed=0)
     judge = make_judge("refusal", model, tokenizer)
-    result = calibrate(judge, str(labelled), "refusal")
+    totals, chunks = [], []
+    result = calibrate(judge, str(labelled), "refusal", on_chunk=chunks.append, on_total=totals.append)
+    assert totals == [24] and sum(chunks) == 24  # both halves judged
     assert result.threshold == judge.threshold and result.tuned_threshold is not None and result.tuned is not None
     other = make_judge("refusal", model, tokenizer, threshold=result.tuned_threshold)
     assert other.identity != judge.identity
@@ -132,6 +136,9 @@ def test_calibrate_command_prints_the_table_and_rejects_a_file_without_measure(c
     run = cli("judge", "calibrate", "--judges", "refusal-keyword", "--labelled", str(labelled), "--measure", "refusal")
     assert run.returncode == 0, run.stderr
     assert "refusal-keyword" in run.stdout and "1.00" in run.stdout
+    assert "20/20 done" in run.stdout and "(cached)" not in run.stdout  # the held-out half, judged
+    again = cli("judge", "calibrate", "--judges", "refusal-keyword", "--labelled", str(labelled), "--measure", "refusal")
+    assert "(cached)" in again.stdout and "1.00" in again.stdout
     cli("judge", "calibrate", "--judges", "keyword", "--labelled", str(labelled)).assert_user_error("--measure")
     cli("judge", "calibrate", "--judges", "nonsense").assert_user_error("unknown judge")
 

@@ -394,12 +394,14 @@ def calibrate(
     measure: str | None = None,
     tune: bool = True,
     on_chunk: Callable[[int], None] = lambda n: None,
+    on_total: Callable[[int], None] = lambda n: None,
 ) -> Calibration:
     """Measure ``judge`` on the labelled set ``labelled_set`` (a built-in name or a file); cached.
 
     ``measure`` is the set's own for built-in sets and must be given for a file. With ``tune``, the
     tuning half is judged too and a threshold tuned on it; without, only the held-out half is
-    judged (what a report needs).
+    judged (what a report needs). ``on_total`` hears how many items will be judged, ``on_chunk``
+    each part judged.
     """
     known = LABELLED_SETS.get(labelled_set)
     measure = measure or (known.measure if known else None)
@@ -419,6 +421,9 @@ def calibrate(
     previous = _stored(path)
     if previous and (not tune or previous.tuning_scores is not None or previous.threshold is None):
         return previous  # complete for what is asked (a rule judge has no threshold to tune)
+    threshold = getattr(judge, "threshold", None)
+    tune = tune and threshold is not None  # a rule judge has no threshold to tune
+    on_total(len(held_out) + (len(tuning) if tune else 0))
     judged = _judged(judge, [items[i] for i in held_out], measure, on_chunk)
     truth = [items[i].label for i in held_out]
     scores = [score for _, score in judged]
@@ -434,9 +439,8 @@ def calibrate(
         if category and len(positions) >= MIN_CATEGORY_ITEMS
     }
     specificity = specificity_by_category(held_out_categories, truth, labels, COMPLIANT_HARMLESS_KINDS)
-    threshold = getattr(judge, "threshold", None)
     tuned_threshold = tuned = tuning_scores = None
-    if tune and threshold is not None:
+    if tune:
         tuning_scores = [s for _, s in _judged(judge, [items[i] for i in tuning], measure, on_chunk)]
         tuned_threshold = best_threshold([items[i].label for i in tuning], tuning_scores)
         tuned = held_out_metrics(truth, [s > tuned_threshold for s in scores], scores)
@@ -530,15 +534,25 @@ def judge_info_from_json(saved: dict) -> JudgeInfo:
     return JudgeInfo(saved["measure"], saved["identity"], calibration_from_json(calibration) if calibration else None)
 
 
+def calibrate_with_progress(bar, description: str, judge: Judge, labelled_set: str, measure: str | None = None,
+                            tune: bool = True) -> Calibration:
+    """:func:`calibrate` as one task of the progress display ``bar``: its total once known, its
+    advance per part judged, and where nothing needed judging, where the figures came from."""
+    task = bar.add_task(description, total=None)
+    result = calibrate(judge, labelled_set, measure, tune,
+                       on_chunk=lambda n: bar.advance(task, n), on_total=lambda n: bar.update(task, total=n))
+    judged = bar.tasks[task].completed
+    source = "" if judged else " (shipped reference)" if result.reference else " (cached)"
+    bar.update(task, total=judged, description=description + source)  # finished: no more progress lines for it
+    return result
+
+
 def judge_infos(judges: dict[str, Judge], calibrated: bool, bar) -> dict[str, JudgeInfo]:
     """What each judge of a run measures and, when ``calibrated``, its held-out agreement with human
     labels of its measure (cached; the held-out half is judged when missing), with a progress task."""
-    infos = {}
-    for name, judge in judges.items():
-        calibration = None
-        if calibrated:
-            task = bar.add_task(f"calibrate {name} (held-out human labels)", total=None)
-            calibration = calibrate(judge, DEFAULT_SETS[judge.measure], tune=False, on_chunk=lambda n, t=task: bar.advance(t, n))
-            bar.update(task, total=bar.tasks[task].completed)
-        infos[name] = JudgeInfo(judge.measure, judge.identity, calibration)
-    return infos
+    return {
+        name: JudgeInfo(judge.measure, judge.identity,
+                        calibrate_with_progress(bar, f"calibrate {name} (held-out human labels)", judge,
+                                                DEFAULT_SETS[judge.measure], tune=False) if calibrated else None)
+        for name, judge in judges.items()
+    }
