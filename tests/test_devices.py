@@ -17,7 +17,7 @@ from quada.cli import main
 from quada.devices import check_device, check_dtype, resolve_device, resolve_dtype
 from quada.errors import QuadaError
 from quada.models import load
-from quada.testing import tiny_model
+from quada.testing import save_tiny_model, tiny_model
 
 # Modules that import ``load`` by name; the others look it up on quada.models when they run.
 LOADERS = (quada.models, quada.vet, quada.analysis.sweep, quada.analysis.layers, quada.analysis.clusters)
@@ -93,6 +93,8 @@ def command_line(name: str, tmp_path) -> list[str]:
     run = str(tmp_path / "run")
     (tmp_path / "prompts.txt").write_text("Say hi\n")
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."}\n')
+    if name == "pairs":  # pairs checks that its model exists before it loads it: a real folder
+        return ["pairs", "-m", str(save_tiny_model(tmp_path / "tiny")), "--out", run]
     return {
         "generate": ["generate", "-m", "tiny", "-p", str(tmp_path / "prompts.txt"), "-o", f"{run}/out.jsonl"],
         "vet": ["vet", "--judges", "keyword", "--run-dir", run],
@@ -100,7 +102,6 @@ def command_line(name: str, tmp_path) -> list[str]:
         "sweep": ["sweep", "--run-dir", run],
         "layers": ["layers", "--spec", "bolt", "--run-dir", run],
         "clusters": ["clusters", "--spec", "bolt", "--run-dir", run],
-        "pairs": ["pairs", "--out", run],
         "align": ["align", "--pairs", str(tmp_path / "pairs.jsonl"), "--out", run, "--skip-eval"],
     }[name]
 
